@@ -1,0 +1,40 @@
+# One-command setup: `make test` and `make demo` create .venv on first use (idempotent).
+# TORCH is what pip installs for torch when the venv has none: the CPU build 2.13.0 by
+# default. GPU users: create the venv with their CUDA torch first, or
+#   make TORCH="torch --index-url https://download.pytorch.org/whl/cu126" test
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.quests-torch-installed
+
+.PHONY: setup test test-all demo lint bench bench-reference clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q --disable-pip-version-check $(TORCH)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check quests_torch tests benchmarks
+
+demo: $(STAMP)
+	$(VENV)/bin/quests-torch demo
+
+# upstream `quests` for the side-by-side benchmarks
+bench-reference: $(STAMP)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,reference]'
+
+bench: bench-reference
+	$(PY) benchmarks/bench_descriptors.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
