@@ -34,7 +34,9 @@ def parse_bytes(value: str | int) -> int:
         try:
             n = int(float(text) * scale)
         except ValueError:
-            raise ValueError(f"memory budget must be a size such as '512M' or '2G', got {value!r}") from None
+            raise ValueError(
+                f"memory budget must be a size such as '512M' or '2G', got {value!r}"
+            ) from None
     if n <= 0:
         raise ValueError(f"memory budget must be positive, got {value!r}")
     return n

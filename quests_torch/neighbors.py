@@ -1,0 +1,357 @@
+"""Neighbour search: every pair of atoms closer than the cutoff, periodic images included.
+
+Two back-ends fill one format (:class:`NeighborPairs`, integer cell shifts, sorted by centre):
+
+* **dense, batched** for datasets of many small structures (molecules, small periodic cells):
+  all structures of similar size are padded into one tensor and every (atom, image, atom)
+  candidate is tested at once — one set of tensor ops per group, no Python call per structure;
+* **vesin-torch** (cell lists, CPU and CUDA) for large structures, one call per structure.
+
+Pair finding is integer bookkeeping done without autograd; neighbour *vectors* are rebuilt
+from ``positions`` and ``cell`` afterwards (:func:`pair_vectors`), so gradients with respect
+to positions and cell flow through every downstream quantity.
+
+Periodicity is honoured per direction (slabs ``[T, T, F]``, wires ``[T, F, F]``); cells may be
+zero along non-periodic directions and are smaller than the cutoff where needed (an atom's own
+images are then its neighbours).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ._memory import memory_budget
+
+__all__ = ["NeighborPairs", "complete_cell", "find_neighbor_pairs", "pair_vectors"]
+
+#: pairs closer than this (Å) are coincident atoms, rejected with an error
+COINCIDENT_TOL = 1e-6
+#: structures with at most this many candidate pairs (atoms² x images) use the dense path
+DENSE_MAX_CANDIDATES = 200_000
+
+
+@dataclass
+class NeighborPairs:
+    """Directed pairs ``center -> neighbor`` (both directions present), sorted by ``center``.
+
+    The neighbour vector is ``positions[neighbor] - positions[center] + shift @ cell[s]`` with
+    ``s`` the structure of ``center``.
+
+    Attributes:
+        center: ``[n_pairs]`` int64 global atom index of the central atom.
+        neighbor: ``[n_pairs]`` int64 global atom index of the neighbour.
+        shift: ``[n_pairs, 3]`` int64 lattice translation of the neighbour image.
+        vector: ``[n_pairs, 3]`` the neighbour vectors, detached from autograd (use
+            :func:`pair_vectors` for differentiable ones).
+    """
+
+    center: torch.Tensor
+    neighbor: torch.Tensor
+    shift: torch.Tensor
+    vector: torch.Tensor
+
+    @property
+    def n_pairs(self) -> int:
+        return int(self.center.shape[0])
+
+    def select(self, index: torch.Tensor) -> NeighborPairs:
+        """The pairs picked by a boolean mask, an index tensor or a slice."""
+        return NeighborPairs(
+            self.center[index], self.neighbor[index], self.shift[index], self.vector[index]
+        )
+
+
+def complete_cell(cell: torch.Tensor, pbc: torch.Tensor) -> torch.Tensor:
+    """Replace the lattice vectors of non-periodic directions by an orthonormal complement.
+
+    Along non-periodic directions the cell carries no meaning (and is often zero); a full-rank
+    basis is still needed to express positions in fractional coordinates.
+
+    Args:
+        cell: ``[n_systems, 3, 3]`` lattice vectors as rows.
+        pbc: ``[n_systems, 3]`` bool.
+
+    Returns:
+        ``[n_systems, 3, 3]``: periodic rows unchanged, the others orthonormal to them.
+    """
+    out = cell.clone()
+    n_per = pbc.sum(dim=1)
+    eye = torch.eye(3, dtype=cell.dtype, device=cell.device)
+    # no periodic direction: identity
+    none = n_per == 0
+    out[none] = eye
+    # one periodic direction a: two unit vectors orthogonal to it
+    one = n_per == 1
+    if bool(one.any()):
+        a_idx = pbc[one].to(torch.int64).argmax(dim=1)
+        a = cell[one][torch.arange(a_idx.numel(), device=cell.device), a_idx]
+        ahat = a / a.norm(dim=1, keepdim=True).clamp_min(1e-300)
+        e = eye[ahat.abs().argmin(dim=1)]
+        u = torch.linalg.cross(ahat, e)
+        u = u / u.norm(dim=1, keepdim=True)
+        v = torch.linalg.cross(ahat, u)
+        sub = out[one]
+        rows = torch.arange(a_idx.numel(), device=cell.device)
+        others = torch.stack([(a_idx + 1) % 3, (a_idx + 2) % 3], dim=1)
+        sub[rows, others[:, 0]] = u
+        sub[rows, others[:, 1]] = v
+        out[one] = sub
+    # two periodic directions a, b: their unit normal
+    two = n_per == 2
+    if bool(two.any()):
+        c_idx = (~pbc[two]).to(torch.int64).argmax(dim=1)
+        sub = out[two]
+        rows = torch.arange(c_idx.numel(), device=cell.device)
+        a = sub[rows, (c_idx + 1) % 3]
+        b = sub[rows, (c_idx + 2) % 3]
+        n = torch.linalg.cross(a, b)
+        sub[rows, c_idx] = n / n.norm(dim=1, keepdim=True).clamp_min(1e-300)
+        out[two] = sub
+    return out
+
+
+def _check_cells(full: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor) -> None:
+    """Periodic lattice vectors must be non-zero and span a non-degenerate lattice."""
+    lengths = cell.norm(dim=2)  # [S, 3]
+    zero_periodic = pbc & (lengths < 1e-8)
+    if bool(zero_periodic.any()):
+        s, d = (int(v) for v in torch.nonzero(zero_periodic)[0])
+        raise ValueError(
+            f"`cell` of structure {s} is singular: lattice vector {d} is zero "
+            f"but the structure is periodic along it (pbc[{d}] = True)"
+        )
+    full_len = full.norm(dim=2).prod(dim=1)
+    det = torch.linalg.det(full).abs()
+    bad = det < 1e-8 * full_len
+    if bool(bad.any()):
+        s = int(torch.nonzero(bad)[0, 0])
+        raise ValueError(
+            f"`cell` of structure {s} is singular along its periodic directions "
+            f"(pbc = {pbc[s].tolist()}, volume ~ {float(det[s]):.3g} Å^3)"
+        )
+
+
+def _image_ranges(full: torch.Tensor, pbc: torch.Tensor, cutoff: float) -> torch.Tensor:
+    """``[S, 3]`` largest |n| of lattice translations that can bring wrapped atoms within cutoff."""
+    # interplanar spacing h_a = 1 / |a*|, a* the reciprocal vectors (columns of inv(cell))
+    inv = torch.linalg.inv(full)
+    recip_norm = inv.norm(dim=1)  # norms of columns -> [S, 3]
+    n = torch.floor(cutoff * recip_norm).to(torch.int64) + 1
+    return torch.where(pbc, n, torch.zeros_like(n))
+
+
+def _wrap(
+    positions: torch.Tensor, full: torch.Tensor, pbc: torch.Tensor, system_idx: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Wrap positions into the cell along periodic directions.
+
+    Returns:
+        wrapped positions ``[n_atoms, 3]`` and the integer translations removed ``[n_atoms, 3]``
+        (``wrapped = positions - n @ cell``).
+    """
+    inv = torch.linalg.inv(full)
+    frac = torch.einsum("ni,nij->nj", positions, inv[system_idx])
+    n = torch.floor(frac)
+    n = torch.where(pbc[system_idx], n, torch.zeros_like(n))
+    wrapped = positions - torch.einsum("ni,nij->nj", n, full[system_idx])
+    return wrapped, n.to(torch.int64)
+
+
+def _dense_group_pairs(
+    positions: torch.Tensor,
+    full: torch.Tensor,
+    nwrap: torch.Tensor,
+    n_img: torch.Tensor,
+    starts: torch.Tensor,
+    counts: torch.Tensor,
+    systems: torch.Tensor,
+    cutoff: float,
+) -> list[NeighborPairs]:
+    """All pairs within ``cutoff`` for the structures ``systems`` at once (padded tensors)."""
+    device = positions.device
+    systems.numel()
+    P = int(counts[systems].max())
+    rng = n_img[systems].max(dim=0).values  # [3]
+    axes = [torch.arange(-int(r), int(r) + 1, device=device) for r in rng]
+    shifts = torch.cartesian_prod(*axes).reshape(-1, 3)  # [T, 3]
+    T = shifts.shape[0]
+    zero_shift = int(torch.nonzero((shifts == 0).all(dim=1))[0, 0])
+    # valid shifts per system: inside that system's own image range
+    sys_rng = n_img[systems]  # [B, 3]
+    shift_ok = (shifts.abs()[None] <= sys_rng[:, None]).all(dim=2)  # [B, T]
+
+    slot = torch.arange(P, device=device)
+    atom_idx = starts[systems, None] + slot[None]  # [B, P]
+    atom_ok = slot[None] < counts[systems, None]
+    atom_idx = torch.where(atom_ok, atom_idx, torch.zeros_like(atom_idx))
+    pos = positions[atom_idx]  # [B, P, 3]
+    tvec = shifts.to(positions.dtype) @ full[systems]  # [B, T, 3]
+
+    # D[b, i, t, j] = pos[b, j] + tvec[b, t] - pos[b, i]
+    img = pos[:, None, :, :] + tvec[:, :, None, :]  # [B, T, P, 3]
+    diff = img[:, None] - pos[:, :, None, None, :]  # [B, P, T, P, 3]
+    d2 = (diff * diff).sum(dim=-1)
+    keep = d2 < cutoff * cutoff
+    keep &= atom_ok[:, :, None, None] & atom_ok[:, None, None, :] & shift_ok[:, None, :, None]
+    self_pair = (
+        torch.eye(P, dtype=torch.bool, device=device)[None, :, None, :]
+        & (torch.arange(T, device=device) == zero_shift)[None, None, :, None]
+    )
+    keep &= ~self_pair
+    b, i, t, j = torch.nonzero(keep, as_tuple=True)
+    ci = atom_idx[b, i]
+    nj = atom_idx[b, j]
+    shift = shifts[t] - nwrap[nj] + nwrap[ci]
+    return [NeighborPairs(ci, nj, shift, diff[b, i, t, j])]
+
+
+def _vesin_pairs(
+    positions: torch.Tensor,
+    full: torch.Tensor,
+    pbc: torch.Tensor,
+    start: int,
+    count: int,
+    system: int,
+    cutoff: float,
+) -> NeighborPairs:
+    from vesin_torch import NeighborList
+
+    nl = NeighborList(cutoff=cutoff, full_list=True, sorted=True)
+    pts = positions[start : start + count]
+    i, j, S, D = nl.compute(points=pts, box=full[system], periodic=pbc[system], quantities="ijSD")
+    return NeighborPairs(
+        i.to(torch.int64) + start,
+        j.to(torch.int64) + start,
+        S.to(torch.int64),
+        D.to(positions.dtype),
+    )
+
+
+def find_neighbor_pairs(
+    positions: torch.Tensor,
+    cell: torch.Tensor,
+    pbc: torch.Tensor,
+    system_idx: torch.Tensor,
+    cutoff: float,
+    *,
+    budget: int | str | None = None,
+    backend: str = "auto",
+) -> NeighborPairs:
+    """All directed pairs of atoms closer than ``cutoff`` within each structure.
+
+    Args:
+        positions: ``[n_atoms, 3]`` Cartesian positions (Å).
+        cell: ``[n_systems, 3, 3]`` lattice vectors as rows.
+        pbc: ``[n_systems, 3]`` bool periodicity per direction.
+        system_idx: ``[n_atoms]`` sorted structure index of each atom.
+        cutoff: radius in Å.
+        budget: memory budget for the dense path (see :func:`quests_torch._memory.memory_budget`).
+        backend: ``"auto"``, ``"dense"`` or ``"vesin"`` (testing aid).
+
+    Returns:
+        :class:`NeighborPairs` sorted by centre.
+
+    Raises:
+        ValueError: singular cell along a periodic direction, or coincident atoms.
+    """
+    if backend not in ("auto", "dense", "vesin"):
+        raise ValueError(f"`backend` must be 'auto', 'dense' or 'vesin', got {backend!r}")
+    device = positions.device
+    with torch.no_grad():
+        positions = positions.detach()
+        cell = cell.detach()
+        full = complete_cell(cell, pbc)
+        _check_cells(full, cell, pbc)
+        n_img = _image_ranges(full, pbc, cutoff)  # [S, 3]
+        counts = torch.bincount(system_idx, minlength=cell.shape[0])
+        starts = torch.cumsum(counts, 0) - counts
+        n_images = (2 * n_img + 1).prod(dim=1)
+        cost = counts * counts * n_images
+        if backend == "dense":
+            dense = torch.ones_like(counts, dtype=torch.bool)
+        elif backend == "vesin":
+            dense = torch.zeros_like(counts, dtype=torch.bool)
+        else:
+            dense = cost <= DENSE_MAX_CANDIDATES
+
+        parts: list[NeighborPairs] = []
+        dense_sys = torch.nonzero(dense)[:, 0]
+        if dense_sys.numel():
+            wrapped, nwrap = _wrap(positions, full, pbc, system_idx)
+            # group by (images, size) so that padding stays small
+            order = torch.argsort(cost[dense_sys] * (1 << 20) + counts[dense_sys], stable=True)
+            dense_sys = dense_sys[order]
+            per_byte = positions.element_size() * 6  # diff (3) + d2 + masks, per candidate
+            limit = max(1, memory_budget(device, budget) // per_byte)
+            c_sorted = cost[dense_sys].cpu()
+            s = 0
+            n = dense_sys.numel()
+            while s < n:
+                # grow the group while the padded candidate count fits the budget
+                e = s + 1
+                run_max = int(c_sorted[s])
+                while e < n:
+                    cand = max(run_max, int(c_sorted[e]))
+                    if cand * (e + 1 - s) > limit:
+                        break
+                    run_max = cand
+                    e += 1
+                parts += _dense_group_pairs(
+                    wrapped, full, nwrap, n_img, starts, counts, dense_sys[s:e], cutoff
+                )
+                s = e
+        for s in torch.nonzero(~dense)[:, 0].tolist():
+            parts.append(
+                _vesin_pairs(positions, full, pbc, int(starts[s]), int(counts[s]), s, cutoff)
+            )
+        if not parts:
+            empty = torch.zeros(0, dtype=torch.int64, device=device)
+            return NeighborPairs(
+                empty,
+                empty,
+                torch.zeros(0, 3, dtype=torch.int64, device=device),
+                positions.new_zeros((0, 3)),
+            )
+        if len(parts) == 1:
+            pairs = parts[0]
+        else:
+            center = torch.cat([p.center for p in parts])
+            pairs = NeighborPairs(
+                center,
+                torch.cat([p.neighbor for p in parts]),
+                torch.cat([p.shift for p in parts]),
+                torch.cat([p.vector for p in parts]),
+            )
+            pairs = pairs.select(torch.argsort(center, stable=True))
+        _check_coincident(pairs, system_idx)
+    return pairs
+
+
+def _check_coincident(pairs: NeighborPairs, system_idx: torch.Tensor) -> None:
+    if pairs.n_pairs == 0:
+        return
+    d2 = (pairs.vector * pairs.vector).sum(dim=1)
+    bad = d2 < COINCIDENT_TOL**2
+    if bool(bad.any()):
+        p = int(torch.nonzero(bad)[0, 0])
+        i, j = int(pairs.center[p]), int(pairs.neighbor[p])
+        s = int(system_idx[i])
+        first = int(torch.searchsorted(system_idx, torch.tensor(s, device=system_idx.device)))
+        what = "an image of itself" if i == j else f"atom {j - first}"
+        raise ValueError(
+            f"coincident atoms in structure {s}: atom {i - first} and {what} are "
+            f"{math.sqrt(float(d2[p])):.2e} Å apart (global atom indices {i}, {j})"
+        )
+
+
+def pair_vectors(
+    positions: torch.Tensor, cell: torch.Tensor, system_idx: torch.Tensor, pairs: NeighborPairs
+) -> torch.Tensor:
+    """Neighbour vectors ``r_j - r_i + shift @ cell`` ``[n_pairs, 3]``, differentiable."""
+    sys = system_idx[pairs.center]
+    shift = pairs.shift.to(positions.dtype)
+    cart = (shift[:, :, None] * cell[sys]).sum(dim=1)
+    return positions[pairs.neighbor] - positions[pairs.center] + cart

@@ -1,0 +1,248 @@
+"""A batch of atomic structures as flat tensors (the torch-sim / ASE convention).
+
+``positions [n_atoms, 3]`` (Å), ``cell [n_systems, 3, 3]`` with lattice vectors as *rows*
+(ASE convention: ``atoms.cell[i]`` is the i-th lattice vector), ``pbc [n_systems, 3]`` (bool),
+``system_idx [n_atoms]`` (which structure each atom belongs to, sorted ascending) and
+``numbers [n_atoms]`` (atomic numbers).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+__all__ = ["AtomsBatch", "resolve_device"]
+
+
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    """``"auto"``/``None`` -> CUDA when available, else CPU; anything else as given."""
+    if device is None or (isinstance(device, str) and device == "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"`device` is {device} but CUDA is not available in this torch build")
+    return device
+
+
+def _check_dtype(dtype: torch.dtype) -> torch.dtype:
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"`dtype` must be torch.float32 or torch.float64, got {dtype}")
+    return dtype
+
+
+@dataclass
+class AtomsBatch:
+    """Many structures in flat tensors.
+
+    Attributes:
+        positions: ``[n_atoms, 3]`` Cartesian positions in Å.
+        cell: ``[n_systems, 3, 3]`` lattice vectors as rows (may be zero for molecules).
+        pbc: ``[n_systems, 3]`` periodicity per lattice direction.
+        system_idx: ``[n_atoms]`` int64 structure index of each atom, non-decreasing.
+        numbers: ``[n_atoms]`` int64 atomic numbers (0 when unknown).
+    """
+
+    positions: torch.Tensor
+    cell: torch.Tensor
+    pbc: torch.Tensor
+    system_idx: torch.Tensor
+    numbers: torch.Tensor
+
+    def __post_init__(self) -> None:
+        validate_batch(self.positions, self.cell, self.pbc, self.system_idx)
+        if self.numbers.shape != self.system_idx.shape:
+            raise ValueError(
+                f"`numbers` must have shape {tuple(self.system_idx.shape)}, "
+                f"got {tuple(self.numbers.shape)}"
+            )
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_ase(
+        cls,
+        atoms: object,
+        *,
+        device: torch.device | str | None = "cpu",
+        dtype: torch.dtype = torch.float64,
+    ) -> AtomsBatch:
+        """Build a batch from one ``ase.Atoms`` or an iterable of them.
+
+        Args:
+            atoms: an ``ase.Atoms`` or a sequence/iterable of them.
+            device: target device (``"auto"``: CUDA when available).
+            dtype: float dtype of positions and cells.
+        """
+        from ase import Atoms
+
+        _check_dtype(dtype)
+        if isinstance(atoms, Atoms):
+            structures: Sequence[Atoms] = [atoms]
+        elif isinstance(atoms, Iterable) and not isinstance(atoms, (str, bytes)):
+            structures = list(atoms)
+        else:
+            raise TypeError(
+                f"`atoms` must be an ase.Atoms or a list of them, got {type(atoms).__name__}"
+            )
+        if len(structures) == 0:
+            raise ValueError("`atoms` is empty: no structures given")
+        for s, a in enumerate(structures):
+            if not isinstance(a, Atoms):
+                raise TypeError(f"`atoms[{s}]` must be an ase.Atoms, got {type(a).__name__}")
+            if len(a) == 0:
+                raise ValueError(f"`atoms[{s}]` is empty (structure {s} has no atoms)")
+        counts = np.fromiter((len(a) for a in structures), dtype=np.int64, count=len(structures))
+        positions = np.concatenate([a.positions for a in structures], axis=0)
+        numbers = np.concatenate([a.numbers for a in structures], axis=0)
+        cell = np.stack([np.asarray(a.cell[:], dtype=np.float64) for a in structures])
+        pbc = np.stack([np.asarray(a.pbc, dtype=bool) for a in structures])
+        system_idx = np.repeat(np.arange(len(structures), dtype=np.int64), counts)
+        dev = resolve_device(device)
+        return cls(
+            positions=torch.as_tensor(positions, dtype=dtype, device=dev),
+            cell=torch.as_tensor(cell, dtype=dtype, device=dev),
+            pbc=torch.as_tensor(pbc, device=dev),
+            system_idx=torch.as_tensor(system_idx, device=dev),
+            numbers=torch.as_tensor(numbers, dtype=torch.int64, device=dev),
+        )
+
+    def to_ase(self) -> list:
+        """The structures back as a list of ``ase.Atoms`` (positions, numbers, cell, pbc)."""
+        from ase import Atoms
+
+        pos = self.positions.detach().cpu().double().numpy()
+        cell = self.cell.detach().cpu().double().numpy()
+        pbc = self.pbc.cpu().numpy()
+        num = self.numbers.cpu().numpy()
+        bounds = np.concatenate([[0], np.cumsum(self.n_atoms_per_system.cpu().numpy())])
+        return [
+            Atoms(numbers=num[a:b], positions=pos[a:b], cell=cell[s], pbc=pbc[s])
+            for s, (a, b) in enumerate(itertools.pairwise(bounds))
+        ]
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def n_atoms(self) -> int:
+        return int(self.positions.shape[0])
+
+    @property
+    def n_systems(self) -> int:
+        return int(self.cell.shape[0])
+
+    @property
+    def n_atoms_per_system(self) -> torch.Tensor:
+        """``[n_systems]`` number of atoms of each structure."""
+        return torch.bincount(self.system_idx, minlength=self.n_systems)
+
+    @property
+    def device(self) -> torch.device:
+        return self.positions.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.positions.dtype
+
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> AtomsBatch:
+        """Copy to ``device`` and/or float ``dtype`` (like ``torch.Tensor.to``)."""
+        dev = self.device if device is None else resolve_device(device)
+        dt = self.dtype if dtype is None else _check_dtype(dtype)
+        return AtomsBatch(
+            positions=self.positions.to(dev, dt),
+            cell=self.cell.to(dev, dt),
+            pbc=self.pbc.to(dev),
+            system_idx=self.system_idx.to(dev),
+            numbers=self.numbers.to(dev),
+        )
+
+    def select(self, systems: Sequence[int] | torch.Tensor) -> AtomsBatch:
+        """A new batch holding only the structures ``systems`` (renumbered 0..)."""
+        sel = torch.as_tensor(systems, dtype=torch.int64, device=self.device).reshape(-1)
+        keep = torch.isin(self.system_idx, sel)
+        # renumber the kept systems in the order of ``sel`` sorted ascending
+        order = torch.sort(sel).values
+        remap = torch.full((self.n_systems,), -1, dtype=torch.int64, device=self.device)
+        remap[order] = torch.arange(order.numel(), device=self.device)
+        return AtomsBatch(
+            positions=self.positions[keep],
+            cell=self.cell[order],
+            pbc=self.pbc[order],
+            system_idx=remap[self.system_idx[keep]],
+            numbers=self.numbers[keep],
+        )
+
+
+def validate_batch(
+    positions: torch.Tensor,
+    cell: torch.Tensor,
+    pbc: torch.Tensor,
+    system_idx: torch.Tensor,
+) -> None:
+    """Check shapes, dtypes, devices and finiteness of batch tensors; raise on problems."""
+    for name, t in (
+        ("positions", positions),
+        ("cell", cell),
+        ("pbc", pbc),
+        ("system_idx", system_idx),
+    ):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"`{name}` must be a torch.Tensor, got {type(t).__name__}")
+    if positions.ndim != 2 or positions.shape[1] != 3:
+        raise ValueError(
+            f"`positions` must be 2-D [n_atoms, 3], got shape {tuple(positions.shape)}"
+        )
+    if positions.shape[0] == 0:
+        raise ValueError("`positions` is empty: no atoms given")
+    if not positions.is_floating_point():
+        raise TypeError(f"`positions` must be a floating point tensor, got {positions.dtype}")
+    if cell.ndim != 3 or cell.shape[1:] != (3, 3):
+        raise ValueError(f"`cell` must be 3-D [n_systems, 3, 3], got shape {tuple(cell.shape)}")
+    n_sys = cell.shape[0]
+    if pbc.shape != (n_sys, 3):
+        raise ValueError(
+            f"`pbc` must have shape [n_systems, 3] = {(n_sys, 3)}, got {tuple(pbc.shape)}"
+        )
+    if pbc.dtype != torch.bool:
+        raise TypeError(f"`pbc` must be a bool tensor, got {pbc.dtype}")
+    if system_idx.shape != positions.shape[:1]:
+        raise ValueError(
+            f"`system_idx` must have shape [n_atoms] = ({positions.shape[0]},), "
+            f"got {tuple(system_idx.shape)}"
+        )
+    if system_idx.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"`system_idx` must be an integer tensor, got {system_idx.dtype}")
+    if cell.dtype != positions.dtype:
+        raise TypeError(
+            f"`cell` dtype {cell.dtype} differs from `positions` dtype {positions.dtype}"
+        )
+    devices = {t.device for t in (positions, cell, pbc, system_idx)}
+    if len(devices) > 1:
+        raise ValueError(
+            f"`positions`, `cell`, `pbc`, `system_idx` must be on one device, got {devices}"
+        )
+    # value checks (one host sync each, at the public boundary only)
+    if not bool(torch.isfinite(positions).all()):
+        bad = torch.nonzero(~torch.isfinite(positions).all(dim=1))[:, 0]
+        atom = int(bad[0])
+        raise ValueError(
+            f"`positions` contains NaN or inf (atom {atom} of structure {int(system_idx[atom])}; "
+            f"{bad.numel()} atoms affected)"
+        )
+    if not bool(torch.isfinite(cell).all()):
+        bad = torch.nonzero(~torch.isfinite(cell).reshape(n_sys, -1).all(dim=1))[:, 0]
+        raise ValueError(f"`cell` contains NaN or inf (structure {int(bad[0])})")
+    if system_idx.numel() and (int(system_idx.min()) < 0 or int(system_idx.max()) >= n_sys):
+        raise ValueError(
+            f"`system_idx` values must lie in [0, {n_sys}), got range "
+            f"[{int(system_idx.min())}, {int(system_idx.max())}]"
+        )
+    if system_idx.numel() > 1 and bool((system_idx[1:] < system_idx[:-1]).any()):
+        raise ValueError("`system_idx` must be sorted (atoms of each structure contiguous)")
+    counts = torch.bincount(system_idx.long(), minlength=n_sys)
+    if bool((counts == 0).any()):
+        s = int(torch.nonzero(counts == 0)[0, 0])
+        raise ValueError(f"structure {s} is empty: `system_idx` assigns it no atoms")
