@@ -50,7 +50,7 @@ _EPS_X2 = 1e-15
 _D_BITS = 29
 _C_LEVELS = 2047
 _EMPTY_KEY = torch.iinfo(torch.int64).max
-_CPU_CHUNK = 1024
+_CPU_CHUNK = 512
 
 
 def descriptor_width(k: int = DEFAULT_K, n_species: int = 0) -> int:
@@ -152,9 +152,14 @@ def _environment_descriptors(
         diff = vec[:, :, None, :] - vec[:, None, :, :]
         d2 = (diff * diff).sum(dim=-1)
     # the diagonal (and dummy-dummy pairs) have d2 ~ 0: clamp keeps sqrt and its gradient
-    # finite; those entries are zeroed below (dummy rows/columns already have s = 0)
-    offdiag = 1.0 - torch.eye(m, dtype=vec.dtype, device=vec.device)
-    R = (s[:, :, None] * s[:, None, :]) * offdiag / (d2.clamp_min(1e-30).sqrt() + _EPS_X2)
+    # finite; the diagonal is zeroed (dummy rows/columns already have s = 0)
+    if torch.is_grad_enabled() and vec.requires_grad:
+        offdiag = 1.0 - torch.eye(m, dtype=vec.dtype, device=vec.device)
+        R = (s[:, :, None] * s[:, None, :]) * offdiag / (d2.clamp_min(1e-30).sqrt() + _EPS_X2)
+    else:  # same arithmetic in place: the hot path of screening and entropy
+        d2.clamp_min_(1e-30).sqrt_().add_(_EPS_X2)
+        R = torch.mul(s[:, :, None], s[:, None, :]).div_(d2)
+        R.diagonal(dim1=1, dim2=2).zero_()
     # (q+1)-th smallest of each row summed over rows; rows/columns beyond m are all zero,
     # so the largest m values of each full k-row are those of the m-row
     idx = _argsort_rows(R)

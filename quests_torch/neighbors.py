@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ._memory import memory_budget
@@ -169,43 +170,65 @@ def _dense_group_pairs(
     counts: torch.Tensor,
     systems: torch.Tensor,
     cutoff: float,
-) -> list[NeighborPairs]:
-    """All pairs within ``cutoff`` for the structures ``systems`` at once (padded tensors)."""
+) -> NeighborPairs:
+    """All pairs within ``cutoff`` for the structures ``systems`` at once (padded tensors).
+
+    Squared distances of every (atom, image of atom) candidate come from one batched matmul
+    (``|a - b|^2 = |a|^2 + |b|^2 - 2 a.b`` on centred coordinates, used only to *select*
+    pairs); the kept pairs' vectors are then formed by direct differences.
+    """
     device = positions.device
-    systems.numel()
     P = int(counts[systems].max())
     rng = n_img[systems].max(dim=0).values  # [3]
     axes = [torch.arange(-int(r), int(r) + 1, device=device) for r in rng]
     shifts = torch.cartesian_prod(*axes).reshape(-1, 3)  # [T, 3]
     T = shifts.shape[0]
-    zero_shift = int(torch.nonzero((shifts == 0).all(dim=1))[0, 0])
-    # valid shifts per system: inside that system's own image range
-    sys_rng = n_img[systems]  # [B, 3]
-    shift_ok = (shifts.abs()[None] <= sys_rng[:, None]).all(dim=2)  # [B, T]
+    zero_shift = T // 2  # the cartesian product is symmetric: (0, 0, 0) sits in the middle
 
     slot = torch.arange(P, device=device)
-    atom_idx = starts[systems, None] + slot[None]  # [B, P]
-    atom_ok = slot[None] < counts[systems, None]
-    atom_idx = torch.where(atom_ok, atom_idx, torch.zeros_like(atom_idx))
+    atom_ok = slot[None] < counts[systems, None]  # [B, P]
+    atom_idx = torch.where(atom_ok, starts[systems, None] + slot[None], 0)
     pos = positions[atom_idx]  # [B, P, 3]
+    okf = atom_ok[..., None].to(pos.dtype)
+    origin = (pos * okf).sum(dim=1, keepdim=True) / okf.sum(dim=1, keepdim=True)
+    pos = pos - origin
     tvec = shifts.to(positions.dtype) @ full[systems]  # [B, T, 3]
+    # padding slots go far away (farther than any real atom plus image shift plus cutoff)
+    reach = float(pos.abs().amax()) + float(tvec.abs().amax()) + cutoff
+    far = torch.zeros(P, 3, dtype=pos.dtype, device=device)
+    far[:, 0] = 4.0 * reach * (slot + 1)
+    pos = torch.where(atom_ok[..., None], pos, far)
 
-    # D[b, i, t, j] = pos[b, j] + tvec[b, t] - pos[b, i]
-    img = pos[:, None, :, :] + tvec[:, :, None, :]  # [B, T, P, 3]
-    diff = img[:, None] - pos[:, :, None, None, :]  # [B, P, T, P, 3]
-    d2 = (diff * diff).sum(dim=-1)
-    keep = d2 < cutoff * cutoff
-    keep &= atom_ok[:, :, None, None] & atom_ok[:, None, None, :] & shift_ok[:, None, :, None]
-    self_pair = (
-        torch.eye(P, dtype=torch.bool, device=device)[None, :, None, :]
-        & (torch.arange(T, device=device) == zero_shift)[None, None, :, None]
-    )
-    keep &= ~self_pair
-    b, i, t, j = torch.nonzero(keep, as_tuple=True)
+    img = (pos[:, None, :, :] + tvec[:, :, None, :]).reshape(pos.shape[0], T * P, 3)
+    sq_img = (img * img).sum(dim=-1)  # [B, T*P]
+    sq = (pos * pos).sum(dim=-1)  # [B, P]
+    d2 = torch.baddbmm(sq_img[:, None, :], pos, img.transpose(1, 2), alpha=-2.0)
+    d2 += sq[:, :, None]
+    b, i, q = torch.nonzero(d2 < cutoff * cutoff, as_tuple=True)
+    t, j = q // P, q % P
+    real = atom_ok[b, i] & atom_ok[b, j] & ~((i == j) & (t == zero_shift))
+    b, i, j, t, q = b[real], i[real], j[real], t[real], q[real]
     ci = atom_idx[b, i]
     nj = atom_idx[b, j]
     shift = shifts[t] - nwrap[nj] + nwrap[ci]
-    return [NeighborPairs(ci, nj, shift, diff[b, i, t, j])]
+    return NeighborPairs(ci, nj, shift, img[b, q] - pos[b, i])
+
+
+def _size_bucket(n: torch.Tensor) -> torch.Tensor:
+    """Padded size for structures of ``n`` atoms: multiples of 8 (<= 64), 32 (<= 256), 128."""
+    return torch.where(
+        n <= 64,
+        (n + 7) // 8 * 8,
+        torch.where(n <= 256, (n + 31) // 32 * 32, (n + 127) // 128 * 128),
+    )
+
+
+def _dense_limit(device: torch.device, budget: int | str | None, itemsize: int) -> int:
+    """Candidate pairs per dense group: from the memory budget, cache-sized on CPU."""
+    limit = memory_budget(device, budget) // (3 * itemsize + 2)
+    if device.type == "cpu":
+        limit = min(limit, 1 << 21)
+    return max(1, limit)
 
 
 def _vesin_pairs(
@@ -219,15 +242,24 @@ def _vesin_pairs(
 ) -> NeighborPairs:
     from vesin_torch import NeighborList
 
-    nl = NeighborList(cutoff=cutoff, full_list=True, sorted=True)
+    nl = NeighborList(cutoff=cutoff, full_list=True, sorted=False)
     pts = positions[start : start + count]
     i, j, S, D = nl.compute(points=pts, box=full[system], periodic=pbc[system], quantities="ijSD")
+    # group by centre ourselves: a stable radix argsort beats vesin's own sorting
+    order = _stable_argsort(i)
     return NeighborPairs(
-        i.to(torch.int64) + start,
-        j.to(torch.int64) + start,
-        S.to(torch.int64),
-        D.to(positions.dtype),
+        i[order] + start,
+        j[order].to(torch.int64) + start,
+        S[order].to(torch.int64),
+        D[order].to(positions.dtype),
     )
+
+
+def _stable_argsort(x: torch.Tensor) -> torch.Tensor:
+    """Stable ascending argsort of a 1-D integer tensor (NumPy's radix sort on CPU)."""
+    if x.device.type == "cpu":
+        return torch.from_numpy(np.argsort(x.numpy(), kind="stable"))
+    return torch.sort(x, stable=True).indices
 
 
 def find_neighbor_pairs(
@@ -281,28 +313,31 @@ def find_neighbor_pairs(
         dense_sys = torch.nonzero(dense)[:, 0]
         if dense_sys.numel():
             wrapped, nwrap = _wrap(positions, full, pbc, system_idx)
-            # group by (images, size) so that padding stays small
-            order = torch.argsort(cost[dense_sys] * (1 << 20) + counts[dense_sys], stable=True)
-            dense_sys = dense_sys[order]
-            per_byte = positions.element_size() * 6  # diff (3) + d2 + masks, per candidate
-            limit = max(1, memory_budget(device, budget) // per_byte)
-            c_sorted = cost[dense_sys].cpu()
-            s = 0
-            n = dense_sys.numel()
-            while s < n:
-                # grow the group while the padded candidate count fits the budget
-                e = s + 1
-                run_max = int(c_sorted[s])
-                while e < n:
-                    cand = max(run_max, int(c_sorted[e]))
-                    if cand * (e + 1 - s) > limit:
-                        break
-                    run_max = cand
-                    e += 1
-                parts += _dense_group_pairs(
-                    wrapped, full, nwrap, n_img, starts, counts, dense_sys[s:e], cutoff
-                )
-                s = e
+            # group structures by (image range, padded size): one tensor pass per group piece
+            p_bucket = _size_bucket(counts[dense_sys])
+            rng = n_img[dense_sys]
+            key = ((rng[:, 0] * 128 + rng[:, 1]) * 128 + rng[:, 2]) * (1 << 24) + p_bucket
+            uniq, inverse = torch.unique(key, return_inverse=True)
+            limit = _dense_limit(device, budget, positions.element_size())
+            for u, k in enumerate(uniq.tolist()):
+                members = dense_sys[inverse == u]
+                p_b = k % (1 << 24)
+                r = k >> 24
+                t = (2 * (r >> 14) + 1) * (2 * ((r >> 7) % 128) + 1) * (2 * (r % 128) + 1)
+                per_group = max(1, limit // (p_b * p_b * t))
+                for g in range(0, members.numel(), per_group):
+                    parts.append(
+                        _dense_group_pairs(
+                            wrapped,
+                            full,
+                            nwrap,
+                            n_img,
+                            starts,
+                            counts,
+                            members[g : g + per_group],
+                            cutoff,
+                        )
+                    )
         for s in torch.nonzero(~dense)[:, 0].tolist():
             parts.append(
                 _vesin_pairs(positions, full, pbc, int(starts[s]), int(counts[s]), s, cutoff)
@@ -325,7 +360,7 @@ def find_neighbor_pairs(
                 torch.cat([p.shift for p in parts]),
                 torch.cat([p.vector for p in parts]),
             )
-            pairs = pairs.select(torch.argsort(center, stable=True))
+            pairs = pairs.select(_stable_argsort(center))
         _check_coincident(pairs, system_idx)
     return pairs
 
