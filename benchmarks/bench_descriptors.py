@@ -5,7 +5,8 @@ Cases (k = 32, cutoff = 5 Å unless changed; structures built deterministically,
 - ``fcc100k``: one FCC Cu cubic supercell, a = 3.58 Å, 29x29x30 cells (100,920 atoms),
   rattled 0.05 Å, periodic;
 - ``cells2000``: 2,000 FCC Cu 2x2x2 cubic cells (32 atoms each), rattled 0.05 Å, periodic;
-- ``ethanol5000``: 5,000 ethanol molecules (9 atoms each), rattled 0.05 Å, non-periodic.
+- ``ethanol5000``: 5,000 ethanol molecules (9 atoms each), rattled 0.05 Å, non-periodic;
+- ``fcc1m`` (only when asked for): a 1,000,188-atom cell, the bounded-memory scaling check.
 
 Each implementation runs in its own subprocess (this script re-invoked with ``--worker``),
 so its peak resident memory is its own: a small warm-up call (numba JIT compile, torch
@@ -43,7 +44,8 @@ from ase.build import bulk, molecule
 
 SEED = 2025
 RATTLE = 0.05  # Å
-CASES = ("fcc100k", "cells2000", "ethanol5000")
+CASES = ("fcc100k", "cells2000", "ethanol5000", "fcc1m")
+DEFAULT_CASES = ("fcc100k", "cells2000", "ethanol5000")
 IMPLS = ("ours", "reference")
 
 
@@ -53,6 +55,14 @@ IMPLS = ("ours", "reference")
 def fcc_supercell() -> list[Atoms]:
     """One 29x29x30 cubic FCC Cu supercell (a = 3.58 Å, 100,920 atoms), rattled."""
     atoms = bulk("Cu", "fcc", a=3.58, cubic=True).repeat((29, 29, 30))
+    rng = np.random.default_rng(SEED)
+    atoms.positions += rng.normal(0.0, RATTLE, size=atoms.positions.shape)
+    return [atoms]
+
+
+def fcc_million() -> list[Atoms]:
+    """One 63x63x63 cubic FCC Cu supercell (1,000,188 atoms), rattled: the scaling check."""
+    atoms = bulk("Cu", "fcc", a=3.58, cubic=True).repeat((63, 63, 63))
     rng = np.random.default_rng(SEED)
     atoms.positions += rng.normal(0.0, RATTLE, size=atoms.positions.shape)
     return [atoms]
@@ -86,6 +96,7 @@ BUILDERS: dict[str, Callable[[], list[Atoms]]] = {
     "fcc100k": fcc_supercell,
     "cells2000": fcc_cells,
     "ethanol5000": ethanols,
+    "fcc1m": fcc_million,
 }
 
 
@@ -299,7 +310,7 @@ def case_record(case: str, args: argparse.Namespace, tmp: Path) -> dict:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options (``--worker`` and ``--save`` are internal)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
+    parser.add_argument("--cases", nargs="+", choices=CASES, default=list(DEFAULT_CASES))
     parser.add_argument("--repeats", type=int, default=3, help="timed calls (median taken)")
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--cutoff", type=float, default=5.0)

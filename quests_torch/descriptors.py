@@ -25,8 +25,9 @@ chunks sized from a memory budget.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -92,27 +93,25 @@ def _pool() -> ThreadPoolExecutor:
 
 
 def _argsort_rows(r: torch.Tensor) -> torch.Tensor:
-    """Ascending argsort along the last dim.
+    """Ascending argsort along the last dim (indices, no autograd).
 
-    On CPU this uses NumPy's SIMD sorts (AVX-512/AVX2 argsort, several times faster than
-    ``torch.sort`` for short rows) on all intra-op threads; elsewhere ``torch.sort``.
+    On CPU this is NumPy's SIMD argsort (AVX-512/AVX2: ~3x faster than ``torch.sort`` for
+    rows of 32); elsewhere ``torch.sort``.
     """
     if r.device.type != "cpu":
         return torch.sort(r.detach(), dim=-1).indices
-    flat = r.detach().reshape(-1, r.shape[-1]).numpy()
-    idx = np.empty(flat.shape, dtype=np.int64)
-    n_rows = flat.shape[0]
-    n_threads = max(1, torch.get_num_threads())
-    if n_threads == 1 or n_rows < 4096:
-        idx[:] = np.argsort(flat, axis=1)
-    else:
-        step = -(-n_rows // n_threads)
+    return torch.from_numpy(np.argsort(r.detach().numpy(), axis=-1))
 
-        def work(a: int) -> None:
-            idx[a : a + step] = np.argsort(flat[a : a + step], axis=1)
 
-        list(_pool().map(work, range(0, n_rows, step)))
-    return torch.from_numpy(idx).reshape(r.shape)
+@contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """Temporarily run torch CPU ops on ``n`` intra-op threads."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def _environment_descriptors(
@@ -197,37 +196,53 @@ def _descriptors_from_pairs(
     chunk = max(1, min(n_atoms, memory_budget(device, budget) // per_atom))
     if device.type == "cpu":
         chunk = min(chunk, _CPU_CHUNK)  # cache-sized blocks are faster than big ones on CPU
-    out = positions.new_empty((n_atoms, 2 * k - 1)) if not need_grad else None
-    out_chunks: list[torch.Tensor] = []
-    for a0 in range(0, n_atoms, chunk):
-        a1 = min(n_atoms, a0 + chunk)
-        p0 = int(first[a0])
-        p1 = int(bounds[a1 - 1])
-        c = int(counts[a0:a1].max()) if p1 > p0 else 0
-        if c == 0:
-            block = positions.new_zeros((a1 - a0, 2 * k - 1))
+    # chunk boundaries and their widest candidate list, in one host transfer
+    starts = list(range(0, n_atoms, chunk))
+    ends = [min(n_atoms, a0 + chunk) for a0 in starts]
+    bounds_h = torch.cat([bounds.new_zeros(1), bounds]).cpu().numpy()
+    counts_h = counts.cpu().numpy()
+    widths = np.maximum.reduceat(counts_h, starts) if n_atoms else np.zeros(0, dtype=np.int64)
+
+    def one_chunk(c: int) -> torch.Tensor:
+        a0, a1, width = starts[c], ends[c], int(widths[c])
+        p0, p1 = int(bounds_h[a0]), int(bounds_h[a1])
+        if width == 0:
+            return positions.new_zeros((a1 - a0, 2 * k - 1))
+        with torch.no_grad():
+            sub = pairs.select(slice(p0, p1))
+            row = sub.center - a0
+            slot = torch.arange(p1 - p0, device=device) - (first[sub.center] - p0)
+            keys = torch.full((a1 - a0, width), _EMPTY_KEY, dtype=torch.int64, device=device)
+            keys[row, slot] = _selection_keys(sub.vector, sub.vector.norm(dim=1), cutoff)
+            mk = min(k, width)
+            top = torch.topk(keys, mk, dim=1, largest=False, sorted=False)
+            valid = top.values != _EMPTY_KEY
+            pick = (first[a0:a1, None] + top.indices).clamp_max(p1 - 1)  # global pair ids
+        if need_grad:
+            sel_vec = pair_vectors(positions, cell, system_idx, pairs.select(pick.reshape(-1)))
+            sel_vec = sel_vec.reshape(a1 - a0, mk, 3)
         else:
-            with torch.no_grad():
-                sub = pairs.select(slice(p0, p1))
-                row = sub.center - a0
-                slot = torch.arange(p1 - p0, device=device) - (first[sub.center] - p0)
-                keys = torch.full((a1 - a0, c), _EMPTY_KEY, dtype=torch.int64, device=device)
-                keys[row, slot] = _selection_keys(sub.vector, sub.vector.norm(dim=1), cutoff)
-                mk = min(k, c)
-                top = torch.topk(keys, mk, dim=1, largest=False, sorted=False)
-                valid = top.values != _EMPTY_KEY
-                pick = (first[a0:a1, None] + top.indices).clamp_max(p1 - 1)  # global pair ids
-            if need_grad:
-                sel_vec = pair_vectors(positions, cell, system_idx, pairs.select(pick.reshape(-1)))
-                sel_vec = sel_vec.reshape(a1 - a0, mk, 3)
-            else:
-                sel_vec = pairs.vector[pick]
-            block = _environment_descriptors(sel_vec, valid, k, cutoff)
-        if out is not None:
-            out[a0:a1] = block
-        else:
-            out_chunks.append(block)
-    return out if out is not None else torch.cat(out_chunks, dim=0)
+            sel_vec = pairs.vector_at(pick)
+        return _environment_descriptors(sel_vec, valid, k, cutoff)
+
+    if need_grad:
+        return torch.cat([one_chunk(c) for c in range(len(starts))], dim=0)
+    out = positions.new_empty((n_atoms, 2 * k - 1))
+
+    def fill(c: int) -> None:
+        out[starts[c] : ends[c]] = one_chunk(c)
+
+    n_threads = torch.get_num_threads()
+    if device.type == "cpu" and n_threads > 1 and len(starts) > 1:
+        # chunk-parallel: every worker runs whole chunks single-threaded (torch ops and
+        # NumPy sorts release the GIL); beats intra-op threading on these small blocks
+        pool = _pool()
+        with _torch_threads(1):
+            list(pool.map(fill, range(len(starts))))
+    else:
+        for c in range(len(starts)):
+            fill(c)
+    return out
 
 
 def _sorted_species(species: Sequence[int]) -> list[int]:

@@ -19,7 +19,6 @@ images are then its neighbours).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -34,7 +33,6 @@ COINCIDENT_TOL = 1e-6
 DENSE_MAX_CANDIDATES = 200_000
 
 
-@dataclass
 class NeighborPairs:
     """Directed pairs ``center -> neighbor`` (both directions present), sorted by ``center``.
 
@@ -42,27 +40,75 @@ class NeighborPairs:
     ``s`` the structure of ``center``.
 
     Attributes:
-        center: ``[n_pairs]`` int64 global atom index of the central atom.
+        center: ``[n_pairs]`` int64 global atom index of the central atom (sorted).
         neighbor: ``[n_pairs]`` int64 global atom index of the neighbour.
         shift: ``[n_pairs, 3]`` int64 lattice translation of the neighbour image.
         vector: ``[n_pairs, 3]`` the neighbour vectors, detached from autograd (use
             :func:`pair_vectors` for differentiable ones).
+
+    Internally the per-pair arrays may be kept in the order they were found together with a
+    permutation ``perm`` that sorts them by centre; :meth:`select` then gathers only the
+    rows asked for, and the properties materialise (and cache) the sorted arrays on demand.
     """
 
-    center: torch.Tensor
-    neighbor: torch.Tensor
-    shift: torch.Tensor
-    vector: torch.Tensor
+    def __init__(
+        self,
+        center: torch.Tensor,
+        neighbor: torch.Tensor,
+        shift: torch.Tensor,
+        vector: torch.Tensor,
+        perm: torch.Tensor | None = None,
+    ) -> None:
+        self.center = center
+        self._raw = {"neighbor": neighbor, "shift": shift, "vector": vector}
+        self._perm = perm
+        self._sorted: dict[str, torch.Tensor] = {}
+
+    def _get(self, name: str) -> torch.Tensor:
+        if self._perm is None:
+            return self._raw[name]
+        if name not in self._sorted:
+            self._sorted[name] = self._raw[name][self._perm]
+        return self._sorted[name]
+
+    @property
+    def neighbor(self) -> torch.Tensor:
+        return self._get("neighbor")
+
+    @property
+    def shift(self) -> torch.Tensor:
+        return self._get("shift").to(torch.int64)
+
+    @property
+    def vector(self) -> torch.Tensor:
+        return self._get("vector")
 
     @property
     def n_pairs(self) -> int:
         return int(self.center.shape[0])
 
-    def select(self, index: torch.Tensor) -> NeighborPairs:
-        """The pairs picked by a boolean mask, an index tensor or a slice."""
+    def select(self, index: torch.Tensor | slice) -> NeighborPairs:
+        """The pairs picked by a boolean mask, an index tensor or a slice (sorted order)."""
+        raw = self._raw
+        if self._perm is None:
+            return NeighborPairs(
+                self.center[index],
+                raw["neighbor"][index],
+                raw["shift"][index],
+                raw["vector"][index],
+            )
+        p = self._perm[index]
         return NeighborPairs(
-            self.center[index], self.neighbor[index], self.shift[index], self.vector[index]
+            self.center[index], raw["neighbor"][p], raw["shift"][p], raw["vector"][p]
         )
+
+    def vector_at(self, index: torch.Tensor) -> torch.Tensor:
+        """``vector[index]`` without materialising the whole sorted array."""
+        p = index if self._perm is None else self._perm[index]
+        return self._raw["vector"][p]
+
+    def __repr__(self) -> str:
+        return f"NeighborPairs(n_pairs={self.n_pairs})"
 
 
 def complete_cell(cell: torch.Tensor, pbc: torch.Tensor) -> torch.Tensor:
@@ -244,15 +290,16 @@ def _vesin_pairs(
 
     nl = NeighborList(cutoff=cutoff, full_list=True, sorted=False)
     pts = positions[start : start + count]
-    i, j, S, D = nl.compute(points=pts, box=full[system], periodic=pbc[system], quantities="ijSD")
-    # group by centre ourselves: a stable radix argsort beats vesin's own sorting
-    order = _stable_argsort(i)
-    return NeighborPairs(
-        i[order] + start,
-        j[order].to(torch.int64) + start,
-        S[order].to(torch.int64),
-        D[order].to(positions.dtype),
+    i, j, S, D, d = nl.compute(
+        points=pts, box=full[system], periodic=pbc[system], quantities="ijSDd"
     )
+    if d.numel() and float(d.min()) < COINCIDENT_TOL:
+        p = int(torch.argmin(d))
+        _raise_coincident(system, int(i[p]), int(j[p]), float(d[p]))
+    # group by centre ourselves (a stable radix argsort beats vesin's own sorting) and keep
+    # the other arrays unsorted: chunks gather only their rows
+    order = _stable_argsort(i)
+    return NeighborPairs(i[order] + start, j + start, S, D.to(positions.dtype), perm=order)
 
 
 def _stable_argsort(x: torch.Tensor) -> torch.Tensor:
@@ -361,25 +408,32 @@ def find_neighbor_pairs(
                 torch.cat([p.vector for p in parts]),
             )
             pairs = pairs.select(_stable_argsort(center))
-        _check_coincident(pairs, system_idx)
+        if dense_sys.numel():
+            _check_coincident(pairs, system_idx)
     return pairs
+
+
+def _raise_coincident(system: int, i: int, j: int, distance: float) -> None:
+    """``i``, ``j``: atom indices within structure ``system``."""
+    what = "an image of itself" if i == j else f"atom {j}"
+    raise ValueError(
+        f"coincident atoms in structure {system}: atom {i} and {what} are "
+        f"{distance:.2e} Å apart (closer than {COINCIDENT_TOL:g} Å)"
+    )
 
 
 def _check_coincident(pairs: NeighborPairs, system_idx: torch.Tensor) -> None:
     if pairs.n_pairs == 0:
         return
-    d2 = (pairs.vector * pairs.vector).sum(dim=1)
+    vec = pairs.vector
+    d2 = (vec * vec).sum(dim=1)
     bad = d2 < COINCIDENT_TOL**2
     if bool(bad.any()):
         p = int(torch.nonzero(bad)[0, 0])
         i, j = int(pairs.center[p]), int(pairs.neighbor[p])
         s = int(system_idx[i])
         first = int(torch.searchsorted(system_idx, torch.tensor(s, device=system_idx.device)))
-        what = "an image of itself" if i == j else f"atom {j - first}"
-        raise ValueError(
-            f"coincident atoms in structure {s}: atom {i - first} and {what} are "
-            f"{math.sqrt(float(d2[p])):.2e} Å apart (global atom indices {i}, {j})"
-        )
+        _raise_coincident(s, i - first, j - first, math.sqrt(float(d2[p])))
 
 
 def pair_vectors(
