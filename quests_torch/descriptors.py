@@ -25,6 +25,7 @@ chunks sized from a memory budget.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -129,8 +130,10 @@ def _environment_descriptors(
     n, m, _ = vec.shape
     if m == 0:
         return vec.new_zeros((n, 2 * k - 1))
-    # padded slots: a dummy vector at the cutoff, where w = 0 and the norm is smooth
-    dummy = vec.new_tensor([cutoff, 0.0, 0.0])
+    # padded slots: distinct dummy points on a circle of radius 3 r_c (w = 0 there, the norm
+    # is smooth, and every off-diagonal distance stays > 0, so no clamping is needed)
+    angle = torch.arange(m, dtype=vec.dtype, device=vec.device) * (2 * math.pi / m)
+    dummy = torch.stack([angle.cos(), angle.sin(), torch.zeros_like(angle)], dim=1) * (3 * cutoff)
     vec = torch.where(valid[..., None], vec, dummy)
     sq = (vec * vec).sum(dim=-1)  # [n, m]
     r = sq.sqrt()
@@ -144,19 +147,23 @@ def _environment_descriptors(
 
     s = 1 - (r.clamp(max=cutoff) / cutoff) ** 2  # sqrt(w), zero at the dummy slots
     if vec.dtype == torch.float64:
-        # |a - b|^2 = |a|^2 + |b|^2 - 2 a.b : ~1e-15 relative in float64, one batched matmul
-        d2 = torch.baddbmm(sq[:, :, None] + sq[:, None, :], vec, vec.transpose(1, 2), alpha=-2)
+        # |a - b|^2 = |a|^2 + |b|^2 - 2 a.b as one batched matmul of augmented rows
+        # [a, |a|^2, 1] . [-2b, 1, |b|^2]: ~1e-15 relative in float64
+        one = torch.ones_like(sq)[..., None]
+        lhs = torch.cat([vec, sq[..., None], one], dim=-1)
+        rhs = torch.cat([-2 * vec, one, sq[..., None]], dim=-1)
+        d2 = torch.bmm(lhs, rhs.transpose(1, 2))
     else:
         # float32: direct differences (no cancellation, immune to TF32 matmul settings)
         diff = vec[:, :, None, :] - vec[:, None, :, :]
         d2 = (diff * diff).sum(dim=-1)
-    # the diagonal (and dummy-dummy pairs) have d2 ~ 0: clamp keeps sqrt and its gradient
-    # finite; the diagonal is zeroed (dummy rows/columns already have s = 0)
     if torch.is_grad_enabled() and vec.requires_grad:
+        # the diagonal has d2 ~ 0: the clamp keeps sqrt and its gradient finite, the mask
+        # zeroes it
         offdiag = 1.0 - torch.eye(m, dtype=vec.dtype, device=vec.device)
         R = (s[:, :, None] * s[:, None, :]) * offdiag / (d2.clamp_min(1e-30).sqrt() + _EPS_X2)
     else:  # same arithmetic in place: the hot path of screening and entropy
-        d2.clamp_min_(1e-30).sqrt_().add_(_EPS_X2)
+        d2.sqrt_().add_(_EPS_X2)  # the diagonal may be NaN (d2 ~ -0): overwritten below
         R = torch.mul(s[:, :, None], s[:, None, :]).div_(d2)
         R.diagonal(dim1=1, dim2=2).zero_()
     # (q+1)-th smallest of each row summed over rows; rows/columns beyond m are all zero,
