@@ -1,0 +1,401 @@
+"""Tiled kernel sums (quests_torch.kde): parity, tile independence, precision, gradients."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from quests_torch.kde import (
+    first_match_within,
+    full_precision,
+    kernel_pass,
+    kernel_sum,
+    log_kernel_sum,
+    nearest_neighbors,
+)
+
+DATA = Path(__file__).parent / "data" / "kde_reference.npz"
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.fixture(scope="module")
+def ref():
+    with np.load(DATA) as f:
+        return {k: f[k] for k in f.files}
+
+
+@pytest.fixture(scope="module")
+def cu(ref):
+    solid = torch.from_numpy(ref["x_solid"])
+    liquid = torch.from_numpy(ref["x_liquid"])
+    return {
+        "solid": solid,
+        "liquid": liquid,
+        "query": torch.from_numpy(ref["x_query"]),
+        "all": torch.cat([solid, liquid]),
+    }
+
+
+def brute_log_p(x, y, h, log_w=None):
+    """Direct-difference log-sum-exp in float64 (small sets only)."""
+    x, y = x.double(), y.double()
+    d2 = (x[:, None, :] - y[None, :, :]).square().sum(-1)
+    h = torch.as_tensor(h, dtype=torch.float64)
+    expo = -d2[..., None] / (2 * h.reshape(-1) ** 2)
+    if log_w is not None:
+        expo = expo + log_w.double()[None, :, None]
+    out = torch.logsumexp(expo, dim=1)
+    return out if h.ndim else out[:, 0]
+
+
+def max_rel(a, b):
+    a = torch.as_tensor(a, dtype=torch.float64)
+    b = torch.as_tensor(b, dtype=torch.float64)
+    return float(((a - b).abs() / b.abs()).max())
+
+
+# ---------------------------------------------------------------------------- parity
+
+
+def test_parity_multi_bandwidth_self(ref, cu):
+    """log p of all 1536 environments vs quests.entropy.kernel_sum_multi_bandwidth."""
+    log_p = log_kernel_sum(cu["all"], cu["all"], ref["h_vector"])
+    assert log_p.shape == (1536, len(ref["h_vector"]))
+    assert max_rel(log_p.exp(), ref["kernel_sum_all_hvec"]) < 1e-9
+
+
+def test_parity_multi_bandwidth_cross(ref, cu):
+    p = kernel_sum(cu["query"], cu["solid"], ref["h_vector"])
+    assert max_rel(p, ref["kernel_sum_query_solid_hvec"]) < 1e-9
+
+
+def test_parity_numpy_input(ref):
+    x = ref["x_solid"]
+    log_p = log_kernel_sum(x, x, 0.015)
+    assert isinstance(log_p, torch.Tensor) and log_p.dtype == torch.float64
+    assert log_p.shape == (768,)
+    np.testing.assert_allclose(
+        log_p.numpy(), log_kernel_sum(torch.from_numpy(x), torch.from_numpy(x)).numpy(), rtol=1e-13
+    )
+
+
+def test_against_direct_differences(cu):
+    """Centred GEMM tiles agree with explicit differences to ~1e-13 on thermal data."""
+    x, y = cu["query"], cu["all"][::3]
+    expected = brute_log_p(x, y, 0.015)
+    assert (log_kernel_sum(x, y) - expected).abs().max() < 1e-11
+    assert (log_kernel_sum(x, y, distance="direct") - expected).abs().max() < 1e-11
+
+
+# ---------------------------------------------------------------------------- tiles
+
+
+@pytest.mark.parametrize("same", [True, False])
+@pytest.mark.parametrize("h", [0.015, [0.01, 0.015, 0.1]])
+def test_tile_size_independence(cu, same, h):
+    x = cu["all"][::25]  # 62 rows: tile size 1 stays quick
+    y = x if same else cu["all"][1::19]
+    results = [kernel_sum(x, y, h, tile_size=t) for t in (1, 7, 1000, None, (5, 13), (64, 3))]
+    for r in results[1:]:
+        assert max_rel(r, results[0]) <= 1e-12
+
+
+def test_tile_size_independence_weights(cu):
+    x, y = cu["query"][:40], cu["all"][::20]
+    log_w = torch.linspace(-3.0, 2.0, y.shape[0], dtype=torch.float64)
+    results = [kernel_sum(x, y, 0.02, log_weights=log_w, tile_size=t) for t in (1, 7, 1000)]
+    for r in results[1:]:
+        assert max_rel(r, results[0]) <= 1e-12
+
+
+def test_small_budget_streams_same_result(cu):
+    x, y = cu["query"], cu["all"]
+    expected = log_kernel_sum(x, y)
+    got = log_kernel_sum(x, y, budget="256K")  # tiles and column blocks rebuilt per tile
+    assert (got - expected).abs().max() < 1e-12
+
+
+def test_memmap_streaming(cu, tmp_path):
+    y = cu["all"].numpy()
+    path = tmp_path / "ref.npy"
+    np.save(path, y)
+    mm = np.load(path, mmap_mode="r")
+    got = log_kernel_sum(cu["query"].numpy(), mm, 0.015, budget="1M")
+    expected = log_kernel_sum(cu["query"], cu["all"])
+    assert (got - expected).abs().max() < 1e-12
+    # a memmap against itself (symmetric sweep)
+    got_self = log_kernel_sum(mm, mm, budget="1M")
+    assert (got_self - log_kernel_sum(cu["all"], cu["all"])).abs().max() < 1e-12
+    # float32 arrays stream as float32 tiles
+    got32 = log_kernel_sum(cu["query"].numpy().astype(np.float32), y.astype(np.float32))
+    assert got32.dtype == torch.float32
+    assert ((got32.double() - expected).exp() - 1).abs().max() < 1e-4
+
+
+# ---------------------------------------------------------------------------- precision
+
+
+def test_float32_error_on_thermal_cu(cu):
+    """float32 tiles (centred, float64 accumulation): relative error of p(x) <= 1e-4."""
+    x = cu["all"]
+    p64 = log_kernel_sum(x, x)
+    p32 = log_kernel_sum(x.float(), x.float())
+    assert p32.dtype == torch.float32
+    rel = ((p32.double() - p64).exp() - 1).abs()
+    assert rel.max() <= 1e-4
+    assert rel.median() <= 1e-5
+    # float32 compute requested for float64 inputs: float64 output, same accuracy
+    p32b = log_kernel_sum(x, x, dtype=torch.float32)
+    assert p32b.dtype == torch.float64
+    assert ((p32b - p64).exp() - 1).abs().max() <= 1e-4
+
+
+def test_float32_direct_differences(cu):
+    x = cu["liquid"]
+    p64 = log_kernel_sum(x, x)
+    p32 = log_kernel_sum(x.float(), x.float(), distance="direct")
+    assert ((p32.double() - p64).exp() - 1).abs().max() <= 1e-5
+
+
+@pytest.fixture
+def restore_precision_flags():
+    saved = [
+        (b, b.fp32_precision)
+        for b in (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+        if hasattr(b, "fp32_precision")
+    ]
+    legacy = torch.backends.cudnn.allow_tf32
+    yield
+    for b, v in saved:
+        b.fp32_precision = v
+    torch.backends.cudnn.allow_tf32 = legacy
+
+
+def test_reduced_precision_flags_do_not_change_results(cu, restore_precision_flags):
+    """TF32/bf16 matmul switched on globally: float32 results unchanged, flags restored."""
+    x = cu["all"].float()
+    clean = log_kernel_sum(x, x)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.set_float32_matmul_precision("medium")
+    flags = {
+        b: b.fp32_precision
+        for b in (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+        if hasattr(b, "fp32_precision")
+    }
+    dirty = log_kernel_sum(x, x)
+    assert torch.equal(clean, dirty)
+    for b, v in flags.items():
+        assert b.fp32_precision == v  # the caller's settings are back
+    assert torch.backends.cuda.matmul.allow_tf32 is True
+    assert torch.get_float32_matmul_precision() == "medium"
+
+
+def test_full_precision_context_restores():
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    with full_precision():
+        assert torch.backends.mkldnn.matmul.fp32_precision == "ieee"
+    assert torch.backends.mkldnn.matmul.fp32_precision == before
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_far_outliers_stay_finite(cu, dtype):
+    """Queries hundreds to millions of nats away: log-sum-exp, no underflow to -inf."""
+    y = cu["solid"]
+    far = torch.cat([y[:3] + 0.5, y[3:6] + 10.0, y[6:8] + 0.05])
+    expected = brute_log_p(far, y, 0.015)
+    got = log_kernel_sum(far.to(dtype), y.to(dtype))
+    assert torch.isfinite(got).all()
+    assert max_rel(got, expected) < (1e-12 if dtype == torch.float64 else 1e-5)
+    # several bandwidths with the fallback rows mixed in
+    got_h = log_kernel_sum(far.to(dtype), y.to(dtype), [0.015, 0.5])
+    assert max_rel(got_h, brute_log_p(far, y, [0.015, 0.5])) < (
+        1e-12 if dtype == torch.float64 else 1e-5
+    )
+
+
+# ---------------------------------------------------------------------------- weights, top-n
+
+
+def test_weighted_sums(cu):
+    x, y = cu["query"][:50], cu["solid"][:200]
+    log_w = torch.randn(200, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    log_w[::7] = -torch.inf  # zero weights drop references
+    expected = brute_log_p(x, y, 0.02, log_w)
+    assert max_rel(log_kernel_sum(x, y, 0.02, log_weights=log_w), expected) < 1e-12
+    hv = [0.01, 0.02, 0.05]
+    got = log_kernel_sum(x, y, hv, log_weights=log_w.numpy())
+    assert max_rel(got, brute_log_p(x, y, hv, log_w)) < 1e-12
+
+
+def test_nearest_neighbors_exact(cu):
+    x, y = cu["query"], cu["all"]
+    dist, idx = nearest_neighbors(x, y, 4, tile_size=(100, 37))
+    d_ref, i_ref = torch.cdist(x, y).topk(4, largest=False)
+    assert torch.equal(idx, i_ref)
+    assert (dist - d_ref).abs().max() < 1e-12
+    # the same neighbours come out of a kernel pass
+    res = kernel_pass(x, y, 0.015, n_nearest=4)
+    assert torch.equal(res.nearest_index, i_ref)
+    assert (res.nearest_sq_dist.sqrt() - d_ref).abs().max() < 1e-6
+    assert max_rel(res.log_p.exp(), kernel_sum(x, y)) < 1e-13
+
+
+def test_first_match_within(cu):
+    x = cu["solid"][:100]
+    dup = torch.cat([x, x[[5, 0, 5]] + 1e-7, x[:2] + 1e-3])
+    first = first_match_within(dup, tol=1e-5, tile_size=16)
+    expected = torch.full((105,), -1)
+    expected[100:103] = torch.tensor([5, 0, 5])
+    assert torch.equal(first, expected)
+    against = first_match_within(x[:10] + 1e-8, x, tol=1e-6)
+    assert torch.equal(against, torch.arange(10))
+
+
+def test_progress_callback(cu):
+    calls = []
+    log_kernel_sum(
+        cu["query"], cu["solid"], tile_size=100, progress=lambda d, t: calls.append((d, t))
+    )
+    assert calls[-1] == (256, 256) and len(calls) == 3
+
+
+# ---------------------------------------------------------------------------- gradients
+
+
+def _tiny(n, d, seed, scale=0.3):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(n, d, generator=g, dtype=torch.float64) * scale).requires_grad_()
+
+
+@pytest.mark.parametrize("h", [0.2, [0.1, 0.3]])
+@pytest.mark.parametrize("tile", [None, 2])
+def test_gradcheck_x_y(h, tile):
+    x, y = _tiny(5, 4, 0), _tiny(7, 4, 1)
+    assert torch.autograd.gradcheck(lambda a, b: log_kernel_sum(a, b, h, tile_size=tile), (x, y))
+
+
+@pytest.mark.parametrize("tile", [None, 3])
+def test_gradcheck_self(tile):
+    x = _tiny(7, 3, 2)
+    assert torch.autograd.gradcheck(lambda a: log_kernel_sum(a, a, 0.2, tile_size=tile), (x,))
+
+
+def test_gradcheck_weights():
+    x, y = _tiny(4, 3, 3), _tiny(6, 3, 4)
+    log_w = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda a, b, w: log_kernel_sum(a, b, 0.25, log_weights=w, tile_size=2), (x, y, log_w)
+    )
+    assert torch.autograd.gradcheck(
+        lambda a, b, w: log_kernel_sum(a, b, [0.2, 0.4], log_weights=w), (x, y, log_w)
+    )
+
+
+def test_gradcheck_far_rows_and_float32_mode():
+    x, y = _tiny(4, 3, 5), _tiny(6, 3, 6)
+    with torch.no_grad():
+        x[:2] += 2.0  # far: these rows take the shifted fallback
+    assert torch.autograd.gradcheck(lambda a, b: log_kernel_sum(a, b, 0.05), (x, y))
+
+
+def test_gradient_matches_autograd_of_brute_force(cu):
+    x = cu["query"][:30].clone().requires_grad_()
+    y = cu["solid"][:80].clone().requires_grad_()
+    (log_kernel_sum(x, y, 0.015, tile_size=16) * torch.linspace(0, 1, 30)).sum().backward()
+    gx, gy = x.grad.clone(), y.grad.clone()
+    x.grad = y.grad = None
+    (brute_log_p(x, y, 0.015) * torch.linspace(0, 1, 30)).sum().backward()
+    assert torch.allclose(gx, x.grad, rtol=1e-9, atol=1e-9 * x.grad.abs().max())
+    assert torch.allclose(gy, y.grad, rtol=1e-9, atol=1e-9 * y.grad.abs().max())
+
+
+def test_no_graph_without_requires_grad(cu):
+    out = log_kernel_sum(cu["query"][:5], cu["solid"])
+    assert not out.requires_grad
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+def test_errors():
+    x = torch.rand(4, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"`x` must be 2-D \[n, d\], got shape \(3,\)"):
+        log_kernel_sum(torch.rand(3), x)
+    with pytest.raises(ValueError, match="`x` and `y` must have the same descriptor width"):
+        log_kernel_sum(x, torch.rand(4, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="`y` is empty"):
+        log_kernel_sum(x, torch.rand(0, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="`h` must be positive and finite"):
+        log_kernel_sum(x, x, 0.0)
+    with pytest.raises(ValueError, match="`h` must be positive and finite"):
+        log_kernel_sum(x, x, [0.1, float("nan")])
+    with pytest.raises(TypeError, match="`h` must be a positive float"):
+        log_kernel_sum(x, x, "0.1")
+    bad = x.clone()
+    bad[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="`y` contains NaN"):
+        log_kernel_sum(x, bad)
+    with pytest.raises(TypeError, match=r"`x` must be a torch\.Tensor or a numpy array"):
+        log_kernel_sum([[0.0, 1.0]], x)
+    with pytest.raises(TypeError, match="`x` must hold floating-point"):
+        log_kernel_sum(torch.ones(2, 3, dtype=torch.long), x)
+    with pytest.raises(ValueError, match="`tile_size` must be positive"):
+        log_kernel_sum(x, x, tile_size=0)
+    with pytest.raises(ValueError, match="`distance` must be"):
+        log_kernel_sum(x, x, distance="cosine")
+    with pytest.raises(ValueError, match=r"`log_weights` must have shape \(4,\)"):
+        log_kernel_sum(x, x, log_weights=torch.zeros(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="`n` = 5 exceeds"):
+        nearest_neighbors(x, x, 5)
+    with pytest.raises(ValueError, match="`tol` must be a positive"):
+        first_match_within(x, tol=0.0)
+
+
+# ---------------------------------------------------------------------------- CUDA
+
+
+@CUDA
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cuda_matches_cpu(cu, dtype, restore_precision_flags):
+    torch.backends.cuda.matmul.allow_tf32 = True  # must not matter
+    x, y = cu["query"].to(dtype), cu["all"].to(dtype)
+    cpu = log_kernel_sum(x, y, [0.015, 0.03])
+    gpu = log_kernel_sum(x.cuda(), y.cuda(), [0.015, 0.03])
+    assert gpu.device.type == "cuda"
+    tol = 1e-12 if dtype == torch.float64 else 1e-4
+    assert ((gpu.cpu().double() - cpu.double()).exp() - 1).abs().max() < tol
+
+
+@CUDA
+def test_cuda_streams_numpy_and_rejects_mixed_devices(cu):
+    got = log_kernel_sum(cu["query"].numpy(), cu["all"].numpy(), device="cuda", budget="1M")
+    assert got.device.type == "cuda"
+    assert (got.cpu() - log_kernel_sum(cu["query"], cu["all"])).abs().max() < 1e-12
+    with pytest.raises(ValueError, match="one device"):
+        log_kernel_sum(cu["query"].cuda(), cu["all"])
+
+
+def test_weighted_self_sums(cu):
+    x = cu["solid"][:120]
+    log_w = torch.linspace(-2.0, 1.0, 120, dtype=torch.float64)
+    expected = brute_log_p(x, x, 0.015, log_w)
+    for tile in (None, 16):
+        got = log_kernel_sum(x, x, 0.015, log_weights=log_w, tile_size=tile)
+        assert max_rel(got, expected) < 1e-12
+
+
+def test_weighted_self_sums_far_fallback(cu):
+    """Tiny weights push self sums below the unshifted range: the shifted rows stay exact."""
+    x = cu["liquid"][:60].clone()
+    x[0] += 1.0  # the one heavy point is far from all others
+    log_w = torch.full((60,), -2000.0, dtype=torch.float64)
+    log_w[0] = 0.0
+    expected = brute_log_p(x, x, 0.015, log_w)
+    assert (expected[1:] < -1000).all()
+    for tile in (None, 7):
+        got = log_kernel_sum(x, x, 0.015, log_weights=log_w, tile_size=tile)
+        assert (got - expected).abs().max() < 1e-9
