@@ -1,16 +1,23 @@
 """The ``quests-torch`` command line: thin wrappers that parse, call the API and write results.
 
-Subcommands so far: ``descriptors`` (structures -> .npz/.pt) and ``demo`` (the built-in
-example). Errors are one line on stderr and a non-zero exit code, never a traceback.
+Subcommands: ``descriptors``, ``entropy``, ``dh``, ``overlap``, ``learning-curve``,
+``bandwidth``, ``screen`` and ``demo``. Inputs are any file ASE can read (with ``-i`` an
+ASE index/slice) or a descriptor file (``.npz``/``.pt`` written by ``descriptors``, which
+records ``k`` and the cutoff: comparing descriptors made with different parameters is an
+error). Every command prints a readable summary (``--quiet``: none), writes
+machine-readable JSON with ``-o`` (parameters, versions, timings, results; atomically) and,
+where a picture helps, PNG figures with ``--plot PREFIX``. Errors are one line on stderr and
+exit code 2, never a traceback (``QUESTS_TORCH_DEBUG=1`` re-raises for debugging).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import platform
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,115 +27,805 @@ import torch
 
 from . import __version__
 from .descriptors import DEFAULT_CUTOFF, DEFAULT_K, get_descriptors
+from .io import (
+    DescriptorSet,
+    atomic_write,
+    cached_descriptors,
+    is_descriptor_file,
+    load_descriptors,
+    save_descriptors,
+)
+from .io import read_structures as _read_structures
+from .kde import DEFAULT_BANDWIDTH
 from .structures import resolve_device
 
-__all__ = ["main"]
+__all__ = ["CLIError", "atomic_write", "build_parser", "main", "read_structures"]
+
+#: kernel passes with more pairs than this show a progress bar (about a second on a CPU)
+_PROGRESS_PAIRS = 200_000_000
 
 
 class CLIError(Exception):
     """A user-facing error: printed as one line, exit code 2."""
 
 
-def _dtype(name: str) -> torch.dtype:
-    return {"float64": torch.float64, "float32": torch.float32}[name]
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump) and exit code 2."""
 
-
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-k", type=int, default=DEFAULT_K, help="nearest neighbours (default 32)")
-    p.add_argument(
-        "-c", "--cutoff", type=float, default=DEFAULT_CUTOFF, help="cutoff in Å (default 5)"
-    )
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default auto)")
-    p.add_argument("--dtype", choices=["float64", "float32"], default="float64")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress or summary output")
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def read_structures(path: str, index: str = ":") -> list:
     """Structures from any file ASE can read, with an ASE index/slice (``":"``, ``"0:10"``)."""
-    import ase.io
-
-    if not Path(path).exists():
-        raise CLIError(f"{path}: no such file")
     try:
-        frames = ase.io.read(path, index=index)
-    except Exception as exc:  # ASE raises many types for unreadable files
-        raise CLIError(f"{path}: cannot read structures ({type(exc).__name__}: {exc})") from None
-    frames = frames if isinstance(frames, list) else [frames]
-    if not frames:
-        raise CLIError(f"{path}: the selection {index!r} holds no structures")
-    return frames
+        return _read_structures(path, index)
+    except (FileNotFoundError, IsADirectoryError, ValueError) as exc:
+        raise CLIError(str(exc)) from None
 
 
-def atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: never a half file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
+# --------------------------------------------------------------------------------------------
+# options
+# --------------------------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
     try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
 
 
-def cmd_descriptors(args: argparse.Namespace) -> dict:
-    frames = read_structures(args.input, args.index)
-    t0 = time.perf_counter()
-    x = get_descriptors(
-        frames,
-        k=args.k,
-        cutoff=args.cutoff,
-        dtype=_dtype(args.dtype),
-        device=resolve_device(args.device),
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return v
+
+
+def _finite_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return v
+
+
+def _k_option(text: str) -> int:
+    v = _positive_int(text)
+    if v < 2:
+        raise argparse.ArgumentTypeError(f"k must be at least 2, got {v}")
+    return v
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"float64": torch.float64, "float32": torch.float32}[name]
+
+
+def _add_common(p: argparse.ArgumentParser, bandwidth: bool = True, json_out: bool = True) -> None:
+    g = p.add_argument_group("common options")
+    g.add_argument("-i", "--index", default=":", help="ASE index/slice of frames (default ':')")
+    g.add_argument(
+        "-k", type=_k_option, default=None, help=f"nearest neighbours (default {DEFAULT_K})"
     )
-    elapsed = time.perf_counter() - t0
-    meta = {"k": args.k, "cutoff": args.cutoff, "dtype": args.dtype, "quests_torch": __version__}
-    counts = np.array([len(a) for a in frames], dtype=np.int64)
-    out = Path(args.output)
-    if out.suffix == ".pt":
-        atomic_write(
-            out, lambda p: torch.save({"descriptors": x.cpu(), "n_atoms": counts, **meta}, p)
+    g.add_argument(
+        "-c",
+        "--cutoff",
+        type=_positive_float,
+        default=None,
+        help=f"descriptor cutoff in Å (default {DEFAULT_CUTOFF:g})",
+    )
+    if bandwidth:
+        g.add_argument(
+            "-b",
+            "--bandwidth",
+            type=_positive_float,
+            default=DEFAULT_BANDWIDTH,
+            help=f"kernel bandwidth h in 1/Å (default {DEFAULT_BANDWIDTH})",
         )
-    else:
-        arrays = {"descriptors": x.cpu().numpy(), "n_atoms": counts}
-        arrays.update({key: np.asarray(v) for key, v in meta.items()})
-        atomic_write(out, lambda p: np.savez(p, **arrays))
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default auto)")
+    g.add_argument(
+        "--dtype", choices=["float64", "float32"], default="float64", help="compute dtype"
+    )
+    if json_out:
+        g.add_argument("-o", "--output", default=None, help="write results as JSON here")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bars, no summary")
+
+
+def _add_reference(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument(
+        "-r",
+        "--reference",
+        required=required,
+        help="reference structures (ASE-readable) or descriptor file (.npz/.pt)",
+    )
+    p.add_argument(
+        "--reference-index", default=":", help="ASE index/slice of reference frames (default ':')"
+    )
+
+
+def _add_plot(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--plot", metavar="PREFIX", default=None, help="write PNG figures PREFIX*.png")
+
+
+# --------------------------------------------------------------------------------------------
+# inputs
+# --------------------------------------------------------------------------------------------
+
+
+def _device(args: argparse.Namespace) -> torch.device:
+    try:
+        return resolve_device(args.device)
+    except (RuntimeError, ValueError) as exc:
+        raise CLIError(f"--device {args.device}: {exc}") from None
+
+
+def _params(args: argparse.Namespace, paths: Sequence[str]) -> tuple[int, float, dict]:
+    """``k`` and cutoff for the inputs; descriptor files' stored values must agree."""
+    stored: dict[str, DescriptorSet] = {}
+    for path in paths:
+        if path is not None and is_descriptor_file(path):
+            try:
+                stored[path] = load_descriptors(path)
+            except (FileNotFoundError, IsADirectoryError, ValueError) as exc:
+                raise CLIError(str(exc)) from None
+    for a, b in zip(list(stored), list(stored)[1:], strict=False):
+        da, db = stored[a], stored[b]
+        if (da.k, da.cutoff) != (db.k, db.cutoff):
+            raise CLIError(
+                f"descriptor parameters differ: {a} has k={da.k}, cutoff={da.cutoff:g}; "
+                f"{b} has k={db.k}, cutoff={db.cutoff:g}"
+            )
+    k, cutoff = args.k, args.cutoff
+    if stored:
+        first = next(iter(stored.values()))
+        if k is not None and k != first.k:
+            raise CLIError(f"-k {k} differs from k={first.k} stored in {first.source}")
+        if cutoff is not None and cutoff != first.cutoff:
+            raise CLIError(
+                f"--cutoff {cutoff:g} differs from cutoff={first.cutoff:g} stored in {first.source}"
+            )
+        k, cutoff = first.k, first.cutoff
+    return (k or DEFAULT_K), (cutoff or DEFAULT_CUTOFF), stored
+
+
+def _load(
+    path: str,
+    index: str,
+    k: int,
+    cutoff: float,
+    args: argparse.Namespace,
+    stored: dict,
+    timings: dict,
+    label: str,
+    cache: bool = False,
+) -> DescriptorSet:
+    """Descriptors of an input: read from a descriptor file or computed from structures."""
+    t0 = time.perf_counter()
+    device = _device(args)
+    dtype = _dtype(args.dtype)
+    if path in stored:
+        ds = stored[path]
+        if index != ":":
+            raise CLIError(f"{path}: -i/--index selects frames of structure files only")
+        ds.x = ds.x.to(device=device, dtype=dtype)
+        timings[f"{label}_read"] = round(time.perf_counter() - t0, 4)
+        return ds
+    if cache:
+        try:
+            ds, hit = cached_descriptors(
+                path,
+                index=index,
+                k=k,
+                cutoff=cutoff,
+                dtype=dtype,
+                device=device,
+                cache_dir=getattr(args, "cache_dir", None),
+                use_cache=not getattr(args, "no_cache", False),
+            )
+        except (FileNotFoundError, IsADirectoryError) as exc:
+            raise CLIError(str(exc)) from None
+        ds.x = ds.x.to(device=device, dtype=dtype)
+        ds.meta["cache_hit"] = hit
+        timings[f"{label}_descriptors"] = round(time.perf_counter() - t0, 4)
+        return ds
+    frames = read_structures(path, index)
+    t1 = time.perf_counter()
+    x = get_descriptors(frames, k=k, cutoff=cutoff, dtype=dtype, device=device)
+    timings[f"{label}_read"] = round(t1 - t0, 4)
+    timings[f"{label}_descriptors"] = round(time.perf_counter() - t1, 4)
+    counts = np.array([len(a) for a in frames], dtype=np.int64)
+    return DescriptorSet(x, counts, k, cutoff, args.dtype, path)
+
+
+def _progress(args: argparse.Namespace, pairs: float) -> bool:
+    return not args.quiet and pairs > _PROGRESS_PAIRS
+
+
+def _input_info(ds: DescriptorSet) -> dict:
     return {
-        "command": "descriptors",
-        "n_structures": len(frames),
-        "n_atoms": int(x.shape[0]),
-        "width": int(x.shape[1]),
-        "seconds": round(elapsed, 3),
-        "output": str(out),
-        **meta,
+        "path": ds.source,
+        "kind": "descriptors" if is_descriptor_file(ds.source) else "structures",
+        "n_structures": len(ds.n_atoms),
+        "n_environments": int(ds.x.shape[0]),
     }
 
 
-def cmd_demo(args: argparse.Namespace) -> dict:
+def _versions() -> dict:
+    import ase
+
+    return {
+        "quests_torch": __version__,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "ase": ase.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _envelope(args: argparse.Namespace, parameters: dict, **rest) -> dict:
+    return {
+        "command": args.command,
+        "versions": _versions(),
+        "parameters": parameters,
+        **rest,
+    }
+
+
+def _plot_path(prefix: str, name: str) -> str:
+    return f"{prefix}{name}.png" if prefix.endswith(("/", "-", "_")) else f"{prefix}-{name}.png"
+
+
+# --------------------------------------------------------------------------------------------
+# commands: each returns (result dict, summary lines)
+# --------------------------------------------------------------------------------------------
+
+
+def cmd_descriptors(args: argparse.Namespace):
+    if is_descriptor_file(args.input):
+        raise CLIError(f"{args.input}: already a descriptor file; give a structure file")
+    out = Path(args.output)
+    if not is_descriptor_file(out):
+        raise CLIError(f"-o {out}: descriptor output must end in .npz or .pt")
+    k, cutoff = args.k or DEFAULT_K, args.cutoff or DEFAULT_CUTOFF
+    timings: dict = {}
+    ds = _load(args.input, args.index, k, cutoff, args, {}, timings, "input")
+    t0 = time.perf_counter()
+    save_descriptors(out, ds.x, ds.n_atoms, k=k, cutoff=cutoff, dtype=args.dtype)
+    timings["write"] = round(time.perf_counter() - t0, 4)
+    result = _envelope(
+        args,
+        {"k": k, "cutoff": cutoff, "dtype": args.dtype, "index": args.index},
+        inputs={"input": _input_info(ds)},
+        timings=timings,
+        results={"output": str(out), "width": int(ds.x.shape[1])},
+        device=str(ds.x.device),
+    )
+    lines = [
+        f"{args.input}: {len(ds.n_atoms)} structures, {ds.x.shape[0]} environments "
+        f"-> {out} [{ds.x.shape[0]} x {ds.x.shape[1]}, k={k}, cutoff={cutoff:g} Å, {args.dtype}]",
+        f"descriptors {timings['input_descriptors']:.2f} s on {ds.x.device}",
+    ]
+    return result, lines
+
+
+def cmd_entropy(args: argparse.Namespace):
+    from .metrics import dataset_summary
+
+    k, cutoff, stored = _params(args, [args.input])
+    timings: dict = {}
+    ds = _load(args.input, args.index, k, cutoff, args, stored, timings, "input")
+    t0 = time.perf_counter()
+    n = ds.x.shape[0]
+    summary = dataset_summary(ds.x, args.bandwidth, progress=_progress(args, n * n / 2))
+    h_val, d_val = float(summary.entropy), float(summary.diversity)
+    timings["kernel"] = round(time.perf_counter() - t0, 4)
+    res = {"n": n, "entropy": h_val, "log_n": math.log(n), "diversity": d_val}
+    result = _envelope(
+        args,
+        {"k": k, "cutoff": cutoff, "bandwidth": args.bandwidth, "dtype": args.dtype},
+        inputs={"input": _input_info(ds)},
+        timings=timings,
+        results=res,
+        device=str(ds.x.device),
+    )
+    lines = [
+        f"{args.input}: {len(ds.n_atoms)} structures, {n} environments "
+        f"(k={k}, cutoff={cutoff:g} Å, h={args.bandwidth:g})",
+        f"  entropy   H = {h_val:.4f} nats   (max log n = {math.log(n):.4f})",
+        f"  diversity D = {d_val:.4f} nats   (~{math.exp(d_val):.1f} distinct environments)",
+    ]
+    return result, lines
+
+
+def _dh_against(args: argparse.Namespace):
+    from .metrics import delta_entropy
+
+    k, cutoff, stored = _params(args, [args.input, args.reference])
+    timings: dict = {}
+    test = _load(args.input, args.index, k, cutoff, args, stored, timings, "test")
+    ref = _load(args.reference, args.reference_index, k, cutoff, args, stored, timings, "reference")
+    t0 = time.perf_counter()
+    pairs = test.x.shape[0] * ref.x.shape[0]
+    dh = delta_entropy(test.x, ref.x, args.bandwidth, progress=_progress(args, pairs))
+    timings["kernel"] = round(time.perf_counter() - t0, 4)
+    return k, cutoff, stored, timings, test, ref, dh
+
+
+def _dh_stats(dh: np.ndarray, threshold: float) -> dict:
+    q = np.quantile(dh, [0.05, 0.5, 0.95])
+    return {
+        "n": int(dh.size),
+        "dH_min": float(dh.min()),
+        "dH_max": float(dh.max()),
+        "dH_mean": float(dh.mean()),
+        "dH_median": float(q[1]),
+        "dH_p05": float(q[0]),
+        "dH_p95": float(q[2]),
+        "novelty": float(np.mean(dh > threshold)),
+        "overlap": float(np.mean(dh <= threshold)),
+        "n_novel": int(np.sum(dh > threshold)),
+    }
+
+
+def cmd_dh(args: argparse.Namespace):
+    k, cutoff, _stored, timings, test, ref, dh = _dh_against(args)
+    dh_np = dh.detach().cpu().double().numpy()
+    stats = _dh_stats(dh_np, args.threshold)
+    order = np.argsort(-dh_np, kind="stable")[: args.top]
+    bounds = np.concatenate([[0], np.cumsum(test.n_atoms)])
+    struct = np.searchsorted(bounds, order, side="right") - 1
+    stats["top"] = [
+        {
+            "environment": int(i),
+            "structure": int(s),
+            "atom": int(i - bounds[s]),
+            "dH": float(dh_np[i]),
+        }
+        for i, s in zip(order, struct, strict=True)
+    ]
+    files = []
+    if args.save:
+        save = Path(args.save)
+        if save.suffix == ".npy":
+
+            def write_npy(p: Path) -> None:
+                with open(p, "wb") as fh:
+                    np.save(fh, dh_np)
+
+            atomic_write(save, write_npy)
+        else:
+            atomic_write(save, lambda p: np.savetxt(p, dh_np, fmt="%.17g", header="dH"))
+        files.append(str(save))
+    if args.plot:
+        from .plots import plot_dh_histogram
+
+        files.append(
+            str(plot_dh_histogram(_plot_path(args.plot, "dh-histogram"), dh_np, args.threshold))
+        )
+    result = _envelope(
+        args,
+        {
+            "k": k,
+            "cutoff": cutoff,
+            "bandwidth": args.bandwidth,
+            "threshold": args.threshold,
+            "dtype": args.dtype,
+        },
+        inputs={"test": _input_info(test), "reference": _input_info(ref)},
+        timings=timings,
+        results=stats,
+        files=files,
+        device=str(dh.device),
+    )
+    lines = [
+        f"dH of {args.input} ({stats['n']} environments) against {args.reference} "
+        f"({ref.x.shape[0]} environments), h={args.bandwidth:g}",
+        f"  dH min {stats['dH_min']:.3f}  median {stats['dH_median']:.3f}  mean "
+        f"{stats['dH_mean']:.3f}  p95 {stats['dH_p95']:.3f}  max {stats['dH_max']:.3f} nats",
+        f"  novel (dH > {args.threshold:g}): {stats['n_novel']} = {100 * stats['novelty']:.2f} %",
+    ]
+    for t in stats["top"][: min(3, len(stats["top"]))]:
+        lines.append(f"    structure {t['structure']} atom {t['atom']}: dH = {t['dH']:.3f}")
+    lines += [f"  wrote {f}" for f in files]
+    return result, lines
+
+
+def cmd_overlap(args: argparse.Namespace):
+    from .metrics import delta_entropy
+
+    k, cutoff, _stored, timings, test, ref, dh = _dh_against(args)
+    t0 = time.perf_counter()
+    back = delta_entropy(ref.x, test.x, args.bandwidth)
+    timings["kernel"] = round(timings["kernel"] + time.perf_counter() - t0, 4)
+    ov = float((dh <= args.threshold).double().mean())
+    ov_back = float((back <= args.threshold).double().mean())
+    res = {
+        "overlap": ov,
+        "overlap_reverse": ov_back,
+        "n_test": int(test.x.shape[0]),
+        "n_reference": int(ref.x.shape[0]),
+    }
+    result = _envelope(
+        args,
+        {
+            "k": k,
+            "cutoff": cutoff,
+            "bandwidth": args.bandwidth,
+            "threshold": args.threshold,
+            "dtype": args.dtype,
+        },
+        inputs={"test": _input_info(test), "reference": _input_info(ref)},
+        timings=timings,
+        results=res,
+        device=str(dh.device),
+    )
+    lines = [
+        f"overlap (fraction with dH <= {args.threshold:g}), h={args.bandwidth:g}:",
+        f"  {args.input} covered by {args.reference}: {100 * ov:.2f} % of {res['n_test']}",
+        f"  {args.reference} covered by {args.input}: {100 * ov_back:.2f} % of "
+        f"{res['n_reference']}",
+    ]
+    return result, lines
+
+
+def cmd_learning_curve(args: argparse.Namespace):
+    from .metrics import entropy_learning_curve, fit_entropy_asymptote
+
+    k, cutoff, stored = _params(args, [args.input])
+    timings: dict = {}
+    ds = _load(args.input, args.index, k, cutoff, args, stored, timings, "input")
+    n = ds.x.shape[0]
+    sizes = None
+    if args.sizes:
+        try:
+            sizes = sorted({int(s) for s in args.sizes.split(",") if s.strip()})
+        except ValueError:
+            raise CLIError(
+                f"--sizes must be comma-separated integers, got {args.sizes!r}"
+            ) from None
+        bad = [s for s in sizes if not 1 <= s <= n]
+        if bad:
+            raise CLIError(f"--sizes {bad} outside [1, {n}] (the environments of the input)")
+    t0 = time.perf_counter()
+    curve = entropy_learning_curve(
+        ds.x, args.bandwidth, sizes=sizes, repeats=args.repeats, generator=args.seed
+    )
+    timings["kernel"] = round(time.perf_counter() - t0, 4)
+    s_np = curve.sizes.numpy()
+    mean = curve.mean.detach().cpu().double().numpy()
+    std = curve.std.detach().cpu().double().numpy()
+    fit = None
+    fit_error = None
+    try:
+        f = fit_entropy_asymptote(s_np, mean)
+        fit = {
+            "h_inf": f.h_inf,
+            "a": f.a,
+            "b": f.b,
+            "c": f.c,
+            "rmse": f.rmse,
+            "n_points": f.n_points,
+        }
+    except ValueError as exc:
+        fit_error = str(exc)
+    res = {
+        "sizes": s_np.tolist(),
+        "entropy_mean": mean.tolist(),
+        "entropy_std": std.tolist(),
+        "fit": fit,
+        "information_gap": (fit["h_inf"] - float(mean[-1])) if fit else None,
+        "entropy_full": float(mean[-1]) if s_np[-1] == n else None,
+    }
+    if fit_error:
+        res["fit_error"] = fit_error
+    files = []
+    if args.plot:
+        from .plots import plot_learning_curve
+
+        files.append(
+            str(plot_learning_curve(_plot_path(args.plot, "learning-curve"), s_np, mean, std, fit))
+        )
+    result = _envelope(
+        args,
+        {
+            "k": k,
+            "cutoff": cutoff,
+            "bandwidth": args.bandwidth,
+            "repeats": args.repeats,
+            "seed": args.seed,
+            "dtype": args.dtype,
+        },
+        inputs={"input": _input_info(ds)},
+        timings=timings,
+        results=res,
+        files=files,
+        device=str(ds.x.device),
+    )
+    lines = [f"entropy learning curve of {args.input} ({n} environments, h={args.bandwidth:g})"]
+    lines.append(f"  {'N':>8s} {'H mean':>9s} {'H std':>8s}")
+    for s, m, sd in zip(s_np, mean, std, strict=True):
+        lines.append(f"  {int(s):8d} {m:9.4f} {sd:8.4f}")
+    if fit:
+        lines.append(
+            f"  fit H(N) = a - b N^-c: a = H_inf = {fit['h_inf']:.4f}, b = {fit['b']:.4g}, "
+            f"c = {fit['c']:.4g} (rmse {fit['rmse']:.2g}, {fit['n_points']} points)"
+        )
+        lines.append(f"  information gap at N = {int(s_np[-1])}: {res['information_gap']:.4f} nats")
+    else:
+        lines.append(f"  no asymptote fit: {fit_error}")
+    lines += [f"  wrote {f}" for f in files]
+    return result, lines
+
+
+def cmd_bandwidth(args: argparse.Namespace):
+    from .metrics import bandwidth
+
+    if args.volume is not None:
+        volumes = np.array([args.volume])
+        source = "given"
+    else:
+        if args.input is None:
+            raise CLIError("give a structure file or --volume V (Å^3/atom)")
+        if is_descriptor_file(args.input):
+            raise CLIError(
+                f"{args.input}: bandwidth needs structures (cell volumes), not descriptors"
+            )
+        frames = read_structures(args.input, args.index)
+        periodic = [a for a in frames if a.pbc.all()]
+        if not periodic:
+            raise CLIError(
+                f"{args.input}: no fully periodic structure in the selection: the volume per atom "
+                "is undefined (give --volume V)"
+            )
+        volumes = np.array([a.get_volume() / len(a) for a in periodic])
+        source = f"{len(periodic)} periodic structures of {args.input}"
+    v = float(volumes.mean())
+    res = {
+        "volume_per_atom": v,
+        "volume_per_atom_min": float(volumes.min()),
+        "volume_per_atom_max": float(volumes.max()),
+        "bandwidth_gaussian": bandwidth(v, "gaussian"),
+        "bandwidth_cutoff": bandwidth(v, "cutoff"),
+        "bandwidth": bandwidth(v, args.method),
+        "method": args.method,
+    }
+    result = _envelope(args, {"method": args.method}, results=res, source=source)
+    lines = [
+        f"volume per atom {v:.4f} Å^3/atom ({source})",
+        f"  h (gaussian rule) = {res['bandwidth_gaussian']:.5f} 1/Å",
+        f"  h (cutoff rule)   = {res['bandwidth_cutoff']:.5f} 1/Å",
+        f"  -> -b {res['bandwidth']:.5f}  ({args.method})",
+    ]
+    return result, lines
+
+
+def cmd_screen(args: argparse.Namespace):
+    from .screening import screen_trajectory
+
+    if is_descriptor_file(args.trajectory):
+        raise CLIError(
+            f"{args.trajectory}: screen needs structures (a trajectory), not descriptors"
+        )
+    if not Path(args.trajectory).exists():
+        raise CLIError(f"{args.trajectory}: no such file")
+    k, cutoff, stored = _params(args, [args.reference])
+    timings: dict = {}
+    ref = _load(
+        args.reference,
+        args.reference_index,
+        k,
+        cutoff,
+        args,
+        stored,
+        timings,
+        "reference",
+        cache=True,
+    )
+    table = Path(args.table or f"{Path(args.trajectory).stem}.screen.csv")
+    try:
+        out = screen_trajectory(
+            args.trajectory,
+            ref.x,
+            table,
+            index=args.index,
+            extxyz=args.extxyz,
+            h=args.bandwidth,
+            threshold=args.threshold,
+            k=k,
+            cutoff=cutoff,
+            cluster_cutoff=args.cluster_cutoff,
+            dtype=_dtype(args.dtype),
+            device=_device(args),
+            batch_atoms=args.batch_atoms,
+            overwrite=args.overwrite,
+            progress=not args.quiet,
+        )
+    except FileNotFoundError as exc:
+        raise CLIError(str(exc)) from None
+    timings.update({f"screen_{key}": v for key, v in out.timings.as_dict().items()})
+    timings["screen_total"] = round(out.seconds, 4)
+    s = out.summary
+    files = [str(out.table)] + ([str(out.extxyz)] if out.extxyz else [])
+    if args.plot:
+        from .plots import plot_screening_timeline
+
+        files.append(str(plot_screening_timeline(_plot_path(args.plot, "timeline"), out.frames)))
+    n_screened_atoms = int(out.frames["n_atoms"][out.frames_resumed :].sum())
+    rates = {}
+    if out.frames_screened and out.seconds > 0:
+        rates = {
+            "frames_per_s": out.frames_screened / out.seconds,
+            "atoms_per_s": n_screened_atoms / out.seconds,
+        }
+    result = _envelope(
+        args,
+        {
+            "k": k,
+            "cutoff": cutoff,
+            "bandwidth": args.bandwidth,
+            "threshold": args.threshold,
+            "cluster_cutoff": args.cluster_cutoff,
+            "dtype": args.dtype,
+            "index": args.index,
+            "batch_atoms": out.batch_atoms,
+        },
+        inputs={
+            "trajectory": args.trajectory,
+            "reference": {**_input_info(ref), "cache_hit": ref.meta.get("cache_hit")},
+        },
+        timings=timings,
+        results={
+            **s,
+            "frames_screened_now": out.frames_screened,
+            "frames_resumed": out.frames_resumed,
+            **rates,
+        },
+        files=files,
+        device=str(ref.x.device),
+    )
+    lines = [
+        f"screened {args.trajectory} against {args.reference} ({ref.x.shape[0]} reference "
+        f"environments{', cached' if ref.meta.get('cache_hit') else ''}), h={args.bandwidth:g}",
+    ]
+    if out.frames_resumed:
+        lines.append(
+            f"  resumed: {out.frames_resumed} frames were already done, {out.frames_screened} "
+            "screened now"
+        )
+    if s.get("n_frames"):
+        lines += [
+            f"  {s['n_frames']} frames, {s['n_atoms']} atoms; dH max {s['dH_max']:.3f} (frame "
+            f"{s['dH_max_frame']}), mean {s['dH_mean']:.3f} nats",
+            f"  novel atoms (dH > {args.threshold:g}): {100 * s['novel_fraction']:.2f} %; frames "
+            f"with novel atoms: {s['frames_with_novel_atoms']}",
+            f"  largest covered cluster: {s['largest_cluster_min']}..{s['largest_cluster_max']} "
+            "atoms; first frame below half the atoms: "
+            f"{s['first_frame_largest_cluster_below_half']}",
+        ]
+    if rates:
+        lines.append(
+            f"  {rates['frames_per_s']:.2f} frames/s, {rates['atoms_per_s']:.0f} atoms/s "
+            f"(io {out.timings.io:.2f} s, descriptors {out.timings.descriptors:.2f} s, "
+            f"kernel {out.timings.kernel:.2f} s, clusters {out.timings.clusters:.2f} s)"
+        )
+    lines += [f"  wrote {f}" for f in files]
+    return result, lines
+
+
+def cmd_demo(args: argparse.Namespace):
     from .demo import run_demo
 
-    return run_demo(device=resolve_device(args.device), quiet=args.quiet, outdir=args.outdir)
+    result = run_demo(
+        device=_device(args), quiet=args.quiet, outdir=args.outdir, plots=not args.no_plot
+    )
+    return result, []
+
+
+# --------------------------------------------------------------------------------------------
+# parser and entry point
+# --------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="quests-torch",
         description="QUESTS information entropy and uncertainty of atomistic data (PyTorch).",
+        epilog="Inputs: any file ASE can read (extxyz, traj, POSCAR, LAMMPS dump, ...) or a "
+        "descriptor file (.npz/.pt) written by `quests-torch descriptors`.",
     )
     parser.add_argument("--version", action="version", version=f"quests-torch {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("descriptors", help="compute descriptors of structures, write .npz or .pt")
-    p.add_argument("input", help="any file ASE can read (extxyz, traj, POSCAR, LAMMPS dump, ...)")
-    p.add_argument("-i", "--index", default=":", help="ASE index/slice of frames (default ':')")
-    p.add_argument("-o", "--output", required=True, help="output .npz or .pt")
-    _add_common(p)
+    p.add_argument("input", help="any file ASE can read")
+    p.add_argument("-o", "--output", required=True, help="output descriptor file (.npz or .pt)")
+    p.add_argument("--json", default=None, help="also write the run's results as JSON here")
+    _add_common(p, bandwidth=False, json_out=False)
     p.set_defaults(func=cmd_descriptors)
 
-    p = sub.add_parser("demo", help="run the built-in example (EMT Cu: cold solid vs hot)")
-    p.add_argument("--outdir", default=None, help="also write demo results (JSON) here")
+    p = sub.add_parser("entropy", help="information entropy H and diversity D of a dataset")
+    p.add_argument("input", help="structures or descriptor file")
+    _add_common(p)
+    p.set_defaults(func=cmd_entropy)
+
+    p = sub.add_parser("dh", help="per-environment dH of test data against a reference")
+    p.add_argument("input", help="test structures or descriptor file")
+    _add_reference(p)
+    p.add_argument("--threshold", type=_finite_float, default=0.0, help="novel if dH > this")
+    p.add_argument("--top", type=_positive_int, default=10, help="report the N largest dH")
+    p.add_argument("--save", default=None, help="write every dH to .npy or text")
+    _add_plot(p)
+    _add_common(p)
+    p.set_defaults(func=cmd_dh)
+
+    p = sub.add_parser("overlap", help="fraction of test data covered by a reference, both ways")
+    p.add_argument("input", help="test structures or descriptor file")
+    _add_reference(p)
+    p.add_argument("--threshold", type=_finite_float, default=0.0, help="covered if dH <= this")
+    _add_common(p)
+    p.set_defaults(func=cmd_overlap)
+
+    p = sub.add_parser(
+        "learning-curve", help="entropy of random subsets, asymptote fit, information gap"
+    )
+    p.add_argument("input", help="structures or descriptor file")
+    p.add_argument(
+        "--sizes", default=None, help="comma-separated subset sizes (default 16 log-spaced)"
+    )
+    p.add_argument("--repeats", type=_positive_int, default=3, help="subsets per size")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    _add_plot(p)
+    _add_common(p)
+    p.set_defaults(func=cmd_learning_curve)
+
+    p = sub.add_parser("bandwidth", help="bandwidth rule h(volume per atom)")
+    p.add_argument("input", nargs="?", default=None, help="periodic structures")
+    p.add_argument("--volume", type=_positive_float, default=None, help="Å^3/atom instead")
+    p.add_argument("--method", choices=["gaussian", "cutoff"], default="gaussian")
+    p.add_argument("-i", "--index", default=":", help="ASE index/slice of frames (default ':')")
+    p.add_argument("-o", "--output", default=None, help="write results as JSON here")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_bandwidth)
+
+    p = sub.add_parser(
+        "screen", help="stream a trajectory: per-atom dH, novel atoms, solid-like clusters"
+    )
+    p.add_argument("trajectory", help="any ASE-readable trajectory (streamed, never loaded whole)")
+    _add_reference(p)
+    p.add_argument(
+        "--table",
+        default=None,
+        help="per-frame table, .csv or .jsonl (default TRAJECTORY-STEM.screen.csv)",
+    )
+    p.add_argument("--extxyz", default=None, help="also write frames with per-atom dH (OVITO)")
+    p.add_argument("--threshold", type=_finite_float, default=0.0, help="novel if dH > this")
+    p.add_argument(
+        "--cluster-cutoff", type=_positive_float, default=3.0, help="cluster edge length, Å"
+    )
+    p.add_argument(
+        "--batch-atoms", type=_positive_int, default=None, help="atoms per batch (default auto)"
+    )
+    p.add_argument("--cache-dir", default=None, help="reference descriptor cache folder")
+    p.add_argument("--no-cache", action="store_true", help="do not cache reference descriptors")
+    p.add_argument(
+        "--overwrite", action="store_true", help="start afresh over outputs of another screening"
+    )
+    _add_plot(p)
+    _add_common(p)
+    p.set_defaults(func=cmd_screen)
+
+    p = sub.add_parser("demo", help="the built-in example: EMT Cu solid reference, heated to melt")
+    p.add_argument("--outdir", default="demo-output", help="results folder (default demo-output)")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG figures")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default auto)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
@@ -136,19 +833,51 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``quests-torch`` / ``python -m quests_torch``; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    prog = f"quests-torch {args.command}"
     try:
-        result = args.func(args)
-    except (CLIError, ValueError, TypeError) as exc:
-        print(f"quests-torch {args.command}: error: {exc}", file=sys.stderr)
+        result, lines = args.func(args)
+        out = getattr(args, "output", None) if args.command != "descriptors" else args.json
+        if out:
+            text = json.dumps(result, indent=2, default=_json_default) + "\n"
+            atomic_write(Path(out), lambda p: p.write_text(text))
+            lines.append(f"  results: {out}")
+    except CLIError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError, OSError) as exc:
+        if os.environ.get("QUESTS_TORCH_DEBUG"):
+            raise
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"quests-torch {args.command}: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
-    if not getattr(args, "quiet", False) and args.command != "demo":
-        print(json.dumps(result, indent=2))
+    except Exception as exc:  # an internal error: still one line unless debugging
+        if os.environ.get("QUESTS_TORCH_DEBUG"):
+            raise
+        print(
+            f"{prog}: internal error: {type(exc).__name__}: {exc} "
+            "(rerun with QUESTS_TORCH_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+    if not args.quiet:
+        for line in lines:
+            print(line)
     return 0
+
+
+def _json_default(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
 if __name__ == "__main__":  # pragma: no cover

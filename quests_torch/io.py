@@ -1,0 +1,418 @@
+"""Files: structures from ASE, descriptor files (.npz/.pt), a content-keyed descriptor cache.
+
+A *descriptor file* holds ``descriptors [n_atoms, d]``, ``n_atoms`` per structure and the
+parameters that made it (``k``, ``cutoff``, ``dtype``, package version), so that comparing
+descriptors made with different parameters is caught as an error instead of giving
+meaningless numbers. Every file is written atomically (temporary file + ``os.replace``).
+
+The reference cache stores the descriptors of a structure file under a key made of the
+SHA-256 of the file's *content*, the ASE index selection, ``k``, ``cutoff`` and ``dtype``;
+renaming or touching the file keeps the cache valid, editing it does not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ._version import __version__
+
+__all__ = [
+    "DESCRIPTOR_SUFFIXES",
+    "DescriptorSet",
+    "atomic_write",
+    "cached_descriptors",
+    "check_index",
+    "count_frames",
+    "default_cache_dir",
+    "file_sha256",
+    "is_descriptor_file",
+    "iter_structures",
+    "load_descriptors",
+    "read_structures",
+    "save_descriptors",
+]
+
+#: file suffixes read as precomputed descriptors instead of structures
+DESCRIPTOR_SUFFIXES = (".npz", ".pt")
+
+
+@dataclass
+class DescriptorSet:
+    """Descriptors with the parameters that produced them.
+
+    Attributes:
+        x: ``[n_atoms, d]`` descriptors (CPU tensor).
+        n_atoms: ``[n_structures]`` atoms per structure (int64 numpy array).
+        k: neighbours per environment.
+        cutoff: cutoff radius (Å).
+        dtype: ``"float64"`` or ``"float32"``: the dtype they were computed in.
+        source: where they came from (a path), for messages.
+        meta: any further metadata stored with them.
+    """
+
+    x: torch.Tensor
+    n_atoms: np.ndarray
+    k: int
+    cutoff: float
+    dtype: str
+    source: str = ""
+    meta: dict = field(default_factory=dict)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """Write through a temporary file in the same folder, fsync, then rename: never a half file.
+
+    Args:
+        path: the final path.
+        write: called with the temporary path; must create the file there.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def is_descriptor_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names a descriptor file (by its suffix: ``.npz`` or ``.pt``)."""
+    return Path(path).suffix.lower() in DESCRIPTOR_SUFFIXES
+
+
+def _check_exists(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    if p.is_dir():
+        raise IsADirectoryError(f"{path}: is a directory, expected a file")
+    return p
+
+
+def check_index(index: str) -> None:
+    """Raise ``ValueError`` unless ``index`` is an ASE index/slice string."""
+    from ase.io.formats import string2index
+
+    try:
+        ok = isinstance(string2index(index), int | slice)
+    except (ValueError, TypeError):
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"invalid index {index!r}: expected an ASE index/slice such as ':', '0:10', "
+            "'-1' or '::2'"
+        )
+
+
+def read_structures(path: str | os.PathLike, index: str = ":") -> list:
+    """All selected structures of a file ASE can read, as a list of ``ase.Atoms``.
+
+    Args:
+        path: any ASE-readable file (extxyz, traj, POSCAR, LAMMPS dump, ...).
+        index: ASE index/slice string (``":"``, ``"0:10"``, ``"-1"``, ``"::2"``).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: unreadable file or an empty selection.
+    """
+    import ase.io
+
+    _check_exists(path)
+    check_index(index)
+    try:
+        frames = ase.io.read(path, index=index)
+    except Exception as exc:  # ASE raises many types for unreadable files
+        raise ValueError(
+            f"{path}: cannot read structures ({type(exc).__name__}: {exc})".rstrip()
+        ) from None
+    frames = frames if isinstance(frames, list) else [frames]
+    if not frames:
+        raise ValueError(f"{path}: the selection {index!r} holds no structures")
+    return frames
+
+
+def iter_structures(path: str | os.PathLike, index: str = ":") -> Iterator:
+    """Stream the selected structures of a file one at a time (``ase.io.iread``).
+
+    Only one frame is held in memory at a time (for formats whose ASE reader streams: extxyz,
+    xyz, ASE .traj, LAMMPS dumps, ...).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: unreadable file (raised when the first frame is read).
+    """
+    import ase.io
+
+    _check_exists(path)
+    check_index(index)
+    try:
+        yield from ase.io.iread(str(path), index=index)
+    except (FileNotFoundError, MemoryError):
+        raise
+    except Exception as exc:
+        raise ValueError(
+            f"{path}: cannot read structures ({type(exc).__name__}: {exc})".rstrip()
+        ) from None
+
+
+def _count_xyz_frames(path: Path, slow_limit: int = 1 << 30) -> int | None:
+    """Frames of an (ext)xyz file: newline count / (n + 2) when every frame has the first
+    frame's atom count (MD trajectories; ~1 GB/s), else a header-by-header scan (files under
+    ``slow_limit`` bytes only)."""
+    with open(path, "rb") as fh:
+        first = fh.readline()
+        if not first.strip():
+            return None
+        n0 = int(first.split()[0])
+        fh.seek(0)
+        lines = 0
+        ends_with_newline = True
+        while block := fh.read(1 << 24):
+            lines += block.count(b"\n")
+            ends_with_newline = block.endswith(b"\n")
+        lines += 0 if ends_with_newline else 1
+    if lines % (n0 + 2) == 0:
+        return lines // (n0 + 2)
+    if path.stat().st_size > slow_limit:
+        return None
+    total = 0
+    with open(path, "rb") as fh:
+        while line := fh.readline():
+            if not line.strip():
+                continue
+            for _ in range(int(line.split()[0]) + 1):
+                fh.readline()
+            total += 1
+    return total
+
+
+def count_frames(path: str | os.PathLike, index: str = ":") -> int | None:
+    """Number of frames selected by ``index`` without parsing them, or ``None`` if unknown.
+
+    Cheap for extxyz/xyz (counts lines; frames of varying size are scanned header by header)
+    and ASE ``.traj`` files; other formats return ``None`` (progress bars then show no ETA).
+    Used for progress bars only.
+    """
+    p = Path(path)
+    total: int | None = None
+    try:
+        if p.suffix.lower() == ".traj":
+            from ase.io.trajectory import Trajectory
+
+            with Trajectory(str(p)) as traj:
+                total = len(traj)
+        elif p.suffix.lower() in (".xyz", ".extxyz"):
+            total = _count_xyz_frames(p)
+    except Exception:
+        return None
+    if total is None:
+        return None
+    try:
+        from ase.io.formats import string2index
+
+        sel = string2index(index)
+    except Exception:
+        return None
+    if isinstance(sel, int):
+        return 1 if -total <= sel < total else 0
+    if isinstance(sel, slice):
+        return len(range(total)[sel])
+    return None
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """Hex SHA-256 of a file's content (read in 4 MiB chunks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_descriptors(
+    path: str | os.PathLike,
+    x: torch.Tensor,
+    n_atoms: np.ndarray | list[int],
+    *,
+    k: int,
+    cutoff: float,
+    dtype: str | None = None,
+    extra: dict | None = None,
+) -> None:
+    """Write descriptors and their parameters to ``.npz`` (numpy) or ``.pt`` (torch), atomically.
+
+    Args:
+        path: output path; ``.pt`` writes a ``torch.save`` dict, anything else ``np.savez``.
+        x: ``[n_atoms, d]`` descriptors.
+        n_atoms: atoms per structure (sums to ``n_atoms``).
+        k: neighbours used.
+        cutoff: cutoff used (Å).
+        dtype: dtype name recorded (default: that of ``x``).
+        extra: further scalar/string metadata to store.
+    """
+    x = x.detach().cpu()
+    counts = np.asarray(n_atoms, dtype=np.int64)
+    if int(counts.sum()) != x.shape[0]:
+        raise ValueError(f"`n_atoms` sums to {int(counts.sum())}, `x` has {x.shape[0]} rows")
+    meta = {
+        "k": int(k),
+        "cutoff": float(cutoff),
+        "dtype": dtype or str(x.dtype).removeprefix("torch."),
+        "quests_torch": __version__,
+        **(extra or {}),
+    }
+    path = Path(path)
+    if path.suffix.lower() == ".pt":
+        atomic_write(path, lambda p: torch.save({"descriptors": x, "n_atoms": counts, **meta}, p))
+    else:
+        arrays = {"descriptors": x.numpy(), "n_atoms": counts}
+        arrays.update({key: np.asarray(v) for key, v in meta.items()})
+
+        def write(p: Path) -> None:
+            with open(p, "wb") as fh:  # a file object: np.savez would append ".npz" to a path
+                np.savez(fh, **arrays)
+
+        atomic_write(path, write)
+
+
+def load_descriptors(path: str | os.PathLike) -> DescriptorSet:
+    """Read a descriptor file written by :func:`save_descriptors` (or ``quests-torch descriptors``).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a descriptor file, or missing ``k``/``cutoff``.
+    """
+    p = _check_exists(path)
+    try:
+        if p.suffix.lower() == ".pt":
+            data = torch.load(p, map_location="cpu", weights_only=False)
+            if not isinstance(data, dict):
+                raise ValueError("not a dict")
+            raw = dict(data)
+        else:
+            with np.load(p, allow_pickle=False) as npz:
+                raw = {key: npz[key] for key in npz.files}
+    except Exception as exc:
+        raise ValueError(
+            f"{path}: cannot read a descriptor file ({type(exc).__name__}: {exc})"
+        ) from None
+    if "descriptors" not in raw:
+        raise ValueError(f"{path}: not a descriptor file (no `descriptors` array)")
+    for key in ("k", "cutoff"):
+        if key not in raw:
+            raise ValueError(
+                f"{path}: descriptor file does not record `{key}`; write it with "
+                "`quests-torch descriptors` so parameters can be checked"
+            )
+    x = torch.as_tensor(np.asarray(raw.pop("descriptors")))
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise ValueError(f"{path}: descriptors must be a non-empty [n, d] array, got {x.shape}")
+    n_atoms = np.asarray(raw.pop("n_atoms", np.array([x.shape[0]])), dtype=np.int64)
+
+    def scalar(v):
+        v = np.asarray(v)
+        return v.item() if v.ndim == 0 else v.tolist()
+
+    meta = {key: scalar(v) for key, v in raw.items()}
+    k, cutoff = int(meta.pop("k")), float(meta.pop("cutoff"))
+    dtype = str(meta.pop("dtype", str(x.dtype).removeprefix("torch.")))
+    return DescriptorSet(x, n_atoms, k, cutoff, dtype, str(path), meta)
+
+
+def default_cache_dir() -> Path:
+    """``$QUESTS_TORCH_CACHE`` or ``$XDG_CACHE_HOME/quests-torch`` (``~/.cache/quests-torch``)."""
+    env = os.environ.get("QUESTS_TORCH_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "quests-torch"
+
+
+def cached_descriptors(
+    path: str | os.PathLike,
+    *,
+    index: str = ":",
+    k: int,
+    cutoff: float,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str = "cpu",
+    cache_dir: str | os.PathLike | None = None,
+    use_cache: bool = True,
+) -> tuple[DescriptorSet, bool]:
+    """Descriptors of the structures of a file, computed once and cached on disk.
+
+    The cache file is ``<cache_dir>/<sha256(content)[:16]>-<hash of index,k,cutoff,dtype>.npz``.
+
+    Args:
+        path: ASE-readable structure file.
+        index: ASE selection.
+        k: neighbours.
+        cutoff: cutoff (Å).
+        dtype: compute dtype.
+        device: where to compute when not cached.
+        cache_dir: cache folder (default :func:`default_cache_dir`).
+        use_cache: ``False`` computes without reading or writing the cache.
+
+    Returns:
+        ``(descriptors, hit)`` where ``hit`` says whether they came from the cache.
+    """
+    from .descriptors import get_descriptors
+
+    dtype_name = str(dtype).removeprefix("torch.")
+    cache_file = None
+    if use_cache:
+        content = file_sha256(path)
+        params = hashlib.sha256(f"{index}|{k}|{cutoff!r}|{dtype_name}".encode()).hexdigest()
+        cache_file = Path(cache_dir or default_cache_dir()) / f"{content[:16]}-{params[:16]}.npz"
+        if cache_file.exists():
+            try:
+                ds = load_descriptors(cache_file)
+                if ds.k == k and ds.cutoff == cutoff and ds.dtype == dtype_name:
+                    ds.source = str(path)
+                    return ds, True
+            except ValueError:
+                pass  # a damaged cache entry is recomputed and replaced
+    frames = read_structures(path, index)
+    x = get_descriptors(frames, k=k, cutoff=cutoff, dtype=dtype, device=device)
+    counts = np.array([len(a) for a in frames], dtype=np.int64)
+    if cache_file is not None:
+        try:
+            save_descriptors(
+                cache_file,
+                x,
+                counts,
+                k=k,
+                cutoff=cutoff,
+                dtype=dtype_name,
+                extra={"source": str(Path(path).resolve()), "index": index},
+            )
+        except OSError:
+            pass  # a read-only cache only costs recomputation
+    return DescriptorSet(x.cpu(), counts, k, cutoff, dtype_name, str(path)), False
