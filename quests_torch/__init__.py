@@ -1,9 +1,14 @@
 """quests-torch: QUESTS information entropy and model-free uncertainty as PyTorch tensor ops.
 
-Structures -> neighbours -> descriptors -> kernel sums -> metrics. The public API:
+Data flows structures -> neighbours -> descriptors -> kernel sums -> metrics -> applications:
+``AtomsBatch`` / ``get_descriptors`` (descriptors), ``quests_torch.kde`` (tiled log kernel
+sums), ``quests_torch.metrics`` (entropy, diversity, dH, overlap, learning curves) and
+``quests_torch.screening`` (trajectory screening, solid-like clusters).
 """
 
+from . import kde, metrics
 from ._version import __version__
+from .clusters import largest_cluster
 from .descriptors import (
     DEFAULT_CUTOFF,
     DEFAULT_K,
@@ -11,14 +16,39 @@ from .descriptors import (
     descriptors_from_tensors,
     get_descriptors,
 )
+from .kde import DEFAULT_BANDWIDTH, log_kernel_sum
+from .metrics import (
+    dataset_summary,
+    delta_entropy,
+    diversity,
+    entropy,
+    entropy_learning_curve,
+    novelty,
+    overlap,
+)
+from .screening import screen_frames, screen_trajectory
 from .structures import AtomsBatch
 
 __all__ = [
+    "DEFAULT_BANDWIDTH",
     "DEFAULT_CUTOFF",
     "DEFAULT_K",
     "AtomsBatch",
     "__version__",
+    "dataset_summary",
+    "delta_entropy",
     "descriptor_width",
     "descriptors_from_tensors",
+    "diversity",
+    "entropy",
+    "entropy_learning_curve",
     "get_descriptors",
+    "kde",
+    "largest_cluster",
+    "log_kernel_sum",
+    "metrics",
+    "novelty",
+    "overlap",
+    "screen_frames",
+    "screen_trajectory",
 ]

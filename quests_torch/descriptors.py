@@ -93,15 +93,15 @@ def _pool() -> ThreadPoolExecutor:
     return _POOL
 
 
-def _argsort_rows(r: torch.Tensor) -> torch.Tensor:
-    """Ascending argsort along the last dim (indices, no autograd).
+def _sorted_rows(r: torch.Tensor) -> torch.Tensor:
+    """Each row of the last dim sorted ascending; differentiable when ``r`` requires grad.
 
-    On CPU this is NumPy's SIMD argsort (AVX-512/AVX2: ~3x faster than ``torch.sort`` for
-    rows of 32); elsewhere ``torch.sort``.
+    On CPU without autograd this is NumPy's SIMD value sort (AVX-512/AVX2 quicksort, ~3x
+    faster than an argsort and ~10x faster than ``torch.sort`` for rows of 32 doubles).
     """
-    if r.device.type != "cpu":
-        return torch.sort(r.detach(), dim=-1).indices
-    return torch.from_numpy(np.argsort(r.detach().numpy(), axis=-1))
+    if r.device.type == "cpu" and not (torch.is_grad_enabled() and r.requires_grad):
+        return torch.from_numpy(np.sort(r.numpy(), axis=-1))
+    return torch.sort(r, dim=-1).values
 
 
 @contextmanager
@@ -140,7 +140,7 @@ def _environment_descriptors(
     rr = r + _EPS_X1
     z = rr.clamp(max=cutoff) / cutoff
     x1 = (1 - z * z) ** 2 / rr  # zero at the dummy slots (rr > cutoff there)
-    x1 = torch.sort(x1, dim=-1, descending=True).values
+    x1 = _sorted_rows(x1).flip(-1)  # descending: nearest neighbour first
     if k == 1 or m == 1:
         x2 = x1.new_zeros((n, k - 1))
         return torch.cat([x1, x1.new_zeros((n, k - m)), x2], dim=1)
@@ -168,8 +168,7 @@ def _environment_descriptors(
         R.diagonal(dim1=1, dim2=2).zero_()
     # (q+1)-th smallest of each row summed over rows; rows/columns beyond m are all zero,
     # so the largest m values of each full k-row are those of the m-row
-    idx = _argsort_rows(R)
-    x2 = torch.gather(R, 2, idx.to(R.device)).sum(dim=1).flip(-1) / k  # [n, m], largest first
+    x2 = _sorted_rows(R).sum(dim=1).flip(-1) / k  # [n, m], largest first
     w2 = min(m, k - 1)
     parts = [x1]
     if m < k:
