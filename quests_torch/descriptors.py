@@ -215,11 +215,12 @@ def _descriptors_from_pairs(
         if width == 0:
             return positions.new_zeros((a1 - a0, 2 * k - 1))
         with torch.no_grad():
-            sub = pairs.select(slice(p0, p1))
-            row = sub.center - a0
-            slot = torch.arange(p1 - p0, device=device) - (first[sub.center] - p0)
+            center = pairs.center[p0:p1]
+            vec = pairs.vector_at(slice(p0, p1))
+            row = center - a0
+            slot = torch.arange(p1 - p0, device=device) - (first[center] - p0)
             keys = torch.full((a1 - a0, width), _EMPTY_KEY, dtype=torch.int64, device=device)
-            keys[row, slot] = _selection_keys(sub.vector, sub.vector.norm(dim=1), cutoff)
+            keys[row, slot] = _selection_keys(vec, vec.norm(dim=1), cutoff)
             mk = min(k, width)
             top = torch.topk(keys, mk, dim=1, largest=False, sorted=False)
             valid = top.values != _EMPTY_KEY

@@ -299,7 +299,10 @@ def _vesin_pairs(
     # group by centre ourselves (a stable radix argsort beats vesin's own sorting) and keep
     # the other arrays unsorted: chunks gather only their rows
     order = _stable_argsort(i)
-    return NeighborPairs(i[order] + start, j + start, S, D.to(positions.dtype), perm=order)
+    center, neighbor = i[order], j
+    if start:
+        center, neighbor = center + start, neighbor + start
+    return NeighborPairs(center, neighbor, S, D.to(positions.dtype), perm=order)
 
 
 def _stable_argsort(x: torch.Tensor) -> torch.Tensor:
