@@ -34,7 +34,10 @@ bench-reference: $(STAMP)
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,reference]'
 
 bench: bench-reference
-	$(PY) benchmarks/bench_descriptors.py
+	mkdir -p bench-results
+	$(PY) benchmarks/bench_descriptors.py --out bench-results/descriptors.jsonl
+	$(PY) benchmarks/bench_kde.py --out bench-results/kde.jsonl
+	$(PY) benchmarks/bench_screen.py --out bench-results/screen.jsonl
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
