@@ -132,6 +132,21 @@ def test_pairs_match_ase(name, backend):
     assert float(vec.norm(dim=1).max()) < 4.0
 
 
+@pytest.mark.parametrize("reps", [(1, 1, 1), (1, 1, 2)])
+def test_vesin_on_cells_smaller_than_cutoff(reps):
+    """Cells smaller than the cutoff: vesin finds an atom's own images like ASE and dense."""
+    from quests_torch.neighbors import find_neighbor_pairs
+
+    atoms = bulk("Cu", "fcc", a=3.6) * reps
+    deform = np.eye(3) + 0.01 * np.random.default_rng(0).standard_normal((3, 3))
+    atoms.set_cell(atoms.cell[:] @ deform, scale_atoms=True)
+    b = AtomsBatch.from_ase(atoms)
+    pairs = find_neighbor_pairs(b.positions, b.cell, b.pbc, b.system_idx, 5.0, backend="vesin")
+    assert _pair_set(pairs) == _ase_pairs(atoms, 5.0)
+    dense = find_neighbor_pairs(b.positions, b.cell, b.pbc, b.system_idx, 5.0, backend="dense")
+    assert _pair_set(dense) == _pair_set(pairs)
+
+
 def test_slab_honours_pbc_per_direction():
     """A slab [T, T, F] equals the same slab made fully periodic with vacuum > cutoff."""
     slab = _mixed_structures()["slab"]
