@@ -33,3 +33,24 @@ def random_rotation(seed: int = 0) -> np.ndarray:
     if np.linalg.det(q) < 0:
         q[:, 0] *= -1
     return q
+
+
+@pytest.fixture(scope="module")
+def ref():
+    """Upstream reference values for the KDE/metrics tests (tests/data/kde_reference.npz)."""
+    with np.load(DATA / "kde_reference.npz") as f:
+        return {k: f[k] for k in f.files}
+
+
+@pytest.fixture(scope="module")
+def cu(ref):
+    """Thermal Cu descriptors: 300 K solid, 1500 K liquid, queries, and the solid's structures."""
+    solid = torch.from_numpy(ref["x_solid"])
+    liquid = torch.from_numpy(ref["x_liquid"])
+    return {
+        "solid": solid,
+        "liquid": liquid,
+        "query": torch.from_numpy(ref["x_query"]),
+        "all": torch.cat([solid, liquid]),
+        "system_idx": torch.from_numpy(ref["solid_system_idx"]),
+    }

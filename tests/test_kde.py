@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -17,26 +15,7 @@ from quests_torch.kde import (
     nearest_neighbors,
 )
 
-DATA = Path(__file__).parent / "data" / "kde_reference.npz"
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-
-@pytest.fixture(scope="module")
-def ref():
-    with np.load(DATA) as f:
-        return {k: f[k] for k in f.files}
-
-
-@pytest.fixture(scope="module")
-def cu(ref):
-    solid = torch.from_numpy(ref["x_solid"])
-    liquid = torch.from_numpy(ref["x_liquid"])
-    return {
-        "solid": solid,
-        "liquid": liquid,
-        "query": torch.from_numpy(ref["x_query"]),
-        "all": torch.cat([solid, liquid]),
-    }
 
 
 def brute_log_p(x, y, h, log_w=None):

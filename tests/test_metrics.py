@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,27 +24,7 @@ from quests_torch.metrics import (
     overlap,
 )
 
-DATA = Path(__file__).parent / "data" / "kde_reference.npz"
 RTOL = 1e-9
-
-
-@pytest.fixture(scope="module")
-def ref():
-    with np.load(DATA) as f:
-        return {k: f[k] for k in f.files}
-
-
-@pytest.fixture(scope="module")
-def cu(ref):
-    solid = torch.from_numpy(ref["x_solid"])
-    liquid = torch.from_numpy(ref["x_liquid"])
-    return {
-        "solid": solid,
-        "liquid": liquid,
-        "query": torch.from_numpy(ref["x_query"]),
-        "all": torch.cat([solid, liquid]),
-        "system_idx": torch.from_numpy(ref["solid_system_idx"]),
-    }
 
 
 def close(actual, expected, rtol=RTOL):
