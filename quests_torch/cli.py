@@ -413,13 +413,7 @@ def cmd_dh(args: argparse.Namespace):
         )
     result = _envelope(
         args,
-        {
-            "k": k,
-            "cutoff": cutoff,
-            "bandwidth": args.bandwidth,
-            "threshold": args.threshold,
-            "dtype": args.dtype,
-        },
+        _dh_params(args, k, cutoff),
         inputs={"test": _input_info(test), "reference": _input_info(ref)},
         timings=timings,
         results=stats,
@@ -439,6 +433,17 @@ def cmd_dh(args: argparse.Namespace):
     return result, lines
 
 
+def _dh_params(args: argparse.Namespace, k: int, cutoff: float) -> dict:
+    """Parameters recorded in the JSON of the test-vs-reference commands (dh, overlap)."""
+    return {
+        "k": k,
+        "cutoff": cutoff,
+        "bandwidth": args.bandwidth,
+        "threshold": args.threshold,
+        "dtype": args.dtype,
+    }
+
+
 def cmd_overlap(args: argparse.Namespace):
     from .metrics import delta_entropy
 
@@ -456,13 +461,7 @@ def cmd_overlap(args: argparse.Namespace):
     }
     result = _envelope(
         args,
-        {
-            "k": k,
-            "cutoff": cutoff,
-            "bandwidth": args.bandwidth,
-            "threshold": args.threshold,
-            "dtype": args.dtype,
-        },
+        _dh_params(args, k, cutoff),
         inputs={"test": _input_info(test), "reference": _input_info(ref)},
         timings=timings,
         results=res,
