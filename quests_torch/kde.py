@@ -74,6 +74,7 @@ from ._memory import memory_budget
 __all__ = [
     "DEFAULT_BANDWIDTH",
     "KernelSums",
+    "RunningLogKernelSum",
     "first_match_within",
     "full_precision",
     "kernel_pass",
@@ -1052,3 +1053,87 @@ def first_match_within(
         ``[n]`` int64 indices into ``y`` (or ``x``).
     """
     return _first_match_within(x, y, tol, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# running sums against a growing reference set
+# --------------------------------------------------------------------------------------------
+
+
+class RunningLogKernelSum:
+    """``log K_i = log sum_{y in added} exp(-|x_i - y|^2 / (2 h^2))`` for fixed queries ``x``.
+
+    The queries are prepared once (centred, squared norms cached); each :meth:`add` of a
+    block of references ``Y`` costs one GEMM per row tile of ``x`` (tiles sized from the
+    memory budget) and folds ``log sum_{y in Y}`` into ``log_k`` with ``logaddexp``, so
+    earlier references are never revisited. This is the engine of greedy dataset
+    compression and of per-generation statistics; it is not differentiable (use
+    :func:`log_kernel_sum` for gradients).
+
+    Args:
+        x: queries ``[n, d]`` (tensor; the computation runs on its device).
+        h: bandwidth (1/Å).
+        dtype: compute dtype of the tiles (default ``x.dtype``); ``log_k`` is float64.
+        centre: subtract this ``[d]`` vector from queries and references (default: the
+            mean of ``x``), which keeps the GEMM expansion of the distances accurate.
+        budget: bytes a tile may use (see :func:`quests_torch._memory.memory_budget`).
+
+    Attributes:
+        log_k: ``[n]`` float64; ``-inf`` until something is added.
+    """
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        h: float,
+        *,
+        dtype: torch.dtype | None = None,
+        centre: torch.Tensor | None = None,
+        budget: int | str | None = None,
+    ):
+        src = _Source(x, "x")
+        if src.tensor is None:
+            raise TypeError("`x` must be a torch.Tensor")
+        hs, vector = _bandwidths(h)
+        if vector:
+            raise ValueError("`h` must be a single bandwidth")
+        self.dtype = x.dtype if dtype is None else dtype
+        if self.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"`dtype` must be torch.float32 or torch.float64, got {self.dtype}")
+        self.device = x.device
+        x64 = x.detach().to(torch.float64)
+        if not bool(torch.isfinite(x64).all()):
+            raise ValueError("`x` contains NaN or infinite descriptor values")
+        self.mu = x64.mean(0) if centre is None else centre.to(self.device, torch.float64)
+        xc = x64 - self.mu
+        self.xc = xc.to(self.dtype)
+        self.xx = (xc * xc).sum(1).to(self.dtype)
+        self.scale = 1.0 / (2.0 * hs[0] ** 2)
+        self.budget = memory_budget(self.device, budget)
+        self.log_k = torch.full((x.shape[0],), -math.inf, dtype=torch.float64, device=self.device)
+
+    def log_sum(self, y: torch.Tensor) -> torch.Tensor:
+        """``log sum_{y_j in y} K(x_i, y_j)`` for every query ``[n]`` (float64), not folded in."""
+        if y.ndim != 2 or y.shape[1] != self.xc.shape[1]:
+            raise ValueError(
+                f"`y` must be [m, {self.xc.shape[1]}] like the queries, got {tuple(y.shape)}"
+            )
+        out = torch.empty_like(self.log_k)
+        if y.shape[0] == 0:
+            return out.fill_(-math.inf)
+        yc = (y.detach().to(self.device, torch.float64) - self.mu).to(self.dtype)
+        yy = (yc * yc).sum(1)
+        elt = self.dtype.itemsize
+        rows = max(1, min(self.xc.shape[0], self.budget // (3 * elt * y.shape[0])))
+        with full_precision():
+            for i0 in range(0, self.xc.shape[0], rows):
+                i1 = min(i0 + rows, self.xc.shape[0])
+                # -|x - y|^2 = 2 x.y - |y|^2 - |x|^2  (<= 0; rounding clamped)
+                e = torch.addmm(yy[None, :], self.xc[i0:i1], yc.T, beta=-1.0, alpha=2.0)
+                e.sub_(self.xx[i0:i1, None]).clamp_(max=0.0).mul_(self.scale)
+                out[i0:i1] = torch.logsumexp(e.to(torch.float64), 1)
+        return out
+
+    def add(self, y: torch.Tensor) -> None:
+        """Fold the references ``y [m, d]`` into ``log_k``."""
+        torch.logaddexp(self.log_k, self.log_sum(y), out=self.log_k)
