@@ -3,12 +3,14 @@
 Data flows structures -> neighbours -> descriptors -> kernel sums -> metrics -> applications:
 ``AtomsBatch`` / ``get_descriptors`` (descriptors), ``quests_torch.kde`` (tiled log kernel
 sums), ``quests_torch.metrics`` (entropy, diversity, dH, overlap, learning curves) and
-``quests_torch.screening`` (trajectory screening, solid-like clusters).
+``quests_torch.screening`` (trajectory screening, solid-like clusters) and
+``quests_torch.compression`` (dataset compression, active-learning generations).
 """
 
-from . import kde, metrics
+from . import compression, distributed, kde, metrics
 from ._version import __version__
 from .clusters import largest_cluster
+from .compression import compress, compress_structures, generation_report, selection_summary
 from .descriptors import (
     DEFAULT_CUTOFF,
     DEFAULT_K,
@@ -35,13 +37,18 @@ __all__ = [
     "DEFAULT_K",
     "AtomsBatch",
     "__version__",
+    "compress",
+    "compress_structures",
+    "compression",
     "dataset_summary",
     "delta_entropy",
     "descriptor_width",
     "descriptors_from_tensors",
+    "distributed",
     "diversity",
     "entropy",
     "entropy_learning_curve",
+    "generation_report",
     "get_descriptors",
     "kde",
     "largest_cluster",
@@ -51,4 +58,5 @@ __all__ = [
     "overlap",
     "screen_frames",
     "screen_trajectory",
+    "selection_summary",
 ]

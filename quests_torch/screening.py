@@ -516,6 +516,50 @@ def _skip_frames(trajectory: Path, index: str, done: int) -> Iterator:
     return itertools.islice(iter_structures(trajectory, index), done, None)
 
 
+def reference_hash(reference: torch.Tensor | np.ndarray) -> str:
+    """sha256 of the reference descriptors' values (identifies them in the resume state)."""
+    ref_np = torch.as_tensor(reference).detach().cpu().contiguous().numpy()
+    return hashlib.sha256(ref_np.tobytes()).hexdigest()
+
+
+def _screen_params(
+    trajectory: Path,
+    reference,
+    *,
+    index: str,
+    reference_key: str | None,
+    h: float,
+    threshold: float,
+    k: int,
+    cutoff: float,
+    cluster_cutoff: float,
+    dtype: torch.dtype,
+    jsonl: bool,
+    xyz_path: Path | None,
+    frame_offset: int = 0,
+) -> tuple[dict, str]:
+    """The parameters recorded in the resume state and their hash (the state's key)."""
+    if reference_key is None:
+        reference_key = reference_hash(reference)
+    params = {
+        "trajectory": str(Path(trajectory).resolve()),
+        "index": index,
+        "reference": reference_key,
+        "h": float(h),
+        "threshold": float(threshold),
+        "k": int(k),
+        "cutoff": float(cutoff),
+        "cluster_cutoff": float(cluster_cutoff),
+        "dtype": str(dtype).removeprefix("torch."),
+        "table_format": "jsonl" if jsonl else "csv",
+        "extxyz": str(xyz_path.resolve()) if xyz_path else None,
+    }
+    if frame_offset:  # absent when 0: states written before this option keep their key
+        params["frame_offset"] = int(frame_offset)
+    key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
+    return params, key
+
+
 def screen_trajectory(
     trajectory: str | os.PathLike,
     reference: torch.Tensor | np.ndarray,
@@ -534,6 +578,7 @@ def screen_trajectory(
     reference_key: str | None = None,
     overwrite: bool = False,
     progress: bool = False,
+    frame_offset: int = 0,
 ) -> ScreeningResult:
     """Screen a trajectory file frame by frame into a per-frame table, resumably.
 
@@ -554,6 +599,9 @@ def screen_trajectory(
             its values). Restarting with another reference is refused.
         overwrite: start afresh even when outputs of a different screening exist.
         progress: show a tqdm progress bar (ETA when the frame count is cheap to get).
+        frame_offset: added to the ``frame`` column (used by
+            :func:`quests_torch.distributed.screen_trajectory`, whose ranks each screen a
+            block of the selection into a part file numbered like the whole selection).
 
     Returns:
         :class:`ScreeningResult`.
@@ -572,23 +620,23 @@ def screen_trajectory(
     jsonl = table.suffix.lower() == ".jsonl"
     xyz_path = Path(extxyz) if extxyz is not None else None
     device = resolve_device(device)
-    if reference_key is None:
-        ref_np = torch.as_tensor(reference).detach().cpu().contiguous().numpy()
-        reference_key = hashlib.sha256(ref_np.tobytes()).hexdigest()
-    params = {
-        "trajectory": str(trajectory.resolve()),
-        "index": index,
-        "reference": reference_key,
-        "h": float(h),
-        "threshold": float(threshold),
-        "k": int(k),
-        "cutoff": float(cutoff),
-        "cluster_cutoff": float(cluster_cutoff),
-        "dtype": str(dtype).removeprefix("torch."),
-        "table_format": "jsonl" if jsonl else "csv",
-        "extxyz": str(xyz_path.resolve()) if xyz_path else None,
-    }
-    key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
+    if isinstance(frame_offset, bool) or not isinstance(frame_offset, int) or frame_offset < 0:
+        raise ValueError(f"`frame_offset` must be a non-negative int, got {frame_offset!r}")
+    params, key = _screen_params(
+        trajectory,
+        reference,
+        index=index,
+        reference_key=reference_key,
+        h=h,
+        threshold=threshold,
+        k=k,
+        cutoff=cutoff,
+        cluster_cutoff=cluster_cutoff,
+        dtype=dtype,
+        jsonl=jsonl,
+        xyz_path=xyz_path,
+        frame_offset=frame_offset,
+    )
     state_file = _state_path(table)
     state = _read_state(state_file)
     header = "" if jsonl else ",".join(FRAME_COLUMNS) + "\n"
@@ -671,7 +719,7 @@ def screen_trajectory(
                 dtype=dtype,
                 device=device,
                 batch_atoms=batch_atoms,
-                start=done,
+                start=frame_offset + done,
                 timings=timings,
             ):
                 t0 = time.perf_counter()
