@@ -1,9 +1,10 @@
 """The ``quests-torch`` command line: thin wrappers that parse, call the API and write results.
 
 Subcommands: ``descriptors``, ``entropy``, ``dh``, ``overlap``, ``learning-curve``,
-``bandwidth``, ``screen`` and ``demo``. Inputs are any file ASE can read (with ``-i`` an
-ASE index/slice) or a descriptor file (``.npz``/``.pt`` written by ``descriptors``, which
-records ``k`` and the cutoff: comparing descriptors made with different parameters is an
+``bandwidth``, ``screen``, ``compress``, ``generations`` and ``demo``. Inputs are any file
+ASE can read (with ``-i`` an ASE index/slice) or a descriptor file (``.npz``/``.pt`` written
+by ``descriptors``, which records ``k`` and the cutoff: comparing descriptors made with
+different parameters is an
 error). Every command prints a readable summary (``--quiet``: none), writes
 machine-readable JSON with ``-o`` (parameters, versions, timings, results; atomically) and,
 where a picture helps, PNG figures with ``--plot PREFIX``. Errors are one line on stderr and
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .descriptors import DEFAULT_CUTOFF, DEFAULT_K, get_descriptors
+from .descriptors import DEFAULT_CUTOFF, DEFAULT_K
 from .io import (
     DescriptorSet,
     atomic_write,
@@ -161,6 +162,14 @@ def _add_plot(p: argparse.ArgumentParser) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def _dist():
+    """:mod:`quests_torch.distributed` (imported lazily): the API under ``torchrun``, the
+    plain single-process functions otherwise."""
+    from . import distributed
+
+    return distributed
+
+
 def _device(args: argparse.Namespace) -> torch.device:
     try:
         return resolve_device(args.device)
@@ -239,7 +248,7 @@ def _load(
         return ds
     frames = read_structures(path, index)
     t1 = time.perf_counter()
-    x = get_descriptors(frames, k=k, cutoff=cutoff, dtype=dtype, device=device)
+    x = _dist().get_descriptors(frames, k=k, cutoff=cutoff, dtype=dtype, device=device)
     timings[f"{label}_read"] = round(t1 - t0, 4)
     timings[f"{label}_descriptors"] = round(time.perf_counter() - t1, 4)
     counts = np.array([len(a) for a in frames], dtype=np.int64)
@@ -299,7 +308,8 @@ def cmd_descriptors(args: argparse.Namespace):
     timings: dict = {}
     ds = _load(args.input, args.index, k, cutoff, args, {}, timings, "input")
     t0 = time.perf_counter()
-    save_descriptors(out, ds.x, ds.n_atoms, k=k, cutoff=cutoff, dtype=args.dtype)
+    if _dist().rank() == 0:  # under torchrun every rank holds the rows; one writes them
+        save_descriptors(out, ds.x, ds.n_atoms, k=k, cutoff=cutoff, dtype=args.dtype)
     timings["write"] = round(time.perf_counter() - t0, 4)
     result = _envelope(
         args,
@@ -318,7 +328,7 @@ def cmd_descriptors(args: argparse.Namespace):
 
 
 def cmd_entropy(args: argparse.Namespace):
-    from .metrics import dataset_summary
+    from .distributed import dataset_summary
 
     k, cutoff, stored = _params(args, [args.input])
     timings: dict = {}
@@ -347,7 +357,7 @@ def cmd_entropy(args: argparse.Namespace):
 
 
 def _dh_against(args: argparse.Namespace):
-    from .metrics import delta_entropy
+    from .distributed import delta_entropy
 
     k, cutoff, stored = _params(args, [args.input, args.reference])
     timings: dict = {}
@@ -445,7 +455,7 @@ def _dh_params(args: argparse.Namespace, k: int, cutoff: float) -> dict:
 
 
 def cmd_overlap(args: argparse.Namespace):
-    from .metrics import delta_entropy
+    from .distributed import delta_entropy
 
     k, cutoff, _stored, timings, test, ref, dh = _dh_against(args)
     t0 = time.perf_counter()
@@ -477,7 +487,8 @@ def cmd_overlap(args: argparse.Namespace):
 
 
 def cmd_learning_curve(args: argparse.Namespace):
-    from .metrics import entropy_learning_curve, fit_entropy_asymptote
+    from .distributed import entropy_learning_curve
+    from .metrics import fit_entropy_asymptote
 
     k, cutoff, stored = _params(args, [args.input])
     timings: dict = {}
@@ -608,7 +619,7 @@ def cmd_bandwidth(args: argparse.Namespace):
 
 
 def cmd_screen(args: argparse.Namespace):
-    from .screening import screen_trajectory
+    from .distributed import screen_trajectory
 
     if is_descriptor_file(args.trajectory):
         raise CLIError(
@@ -729,6 +740,249 @@ def cmd_demo(args: argparse.Namespace):
     return result, []
 
 
+def _size_option(text: str) -> int | float:
+    """``-s``: an integer count of structures (``200``) or a fraction (``0.3``, ``1.0``)."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count or a fraction, got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"a fraction must be in (0, 1], got {text}")
+    return value
+
+
+def _structures_and_descriptors(path, index, k, cutoff, args, stored, timings, label):
+    """(frames or None, DescriptorSet): frames are kept for writing structures back."""
+    if path in stored:
+        return None, _load(path, index, k, cutoff, args, stored, timings, label)
+    t0 = time.perf_counter()
+    frames = read_structures(path, index)
+    t1 = time.perf_counter()
+    dtype, device = _dtype(args.dtype), _device(args)
+    x = _dist().get_descriptors(frames, k=k, cutoff=cutoff, dtype=dtype, device=device)
+    timings[f"{label}_read"] = round(t1 - t0, 4)
+    timings[f"{label}_descriptors"] = round(time.perf_counter() - t1, 4)
+    counts = np.array([len(a) for a in frames], dtype=np.int64)
+    return frames, DescriptorSet(x, counts, k, cutoff, args.dtype, path)
+
+
+def _system_idx(ds: DescriptorSet) -> torch.Tensor:
+    counts = torch.as_tensor(ds.n_atoms, device=ds.x.device)
+    return torch.repeat_interleave(torch.arange(len(ds.n_atoms), device=ds.x.device), counts)
+
+
+def cmd_compress(args: argparse.Namespace):
+    from .compression import compress
+
+    outputs = args.outputs or []
+    for out in outputs:
+        if not out.lower().endswith((".json", ".extxyz", ".xyz")):
+            raise CLIError(f"-o {out}: write .extxyz/.xyz (structures) or .json (indices, metrics)")
+    k, cutoff, stored = _params(args, [args.input, args.reference])
+    timings: dict = {}
+    frames, ds = _structures_and_descriptors(
+        args.input, args.index, k, cutoff, args, stored, timings, "input"
+    )
+    if frames is None and any(not o.lower().endswith(".json") for o in outputs):
+        raise CLIError(
+            f"{args.input} is a descriptor file: writing structures needs the structures"
+        )
+    ref = None
+    if args.reference is not None:
+        ref = _load(
+            args.reference, args.reference_index, k, cutoff, args, stored, timings, "reference"
+        ).x
+    elif args.method == "msc_conditional":
+        raise CLIError("-m msc_conditional needs -r/--reference (the dataset you already have)")
+    n_struct = len(ds.n_atoms)
+    if isinstance(args.size, int) and not 1 <= args.size <= n_struct:
+        raise CLIError(f"-s {args.size}: {args.input} has {n_struct} structures")
+    t0 = time.perf_counter()
+    res = compress(
+        ds.x,
+        _system_idx(ds),
+        args.size,
+        args.method,
+        h=args.bandwidth,
+        reference=ref,
+        generator=args.seed,
+        threshold=args.threshold,
+        progress=not args.quiet and n_struct > 200,
+    )
+    timings["compress"] = round(time.perf_counter() - t0, 4)
+    summary = res.summary()
+    curve = res.curve.as_dict()
+    indices = res.indices.tolist()
+    files = []
+    for out in outputs:
+        if out.lower().endswith(".json"):
+            continue  # the envelope below
+        import ase.io
+
+        chosen = []
+        for rank, i in enumerate(indices):
+            atoms = frames[i].copy()
+            atoms.calc = frames[i].calc  # keep energies/forces read from the input
+            atoms.info["quests_source_index"] = i
+            atoms.info["quests_selection_rank"] = rank
+            chosen.append(atoms)
+        atomic_write(Path(out), lambda p, c=chosen: ase.io.write(p, c, format="extxyz"))
+        files.append(out)
+    if args.plot:
+        from .plots import plot_compression_curve
+
+        title = f"{args.method} compression of {Path(args.input).name}"
+        files.append(
+            str(
+                plot_compression_curve(_plot_path(args.plot, "compression"), curve, n_struct, title)
+            )
+        )
+    params = {
+        "k": k,
+        "cutoff": cutoff,
+        "bandwidth": args.bandwidth,
+        "method": args.method,
+        "size": args.size,
+        "seed": args.seed,
+        "threshold": args.threshold,
+        "dtype": args.dtype,
+    }
+    inputs = {"input": _input_info(ds)}
+    result = _envelope(
+        args,
+        params,
+        inputs=inputs,
+        timings=timings,
+        results={
+            "indices": indices,
+            "summary": summary,
+            "curve": curve,
+            "structure_entropy": res.structure_entropy.tolist(),
+        },
+        files=files,
+        device=str(ds.x.device),
+    )
+    for out in outputs:
+        if out.lower().endswith(".json"):
+            text = json.dumps(result, indent=2, default=_json_default) + "\n"
+            atomic_write(Path(out), lambda p, t=text: p.write_text(t))
+            files.append(out)
+    m = summary["compressed_size"]
+    lines = [
+        f"{args.method}: selected {m} of {n_struct} structures "
+        f"({summary['compressed_envs']} of {summary['original_envs']} environments) "
+        f"in {timings['compress']:.2f} s",
+        f"  selection: H = {summary['entropy']:.4f} nats, D = {summary['diversity']:.4f} nats, "
+        f"covers {100 * summary['overlap']:.2f} % of the dataset (dH <= {args.threshold:g})",
+        f"  {'structures':>10s} {'envs':>8s} {'H':>8s} {'D':>8s} {'covered':>8s}",
+    ]
+    marks = sorted({max(1, round(m * f)) for f in (0.1, 0.25, 0.5, 0.75, 1.0)})
+    for j in marks:
+        lines.append(
+            f"  {j:10d} {curve['n_environments'][j - 1]:8d} {curve['entropy'][j - 1]:8.4f} "
+            f"{curve['diversity'][j - 1]:8.4f} {100 * curve['overlap'][j - 1]:7.2f}%"
+        )
+    lines.append(f"  first selected: {indices[:10]}{' ...' if m > 10 else ''}")
+    lines += [f"  wrote {f}" for f in files]
+    return result, lines
+
+
+def _generation_sets(args, k, cutoff, stored, timings):
+    """(labels, descriptors, generation of each environment) from files or an info key."""
+    if args.key is None:
+        if len(args.inputs) < 2:
+            raise CLIError("give one file per generation (two or more), or one file and --key")
+        parts, labels = [], []
+        for i, path in enumerate(args.inputs):
+            ds = _load(path, args.index, k, cutoff, args, stored, timings, f"gen{i}")
+            parts.append(ds.x)
+            labels.append(Path(path).stem)
+        gen = torch.repeat_interleave(
+            torch.arange(len(parts)), torch.tensor([p.shape[0] for p in parts])
+        )
+        return labels, torch.cat(parts), gen.to(parts[0].device)
+    if len(args.inputs) != 1 or args.inputs[0] in stored:
+        raise CLIError("--key needs exactly one structure file (generation in atoms.info[KEY])")
+    frames, ds = _structures_and_descriptors(
+        args.inputs[0], args.index, k, cutoff, args, stored, timings, "input"
+    )
+    missing = [i for i, a in enumerate(frames) if args.key not in a.info]
+    if missing:
+        raise CLIError(
+            f"{args.inputs[0]}: structure {missing[0]} has no info key {args.key!r} "
+            f"({len(missing)} of {len(frames)} lack it)"
+        )
+    values = [a.info[args.key] for a in frames]
+    try:
+        labels = sorted(set(values))
+    except TypeError:
+        raise CLIError(f"--key {args.key}: values of mixed types cannot be ordered") from None
+    lookup = {v: g for g, v in enumerate(labels)}
+    per_struct = torch.tensor([lookup[v] for v in values], device=ds.x.device)
+    gen = per_struct[_system_idx(ds)]
+    return [v.item() if hasattr(v, "item") else v for v in labels], ds.x, gen
+
+
+def cmd_generations(args: argparse.Namespace):
+    from .compression import generation_report
+
+    k, cutoff, stored = _params(args, list(args.inputs))
+    timings: dict = {}
+    labels, x, gen = _generation_sets(args, k, cutoff, stored, timings)
+    t0 = time.perf_counter()
+    rep = generation_report(
+        x,
+        gen,
+        labels=labels,
+        h=args.bandwidth,
+        threshold=args.threshold,
+        progress=_progress(args, float(x.shape[0]) ** 2),
+    )
+    timings["kernel"] = round(time.perf_counter() - t0, 4)
+    rows = rep.rows()
+    files = []
+    if args.plot:
+        from .plots import plot_generations
+
+        files.append(str(plot_generations(_plot_path(args.plot, "generations"), rows)))
+    result = _envelope(
+        args,
+        {
+            "k": k,
+            "cutoff": cutoff,
+            "bandwidth": args.bandwidth,
+            "threshold": args.threshold,
+            "key": args.key,
+            "dtype": args.dtype,
+        },
+        inputs={"inputs": list(args.inputs)},
+        timings=timings,
+        results={"generations": rows},
+        files=files,
+        device=str(x.device),
+    )
+    lines = [
+        f"{len(rows)} generations, {x.shape[0]} environments, h={args.bandwidth:g} "
+        f"(novel: dH > {args.threshold:g} against all earlier generations)",
+        f"  {'generation':>14s} {'new envs':>9s} {'cum. envs':>9s} {'H cum.':>8s} "
+        f"{'D cum.':>8s} {'novel':>7s} {'max dH':>8s}",
+    ]
+    for r in rows:
+        nov = "-" if r["novelty"] is None else f"{100 * r['novelty']:6.2f}%"
+        mx = "-" if r["max_dh"] is None else f"{r['max_dh']:8.2f}"
+        lines.append(
+            f"  {r['generation']!s:>14s} {r['n_environments']:9d} "
+            f"{r['cumulative_environments']:9d} {r['entropy']:8.4f} {r['diversity']:8.4f} "
+            f"{nov:>7s} {mx:>8s}"
+        )
+    lines += [f"  wrote {f}" for f in files]
+    return result, lines
+
+
 # --------------------------------------------------------------------------------------------
 # parser and entry point
 # --------------------------------------------------------------------------------------------
@@ -822,6 +1076,65 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_screen)
 
+    p = sub.add_parser(
+        "compress", help="select the informative structures of a dataset (msc, fps, ...)"
+    )
+    p.add_argument("input", help="structures (any ASE format) or descriptor file")
+    p.add_argument(
+        "-m",
+        "--method",
+        choices=["msc", "msc_conditional", "fps", "random", "k_means"],
+        default="msc",
+        help="selection method (default msc)",
+    )
+    p.add_argument(
+        "-s",
+        "--size",
+        type=_size_option,
+        default=0.1,
+        help="structures to keep: a count (200) or a fraction (0.3; default 0.1)",
+    )
+    p.add_argument(
+        "-r",
+        "--reference",
+        default=None,
+        help="msc_conditional: the dataset you already have (structures or descriptor file)",
+    )
+    p.add_argument(
+        "--reference-index", default=":", help="ASE index/slice of reference frames (default ':')"
+    )
+    p.add_argument("--seed", type=int, default=0, help="random seed of random/k_means (default 0)")
+    p.add_argument(
+        "--threshold", type=_finite_float, default=0.0, help="covered if dH <= this (overlap)"
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        dest="outputs",
+        action="append",
+        default=None,
+        help="selected structures (.extxyz/.xyz, info and arrays kept) or indices and metrics "
+        "(.json); repeat for both",
+    )
+    _add_plot(p)
+    _add_common(p, json_out=False)
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser(
+        "generations",
+        help="active-learning generations: cumulative H, D and novelty of each generation",
+    )
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        help="one file per generation, in order (or one structure file with --key)",
+    )
+    p.add_argument("--key", default=None, help="atoms.info key holding the generation")
+    p.add_argument("--threshold", type=_finite_float, default=0.0, help="novel if dH > this")
+    _add_plot(p)
+    _add_common(p)
+    p.set_defaults(func=cmd_generations)
+
     p = sub.add_parser("demo", help="the built-in example: EMT Cu solid reference, heated to melt")
     p.add_argument("--outdir", default="demo-output", help="results folder (default demo-output)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG figures")
@@ -836,10 +1149,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     prog = f"quests-torch {args.command}"
+    # under torchrun (WORLD_SIZE > 1): join the process group; rank 0 alone prints and writes
+    started, lead = False, True
+    if int(os.environ.get("WORLD_SIZE", "1") or "1") > 1:
+        try:
+            started = _dist().init_from_env()
+        except (RuntimeError, ValueError) as exc:
+            print(f"{prog}: error: cannot join the torch.distributed group: {exc}", file=sys.stderr)
+            return 2
+        lead = _dist().rank() == 0
+    if not lead:
+        args.quiet = True
+        for name in ("save", "plot", "outputs"):
+            if getattr(args, name, None) is not None:
+                setattr(args, name, None)
+    try:
+        return _run(args, prog, lead)
+    finally:
+        if started:
+            torch.distributed.destroy_process_group()
+
+
+def _run(args: argparse.Namespace, prog: str, lead: bool) -> int:
     try:
         result, lines = args.func(args)
         out = getattr(args, "output", None) if args.command != "descriptors" else args.json
-        if out:
+        if out and lead:
             text = json.dumps(result, indent=2, default=_json_default) + "\n"
             atomic_write(Path(out), lambda p: p.write_text(text))
             lines.append(f"  results: {out}")

@@ -13,7 +13,13 @@ import numpy as np
 
 from .io import atomic_write
 
-__all__ = ["plot_dh_histogram", "plot_learning_curve", "plot_screening_timeline"]
+__all__ = [
+    "plot_compression_curve",
+    "plot_dh_histogram",
+    "plot_generations",
+    "plot_learning_curve",
+    "plot_screening_timeline",
+]
 
 
 def _pyplot():
@@ -105,5 +111,56 @@ def plot_screening_timeline(
     axes[2].set_xlabel(xlabel)
     axes[2].legend(fontsize=8)
     axes[0].set_title(title or "screening timeline")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_compression_curve(
+    path: str | os.PathLike,
+    curve: dict[str, list],
+    n_total: int,
+    title: str = "",
+) -> Path:
+    """Entropy and diversity of the selection, and its overlap with the dataset, vs its size."""
+    plt = _pyplot()
+    m = np.asarray(curve["n_structures"])
+    fig, axes = plt.subplots(2, 1, figsize=(5.5, 6), sharex=True)
+    axes[0].plot(m, curve["entropy"], "-", label="entropy H")
+    axes[0].plot(m, curve["diversity"], "--", label="diversity D")
+    axes[0].plot(
+        m,
+        np.log(np.asarray(curve["n_environments"])),
+        ":",
+        color="grey",
+        label="log n (upper bound)",
+    )
+    axes[0].set_ylabel("nats")
+    axes[0].legend(fontsize=8)
+    axes[1].plot(m, 100 * np.asarray(curve["overlap"]), color="tab:green")
+    axes[1].set_ylabel("dataset covered (%)")
+    axes[1].set_ylim(-2, 102)
+    axes[1].set_xlabel(f"selected structures (of {n_total})")
+    axes[0].set_title(title or "compression curve")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_generations(path: str | os.PathLike, rows: list[dict], title: str = "") -> Path:
+    """Cumulative entropy/diversity and per-generation novelty of an active-learning loop."""
+    plt = _pyplot()
+    g = np.arange(len(rows))
+    labels = [str(r["generation"]) for r in rows]
+    fig, axes = plt.subplots(2, 1, figsize=(5.5, 6), sharex=True)
+    axes[0].plot(g, [r["entropy"] for r in rows], "o-", label="entropy H (cumulative)")
+    axes[0].plot(g, [r["diversity"] for r in rows], "s--", label="diversity D (cumulative)")
+    axes[0].set_ylabel("nats")
+    axes[0].legend(fontsize=8)
+    nov = [np.nan if r["novelty"] is None else 100 * r["novelty"] for r in rows]
+    axes[1].bar(g, nov, color="tab:red")
+    axes[1].set_ylabel("novel vs earlier (%)")
+    step = max(1, len(rows) // 12)  # at most ~12 labelled ticks
+    axes[1].set_xticks(g[::step], labels[::step], rotation=30, ha="right")
+    axes[1].set_xlabel("generation")
+    axes[0].set_title(title or "active-learning generations")
     fig.tight_layout()
     return _save(fig, path)
