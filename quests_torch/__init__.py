@@ -4,11 +4,15 @@ Data flows structures -> neighbours -> descriptors -> kernel sums -> metrics -> 
 ``AtomsBatch`` / ``get_descriptors`` (descriptors), ``quests_torch.kde`` (tiled log kernel
 sums), ``quests_torch.metrics`` (entropy, diversity, dH, overlap, learning curves) and
 ``quests_torch.screening`` (trajectory screening, solid-like clusters) and
-``quests_torch.compression`` (dataset compression, active-learning generations).
+``quests_torch.compression`` (dataset compression, active-learning generations),
+``quests_torch.uncertainty`` / ``quests_torch.calculators`` (on-the-fly dH next to MLIP
+inference, ASE wrappers, entropy-biased sampling), ``quests_torch.sampling`` (structure
+generation to a target dH) and ``quests_torch.distributed`` (torchrun).
 """
 
 from . import compression, distributed, kde, metrics
 from ._version import __version__
+from .calculators import EntropyBiasCalculator, ExtrapolationError, QuestsUncertaintyCalculator
 from .clusters import largest_cluster
 from .compression import compress, compress_structures, generation_report, selection_summary
 from .descriptors import (
@@ -28,14 +32,22 @@ from .metrics import (
     novelty,
     overlap,
 )
+from .sampling import GenerationResult, generate_to_target, random_walk_to_target
 from .screening import screen_frames, screen_trajectory
 from .structures import AtomsBatch
+from .uncertainty import StructureUncertainty, UncertaintyBank, per_structure_summary
 
 __all__ = [
     "DEFAULT_BANDWIDTH",
     "DEFAULT_CUTOFF",
     "DEFAULT_K",
     "AtomsBatch",
+    "EntropyBiasCalculator",
+    "ExtrapolationError",
+    "GenerationResult",
+    "QuestsUncertaintyCalculator",
+    "StructureUncertainty",
+    "UncertaintyBank",
     "__version__",
     "compress",
     "compress_structures",
@@ -48,6 +60,7 @@ __all__ = [
     "diversity",
     "entropy",
     "entropy_learning_curve",
+    "generate_to_target",
     "generation_report",
     "get_descriptors",
     "kde",
@@ -56,6 +69,8 @@ __all__ = [
     "metrics",
     "novelty",
     "overlap",
+    "per_structure_summary",
+    "random_walk_to_target",
     "screen_frames",
     "screen_trajectory",
     "selection_summary",

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from ._memory import memory_budget
+from .kde import full_precision
 from .neighbors import NeighborPairs, find_neighbor_pairs, pair_vectors
 from .structures import AtomsBatch, resolve_device, validate_batch
 
@@ -332,17 +333,22 @@ def descriptors_from_tensors(
                 f"`species` {spec} lacks atomic numbers {missing.tolist()} present in the data"
             )
 
-    pairs = find_neighbor_pairs(positions, cell, pbc, system_idx, cutoff, budget=budget)
-    full = _descriptors_from_pairs(positions, cell, system_idx, pairs, k, cutoff, budget)
-    if len(spec) <= 1:
-        return full
-    assert numbers is not None
-    blocks = [full]
-    zc, zn = numbers[pairs.center], numbers[pairs.neighbor]
-    for s in spec:
-        sub = pairs.select((zc == s) & (zn == s))
-        blocks.append(_descriptors_from_pairs(positions, cell, system_idx, sub, k, cutoff, budget))
-    return torch.cat(blocks, dim=1)
+    # float32 matmuls (pair search, wrapping, distance blocks) in IEEE precision whatever the
+    # caller's TF32/bf16 flags: a rounded distance can swap neighbours at the cutoff
+    with full_precision():
+        pairs = find_neighbor_pairs(positions, cell, pbc, system_idx, cutoff, budget=budget)
+        full = _descriptors_from_pairs(positions, cell, system_idx, pairs, k, cutoff, budget)
+        if len(spec) <= 1:
+            return full
+        assert numbers is not None
+        blocks = [full]
+        zc, zn = numbers[pairs.center], numbers[pairs.neighbor]
+        for s in spec:
+            sub = pairs.select((zc == s) & (zn == s))
+            blocks.append(
+                _descriptors_from_pairs(positions, cell, system_idx, sub, k, cutoff, budget)
+            )
+        return torch.cat(blocks, dim=1)
 
 
 def get_descriptors(

@@ -31,3 +31,8 @@ def test_readme_python_examples_run():
     assert namespace["sel"].summary()["entropy"] > namespace["rnd"].summary()["entropy"]
     rows = namespace["report"].rows()
     assert len(rows) == 3 and rows[0]["novelty"] is None
+    # uncertainty example
+    assert namespace["dH"].shape == (216,)
+    assert namespace["res"].max_dH.shape == (2,)
+    assert float(namespace["res"].max_dH[1]) > float(namespace["res"].max_dH[0])
+    assert namespace["gen"].reached

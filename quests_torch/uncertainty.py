@@ -1,0 +1,636 @@
+r"""Model-free uncertainty as a ``torch.nn.Module``: per-atom dH against a reference bank.
+
+An :class:`UncertaintyBank` holds the descriptors ``X`` of a reference dataset (the training
+set of an interatomic potential, say) as a registered buffer, with the parameters that made
+them (``k``, ``cutoff``, species) and the bandwidth ``h``. Called on a batch of structures it
+returns the per-atom differential entropy
+
+.. math::
+
+    \delta H(y_i \mid X) = -\log \sum_j \exp\!\bigl(-|y_i - x_j|^2 / (2 h^2)\bigr),
+
+``> 0`` for environments outside the bank (extrapolation), ``<= 0`` for covered ones, on the
+inputs' device and differentiable with respect to positions and cell (descriptors from
+:func:`quests_torch.descriptors.descriptors_from_tensors`, tiled log-sum-exp from
+:mod:`quests_torch.kde`). Everything runs in full precision whatever the caller's TF32/bf16
+matmul flags (:func:`quests_torch.kde.full_precision`).
+
+The bank travels with ``state_dict()``: the descriptors are the buffer ``descriptors`` and
+``k``, ``cutoff``, ``h``, ``dtype`` and ``species`` are the module's extra state, so
+``UncertaintyBank().load_state_dict(torch.load(path))`` restores a bank of any size.
+:meth:`UncertaintyBank.add` grows the bank (active learning).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from .descriptors import (
+    DEFAULT_CUTOFF,
+    DEFAULT_K,
+    _check_params,
+    _sorted_species,
+    descriptor_width,
+    descriptors_from_tensors,
+    get_descriptors,
+)
+from .io import DescriptorSet, is_descriptor_file, load_descriptors, read_structures
+from .kde import DEFAULT_BANDWIDTH, full_precision
+from .metrics import delta_entropy
+from .structures import AtomsBatch, resolve_device
+
+__all__ = ["StructureUncertainty", "UncertaintyBank", "per_structure_summary"]
+
+_STATE_VERSION = 1
+
+
+class StructureUncertainty(NamedTuple):
+    """Per-atom dH and its per-structure summaries (see :meth:`UncertaintyBank.evaluate`).
+
+    Attributes:
+        dH: ``[n_atoms]`` per-atom dH (nats).
+        max_dH: ``[n_systems]`` largest dH of each structure.
+        mean_dH: ``[n_systems]`` mean dH of each structure.
+        fraction_above: ``[n_systems]`` fraction of the structure's atoms with
+            ``dH > threshold`` (out of domain).
+    """
+
+    dH: torch.Tensor
+    max_dH: torch.Tensor
+    mean_dH: torch.Tensor
+    fraction_above: torch.Tensor
+
+
+def per_structure_summary(
+    dh: torch.Tensor, system_idx: torch.Tensor, n_systems: int, threshold: float = 0.0
+) -> StructureUncertainty:
+    """Max, mean and fraction above ``threshold`` of per-atom dH, per structure, on device.
+
+    ``scatter_reduce``/``index_add`` only: no host synchronisation, differentiable (max and
+    mean) with respect to ``dh``.
+
+    Args:
+        dh: ``[n_atoms]`` per-atom dH.
+        system_idx: ``[n_atoms]`` int structure index of each atom in ``[0, n_systems)``.
+        n_systems: number of structures (every one must hold at least one atom).
+        threshold: dH above which an atom counts as out of domain (nats).
+
+    Returns:
+        :class:`StructureUncertainty` with ``[n_systems]`` summaries in the dtype of ``dh``.
+    """
+    if not isinstance(dh, torch.Tensor) or dh.ndim != 1:
+        raise ValueError(f"`dh` must be a 1-D tensor [n_atoms], got {getattr(dh, 'shape', dh)}")
+    if not isinstance(system_idx, torch.Tensor) or system_idx.shape != dh.shape:
+        raise ValueError(
+            f"`system_idx` must be a tensor of shape {tuple(dh.shape)} like `dh`, "
+            f"got {tuple(getattr(system_idx, 'shape', ()))}"
+        )
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
+        raise TypeError(f"`threshold` must be a float, got {type(threshold).__name__}")
+    idx = system_idx.to(device=dh.device, dtype=torch.int64)
+    zeros = dh.new_zeros(n_systems)
+    counts = zeros.index_add(0, idx, torch.ones_like(dh))
+    top = zeros.scatter_reduce(0, idx, dh, reduce="amax", include_self=False)
+    mean = zeros.index_add(0, idx, dh) / counts
+    above = zeros.index_add(0, idx, (dh.detach() > threshold).to(dh.dtype)) / counts
+    return StructureUncertainty(dh, top, mean, above)
+
+
+def _check_h(h: float) -> float:
+    if isinstance(h, bool) or not isinstance(h, numbers.Real):
+        raise TypeError(f"`h` must be a positive float, got {type(h).__name__}")
+    if not math.isfinite(h) or h <= 0:
+        raise ValueError(f"`h` must be positive and finite, got {h}")
+    return float(h)
+
+
+def _check_dtype(dtype: torch.dtype) -> torch.dtype:
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"`dtype` must be torch.float32 or torch.float64, got {dtype}")
+    return dtype
+
+
+def _species_numbers(species: Sequence[str | int] | None) -> list[int] | None:
+    """Atomic numbers ordered by chemical symbol (the multicomponent column order), or None."""
+    if species is None:
+        return None
+    from ase.data import atomic_numbers
+
+    if isinstance(species, (str, int)):
+        species = [species]
+    out = []
+    for s in species:
+        if isinstance(s, str):
+            if s not in atomic_numbers:
+                raise ValueError(f"`species` contains an unknown element {s!r}")
+            out.append(atomic_numbers[s])
+        elif isinstance(s, numbers.Integral) and not isinstance(s, bool):
+            out.append(int(s))
+        else:
+            raise TypeError(f"`species` must hold symbols or atomic numbers, got {s!r}")
+    if not out:
+        raise ValueError("`species` is empty")
+    return _sorted_species(out)
+
+
+class UncertaintyBank(torch.nn.Module):
+    r"""Reference descriptors and the per-atom dH of new structures against them.
+
+    ``forward(positions, cell, pbc, system_idx)`` returns
+    ``dH(y_i | X) = -log sum_j exp(-|y_i - x_j|^2 / (2 h^2))`` for every atom ``i`` of the
+    batch (nats, ``[n_atoms]``), where ``y_i`` is the QUESTS descriptor of atom ``i`` computed
+    with the bank's ``k`` and ``cutoff``. Differentiable with respect to positions and cell.
+
+    Args:
+        descriptors: ``[n, d]`` reference descriptors (tensor or numpy array), or ``None`` for
+            an empty bank (to be filled by :meth:`add` or :meth:`load_state_dict`).
+        k: neighbours of the descriptor (default 32).
+        cutoff: cutoff radius of the descriptor (Å, default 5.0).
+        h: bandwidth (1/Å, default 0.015).
+        dtype: storage and compute dtype of the kernel sums (float64 default; float32 tiles are
+            accumulated in float64). Default: that of ``descriptors``, else float64.
+        device: where the bank lives (``"auto"``: CUDA when available). Default: that of
+            ``descriptors``, else CPU.
+        species: element symbols or atomic numbers for a multicomponent bank (the descriptor
+            of width ``(S + 1)(2k - 1)``; ``forward`` then needs ``numbers``). ``None``: plain.
+
+    Attributes:
+        descriptors: ``[n, d]`` buffer holding the bank.
+    """
+
+    descriptors: torch.Tensor
+
+    def __init__(
+        self,
+        descriptors: torch.Tensor | np.ndarray | None = None,
+        *,
+        k: int = DEFAULT_K,
+        cutoff: float = DEFAULT_CUTOFF,
+        h: float = DEFAULT_BANDWIDTH,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        species: Sequence[str | int] | None = None,
+    ) -> None:
+        super().__init__()
+        _check_params(k, cutoff)
+        self.k = int(k)
+        self.cutoff = float(cutoff)
+        self.h = _check_h(h)
+        self.species = _species_numbers(species)
+        dtype = _check_dtype(_dtype_of(descriptors) if dtype is None else dtype)
+        dev = _device_of(descriptors) if device is None else resolve_device(device)
+        self.register_buffer("descriptors", torch.zeros((0, self.width), dtype=dtype, device=dev))
+        if descriptors is not None:
+            self.add(descriptors)
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_atoms(
+        cls,
+        atoms: object,
+        *,
+        k: int = DEFAULT_K,
+        cutoff: float = DEFAULT_CUTOFF,
+        h: float = DEFAULT_BANDWIDTH,
+        dtype: torch.dtype = torch.float64,
+        device: torch.device | str | None = "cpu",
+        species: Sequence[str | int] | None = None,
+        budget: int | str | None = None,
+    ) -> UncertaintyBank:
+        """A bank of every environment of ASE structures.
+
+        Args:
+            atoms: an ``ase.Atoms``, a list of them, or an :class:`AtomsBatch`.
+            k, cutoff, h, dtype, device, species: as in :class:`UncertaintyBank`.
+            budget: memory budget of the descriptor chunks (bytes or ``"512M"``).
+        """
+        bank = cls(k=k, cutoff=cutoff, h=h, dtype=dtype, device=device, species=species)
+        bank.add(atoms, budget=budget)
+        return bank
+
+    @classmethod
+    def from_descriptors(
+        cls,
+        descriptors: torch.Tensor | np.ndarray | DescriptorSet,
+        *,
+        k: int | None = None,
+        cutoff: float | None = None,
+        h: float = DEFAULT_BANDWIDTH,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        species: Sequence[str | int] | None = None,
+    ) -> UncertaintyBank:
+        """A bank of precomputed descriptors.
+
+        Args:
+            descriptors: ``[n, d]`` tensor/array, or a :class:`quests_torch.io.DescriptorSet`
+                (its ``k`` and ``cutoff`` are used and checked against explicit ones).
+            k, cutoff: descriptor parameters (default 32 and 5.0 Å for bare arrays).
+            h, dtype, device, species: as in :class:`UncertaintyBank`.
+
+        Raises:
+            ValueError: explicit ``k``/``cutoff`` differ from the DescriptorSet's, or the width
+                does not match ``k`` (and ``species``).
+        """
+        if isinstance(descriptors, DescriptorSet):
+            _check_same_params(descriptors, k, cutoff)
+            k, cutoff = descriptors.k, descriptors.cutoff
+            if dtype is None:
+                dtype = torch.float32 if descriptors.dtype == "float32" else torch.float64
+        k = DEFAULT_K if k is None else k
+        cutoff = DEFAULT_CUTOFF if cutoff is None else cutoff
+        bank = cls(
+            k=k,
+            cutoff=cutoff,
+            h=h,
+            dtype=dtype or _dtype_of(descriptors),
+            device=device if device is not None else _device_of(descriptors),
+            species=species,
+        )
+        bank.add(descriptors)
+        return bank
+
+    @classmethod
+    def from_file(
+        cls,
+        path: str | os.PathLike | Sequence[str | os.PathLike],
+        *,
+        h: float = DEFAULT_BANDWIDTH,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = "cpu",
+        k: int | None = None,
+        cutoff: float | None = None,
+        species: Sequence[str | int] | None = None,
+    ) -> UncertaintyBank:
+        """A bank read from descriptor files (``.npz``/``.pt``).
+
+        The files are those of :func:`quests_torch.io.save_descriptors` (or ``quests-torch
+        descriptors``); ``k`` and ``cutoff`` come from their metadata and, given explicitly, must
+        agree. Several files are concatenated (they must share ``k`` and ``cutoff``).
+
+        Args:
+            path: a descriptor file or a list of them.
+            h, dtype, device, species: as in :class:`UncertaintyBank` (``dtype`` default: the
+                one recorded in the first file).
+            k, cutoff: expected descriptor parameters (checked).
+        """
+        paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+        if not paths:
+            raise ValueError("`path` is empty: give at least one descriptor file")
+        sets = []
+        for p in paths:
+            if not is_descriptor_file(p):
+                raise ValueError(
+                    f"{p}: not a descriptor file (expected a .npz or .pt file written by "
+                    "quests_torch.io.save_descriptors or `quests-torch descriptors`)"
+                )
+            sets.append(load_descriptors(p))
+        first = sets[0]
+        _check_same_params(first, k, cutoff)
+        bank = cls.from_descriptors(
+            first,
+            h=h,
+            dtype=dtype,
+            device=device if device is not None else "cpu",
+            species=species,
+        )
+        for ds in sets[1:]:
+            bank.add(ds)
+        return bank
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def width(self) -> int:
+        """Descriptor columns: ``2k - 1`` (times ``S + 1`` for a multicomponent bank)."""
+        return descriptor_width(self.k, len(self.species) if self.species else 0)
+
+    @property
+    def n_references(self) -> int:
+        """Number of reference environments in the bank."""
+        return int(self.descriptors.shape[0])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.descriptors.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.descriptors.device
+
+    def extra_repr(self) -> str:
+        sp = "" if not self.species else f", species={self.species}"
+        return (
+            f"n_references={self.n_references}, width={self.width}, k={self.k}, "
+            f"cutoff={self.cutoff}, h={self.h}, dtype={self.dtype}{sp}"
+        )
+
+    # ------------------------------------------------------------------ state
+    def get_extra_state(self) -> dict[str, Any]:
+        """``k``, ``cutoff``, ``h``, ``dtype`` and ``species``, stored in ``state_dict()``."""
+        return {
+            "version": _STATE_VERSION,
+            "k": self.k,
+            "cutoff": self.cutoff,
+            "h": self.h,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "species": None if self.species is None else list(self.species),
+        }
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict) or not {"k", "cutoff", "h"} <= set(state):
+            raise ValueError(
+                f"not an UncertaintyBank state: extra state must hold k, cutoff, h, got {state!r}"
+            )
+        k, cutoff = int(state["k"]), float(state["cutoff"])
+        _check_params(k, cutoff)
+        h = _check_h(float(state["h"]))
+        species = _species_numbers(state.get("species"))
+        width = descriptor_width(k, len(species) if species else 0)
+        if self.descriptors.shape[1] != width:
+            sp = "" if not species else f" and species {species}"
+            raise ValueError(
+                f"inconsistent UncertaintyBank state: `descriptors` has "
+                f"{self.descriptors.shape[1]} columns but k={k}{sp} give {width}"
+            )
+        self.k, self.cutoff, self.h, self.species = k, cutoff, h, species
+        dtype = {"float64": torch.float64, "float32": torch.float32}.get(state.get("dtype", ""))
+        if dtype is not None and dtype != self.descriptors.dtype:
+            self.descriptors = self.descriptors.to(dtype)
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        # a bank of another size (or dtype) replaces ours: resize the buffer before the copy
+        key = prefix + "descriptors"
+        incoming = state_dict.get(key)
+        if isinstance(incoming, torch.Tensor) and (
+            incoming.shape != self.descriptors.shape or incoming.dtype != self.descriptors.dtype
+        ):
+            if incoming.ndim != 2:
+                error_msgs.append(f"`{key}` must be 2-D [n, d], got shape {tuple(incoming.shape)}")
+                return
+            self.descriptors = torch.empty(
+                incoming.shape, dtype=incoming.dtype, device=self.descriptors.device
+            )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    # ------------------------------------------------------------------ growing the bank
+    def add(self, data: object, *, budget: int | str | None = None) -> UncertaintyBank:
+        """Append reference environments (active learning); returns ``self``.
+
+        Args:
+            data: ``[n, d]`` descriptors (tensor or numpy array, computed with the bank's ``k``
+                and ``cutoff``), a :class:`quests_torch.io.DescriptorSet` (parameters
+                checked), a descriptor file path (``.npz``/``.pt``), a structure file path (any
+                ASE format), an ``ase.Atoms``, a list of them, or an :class:`AtomsBatch`.
+            budget: memory budget of the descriptor chunks (structures only).
+
+        Raises:
+            ValueError: width or parameters differ from the bank's, non-finite values.
+        """
+        x = self._as_reference(data, budget)
+        x = x.detach().to(device=self.device, dtype=self.dtype)
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("descriptors to add contain NaN or inf")
+        self.descriptors = torch.cat([self.descriptors, x], dim=0)
+        return self
+
+    def _as_reference(self, data: object, budget) -> torch.Tensor:
+        from ase import Atoms
+
+        if isinstance(data, (str, os.PathLike)):
+            if is_descriptor_file(data):
+                data = load_descriptors(data)
+            else:
+                data = read_structures(Path(data))
+        if isinstance(data, DescriptorSet):
+            self.check_parameters(data.k, data.cutoff, name=_set_name(data))
+            return self._check_width(data.x, "data")
+        if isinstance(data, (torch.Tensor, np.ndarray)):
+            x = torch.as_tensor(data) if isinstance(data, np.ndarray) else data
+            return self._check_width(x, "data")
+        if isinstance(data, AtomsBatch) or isinstance(data, Atoms) or isinstance(data, list):
+            return get_descriptors(
+                data,
+                k=self.k,
+                cutoff=self.cutoff,
+                dtype=self.dtype,
+                device=self.device,
+                species=self.species,
+                budget=budget,
+            )
+        raise TypeError(
+            "`data` must be descriptors (tensor/array/DescriptorSet), a file path, an "
+            f"ase.Atoms, a list of them or an AtomsBatch, got {type(data).__name__}"
+        )
+
+    # ------------------------------------------------------------------ checks
+    def check_parameters(self, k: int | None = None, cutoff: float | None = None, *, name="query"):
+        """Raise ``ValueError`` when ``k``/``cutoff`` (where given) differ from the bank's."""
+        if k is not None and int(k) != self.k:
+            raise ValueError(
+                f"{name} was computed with k={k} but the bank uses k={self.k}: descriptors made "
+                "with different parameters cannot be compared"
+            )
+        if cutoff is not None and not math.isclose(float(cutoff), self.cutoff, rel_tol=1e-12):
+            raise ValueError(
+                f"{name} was computed with cutoff={cutoff} but the bank uses "
+                f"cutoff={self.cutoff}: descriptors made with different parameters cannot be "
+                "compared"
+            )
+
+    def _check_width(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        if x.ndim != 2:
+            raise ValueError(f"`{name}` must be 2-D [n, d], got shape {tuple(x.shape)}")
+        if x.shape[1] != self.width:
+            sp = "" if not self.species else f", species={self.species}"
+            raise ValueError(
+                f"`{name}` has {x.shape[1]} descriptor columns but the bank expects "
+                f"{self.width} (k={self.k}{sp}): descriptors made with different parameters "
+                "cannot be compared"
+            )
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"`{name}` must hold floating-point descriptors, got {x.dtype}")
+        return x
+
+    def _check_ready(self) -> None:
+        if self.descriptors.shape[0] == 0:
+            raise ValueError(
+                "the uncertainty bank is empty: add reference environments with `.add(...)`, "
+                "`UncertaintyBank.from_atoms(...)` or `load_state_dict(...)` first"
+            )
+
+    # ------------------------------------------------------------------ evaluation
+    def descriptors_of(
+        self,
+        positions: torch.Tensor,
+        cell: torch.Tensor,
+        pbc: torch.Tensor,
+        system_idx: torch.Tensor | None = None,
+        numbers: torch.Tensor | None = None,
+        *,
+        budget: int | str | None = None,
+    ) -> torch.Tensor:
+        """Descriptors of a batch with the bank's ``k``, ``cutoff`` (and species).
+
+        Shapes as in :func:`quests_torch.descriptors.descriptors_from_tensors`; differentiable.
+        """
+        if isinstance(positions, torch.Tensor) and positions.device != self.device:
+            raise ValueError(
+                f"`positions` is on {positions.device} but the bank is on {self.device}: "
+                "move one of them (e.g. `bank.to(positions.device)`)"
+            )
+        if self.species and numbers is None:
+            raise ValueError(
+                f"`numbers` is required: the bank was built for species {self.species}"
+            )
+        with full_precision():
+            return descriptors_from_tensors(
+                positions,
+                cell,
+                pbc,
+                system_idx,
+                k=self.k,
+                cutoff=self.cutoff,
+                numbers=numbers,
+                species=self.species,
+                budget=budget,
+            )
+
+    def delta_entropy(
+        self,
+        y: torch.Tensor | np.ndarray | DescriptorSet,
+        *,
+        k: int | None = None,
+        cutoff: float | None = None,
+        **options,
+    ) -> torch.Tensor:
+        """Per-environment dH of query descriptors against the bank (nats).
+
+        Args:
+            y: ``[n, d]`` query descriptors or a DescriptorSet (its ``k``/``cutoff`` checked).
+            k, cutoff: parameters ``y`` was computed with, checked when given.
+            **options: forwarded to :func:`quests_torch.metrics.delta_entropy` (``tile_size``,
+                ``budget``, ``distance``, ...).
+
+        Returns:
+            ``[n]`` in the promoted dtype of ``y`` and the bank, on the bank's device.
+        """
+        if isinstance(y, DescriptorSet):
+            self.check_parameters(y.k, y.cutoff, name=_set_name(y))
+            y = y.x
+        self.check_parameters(k, cutoff)
+        if isinstance(y, np.ndarray):
+            y = torch.from_numpy(y)
+        if not isinstance(y, torch.Tensor):
+            raise TypeError(f"`y` must be a tensor or numpy array [n, d], got {type(y).__name__}")
+        self._check_width(y, "y")
+        self._check_ready()
+        if y.device != self.device:
+            raise ValueError(
+                f"`y` is on {y.device} but the bank is on {self.device}: move one of them"
+            )
+        options.setdefault("dtype", self.dtype)
+        return delta_entropy(y, self.descriptors, self.h, **options)
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        cell: torch.Tensor,
+        pbc: torch.Tensor,
+        system_idx: torch.Tensor | None = None,
+        numbers: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Per-atom dH of a batch of structures against the bank.
+
+        Args:
+            positions: ``[n_atoms, 3]`` Cartesian positions (Å).
+            cell: ``[n_systems, 3, 3]`` (or ``[3, 3]``) lattice vectors as rows.
+            pbc: ``[n_systems, 3]`` (or ``[3]``) bool.
+            system_idx: ``[n_atoms]`` sorted structure index (default: one structure).
+            numbers: ``[n_atoms]`` atomic numbers (multicomponent banks only).
+
+        Returns:
+            ``[n_atoms]`` dH (nats) on the inputs' device, differentiable w.r.t. ``positions``
+            and ``cell``.
+
+        Raises:
+            ValueError: empty bank, device mismatch, coincident atoms, bad shapes.
+        """
+        self._check_ready()
+        y = self.descriptors_of(positions, cell, pbc, system_idx, numbers)
+        return delta_entropy(y, self.descriptors, self.h, dtype=self.dtype)
+
+    def evaluate(
+        self,
+        positions: torch.Tensor,
+        cell: torch.Tensor,
+        pbc: torch.Tensor,
+        system_idx: torch.Tensor | None = None,
+        numbers: torch.Tensor | None = None,
+        *,
+        threshold: float = 0.0,
+    ) -> StructureUncertainty:
+        """Per-atom dH and, per structure, its max, mean and fraction above ``threshold``.
+
+        The summaries are reduced on the device (``scatter_reduce``/``index_add``), without a
+        host synchronisation of their own. Arguments as in :meth:`forward`.
+        """
+        dh = self.forward(positions, cell, pbc, system_idx, numbers)
+        n_systems = 1 if cell.ndim == 2 else int(cell.shape[0])
+        if system_idx is None:
+            system_idx = torch.zeros(dh.shape[0], dtype=torch.int64, device=dh.device)
+        return per_structure_summary(dh, system_idx, n_systems, threshold)
+
+    def evaluate_atoms(self, atoms: object, *, threshold: float = 0.0) -> StructureUncertainty:
+        """:meth:`evaluate` for an ``ase.Atoms``, a list of them or an :class:`AtomsBatch`."""
+        if isinstance(atoms, AtomsBatch):
+            batch = atoms.to(self.device, self.dtype)
+        else:
+            batch = AtomsBatch.from_ase(atoms, device=self.device, dtype=self.dtype)
+        return self.evaluate(
+            batch.positions,
+            batch.cell,
+            batch.pbc,
+            batch.system_idx,
+            batch.numbers if self.species else None,
+            threshold=threshold,
+        )
+
+
+def _set_name(ds: DescriptorSet) -> str:
+    return f"descriptor set {ds.source!r}" if ds.source else "descriptor set"
+
+
+def _check_same_params(ds: DescriptorSet, k: int | None, cutoff: float | None) -> None:
+    if k is not None and int(k) != ds.k:
+        raise ValueError(f"{_set_name(ds)} was computed with k={ds.k}, not the requested k={k}")
+    if cutoff is not None and not math.isclose(float(cutoff), ds.cutoff, rel_tol=1e-12):
+        raise ValueError(
+            f"{_set_name(ds)} was computed with cutoff={ds.cutoff}, not the requested "
+            f"cutoff={cutoff}"
+        )
+
+
+def _dtype_of(x: object) -> torch.dtype:
+    if isinstance(x, DescriptorSet):
+        x = x.x
+    if isinstance(x, torch.Tensor) and x.dtype == torch.float32:
+        return torch.float32
+    if isinstance(x, np.ndarray) and x.dtype == np.float32:
+        return torch.float32
+    return torch.float64
+
+
+def _device_of(x: object) -> torch.device:
+    return x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
