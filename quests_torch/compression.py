@@ -186,24 +186,30 @@ def _running(x: torch.Tensor, h: float, options: dict) -> RunningLogKernelSum:
 
 
 class _CurveRecorder:
-    """Entropy, diversity and overlap of the selection after every step, kept on the device."""
+    """Entropy, diversity and overlap of the selection after every step, kept on the device.
+
+    Per step: a gather of the selected environments' running sums (entropy, diversity) and
+    one comparison pass over all environments (overlap); no host transfer until the end.
+    """
 
     def __init__(self, data: _Dataset, running: RunningLogKernelSum, threshold: float):
         self.data, self.running, self.threshold = data, running, threshold
-        self.chosen = torch.zeros(data.n, dtype=torch.bool, device=data.x.device)
+        self.idx = torch.empty(0, dtype=torch.long, device=data.x.device)
         self.n_env = 0
         self.rows: list[torch.Tensor] = []
         self.envs: list[int] = []
 
     def record(self, s: int) -> None:
         d = self.data
-        self.chosen[int(d.start[s]) : int(d.end[s])] = True
-        self.n_env += int(d.end[s] - d.start[s])
+        a, b = int(d.start[s]), int(d.end[s])
+        self.idx = torch.cat([self.idx, torch.arange(a, b, device=self.idx.device)])
+        self.n_env += b - a
         log_k = self.running.log_k
-        sel_log_k = torch.where(self.chosen, log_k, 0.0)
-        h = math.log(self.n_env) - sel_log_k.sum() / self.n_env
-        div = torch.logsumexp(torch.where(self.chosen, -log_k, -math.inf), 0)
-        covered = (-log_k <= self.threshold).to(torch.float64).mean()
+        sel = log_k[self.idx]
+        h = math.log(self.n_env) - sel.mean()
+        div = torch.logsumexp(-sel, 0)
+        # covered: dH = -log K <= threshold  <=>  log K >= -threshold (exact in IEEE)
+        covered = (log_k >= -self.threshold).sum().to(torch.float64) / d.n
         self.rows.append(torch.stack([h, div, covered]))
         self.envs.append(self.n_env)
 
@@ -313,19 +319,31 @@ def _segment_min(values: torch.Tensor, data: _Dataset) -> torch.Tensor:
     return out.scatter_reduce(0, data.sid, values, "amin", include_self=True)
 
 
-def _mean_distances(x: torch.Tensor, y: torch.Tensor, budget: int) -> torch.Tensor:
-    """``mean_j |x_i - y_j|`` for every row of ``x`` ``[n]``, in row tiles (float64)."""
-    y64 = y.to(torch.float64)
-    yy = (y64 * y64).sum(1)
-    rows = max(1, budget // (8 * 4 * max(1, y.shape[0])))
-    out = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
-    with full_precision():
-        for i0 in range(0, x.shape[0], rows):
-            xb = x[i0 : i0 + rows].to(torch.float64)
-            d2 = torch.addmm(yy[None, :], xb, y64.T, alpha=-2.0)
-            d2 += (xb * xb).sum(1, keepdim=True)
-            out[i0 : i0 + rows] = d2.clamp_(min=0.0).sqrt_().mean(1)
-    return out
+class _MeanDistances:
+    """``mean_j |x_i - y_j|`` of every row of ``x`` to a block ``y``, one wide GEMM per tile."""
+
+    def __init__(self, x: torch.Tensor, budget: int):
+        x64 = x.to(torch.float64)
+        # [x, |x|^2, 1]^T . [-2 y, 1, |y|^2] = |x - y|^2
+        self.xt = torch.cat([x64, (x64 * x64).sum(1, keepdim=True), torch.ones_like(x64[:, :1])], 1)
+        self.xt = self.xt.T.contiguous()
+        self.budget = budget
+
+    def __call__(self, y: torch.Tensor) -> torch.Tensor:
+        y64 = y.to(torch.float64)
+        ya = torch.cat(
+            [-2.0 * y64, torch.ones_like(y64[:, :1]), (y64 * y64).sum(1, keepdim=True)], 1
+        )
+        n = self.xt.shape[1]
+        cols = max(1, min(n, self.budget // (8 * 3 * y.shape[0])))
+        if self.xt.device.type == "cpu":
+            cols = min(cols, max(256, (1 << 17) // y.shape[0]))  # cache-sized tiles
+        out = torch.empty(n, dtype=torch.float64, device=self.xt.device)
+        with full_precision():
+            for j0 in range(0, n, cols):
+                d2 = torch.mm(ya, self.xt[:, j0 : j0 + cols])
+                out[j0 : j0 + cols] = d2.clamp_(min=0.0).sqrt_().mean(0)
+        return out
 
 
 def _greedy(
@@ -355,6 +373,7 @@ def _greedy(
         recorder = _CurveRecorder(data, tracked, threshold)
     budget = memory_budget(dev, options.get("budget"))
     min_dist = torch.full((S,), math.inf, dtype=torch.float64, device=dev)
+    mean_dist = _MeanDistances(data.x, budget) if method == "fps" else None
     counts = data.counts.to(torch.float64)
     tick, bar = _progress_bar(progress, size, method)
 
@@ -377,7 +396,7 @@ def _greedy(
             if running is not None and (step + 1 < size or shared):
                 running.add(rows)  # the last add only serves the curve
             if method == "fps" and step + 1 < size:
-                per_row = _mean_distances(data.x, rows, budget)
+                per_row = mean_dist(rows)
                 per_struct = torch.zeros(S, dtype=torch.float64, device=dev)
                 per_struct.index_add_(0, data.sid, per_row)
                 torch.minimum(min_dist, per_struct / counts, out=min_dist)

@@ -92,6 +92,7 @@ Progress = bool | Callable[[int, int], None] | None
 _CPU_TILE = (1024, 1024)
 _CUDA_TILE_CAP = 16384
 _FLOOR = {torch.float64: -700.0, torch.float32: -80.0}
+_CPU_RUNNING_TILE = 1 << 17  # elements of one RunningLogKernelSum tile on a CPU (1 MB f64)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1106,32 +1107,63 @@ class RunningLogKernelSum:
             raise ValueError("`x` contains NaN or infinite descriptor values")
         self.mu = x64.mean(0) if centre is None else centre.to(self.device, torch.float64)
         xc = x64 - self.mu
-        self.xc = xc.to(self.dtype)
-        self.xx = (xc * xc).sum(1).to(self.dtype)
         self.scale = 1.0 / (2.0 * hs[0] ** 2)
+        # augmented columns: [2 s y, 1, -s|y|^2] . [x, -s|x|^2, 1] = -s |x - y|^2 in one GEMM;
+        # queries stored transposed ([d + 2, n]): the wide GEMM y_aug @ x_aug^T is ~2x faster
+        # than the skinny x_aug @ y_aug^T on CPUs
+        self.x_aug_t = (
+            torch.cat(
+                [xc, (-self.scale * (xc * xc).sum(1))[:, None], torch.ones_like(xc[:, :1])], 1
+            )
+            .to(self.dtype)
+            .T.contiguous()
+        )
+        self.d = int(x.shape[1])
         self.budget = memory_budget(self.device, budget)
         self.log_k = torch.full((x.shape[0],), -math.inf, dtype=torch.float64, device=self.device)
 
+    def _cols_per_tile(self, m: int) -> int:
+        elt = self.dtype.itemsize
+        cols = self.budget // (3 * elt * m)
+        if self.device.type == "cpu":
+            # cache-sized tiles: the GEMM, exp and sums of a tile stay in L2
+            cols = min(cols, max(256, _CPU_RUNNING_TILE // m))
+        return max(1, min(self.x_aug_t.shape[1], cols))
+
     def log_sum(self, y: torch.Tensor) -> torch.Tensor:
         """``log sum_{y_j in y} K(x_i, y_j)`` for every query ``[n]`` (float64), not folded in."""
-        if y.ndim != 2 or y.shape[1] != self.xc.shape[1]:
-            raise ValueError(
-                f"`y` must be [m, {self.xc.shape[1]}] like the queries, got {tuple(y.shape)}"
-            )
+        if y.ndim != 2 or y.shape[1] != self.d:
+            raise ValueError(f"`y` must be [m, {self.d}] like the queries, got {tuple(y.shape)}")
         out = torch.empty_like(self.log_k)
         if y.shape[0] == 0:
             return out.fill_(-math.inf)
-        yc = (y.detach().to(self.device, torch.float64) - self.mu).to(self.dtype)
-        yy = (yc * yc).sum(1)
-        elt = self.dtype.itemsize
-        rows = max(1, min(self.xc.shape[0], self.budget // (3 * elt * y.shape[0])))
+        yc = y.detach().to(self.device, torch.float64) - self.mu
+        y_aug = torch.cat(
+            [
+                2.0 * self.scale * yc,
+                torch.ones_like(yc[:, :1]),
+                -self.scale * (yc * yc).sum(1)[:, None],
+            ],
+            1,
+        ).to(self.dtype)
+        n = self.x_aug_t.shape[1]
+        cols = self._cols_per_tile(y.shape[0])
+        cpu = self.device.type == "cpu"
         with full_precision():
-            for i0 in range(0, self.xc.shape[0], rows):
-                i1 = min(i0 + rows, self.xc.shape[0])
-                # -|x - y|^2 = 2 x.y - |y|^2 - |x|^2  (<= 0; rounding clamped)
-                e = torch.addmm(yy[None, :], self.xc[i0:i1], yc.T, beta=-1.0, alpha=2.0)
-                e.sub_(self.xx[i0:i1, None]).clamp_(max=0.0).mul_(self.scale)
-                out[i0:i1] = torch.logsumexp(e.to(torch.float64), 1)
+            for j0 in range(0, n, cols):
+                j1 = min(j0 + cols, n)
+                e = torch.mm(y_aug, self.x_aug_t[:, j0:j1]).clamp_(max=0.0)  # [m, cols] <= 0
+                e = e.to(torch.float64)
+                if not cpu:
+                    out[j0:j1] = torch.logsumexp(e, 0)
+                    continue
+                # CPU: exp and sum without the max shift (one pass fewer); the exponents are
+                # <= 0, so only columns whose every term underflows need the shifted form
+                sums = e.exp().sum(0)
+                out[j0:j1] = sums.log()
+                low = sums < 1e-290
+                if bool(low.any()):
+                    out[j0:j1][low] = torch.logsumexp(e[:, low], 0)
         return out
 
     def add(self, y: torch.Tensor) -> None:
