@@ -38,6 +38,10 @@ bench: bench-reference
 	$(PY) benchmarks/bench_descriptors.py --out bench-results/descriptors.jsonl
 	$(PY) benchmarks/bench_kde.py --out bench-results/kde.jsonl
 	$(PY) benchmarks/bench_screen.py --out bench-results/screen.jsonl
+	$(PY) benchmarks/bench_compress.py --out bench-results/compress.jsonl
+	$(PY) benchmarks/bench_uncertainty.py --out bench-results/uncertainty.jsonl
+	$(PY) benchmarks/bench_generation.py --out bench-results/generation.jsonl
+	$(PY) benchmarks/bench_distributed.py --out bench-results/distributed.jsonl
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
