@@ -812,6 +812,8 @@ def cmd_compress(args: argparse.Namespace):
         generator=args.seed,
         threshold=args.threshold,
         progress=not args.quiet and n_struct > 200,
+        checkpoint=args.checkpoint,
+        checkpoint_every=args.checkpoint_every,
     )
     timings["compress"] = round(time.perf_counter() - t0, 4)
     summary = res.summary()
@@ -1104,6 +1106,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--reference-index", default=":", help="ASE index/slice of reference frames (default ':')"
     )
     p.add_argument("--seed", type=int, default=0, help="random seed of random/k_means (default 0)")
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help="msc/msc_conditional/fps: save the selection state here and resume from it "
+        "when rerun (a larger -s extends it)",
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        type=_positive_float,
+        default=60.0,
+        help="seconds between checkpoint saves (default 60)",
+    )
     p.add_argument(
         "--threshold", type=_finite_float, default=0.0, help="covered if dH <= this (overlap)"
     )

@@ -22,10 +22,14 @@ of every prefix of the selection for free.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import numbers
+import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -213,12 +217,12 @@ class _CurveRecorder:
         self.rows.append(torch.stack([h, div, covered]))
         self.envs.append(self.n_env)
 
-    def curve(self) -> CompressionCurve:
-        values = torch.stack(self.rows).cpu()
-        m = len(self.envs)
+    def curve(self, size: int | None = None) -> CompressionCurve:
+        m = len(self.envs) if size is None else min(size, len(self.envs))
+        values = torch.stack(self.rows[:m]).cpu()
         return CompressionCurve(
             n_structures=torch.arange(1, m + 1),
-            n_environments=torch.tensor(self.envs),
+            n_environments=torch.tensor(self.envs[:m]),
             entropy=values[:, 0],
             diversity=values[:, 1],
             overlap=values[:, 2],
@@ -308,7 +312,7 @@ def _progress_bar(progress: Progress, total: int, desc: str):
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, desc=desc, unit="structure")
-        return lambda done: bar.update(1), bar
+        return lambda done: bar.update(done - bar.n), bar
     if not callable(progress):
         raise TypeError("`progress` must be a bool or a callable(done, total)")
     return lambda done: progress(done, total), None
@@ -346,6 +350,64 @@ class _MeanDistances:
         return out
 
 
+class _Checkpoint:
+    """Resumable state of a greedy selection, saved atomically every ``every`` seconds.
+
+    The state is saved between steps only (never half a step), so a crash loses at most
+    ``every`` seconds of work; an interrupt (``KeyboardInterrupt``, an exception from a
+    progress callback) saves the last completed step first. ``key`` identifies the data and
+    parameters: a checkpoint written for anything else is refused, not overwritten. The
+    target size is not part of the key: a checkpoint extends to a larger size, and a smaller
+    size is answered from its prefix.
+    """
+
+    def __init__(self, path, key: str, every: float):
+        self.path = Path(path)
+        self.key = key
+        self.every = float(every)
+        self.last = time.monotonic()
+
+    def load(self) -> dict | None:
+        if not self.path.exists():
+            return None
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a damaged file: say so, do not overwrite it
+            raise ValueError(f"`checkpoint` {self.path} is unreadable ({exc}); delete it") from None
+        if not isinstance(state, dict) or state.get("key") != self.key:
+            raise ValueError(
+                f"`checkpoint` {self.path} was written for other data or parameters "
+                "(method, h, threshold, dtype, curve, dataset or reference); delete it or "
+                "choose another path"
+            )
+        return state
+
+    def due(self) -> bool:
+        return time.monotonic() - self.last >= self.every
+
+    def save(self, state: dict) -> None:
+        from .io import atomic_write
+
+        atomic_write(self.path, lambda p: torch.save({"key": self.key, **state}, p))
+        self.last = time.monotonic()
+
+
+def _fingerprint(x: torch.Tensor, counts: torch.Tensor, ref: torch.Tensor | None) -> str:
+    """Cheap content fingerprint of the dataset (and reference): sizes and weighted sums."""
+    parts = [tuple(x.shape), tuple(counts.tolist()[:8]), int(counts.numel())]
+    for t in (x, ref):
+        if t is None:
+            parts.append(None)
+            continue
+        t64 = t.to(torch.float64)
+        w = torch.linspace(1.0, 2.0, t64.shape[0], dtype=torch.float64, device=t64.device)
+        parts.append((float(t64.sum()), float((t64 * t64).sum()), float((w[:, None] * t64).sum())))
+    counts64 = counts.to(torch.float64)
+    w = torch.linspace(1.0, 2.0, counts.numel(), dtype=torch.float64, device=counts.device)
+    parts.append(float((w * counts64).sum()))
+    return hashlib.sha256(repr(parts).encode()).hexdigest()
+
+
 def _greedy(
     method: str,
     data: _Dataset,
@@ -357,8 +419,13 @@ def _greedy(
     threshold: float,
     options: dict,
     progress: Progress,
+    checkpoint: _Checkpoint | None = None,
 ) -> tuple[list[int], CompressionCurve | None]:
-    """msc, msc_conditional and fps: one structure per step, selection on the device."""
+    """msc, msc_conditional and fps: one structure per step, selection on the device.
+
+    Each step computes its updates first and commits them together, so the state between
+    steps is always consistent (what a checkpoint saves).
+    """
     S = data.n_structures
     dev = data.x.device
     taken = torch.zeros(S, dtype=torch.bool, device=dev)
@@ -375,11 +442,49 @@ def _greedy(
     min_dist = torch.full((S,), math.inf, dtype=torch.float64, device=dev)
     mean_dist = _MeanDistances(data.x, budget) if method == "fps" else None
     counts = data.counts.to(torch.float64)
-    tick, bar = _progress_bar(progress, size, method)
+    shared = recorder is not None and recorder.running is running
+    separate = recorder.running if recorder is not None and not shared else None
 
     order: list[int] = []
+
+    def snapshot() -> dict:
+        state = {"order": list(order), "min_dist": min_dist.cpu()}
+        if running is not None:
+            state["log_k"] = running.log_k.cpu()
+        if recorder is not None:
+            state["curve_idx"] = recorder.idx.cpu()
+            state["curve_rows"] = (
+                torch.stack(recorder.rows).cpu() if recorder.rows else torch.zeros(0, 3)
+            )
+            state["curve_envs"] = list(recorder.envs)
+            if separate is not None:
+                state["curve_log_k"] = separate.log_k.cpu()
+        return state
+
+    if checkpoint is not None:
+        state = checkpoint.load()
+        if state is not None:
+            order = [int(i) for i in state["order"]]
+            if order:
+                taken[torch.tensor(order, device=dev)] = True
+            min_dist = state["min_dist"].to(dev)
+            if running is not None:
+                running.log_k = state["log_k"].to(dev)
+            if recorder is not None:
+                recorder.idx = state["curve_idx"].to(dev)
+                recorder.rows = list(state["curve_rows"].to(dev).unbind(0))
+                recorder.envs = [int(e) for e in state["curve_envs"]]
+                recorder.n_env = recorder.envs[-1] if recorder.envs else 0
+                if separate is not None:
+                    separate.log_k = state["curve_log_k"].to(dev)
+    # with a checkpoint every update is made (the state can then grow to any size later)
+    complete = checkpoint is not None
+    tick, bar = _progress_bar(progress, size, method)
+    committing = False
     try:
-        for step in range(size):
+        if order:
+            tick(min(len(order), size))  # resumed steps count as done
+        for step in range(len(order), size):
             if step == 0 and reference is None:
                 # seed: the structure with the most diverse environments
                 score = h_s
@@ -389,26 +494,43 @@ def _greedy(
                 score = -_segment_min(running.log_k, data) + h_s
                 score = torch.where(taken, -math.inf, score)
             s = int(torch.argmax(score))  # the one host sync of the step: which rows to add
+            rows = data.rows(s)
+            last = step + 1 == size and not complete
+            new_log_k = new_min = new_curve = None
+            if running is not None and not (last and not shared):
+                new_log_k = torch.logaddexp(running.log_k, running.log_sum(rows))
+            if method == "fps" and not last:
+                per_struct = torch.zeros(S, dtype=torch.float64, device=dev)
+                per_struct.index_add_(0, data.sid, mean_dist(rows))
+                new_min = torch.minimum(min_dist, per_struct / counts)
+            if separate is not None:
+                new_curve = torch.logaddexp(separate.log_k, separate.log_sum(rows))
+            committing = True  # the step's updates, together
             order.append(s)
             taken[s] = True
-            rows = data.rows(s)
-            shared = recorder is not None and recorder.running is running
-            if running is not None and (step + 1 < size or shared):
-                running.add(rows)  # the last add only serves the curve
-            if method == "fps" and step + 1 < size:
-                per_row = mean_dist(rows)
-                per_struct = torch.zeros(S, dtype=torch.float64, device=dev)
-                per_struct.index_add_(0, data.sid, per_row)
-                torch.minimum(min_dist, per_struct / counts, out=min_dist)
+            if new_log_k is not None:
+                running.log_k = new_log_k
+            if new_min is not None:
+                min_dist = new_min
+            if new_curve is not None:
+                separate.log_k = new_curve
             if recorder is not None:
-                if recorder.running is not running:
-                    recorder.running.add(rows)
                 recorder.record(s)
+            committing = False
+            if checkpoint is not None and checkpoint.due():
+                checkpoint.save(snapshot())
             tick(step + 1)
+        if checkpoint is not None:
+            checkpoint.save(snapshot())
+    except BaseException:
+        if checkpoint is not None and not committing and order:
+            checkpoint.save(snapshot())  # keep every completed step
+        raise
     finally:
         if bar is not None:
             bar.close()
-    return order, (recorder.curve() if recorder is not None else None)
+    crv = recorder.curve(size) if recorder is not None else None
+    return order[:size], crv
 
 
 # --------------------------------------------------------------------------------------------
@@ -522,6 +644,8 @@ def compress(
     tile_size: int | tuple[int, int] | None = None,
     budget: int | str | None = None,
     progress: Progress = None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: float = 60.0,
 ) -> Compression:
     """Select the structures of a dataset that carry its information.
 
@@ -567,6 +691,13 @@ def compress(
         tile_size: kernel tile size (results do not depend on it).
         budget: memory budget of the tiles (bytes or ``"512M"``).
         progress: ``True`` for a tqdm bar or a callable ``(done, total)``.
+        checkpoint: ``msc``, ``msc_conditional``, ``fps``: a file where the selection's state
+            is saved atomically every ``checkpoint_every`` seconds, at the end, and on an
+            interrupt. Calling again with the same data and parameters resumes from it
+            (the result equals an uninterrupted run's); a larger ``size`` extends it, a
+            smaller one is answered from its prefix. A checkpoint of other data or
+            parameters is refused.
+        checkpoint_every: seconds between checkpoint saves.
 
     Returns:
         :class:`Compression` (``indices`` in selection order, ``curve``, ``summary()``).
@@ -613,10 +744,25 @@ def compress(
 
     if method in ("msc", "msc_conditional", "fps"):
         effective = "msc" if method == "msc_conditional" and ref is None else method
+        ckpt = None
+        if checkpoint is not None:
+            if isinstance(checkpoint_every, bool) or not checkpoint_every >= 0:
+                raise ValueError(f"`checkpoint_every` must be >= 0 s, got {checkpoint_every!r}")
+            key = (
+                f"quests-torch compression v1|{effective}|h={h!r}|threshold={threshold!r}|"
+                f"dtype={dtype}|curve={curve}|{_fingerprint(data.x, data.counts, ref)}"
+            )
+            ckpt = _Checkpoint(
+                checkpoint, hashlib.sha256(key.encode()).hexdigest(), checkpoint_every
+            )
         order, crv = _greedy(
-            effective, data, h_s, n_sel, h, ref, curve, threshold, options, progress
+            effective, data, h_s, n_sel, h, ref, curve, threshold, options, progress, ckpt
         )
     else:
+        if checkpoint is not None:
+            raise ValueError(
+                f"`checkpoint` applies to msc, msc_conditional and fps, not {method!r}"
+            )
         gen = _generator(generator)
         if method == "random":
             order = torch.randperm(data.n_structures, generator=gen)[:n_sel].tolist()

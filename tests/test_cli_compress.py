@@ -145,3 +145,17 @@ def test_generations_from_files_and_info_key(files):
     assert proc.returncode == 2 and "no info key 'nope'" in proc.stderr
     proc = cli("generations", "data.extxyz", cwd=d, check=False)
     assert proc.returncode == 2 and "one file per generation" in proc.stderr
+
+
+def test_compress_checkpoint_resumes_and_extends(files):
+    d, data, _ = files
+    cli("compress", "data.extxyz", "-s", "5", "--checkpoint", "c.ckpt", "-o", "c5.json", "-q",
+        cwd=d)  # fmt: skip
+    assert (d / "c.ckpt").exists()
+    cli("compress", "data.extxyz", "-s", "9", "--checkpoint", "c.ckpt", "-o", "c9.json", "-q",
+        cwd=d)  # fmt: skip
+    lib = _library(data, 9, "msc")
+    assert json.loads((d / "c9.json").read_text())["results"]["indices"] == lib.indices.tolist()
+    proc = cli("compress", "data.extxyz", "-s", "9", "-b", "0.02", "--checkpoint", "c.ckpt",
+               cwd=d, check=False)  # fmt: skip
+    assert proc.returncode == 2 and "written for other data or parameters" in proc.stderr

@@ -279,3 +279,53 @@ def test_running_log_kernel_sum_equals_one_pass(data):
     r32 = RunningLogKernelSum(x.float(), 0.015)
     r32.add(prior.float())
     torch.testing.assert_close(r32.log_k, log_kernel_sum(x, prior), rtol=0, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------ resume
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method", ["msc", "msc_conditional", "fps"])
+def test_checkpoint_resumes_to_the_uninterrupted_result(data, tmp_path, method):
+    x, sid, prior = data
+    ref = prior if method == "msc_conditional" else None
+    want = compress(x, sid, 14, method, reference=ref)
+    path = tmp_path / f"{method}.ckpt"
+
+    def stop_after_5(done, total):
+        if done == 5:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        compress(x, sid, 14, method, reference=ref, checkpoint=path, progress=stop_after_5)
+    assert path.exists()  # the completed steps were saved on the way out
+    seen = []
+    got = compress(
+        x, sid, 14, method, reference=ref, checkpoint=path, progress=lambda d, t: seen.append(d)
+    )
+    assert seen[0] == 5 and seen[-1] == 14  # resumed, not restarted
+    assert torch.equal(got.indices, want.indices)
+    for name in ("entropy", "diversity", "overlap", "n_environments"):
+        torch.testing.assert_close(
+            getattr(got.curve, name), getattr(want.curve, name), rtol=0, atol=0
+        )
+
+
+def test_checkpoint_extends_and_answers_prefixes(data, tmp_path):
+    x, sid, _ = data
+    path = tmp_path / "msc.ckpt"
+    compress(x, sid, 6, "msc", checkpoint=path, checkpoint_every=0.0)
+    longer = compress(x, sid, 12, "msc", checkpoint=path)
+    assert torch.equal(longer.indices, compress(x, sid, 12, "msc").indices)
+    shorter = compress(x, sid, 4, "msc", checkpoint=path)
+    assert torch.equal(shorter.indices, longer.indices[:4])
+    assert shorter.curve.entropy.numel() == 4
+    with pytest.raises(ValueError, match="written for other data or parameters"):
+        compress(x, sid, 12, "msc", h=0.02, checkpoint=path)
+    with pytest.raises(ValueError, match="written for other data or parameters"):
+        compress(x[:-31], sid[:-31], 12, "msc", checkpoint=path)
+    with pytest.raises(ValueError, match="applies to msc, msc_conditional and fps"):
+        compress(x, sid, 3, "random", checkpoint=tmp_path / "r.ckpt")
