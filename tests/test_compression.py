@@ -329,3 +329,9 @@ def test_checkpoint_extends_and_answers_prefixes(data, tmp_path):
         compress(x[:-31], sid[:-31], 12, "msc", checkpoint=path)
     with pytest.raises(ValueError, match="applies to msc, msc_conditional and fps"):
         compress(x, sid, 3, "random", checkpoint=tmp_path / "r.ckpt")
+
+
+def test_fraction_ignores_floating_point_noise(data):
+    x, sid, _ = data
+    ten = sid < 10  # 10 structures; 0.7 * 10 = 7.000000000000001 in floating point
+    assert compress(x[ten], sid[ten], 0.7, "msc", curve=False).indices.numel() == 7
