@@ -74,12 +74,18 @@ def _check_params(k: int, cutoff: float) -> None:
 
 
 def _selection_keys(vec: torch.Tensor, dist: torch.Tensor, cutoff: float) -> torch.Tensor:
-    """int64 sort keys: quantised distance, then quantised (x, y, z) of the vector."""
-    dq = torch.round(dist * ((1 << _D_BITS) / cutoff)).to(torch.int64)
-    cq = torch.round((vec.clamp(-cutoff, cutoff) + cutoff) * (_C_LEVELS / (2 * cutoff))).to(
-        torch.int64
-    )
-    return (dq << 33) | (cq[..., 0] << 22) | (cq[..., 1] << 11) | cq[..., 2]
+    """int64 sort keys: quantised distance, then quantised (x, y, z) of the vector.
+
+    The three 11-bit coordinate levels are packed with one float64 product (integers below
+    2^33: exact), which is ~2.5x faster than shifting three int64 columns.
+    """
+    dq = (dist * ((1 << _D_BITS) / cutoff)).round_().to(torch.int64)
+    cq = (vec + cutoff).mul_(_C_LEVELS / (2 * cutoff)).round_().clamp_(0, _C_LEVELS)
+    packed = cq.to(torch.float64) @ _PACK.to(cq.device)
+    return (dq << 33) | packed.to(torch.int64)
+
+
+_PACK = torch.tensor([float(1 << 22), float(1 << 11), 1.0], dtype=torch.float64)
 
 
 _POOL: ThreadPoolExecutor | None = None
@@ -163,13 +169,18 @@ def _environment_descriptors(
         # zeroes it
         offdiag = 1.0 - torch.eye(m, dtype=vec.dtype, device=vec.device)
         R = (s[:, :, None] * s[:, None, :]) * offdiag / (d2.clamp_min(1e-30).sqrt() + _EPS_X2)
-    else:  # same arithmetic in place: the hot path of screening and entropy
+    else:  # the hot path of screening and entropy: fewer passes, in place
         d2.sqrt_().add_(_EPS_X2)  # the diagonal may be NaN (d2 ~ -0): overwritten below
-        R = torch.mul(s[:, :, None], s[:, None, :]).div_(d2)
-        R.diagonal(dim1=1, dim2=2).zero_()
+        # row i of R is s_i * (s_j / r_ij) with s_i >= 0: sort T_ij = s_j / r_ij and weight
+        # the sorted rows by s_i in one batched product
+        T = torch.div(s[:, None, :], d2, out=d2)
+        T.diagonal(dim1=1, dim2=2).zero_()
+        x2 = torch.bmm(s[:, None, :], _sorted_rows(T)).squeeze(1).flip(-1) / k
+        R = None
     # (q+1)-th smallest of each row summed over rows; rows/columns beyond m are all zero,
     # so the largest m values of each full k-row are those of the m-row
-    x2 = _sorted_rows(R).sum(dim=1).flip(-1) / k  # [n, m], largest first
+    if R is not None:
+        x2 = _sorted_rows(R).sum(dim=1).flip(-1) / k  # [n, m], largest first
     w2 = min(m, k - 1)
     parts = [x1]
     if m < k:
