@@ -378,3 +378,12 @@ def test_atoms_batch_round_trip():
     assert b32.positions.dtype == torch.float32 and b32.cell.dtype == torch.float32
     sub = b.select([1])
     assert sub.n_systems == 1 and torch.equal(sub.positions, b.positions[9:])
+
+
+def test_descriptor_distance_behind_the_default_bandwidth():
+    """The README's numbers: |x(a=3.58) - x(a=3.54)| ~ 2h and |x(3.58) - x(3.56)| ~ h."""
+    from ase.build import bulk
+
+    x = {a: get_descriptors(bulk("Cu", "fcc", a=a, cubic=True))[0] for a in (3.58, 3.56, 3.54)}
+    assert float((x[3.58] - x[3.54]).norm()) == pytest.approx(0.0308, abs=5e-5)
+    assert float((x[3.58] - x[3.56]).norm()) == pytest.approx(0.0153, abs=5e-5)
