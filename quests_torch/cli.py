@@ -246,13 +246,20 @@ def _load(
         ds.meta["cache_hit"] = hit
         timings[f"{label}_descriptors"] = round(time.perf_counter() - t0, 4)
         return ds
+    return _from_structures(path, index, k, cutoff, args, timings, label)[1]
+
+
+def _from_structures(path, index, k, cutoff, args, timings, label):
+    """(frames, DescriptorSet) of a structure file: read, then descriptors (split over ranks)."""
+    t0 = time.perf_counter()
     frames = read_structures(path, index)
     t1 = time.perf_counter()
+    dtype, device = _dtype(args.dtype), _device(args)
     x = _dist().get_descriptors(frames, k=k, cutoff=cutoff, dtype=dtype, device=device)
     timings[f"{label}_read"] = round(t1 - t0, 4)
     timings[f"{label}_descriptors"] = round(time.perf_counter() - t1, 4)
     counts = np.array([len(a) for a in frames], dtype=np.int64)
-    return DescriptorSet(x, counts, k, cutoff, args.dtype, path)
+    return frames, DescriptorSet(x, counts, k, cutoff, args.dtype, path)
 
 
 def _progress(args: argparse.Namespace, pairs: float) -> bool:
@@ -759,15 +766,7 @@ def _structures_and_descriptors(path, index, k, cutoff, args, stored, timings, l
     """(frames or None, DescriptorSet): frames are kept for writing structures back."""
     if path in stored:
         return None, _load(path, index, k, cutoff, args, stored, timings, label)
-    t0 = time.perf_counter()
-    frames = read_structures(path, index)
-    t1 = time.perf_counter()
-    dtype, device = _dtype(args.dtype), _device(args)
-    x = _dist().get_descriptors(frames, k=k, cutoff=cutoff, dtype=dtype, device=device)
-    timings[f"{label}_read"] = round(t1 - t0, 4)
-    timings[f"{label}_descriptors"] = round(time.perf_counter() - t1, 4)
-    counts = np.array([len(a) for a in frames], dtype=np.int64)
-    return frames, DescriptorSet(x, counts, k, cutoff, args.dtype, path)
+    return _from_structures(path, index, k, cutoff, args, timings, label)
 
 
 def _system_idx(ds: DescriptorSet) -> torch.Tensor:

@@ -35,7 +35,14 @@ import numpy as np
 import torch
 
 from ._memory import memory_budget
-from .kde import DEFAULT_BANDWIDTH, RunningLogKernelSum, full_precision
+from .kde import (
+    DEFAULT_BANDWIDTH,
+    RunningLogKernelSum,
+    _bandwidths,
+    _progress_callback,
+    full_precision,
+    wide_tile_columns,
+)
 from .metrics import _check_threshold, _generator, entropy_per_structure
 
 __all__ = [
@@ -124,25 +131,26 @@ def _concat(parts: Sequence, name: str, device) -> tuple[torch.Tensor, torch.Ten
     return torch.cat(tensors), sid
 
 
-def _dataset(x, system_idx, name: str = "x", device=None) -> _Dataset:
+def _dataset(
+    x, system_idx, name: str = "x", device=None, idx: str = "system_idx", unit: str = "structure"
+) -> _Dataset:
     if isinstance(x, (list, tuple)):
         if system_idx is not None:
-            raise ValueError(f"`system_idx` must be None when `{name}` is a list of structures")
+            raise ValueError(f"`{idx}` must be None when `{name}` is a list of {unit}s")
         x, sid = _concat(x, name, device)
     else:
         x = _as_tensor(x, name, device)
         if system_idx is None:
             raise ValueError(
-                f"`system_idx` is required with a single `{name}` array: the structure of each "
-                "environment"
+                f"`{idx}` is required with a single `{name}` array: the {unit} of each environment"
             )
         if isinstance(system_idx, np.ndarray):
             system_idx = torch.from_numpy(system_idx)
         if not isinstance(system_idx, torch.Tensor) or system_idx.dtype.is_floating_point:
-            raise TypeError("`system_idx` must be an integer tensor or numpy array [n]")
+            raise TypeError(f"`{idx}` must be an integer tensor or numpy array [n]")
         if system_idx.shape != (x.shape[0],):
             raise ValueError(
-                f"`system_idx` must have shape ({x.shape[0]},) like the rows of `{name}`, "
+                f"`{idx}` must have shape ({x.shape[0]},) like the rows of `{name}`, "
                 f"got {tuple(system_idx.shape)}"
             )
         sid = system_idx.to(device=x.device, dtype=torch.long)
@@ -151,14 +159,14 @@ def _dataset(x, system_idx, name: str = "x", device=None) -> _Dataset:
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"`{name}` contains NaN or infinite descriptor values")
     if bool((sid < 0).any()):
-        raise ValueError("`system_idx` must be non-negative")
+        raise ValueError(f"`{idx}` must be non-negative")
     order = torch.sort(sid, stable=True).indices
     sid = sid[order]
     counts = torch.bincount(sid)
     empty = torch.nonzero(counts == 0).flatten()
     if empty.numel():
         raise ValueError(
-            f"structure {int(empty[0])} has no environments (`system_idx` must number the "
+            f"{unit} {int(empty[0])} has no environments (`{idx}` must number the "
             f"structures 0..{counts.numel() - 1} without gaps)"
         )
     end = torch.cumsum(counts, 0).cpu().numpy()
@@ -306,16 +314,19 @@ class Compression:
 
 
 def _progress_bar(progress: Progress, total: int, desc: str):
-    if progress is None or progress is False:
+    """``(tick(done), bar)`` from the engine's progress convention (bar, callable or none)."""
+    update, bar = _progress_callback(progress, total, desc, unit="structure")
+    if update is None:
         return lambda done: None, None
-    if progress is True:
-        from tqdm.auto import tqdm
+    return lambda done: update(done, total), bar
 
-        bar = tqdm(total=total, desc=desc, unit="structure")
-        return lambda done: bar.update(done - bar.n), bar
-    if not callable(progress):
-        raise TypeError("`progress` must be a bool or a callable(done, total)")
-    return lambda done: progress(done, total), None
+
+def _scalar_h(h) -> float:
+    """A single positive bandwidth (the greedy and per-generation sums take one ``h``)."""
+    hs, vector = _bandwidths(h)
+    if vector:
+        raise ValueError("`h` must be a single bandwidth here, got several")
+    return hs[0]
 
 
 def _segment_min(values: torch.Tensor, data: _Dataset) -> torch.Tensor:
@@ -339,9 +350,7 @@ class _MeanDistances:
             [-2.0 * y64, torch.ones_like(y64[:, :1]), (y64 * y64).sum(1, keepdim=True)], 1
         )
         n = self.xt.shape[1]
-        cols = max(1, min(n, self.budget // (8 * 3 * y.shape[0])))
-        if self.xt.device.type == "cpu":
-            cols = min(cols, max(256, (1 << 17) // y.shape[0]))  # cache-sized tiles
+        cols = wide_tile_columns(self.xt.device, self.budget, y.shape[0], torch.float64, n)
         out = torch.empty(n, dtype=torch.float64, device=self.xt.device)
         with full_precision():
             for j0 in range(0, n, cols):
@@ -373,7 +382,11 @@ class _Checkpoint:
         try:
             state = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as exc:  # a damaged file: say so, do not overwrite it
-            raise ValueError(f"`checkpoint` {self.path} is unreadable ({exc}); delete it") from None
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise ValueError(
+                f"`checkpoint` {self.path} is not a compression checkpoint "
+                f"({type(exc).__name__}: {first[:120]}); delete it or choose another path"
+            ) from None
         if not isinstance(state, dict) or state.get("key") != self.key:
             raise ValueError(
                 f"`checkpoint` {self.path} was written for other data or parameters "
@@ -394,7 +407,7 @@ class _Checkpoint:
 
 def _fingerprint(x: torch.Tensor, counts: torch.Tensor, ref: torch.Tensor | None) -> str:
     """Cheap content fingerprint of the dataset (and reference): sizes and weighted sums."""
-    parts = [tuple(x.shape), tuple(counts.tolist()[:8]), int(counts.numel())]
+    parts = [tuple(x.shape), tuple(counts[:8].tolist()), int(counts.numel())]
     for t in (x, ref):
         if t is None:
             parts.append(None)
@@ -704,9 +717,7 @@ def compress(
     """
     if method not in METHODS:
         raise ValueError(f"`method` must be one of {', '.join(METHODS)}; got {method!r}")
-    if isinstance(h, bool) or not isinstance(h, numbers.Real) or not h > 0:
-        raise ValueError(f"`h` must be a positive float, got {h!r}")
-    h = float(h)
+    h = _scalar_h(h)
     threshold = _check_threshold(threshold)
     data = _dataset(x, system_idx, "x", device)
     n_sel = _target_size(size, data.n_structures)
@@ -959,13 +970,12 @@ def generation_report(
     Returns:
         :class:`GenerationReport`.
     """
-    if isinstance(h, bool) or not isinstance(h, numbers.Real) or not h > 0:
-        raise ValueError(f"`h` must be a positive float, got {h!r}")
+    h = _scalar_h(h)
     threshold = _check_threshold(threshold)
     if isinstance(x, (list, tuple)):
-        data = _dataset(x, None, "x", device)
+        data = _dataset(x, None, "x", device, "generation_idx", "generation")
     else:
-        data = _dataset(x, generation_idx, "x", device)
+        data = _dataset(x, generation_idx, "x", device, "generation_idx", "generation")
     G = data.n_structures
     if labels is None:
         labels = list(range(G))
@@ -974,7 +984,7 @@ def generation_report(
     options = {"dtype": dtype, "tile_size": tile_size, "budget": budget}
     mu = data.x.to(torch.float64).mean(0)
     xc = (data.x.to(torch.float64) - mu).to(data.x.dtype)
-    running = _running(xc, float(h), options)
+    running = _running(xc, h, options)
     tick, bar = _progress_bar(progress, G, "generations")
     stats = []
     nan = torch.tensor(math.nan, dtype=torch.float64, device=xc.device)

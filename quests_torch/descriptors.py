@@ -26,6 +26,7 @@ chunks sized from a memory budget.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -279,6 +280,29 @@ def _sorted_species(species: Sequence[int]) -> list[int]:
     return sorted(unique, key=lambda z: chemical_symbols[z])
 
 
+def species_numbers(species: Sequence[str | int] | None) -> list[int] | None:
+    """Atomic numbers ordered by chemical symbol (the multicomponent column order), or None."""
+    if species is None:
+        return None
+    from ase.data import atomic_numbers
+
+    if isinstance(species, (str, int)):
+        species = [species]
+    out = []
+    for s in species:
+        if isinstance(s, str):
+            if s not in atomic_numbers:
+                raise ValueError(f"`species` contains an unknown element {s!r}")
+            out.append(atomic_numbers[s])
+        elif isinstance(s, numbers.Integral) and not isinstance(s, bool):
+            out.append(int(s))
+        else:
+            raise TypeError(f"`species` must hold symbols or atomic numbers, got {s!r}")
+    if not out:
+        raise ValueError("`species` is empty")
+    return _sorted_species(out)
+
+
 def descriptors_from_tensors(
     positions: torch.Tensor,
     cell: torch.Tensor,
@@ -394,26 +418,14 @@ def get_descriptors(
         ``[n_atoms, 2k - 1]`` tensor (multicomponent: ``[n_atoms, (S + 1)(2k - 1)]`` when the
         data has ``S > 1`` species) on ``device``, atoms in input order.
     """
-    from ase.data import atomic_numbers
-
     dev = resolve_device(device)
     if isinstance(structures, AtomsBatch):
         batch = structures.to(dev, dtype)
     else:
         batch = AtomsBatch.from_ase(structures, device=dev, dtype=dtype)
-    spec: list[int] | None = None
-    if multicomponent or species is not None:
-        if species is None:
-            spec = sorted(set(torch.unique(batch.numbers).tolist()))
-        else:
-            spec = []
-            for s in species:
-                if isinstance(s, str):
-                    if s not in atomic_numbers:
-                        raise ValueError(f"`species` contains an unknown element {s!r}")
-                    spec.append(atomic_numbers[s])
-                else:
-                    spec.append(int(s))
+    spec: list[int] | None = species_numbers(species)
+    if multicomponent and spec is None:
+        spec = sorted(set(torch.unique(batch.numbers).tolist()))
     return descriptors_from_tensors(
         batch.positions,
         batch.cell,

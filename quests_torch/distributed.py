@@ -93,6 +93,7 @@ from .metrics import (
     _check_threshold,
     _diversity_from_log_p,
     _entropy_from_log_p,
+    _fraction_above,
     _generator,
 )
 from .screening import ScreeningResult, ScreenTimings
@@ -612,8 +613,7 @@ def novelty(
     """:func:`quests_torch.metrics.novelty` (fraction with ``dH > threshold``), all ranks."""
     threshold = _check_threshold(threshold)
     with torch.no_grad():
-        dh = delta_entropy(y, x, h, **options)
-    return (dh > threshold).to(dh.dtype).mean(0)
+        return _fraction_above(delta_entropy(y, x, h, **options), threshold)
 
 
 def overlap(

@@ -264,7 +264,7 @@ def _compute_device(sources: Sequence[_Source], device) -> torch.device:
     return torch.device("cpu" if device is None else device)
 
 
-def _progress_callback(progress: Progress, total: int, desc: str):
+def _progress_callback(progress: Progress, total: int, desc: str, unit: str = "row"):
     if progress is None or progress is False:
         return None, None
     if progress is True:
@@ -272,7 +272,7 @@ def _progress_callback(progress: Progress, total: int, desc: str):
             from tqdm.auto import tqdm
         except ImportError:  # pragma: no cover
             return None, None
-        bar = tqdm(total=total, desc=desc, unit="row")
+        bar = tqdm(total=total, desc=desc, unit=unit)
         state = {"done": 0}
 
         def update(done: int, _total: int) -> None:
@@ -1061,6 +1061,18 @@ def first_match_within(
 # --------------------------------------------------------------------------------------------
 
 
+def wide_tile_columns(device: torch.device, budget: int, m: int, dtype: torch.dtype, n: int) -> int:
+    """Columns of an ``[m, cols]`` tile for the wide ``[m, d] x [d, n]`` products.
+
+    Three ``[m, cols]`` temporaries fit the memory budget; on a CPU the tile is also capped
+    at ~1 MB so the GEMM and the passes that follow stay in the L2 cache.
+    """
+    cols = budget // (3 * dtype.itemsize * max(1, m))
+    if torch.device(device).type == "cpu":
+        cols = min(cols, max(256, _CPU_RUNNING_TILE // max(1, m)))
+    return max(1, min(n, cols))
+
+
 class RunningLogKernelSum:
     """``log K_i = log sum_{y in added} exp(-|x_i - y|^2 / (2 h^2))`` for fixed queries ``x``.
 
@@ -1123,12 +1135,7 @@ class RunningLogKernelSum:
         self.log_k = torch.full((x.shape[0],), -math.inf, dtype=torch.float64, device=self.device)
 
     def _cols_per_tile(self, m: int) -> int:
-        elt = self.dtype.itemsize
-        cols = self.budget // (3 * elt * m)
-        if self.device.type == "cpu":
-            # cache-sized tiles: the GEMM, exp and sums of a tile stay in L2
-            cols = min(cols, max(256, _CPU_RUNNING_TILE // m))
-        return max(1, min(self.x_aug_t.shape[1], cols))
+        return wide_tile_columns(self.device, self.budget, m, self.dtype, self.x_aug_t.shape[1])
 
     def log_sum(self, y: torch.Tensor) -> torch.Tensor:
         """``log sum_{y_j in y} K(x_i, y_j)`` for every query ``[n]`` (float64), not folded in."""

@@ -143,6 +143,11 @@ def _check_threshold(threshold) -> float:
     return float(threshold)
 
 
+def _fraction_above(dh: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Fraction of rows with ``dH > threshold`` (per bandwidth column for a vector ``h``)."""
+    return (dh > threshold).to(dh.dtype).mean(0)
+
+
 def novelty(
     y: ArrayLike,
     x: ArrayLike,
@@ -166,8 +171,7 @@ def novelty(
     """
     threshold = _check_threshold(threshold)
     with torch.no_grad():
-        dh = delta_entropy(y, x, h, **options)
-    return (dh > threshold).to(dh.dtype).mean(0)
+        return _fraction_above(delta_entropy(y, x, h, **options), threshold)
 
 
 def overlap(

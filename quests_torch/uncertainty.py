@@ -37,10 +37,10 @@ from .descriptors import (
     DEFAULT_CUTOFF,
     DEFAULT_K,
     _check_params,
-    _sorted_species,
     descriptor_width,
     descriptors_from_tensors,
     get_descriptors,
+    species_numbers,
 )
 from .io import DescriptorSet, is_descriptor_file, load_descriptors, read_structures
 from .kde import DEFAULT_BANDWIDTH, full_precision
@@ -118,29 +118,6 @@ def _check_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
-def _species_numbers(species: Sequence[str | int] | None) -> list[int] | None:
-    """Atomic numbers ordered by chemical symbol (the multicomponent column order), or None."""
-    if species is None:
-        return None
-    from ase.data import atomic_numbers
-
-    if isinstance(species, (str, int)):
-        species = [species]
-    out = []
-    for s in species:
-        if isinstance(s, str):
-            if s not in atomic_numbers:
-                raise ValueError(f"`species` contains an unknown element {s!r}")
-            out.append(atomic_numbers[s])
-        elif isinstance(s, numbers.Integral) and not isinstance(s, bool):
-            out.append(int(s))
-        else:
-            raise TypeError(f"`species` must hold symbols or atomic numbers, got {s!r}")
-    if not out:
-        raise ValueError("`species` is empty")
-    return _sorted_species(out)
-
-
 class UncertaintyBank(torch.nn.Module):
     r"""Reference descriptors and the per-atom dH of new structures against them.
 
@@ -184,7 +161,7 @@ class UncertaintyBank(torch.nn.Module):
         self.k = int(k)
         self.cutoff = float(cutoff)
         self.h = _check_h(h)
-        self.species = _species_numbers(species)
+        self.species = species_numbers(species)
         dtype = _check_dtype(_dtype_of(descriptors) if dtype is None else dtype)
         dev = _device_of(descriptors) if device is None else resolve_device(device)
         self.register_buffer("descriptors", torch.zeros((0, self.width), dtype=dtype, device=dev))
@@ -352,7 +329,7 @@ class UncertaintyBank(torch.nn.Module):
         k, cutoff = int(state["k"]), float(state["cutoff"])
         _check_params(k, cutoff)
         h = _check_h(float(state["h"]))
-        species = _species_numbers(state.get("species"))
+        species = species_numbers(state.get("species"))
         width = descriptor_width(k, len(species) if species else 0)
         if self.descriptors.shape[1] != width:
             sp = "" if not species else f" and species {species}"

@@ -336,3 +336,38 @@ def test_fraction_ignores_floating_point_noise(data):
     first = sid < 25  # 25 structures; 25 * 0.28 = 7.000000000000001 in floating point
     assert 25 * 0.28 > 7
     assert compress(x[first], sid[first], 0.28, "msc", curve=False).indices.numel() == 7
+
+
+def test_unreadable_checkpoint_is_refused_and_kept(data, tmp_path):
+    x, sid, _ = data
+    path = tmp_path / "bad.ckpt"
+    path.write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="is not a compression checkpoint"):
+        compress(x, sid, 3, "msc", checkpoint=path)
+    assert path.read_text() == "not a checkpoint"  # never overwritten
+
+
+def test_generation_report_and_running_sum_errors(data):
+    x, sid, _ = data
+    gen = sid // 10
+    with pytest.raises(ValueError, match="`labels` has 2 entries for 4 generations"):
+        generation_report(x, gen, labels=["a", "b"])
+    with pytest.raises(ValueError, match="single bandwidth"):
+        generation_report(x, gen, h=[0.01, 0.02])
+    with pytest.raises(ValueError, match="`h` must be positive"):
+        generation_report(x, gen, h=-1.0)
+    bad = x.clone()
+    bad[0, 0] = math.inf
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        generation_report(bad, gen)
+    with pytest.raises(ValueError, match="`x` is empty"):
+        generation_report(x[:0], gen[:0])
+    with pytest.raises(ValueError, match="generation 1 has no environments"):
+        generation_report(x[gen != 1], torch.where(gen[gen != 1] > 1, gen[gen != 1], 0))
+    run = RunningLogKernelSum(x, 0.015)
+    with pytest.raises(ValueError, match=r"`y` must be \[m, 63\]"):
+        run.add(x[:, :10])
+    with pytest.raises(TypeError, match=r"`x` must be a torch\.Tensor"):
+        RunningLogKernelSum(x.numpy(), 0.015)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        RunningLogKernelSum(bad, 0.015)

@@ -24,11 +24,14 @@ def test_readme_python_examples_run():
     assert namespace["xm"].shape == (108, 189)
     assert 0 <= float(namespace["H"]) <= float(__import__("math").log(432))
     assert (namespace["dH"] > 0).any()  # the rattled-hot set is partly novel
+    full = namespace["kde"].log_kernel_sum(namespace["y"], namespace["x"])
+    assert (namespace["run"].log_k - full).abs().max() < 1e-10
     # compression example
     namespace = later
     assert namespace["sel"].indices.numel() == 12
     assert len(set(namespace["sel"].indices.tolist())) == 12
     assert namespace["sel"].summary()["entropy"] > namespace["rnd"].summary()["entropy"]
+    assert namespace["any_pick"]["compressed_size"] == 3
     rows = namespace["report"].rows()
     assert len(rows) == 3 and rows[0]["novelty"] is None
     # uncertainty example
