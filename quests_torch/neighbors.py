@@ -322,6 +322,7 @@ def find_neighbor_pairs(
     *,
     budget: int | str | None = None,
     backend: str = "auto",
+    skip: torch.Tensor | None = None,
 ) -> NeighborPairs:
     """All directed pairs of atoms closer than ``cutoff`` within each structure.
 
@@ -333,6 +334,7 @@ def find_neighbor_pairs(
         cutoff: radius in Å.
         budget: memory budget for the dense path (see :func:`quests_torch._memory.memory_budget`).
         backend: ``"auto"``, ``"dense"`` or ``"vesin"`` (testing aid).
+        skip: ``[n_systems]`` bool, structures to leave out (their atoms get no pairs).
 
     Returns:
         :class:`NeighborPairs` sorted by centre.
@@ -359,6 +361,10 @@ def find_neighbor_pairs(
             dense = torch.zeros_like(counts, dtype=torch.bool)
         else:
             dense = cost <= DENSE_MAX_CANDIDATES
+        vesin = ~dense
+        if skip is not None:
+            dense = dense & ~skip
+            vesin = vesin & ~skip
 
         parts: list[NeighborPairs] = []
         dense_sys = torch.nonzero(dense)[:, 0]
@@ -389,7 +395,7 @@ def find_neighbor_pairs(
                             cutoff,
                         )
                     )
-        for s in torch.nonzero(~dense)[:, 0].tolist():
+        for s in torch.nonzero(vesin)[:, 0].tolist():
             parts.append(
                 _vesin_pairs(positions, full, pbc, int(starts[s]), int(counts[s]), s, cutoff)
             )
