@@ -300,10 +300,15 @@ def select_block(grid: Grid, bins: slice, k: int, cutoff: float) -> Selection:
     v = torch.bmm(lhs, rhs)  # [c, P, W]
     diag = torch.arange(P, device=v.device)
     v[:, diag, _ZERO_OFFSET * P + diag] = limit  # an atom is not its own neighbour
-    # keys: quantised level (round half up; the cutoff and beyond share one level), then the
-    # candidate slot: all distinct, which topk handles much faster than a run of equal values
-    bits = max(1, (W - 1).bit_length())
-    keys = v.clamp_(max=limit).to(torch.int64).bitwise_left_shift_(bits)
+    # keys: the quantised level (floor of s d2 + 1/2; the cutoff and beyond share one level),
+    # then the candidate slot, all distinct, which topk handles much faster than runs of equal
+    # values. Built in place on the float64 bits: for 0 <= x the bit patterns order like the
+    # values, and an integer below 2^29 leaves the low 23 mantissa bits zero for the slot.
+    v.floor_().clamp_(max=limit)
+    slot_mask = (1 << max(1, (W - 1).bit_length())) - 1
+    if slot_mask >= 1 << 23:
+        raise ValueError(f"cell grid: {W} candidates per atom exceed the key space")
+    keys = v.view(torch.int64)
     keys |= torch.arange(W, device=v.device)
     m = min(k, W)
     if W > m:
@@ -316,18 +321,18 @@ def select_block(grid: Grid, bins: slice, k: int, cutoff: float) -> Selection:
         sel = torch.topk(top, m, dim=2, largest=False, sorted=False).values
     else:
         sel, out_key = keys, torch.full_like(keys[..., 0], _EMPTY_KEY)
-    lv = sel >> bits
-    idx = sel - (lv << bits)
+    idx = sel & slot_mask
+    lv = (sel - idx).view(torch.float64)  # the levels
     real = grid.atom[centers] >= 0  # [c, P]
     kth = lv.amax(dim=2)
-    tied = (out_key >> bits == kth) & (kth < limit) & real
+    tied = ((out_key & ~slot_mask).view(torch.float64) == kth) & (kth < limit) & real
     if bool(tied.any()):
         # perfect crystals: the k-th distance is shared with a candidate left out; break the
         # tie by the neighbour vectors' components (the documented rule)
         tc, tp = torch.nonzero(tied, as_tuple=True)
         vec = cand[tc] - a[tc, tp][:, None, :]  # [t, W, 3]
-        tl = keys[tc, tp] >> bits
-        full = full_keys(torch.where(tl < limit, tl.to(torch.float64), math.inf), vec, cutoff)
+        tl = (keys[tc, tp] & ~slot_mask).view(torch.float64)
+        full = full_keys(torch.where(tl < limit, tl, math.inf), vec, cutoff)
         tk = torch.topk(full, m, dim=1, largest=False, sorted=False).indices
         idx[tc, tp] = tk
         lv[tc, tp] = torch.gather(tl, 1, tk)

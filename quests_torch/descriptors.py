@@ -62,6 +62,7 @@ _EPS_X1 = 1e-16
 _EPS_X2 = 1e-15
 _EMPTY_KEY = torch.iinfo(torch.int64).max
 _CPU_CHUNK = 512
+_CPU_SELECT_ROWS = 4096
 #: structures with more atoms than this (and room for a cell grid) use the fused grid search
 GRID_MIN_ATOMS = 2000
 
@@ -308,7 +309,7 @@ def _grid_descriptors(
     if device.type == "cpu":
         # selection blocks of ~2,000 atoms (fewer, larger ops: less interpreter time, which
         # the GIL serialises between workers); descriptor blocks of _CPU_CHUNK atoms (cache)
-        bins_per = min(bins_per, max(1, 4 * _CPU_CHUNK // P))
+        bins_per = min(bins_per, max(1, _CPU_SELECT_ROWS // P))
     n_centers = grid.centers.numel()
     chunks = [slice(c0, min(n_centers, c0 + bins_per)) for c0 in range(0, n_centers, bins_per)]
 
