@@ -14,10 +14,18 @@ and :math:`X_i = [x^{(1)}, x^{(2)}]` has :math:`2k - 1` entries (63 for k = 32).
 missing neighbours are zero; :math:`x^{(2)}` divides by :math:`k`, not :math:`n_i`.
 
 **Ties.** When several neighbours sit at the same distance across the k-th position (perfect
-crystals), the kept ones are chosen deterministically: by distance quantised to
-:math:`r_c / 2^{29}` (~9 nÅ at 5 Å), then by the neighbour vector's components (x, y, z)
-quantised to :math:`2 r_c / 2047`, lexicographically. Identical environments therefore get
-identical descriptors (a perfect FCC crystal has H = 0). The choice only matters for exact ties.
+crystals), the kept ones are chosen deterministically: by squared distance quantised to
+:math:`r_c^2 / 2^{29}` (~4.7e-8 Å², ~5 nÅ in distance at 5 Å), then by the neighbour
+vector's components (x, y, z) quantised to :math:`2 r_c / 2047`, lexicographically. Identical
+environments therefore get identical descriptors (a perfect FCC crystal has H = 0). The choice
+only matters for exact ties; both search paths below apply the same rule.
+
+**Two search paths.** Small structures (up to :data:`GRID_MIN_CANDIDATES` candidate pairs,
+~80 atoms in a periodic cell, ~450 in a molecule) and larger ones a cell grid does not suit
+go through a pair list (:mod:`quests_torch.neighbors`: batched dense search
+or vesin-torch) and a per-atom top-k over it. Larger structures use the fused cell-grid
+selection of :mod:`quests_torch.cellgrid`, which picks the k nearest straight from blocks of
+bins without building the pair list.
 
 Everything here is differentiable with respect to positions and cell; atoms are processed in
 chunks sized from a memory budget.
@@ -39,8 +47,10 @@ from .cellgrid import Grid, Selection, d2_levels, full_keys, plan_grid, select_b
 from .kde import full_precision
 from .neighbors import (
     COINCIDENT_TOL,
+    DENSE_MAX_CANDIDATES,
     NeighborPairs,
     _check_cells,
+    _image_ranges,
     _raise_coincident,
     complete_cell,
     find_neighbor_pairs,
@@ -63,8 +73,9 @@ _EPS_X2 = 1e-15
 _EMPTY_KEY = torch.iinfo(torch.int64).max
 _CPU_CHUNK = 512
 _CPU_SELECT_ROWS = 4096
-#: structures with more atoms than this (and room for a cell grid) use the fused grid search
-GRID_MIN_ATOMS = 2000
+#: structures with more candidate pairs than this (atoms^2 x periodic images within reach) use
+#: the fused cell-grid search where it applies; smaller ones the batched dense pair search
+GRID_MIN_CANDIDATES = DENSE_MAX_CANDIDATES
 
 
 def descriptor_width(k: int = DEFAULT_K, n_species: int = 0) -> int:
@@ -525,17 +536,18 @@ def _plan_grids(
     cutoff: float,
 ) -> list[tuple[int, int, int, Grid]]:
     """``(structure, first atom, end, grid)`` of the structures for the fused grid search:
-    more than :data:`GRID_MIN_ATOMS` atoms and a grid that applies (see
+    more than :data:`GRID_MIN_CANDIDATES` candidate pairs and a grid that applies (see
     :func:`quests_torch.cellgrid.plan_grid`)."""
     counts = torch.bincount(system_idx, minlength=cell.shape[0])
-    big = torch.nonzero(counts > GRID_MIN_ATOMS)[:, 0].tolist()
-    if not big:
-        return []
-    ends = torch.cumsum(counts, 0).tolist()
-    counts_h = counts.tolist()
     with torch.no_grad():
         full = complete_cell(cell.detach(), pbc)
         _check_cells(full, cell.detach(), pbc)
+        big = torch.nonzero(_candidates(counts, full, pbc, cutoff) > GRID_MIN_CANDIDATES)
+        big = big[:, 0].tolist()
+        if not big:
+            return []
+        ends = torch.cumsum(counts, 0).tolist()
+        counts_h = counts.tolist()
         out = []
         for s in big:
             a1 = ends[s]
@@ -544,6 +556,13 @@ def _plan_grids(
             if grid is not None:
                 out.append((s, a0, a1, grid))
     return out
+
+
+def _candidates(
+    counts: torch.Tensor, full: torch.Tensor, pbc: torch.Tensor, cutoff: float
+) -> torch.Tensor:
+    """Candidate pairs of a brute-force search per structure: atoms^2 x images within reach."""
+    return counts * counts * (2 * _image_ranges(full, pbc, cutoff) + 1).prod(dim=1)
 
 
 def _species_block(
@@ -564,9 +583,11 @@ def _species_block(
         return out
     sub = positions[idx]
     grid = None
-    if idx.numel() > GRID_MIN_ATOMS:
-        with torch.no_grad():
-            grid = plan_grid(sub, complete_cell(cell.detach()[None], pbc[None])[0], pbc, cutoff)
+    with torch.no_grad():
+        full = complete_cell(cell.detach()[None], pbc[None])
+        n = torch.tensor([idx.numel()], device=positions.device)
+        if int(_candidates(n, full, pbc[None], cutoff)[0]) > GRID_MIN_CANDIDATES:
+            grid = plan_grid(sub, full[0], pbc, cutoff)
     if grid is not None:
         desc = _grid_descriptors(sub, cell, grid, k, cutoff, budget, system)
     else:

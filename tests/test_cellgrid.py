@@ -1,8 +1,8 @@
 """The fused cell-grid selection (large structures) against upstream and the pair-list path.
 
-Structures above ``descriptors.GRID_MIN_ATOMS`` atoms take the grid path; here the threshold is
-lowered so that the small reference structures take it too, and every result is compared with
-upstream's values and with the pair-list path on the same input.
+Structures with more than ``descriptors.GRID_MIN_CANDIDATES`` candidate pairs take the grid
+path; here the threshold is lowered so that the small reference structures take it too, and
+every result is compared with upstream's values and with the pair-list path on the same input.
 """
 
 from __future__ import annotations
@@ -26,18 +26,18 @@ STRUCTURES = {a.info["name"]: a for a in ase.io.read(DATA / "descriptor_structur
 
 @pytest.fixture
 def grid_path(monkeypatch):
-    """Every structure with more than one atom takes the grid path (where it applies)."""
-    monkeypatch.setattr(D, "GRID_MIN_ATOMS", 1)
+    """Every structure takes the grid path (where it applies)."""
+    monkeypatch.setattr(D, "GRID_MIN_CANDIDATES", 0)
 
 
 def pair_path(structures, **kw):
     """Descriptors through the pair list only."""
-    old = D.GRID_MIN_ATOMS
-    D.GRID_MIN_ATOMS = 10**12
+    old = D.GRID_MIN_CANDIDATES
+    D.GRID_MIN_CANDIDATES = 10**12
     try:
         return get_descriptors(structures, **kw)
     finally:
-        D.GRID_MIN_ATOMS = old
+        D.GRID_MIN_CANDIDATES = old
 
 
 def uses_grid(atoms, cutoff=5.0) -> bool:
@@ -67,9 +67,13 @@ def test_batched_dataset_mixed_paths(monkeypatch):
     """A batch where some structures take the grid and others the dense/vesin pair list keeps
     every row in place and matches upstream."""
     names = [str(n) for n in REF["names"]]
-    sizes = sorted(len(STRUCTURES[n]) for n in names)
-    monkeypatch.setattr(D, "GRID_MIN_ATOMS", sizes[len(sizes) // 2])
-    x = get_descriptors([STRUCTURES[n] for n in names]).numpy()
+    structures = [STRUCTURES[n] for n in names]
+    sizes = sorted(len(a) for a in structures)
+    monkeypatch.setattr(D, "GRID_MIN_CANDIDATES", sizes[len(sizes) // 2] ** 2)
+    b = AtomsBatch.from_ase(structures)
+    grids = D._plan_grids(b.positions, b.cell, b.pbc, b.system_idx, 5.0)
+    assert 0 < len(grids) < len(structures) - 1
+    x = get_descriptors(structures).numpy()
     assert np.abs(x - np.concatenate([REF[n] for n in names])).max() <= 1e-10
 
 
@@ -198,20 +202,20 @@ def test_gradients_on_the_grid(grid_path):
     atoms = rattled_fcc((3, 3, 3), seed=12)
     b = AtomsBatch.from_ase(atoms)
 
-    def grads(min_atoms):
-        D.GRID_MIN_ATOMS = min_atoms
+    def grads(threshold):
+        D.GRID_MIN_CANDIDATES = threshold
         pos = b.positions.clone().requires_grad_(True)
         cell = b.cell.clone().requires_grad_(True)
         x = D.descriptors_from_tensors(pos, cell, b.pbc, b.system_idx)
         (x * torch.linspace(0.5, 1.5, x.shape[1], dtype=x.dtype)).pow(2).sum().backward()
         return pos.grad, cell.grad
 
-    old = D.GRID_MIN_ATOMS
+    old = D.GRID_MIN_CANDIDATES
     try:
-        gp, gc = grads(1)
+        gp, gc = grads(0)
         rp, rc = grads(10**12)
     finally:
-        D.GRID_MIN_ATOMS = old
+        D.GRID_MIN_CANDIDATES = old
     assert (gp - rp).abs().max() <= 1e-10 and (gc - rc).abs().max() <= 1e-10
     assert gp.abs().max() > 0
 
