@@ -21,6 +21,7 @@ Usage::
     python benchmarks/bench_descriptors.py                       # all cases
     python benchmarks/bench_descriptors.py --cases ethanol5000 --repeats 5
     python benchmarks/bench_descriptors.py --no-reference --dtype float32 --out bench.jsonl
+    python benchmarks/bench_descriptors.py --cases fcc100k --search pairs   # vesin pair list
 """
 
 from __future__ import annotations
@@ -112,7 +113,9 @@ def warmup_structures(case: str) -> list[Atoms]:
 # --------------------------------------------------------------------------- implementations
 
 
-def ours_fn(k: int, cutoff: float, dtype: str) -> Callable[[list[Atoms]], np.ndarray]:
+def ours_fn(
+    k: int, cutoff: float, dtype: str, search: str = "auto"
+) -> Callable[[list[Atoms]], np.ndarray]:
     """Return a callable computing quests_torch descriptors as a float64 NumPy array."""
     import torch
 
@@ -121,7 +124,9 @@ def ours_fn(k: int, cutoff: float, dtype: str) -> Callable[[list[Atoms]], np.nda
     torch_dtype = getattr(torch, dtype)
 
     def run(structures: list[Atoms]) -> np.ndarray:
-        out = quests_torch.get_descriptors(structures, k=k, cutoff=cutoff, dtype=torch_dtype)
+        out = quests_torch.get_descriptors(
+            structures, k=k, cutoff=cutoff, dtype=torch_dtype, search=search
+        )
         return out.detach().to("cpu", torch.float64).numpy()
 
     return run
@@ -192,8 +197,10 @@ def worker(args: argparse.Namespace) -> dict:
     case, impl = args.worker
     result: dict = {"impl": impl}
     try:
-        factory = ours_fn if impl == "ours" else reference_fn
-        fn = factory(args.k, args.cutoff, args.dtype)
+        if impl == "ours":
+            fn = ours_fn(args.k, args.cutoff, args.dtype, args.search)
+        else:
+            fn = reference_fn(args.k, args.cutoff, args.dtype)
         result["threads"] = set_threads(args.threads, impl)
         structures = BUILDERS[case]()
         fn(warmup_structures(case))
@@ -222,7 +229,7 @@ def run_worker(case: str, impl: str, args: argparse.Namespace, save: Path) -> di
     """Run ``worker`` for (case, impl) in a fresh subprocess and return its JSON result."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", case, impl]
     cmd += ["--k", str(args.k), "--cutoff", str(args.cutoff), "--dtype", args.dtype]
-    cmd += ["--repeats", str(args.repeats), "--save", str(save)]
+    cmd += ["--repeats", str(args.repeats), "--save", str(save), "--search", args.search]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -289,6 +296,7 @@ def case_record(case: str, args: argparse.Namespace, tmp: Path) -> dict:
         "k": args.k,
         "cutoff": args.cutoff,
         "dtype": args.dtype,
+        "search": args.search,
         "repeats": args.repeats,
         **machine(),
     }
@@ -316,6 +324,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cutoff", type=float, default=5.0)
     parser.add_argument("--dtype", choices=("float64", "float32"), default="float64")
     parser.add_argument("--threads", type=int, default=None, help="threads (default: library's)")
+    parser.add_argument(
+        "--search",
+        choices=("auto", "grid", "pairs"),
+        default="auto",
+        help="quests_torch neighbour search (pairs: dense/vesin pair lists, no cell grid)",
+    )
     parser.add_argument("--no-reference", action="store_true", help="skip upstream quests")
     parser.add_argument("--no-ours", action="store_true", help="skip quests_torch")
     parser.add_argument("--out", type=Path, default=None, help="append JSON lines here too")

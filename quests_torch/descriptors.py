@@ -412,6 +412,7 @@ def descriptors_from_tensors(
     numbers: torch.Tensor | None = None,
     species: Sequence[int] | None = None,
     budget: int | str | None = None,
+    search: str = "auto",
 ) -> torch.Tensor:
     """QUESTS descriptors of every atom of a batch of structures, on the inputs' device.
 
@@ -430,6 +431,11 @@ def descriptors_from_tensors(
             upstream quests does), each ``X_s`` computed on the sub-structure of species ``s``
             only (zero rows for atoms of other species). One species: the plain descriptor.
         budget: memory budget for one chunk (bytes or "512M"); default automatic.
+        search: neighbour search. ``"auto"``: a batched dense search for small structures,
+            the fused cell grid (:mod:`quests_torch.cellgrid`) for larger ones where it
+            applies, vesin-torch cell lists otherwise; ``"grid"``: the cell grid wherever it
+            applies; ``"pairs"``: never the grid (dense or vesin-torch pair lists). All give
+            the same descriptors (to ~1e-15).
 
     Returns:
         ``[n_atoms, 2k - 1]`` (``[n_atoms, (S + 1)(2k - 1)]`` multicomponent), dtype and device
@@ -449,6 +455,7 @@ def descriptors_from_tensors(
         pbc = pbc.to(torch.bool)
     validate_batch(positions, cell, pbc, system_idx)
     system_idx = system_idx.to(torch.int64)
+    threshold = _grid_threshold(search)
 
     spec: list[int] = []
     if species is not None:
@@ -473,7 +480,7 @@ def descriptors_from_tensors(
     # float32 matmuls (pair search, wrapping, distance blocks) in IEEE precision whatever the
     # caller's TF32/bf16 flags: a rounded distance can swap neighbours at the cutoff
     with full_precision():
-        grids = _plan_grids(positions, cell, pbc, system_idx, cutoff)
+        grids = _plan_grids(positions, cell, pbc, system_idx, cutoff, threshold)
         n_grid = sum(a1 - a0 for _, a0, a1, _ in grids)
         out = None
         if n_grid < positions.shape[0]:  # the others: pair list (rows of grid ones stay 0)
@@ -511,7 +518,15 @@ def descriptors_from_tensors(
                 for z in spec:
                     cols.append(
                         _species_block(
-                            pos_s, cell_s, pbc[s], numbers[a0:a1] == z, k, cutoff, budget, s
+                            pos_s,
+                            cell_s,
+                            pbc[s],
+                            numbers[a0:a1] == z,
+                            k,
+                            cutoff,
+                            budget,
+                            s,
+                            threshold,
                         )
                     )
             if need_grad:
@@ -528,21 +543,35 @@ def descriptors_from_tensors(
         return torch.cat(pieces, dim=0)
 
 
+def _grid_threshold(search: str) -> float:
+    """Structures with more candidate pairs than this take the grid (``inf``: none)."""
+    if search == "auto":
+        return GRID_MIN_CANDIDATES
+    if search == "grid":
+        return -1
+    if search == "pairs":
+        return math.inf
+    raise ValueError(f"`search` must be 'auto', 'grid' or 'pairs', got {search!r}")
+
+
 def _plan_grids(
     positions: torch.Tensor,
     cell: torch.Tensor,
     pbc: torch.Tensor,
     system_idx: torch.Tensor,
     cutoff: float,
+    threshold: float,
 ) -> list[tuple[int, int, int, Grid]]:
     """``(structure, first atom, end, grid)`` of the structures for the fused grid search:
-    more than :data:`GRID_MIN_CANDIDATES` candidate pairs and a grid that applies (see
+    more than ``threshold`` candidate pairs and a grid that applies (see
     :func:`quests_torch.cellgrid.plan_grid`)."""
+    if threshold == math.inf:
+        return []
     counts = torch.bincount(system_idx, minlength=cell.shape[0])
     with torch.no_grad():
         full = complete_cell(cell.detach(), pbc)
         _check_cells(full, cell.detach(), pbc)
-        big = torch.nonzero(_candidates(counts, full, pbc, cutoff) > GRID_MIN_CANDIDATES)
+        big = torch.nonzero(_candidates(counts, full, pbc, cutoff) > threshold)
         big = big[:, 0].tolist()
         if not big:
             return []
@@ -574,6 +603,7 @@ def _species_block(
     cutoff: float,
     budget: int | str | None,
     system: int,
+    threshold: float,
 ) -> torch.Tensor:
     """``[n, 2k - 1]`` descriptors of one structure's sub-structure ``mask`` (one species);
     zero rows for the other atoms."""
@@ -586,7 +616,7 @@ def _species_block(
     with torch.no_grad():
         full = complete_cell(cell.detach()[None], pbc[None])
         n = torch.tensor([idx.numel()], device=positions.device)
-        if int(_candidates(n, full, pbc[None], cutoff)[0]) > GRID_MIN_CANDIDATES:
+        if int(_candidates(n, full, pbc[None], cutoff)[0]) > threshold:
             grid = plan_grid(sub, full[0], pbc, cutoff)
     if grid is not None:
         desc = _grid_descriptors(sub, cell, grid, k, cutoff, budget, system)
@@ -607,6 +637,7 @@ def get_descriptors(
     multicomponent: bool = False,
     species: Sequence[str | int] | None = None,
     budget: int | str | None = None,
+    search: str = "auto",
 ) -> torch.Tensor:
     """QUESTS descriptors of every atom of one ``ase.Atoms``, a list of them, or an AtomsBatch.
 
@@ -620,6 +651,8 @@ def get_descriptors(
         species: element symbols or atomic numbers for the multicomponent blocks (default:
             every element present); blocks are ordered by chemical symbol.
         budget: memory budget for one chunk (bytes or "512M").
+        search: neighbour search, ``"auto"``, ``"grid"`` or ``"pairs"`` (see
+            :func:`descriptors_from_tensors`).
 
     Returns:
         ``[n_atoms, 2k - 1]`` tensor (multicomponent: ``[n_atoms, (S + 1)(2k - 1)]`` when the
@@ -643,4 +676,5 @@ def get_descriptors(
         numbers=batch.numbers,
         species=spec,
         budget=budget,
+        search=search,
     )

@@ -26,18 +26,13 @@ STRUCTURES = {a.info["name"]: a for a in ase.io.read(DATA / "descriptor_structur
 
 @pytest.fixture
 def grid_path(monkeypatch):
-    """Every structure takes the grid path (where it applies)."""
-    monkeypatch.setattr(D, "GRID_MIN_CANDIDATES", 0)
+    """Every structure takes the grid path where it applies (as ``search="grid"`` does)."""
+    monkeypatch.setattr(D, "GRID_MIN_CANDIDATES", -1)
 
 
 def pair_path(structures, **kw):
     """Descriptors through the pair list only."""
-    old = D.GRID_MIN_CANDIDATES
-    D.GRID_MIN_CANDIDATES = 10**12
-    try:
-        return get_descriptors(structures, **kw)
-    finally:
-        D.GRID_MIN_CANDIDATES = old
+    return get_descriptors(structures, search="pairs", **kw)
 
 
 def uses_grid(atoms, cutoff=5.0) -> bool:
@@ -71,7 +66,7 @@ def test_batched_dataset_mixed_paths(monkeypatch):
     sizes = sorted(len(a) for a in structures)
     monkeypatch.setattr(D, "GRID_MIN_CANDIDATES", sizes[len(sizes) // 2] ** 2)
     b = AtomsBatch.from_ase(structures)
-    grids = D._plan_grids(b.positions, b.cell, b.pbc, b.system_idx, 5.0)
+    grids = D._plan_grids(b.positions, b.cell, b.pbc, b.system_idx, 5.0, D.GRID_MIN_CANDIDATES)
     assert 0 < len(grids) < len(structures) - 1
     x = get_descriptors(structures).numpy()
     assert np.abs(x - np.concatenate([REF[n] for n in names])).max() <= 1e-10
@@ -196,26 +191,21 @@ def test_float32_on_the_grid(grid_path):
     assert (x32.double() - pair_path(atoms)).abs().max() <= 1e-5
 
 
-def test_gradients_on_the_grid(grid_path):
+def test_gradients_on_the_grid():
     """Gradients of a function of the descriptors w.r.t. positions and cell equal the pair
     list's (gradcheck itself runs in test_descriptors on the pair path)."""
     atoms = rattled_fcc((3, 3, 3), seed=12)
     b = AtomsBatch.from_ase(atoms)
 
-    def grads(threshold):
-        D.GRID_MIN_CANDIDATES = threshold
+    def grads(search):
         pos = b.positions.clone().requires_grad_(True)
         cell = b.cell.clone().requires_grad_(True)
-        x = D.descriptors_from_tensors(pos, cell, b.pbc, b.system_idx)
+        x = D.descriptors_from_tensors(pos, cell, b.pbc, b.system_idx, search=search)
         (x * torch.linspace(0.5, 1.5, x.shape[1], dtype=x.dtype)).pow(2).sum().backward()
         return pos.grad, cell.grad
 
-    old = D.GRID_MIN_CANDIDATES
-    try:
-        gp, gc = grads(0)
-        rp, rc = grads(10**12)
-    finally:
-        D.GRID_MIN_CANDIDATES = old
+    gp, gc = grads("grid")
+    rp, rc = grads("pairs")
     assert (gp - rp).abs().max() <= 1e-10 and (gc - rc).abs().max() <= 1e-10
     assert gp.abs().max() > 0
 
@@ -276,3 +266,15 @@ def test_selection_picks_the_k_nearest():
         want = np.sort(d[i == a])[:32]
         got = np.sort(vec[row].norm(dim=1).numpy()[sel.valid[row].numpy()])
         assert np.allclose(got, want, atol=1e-12)
+
+
+def test_search_parameter():
+    """``search`` picks the path publicly; an unknown value is refused by name."""
+    atoms = rattled_fcc((4, 4, 4), seed=17)
+    grid = get_descriptors(atoms, search="grid")
+    assert (grid - get_descriptors(atoms)).abs().max() == 0  # 256 atoms: auto takes the grid
+    assert (grid - get_descriptors(atoms, search="pairs")).abs().max() <= 1e-12
+    small = [rattled_fcc((1, 1, 1), seed=s) for s in range(3)]  # auto: dense pair search
+    assert (get_descriptors(small, search="grid") - get_descriptors(small)).abs().max() <= 1e-12
+    with pytest.raises(ValueError, match="`search` must be 'auto', 'grid' or 'pairs'"):
+        get_descriptors(atoms, search="fast")
