@@ -30,7 +30,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["Grid", "Selection", "d2_levels", "full_keys", "plan_grid", "select_block"]
+__all__ = [
+    "Grid",
+    "Selection",
+    "component_keys",
+    "d2_levels",
+    "full_keys",
+    "plan_grid",
+    "select_block",
+]
 
 #: squared distances are quantised to cutoff^2 / 2^D2_BITS for tie-breaking (see module doc)
 D2_BITS = 29

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from ._memory import memory_budget
-from .cellgrid import Grid, Selection, d2_levels, full_keys, plan_grid, select_block
+from .cellgrid import Grid, Selection, component_keys, d2_levels, plan_grid, select_block
 from .kde import full_precision
 from .neighbors import (
     COINCIDENT_TOL,
@@ -254,7 +254,10 @@ def _descriptors_from_pairs(
             row = center - a0
             slot = torch.arange(p1 - p0, device=device) - (first[center] - p0)
             keys = torch.full((a1 - a0, width), _EMPTY_KEY, dtype=torch.int64, device=device)
-            keys[row, slot] = full_keys(d2_levels((vec * vec).sum(dim=1), cutoff), vec, cutoff)
+            # every pair is within the cutoff: the level needs no out-of-range guard
+            x, y, z = vec.unbind(1)
+            level = d2_levels(x * x + y * y + z * z, cutoff).to(torch.int64)
+            keys[row, slot] = (level << 33) | component_keys(vec, cutoff)
             mk = min(k, width)
             top = torch.topk(keys, mk, dim=1, largest=False, sorted=False)
             valid = top.values != _EMPTY_KEY
