@@ -134,7 +134,8 @@ def plan_grid(
 
     Returns ``None`` when a periodic direction is thinner than ``cutoff`` (more than one image
     of a bin would be needed) or when the bins are so unevenly filled that padding to the
-    fullest would exceed :data:`MAX_PADDING` times the atom count.
+    fullest would exceed :data:`MAX_PADDING` times the atom count (or, absurdly, when the
+    structure spans ~10^5 Å, where the far-away padding slots would come within reach).
     """
     device = positions.device
     n = positions.shape[0]
@@ -196,6 +197,8 @@ def plan_grid(
     sorted_bin = bin_id[order]
     slot = torch.arange(n, device=device) - start[sorted_bin]
     wrapped = pos - wrap @ full
+    if float(wrapped.abs().max()) + 3 * cutoff >= _FAR / 2:  # padding must lie beyond reach
+        return None
     binned = torch.full((n_total + 1, occupancy, 3), _FAR, dtype=torch.float64, device=device)
     binned[:, :, 0] += _FAR * torch.arange(occupancy, device=device)  # distinct far points
     binned[sorted_bin, slot] = wrapped[order]

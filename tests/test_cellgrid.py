@@ -42,12 +42,12 @@ def uses_grid(atoms, cutoff=5.0) -> bool:
 
 
 @pytest.mark.parametrize("name", [str(n) for n in REF["names"]])
-def test_parity_with_upstream_on_the_grid(name, grid_path):
+def test_parity_with_upstream_on_the_grid(name, grid_path, device):
     """The grid path reproduces upstream quests 2026.2.22 on every reference structure that it
     applies to (the others fall back to the pair list and must still match)."""
     atoms = STRUCTURES[name]
-    x = get_descriptors(atoms, k=int(REF["k"]), cutoff=float(REF["cutoff"]))
-    assert np.abs(x.numpy() - REF[name]).max() <= 1e-10
+    x = get_descriptors(atoms, k=int(REF["k"]), cutoff=float(REF["cutoff"]), device=device)
+    assert np.abs(x.cpu().numpy() - REF[name]).max() <= 1e-10
 
 
 def test_reference_set_exercises_the_grid():
@@ -135,8 +135,19 @@ def test_sparse_cluster_and_few_neighbours(grid_path):
 
 
 @pytest.mark.parametrize("k", [1, 5, 100])
-def test_k_smaller_and_larger_than_the_candidates(k, grid_path):
+def test_k_smaller_and_larger_than_the_neighbours(k, grid_path):
     atoms = rattled_fcc((4, 4, 4), a=4.2, seed=6)  # a dilute crystal: ~28 within 5 Å
+    x, y = get_descriptors(atoms, k=k), pair_path(atoms, k=k)
+    assert x.shape == (len(atoms), 2 * k - 1)
+    assert (x - y).abs().max() <= 1e-12
+
+
+def test_k_larger_than_the_candidate_slots(grid_path):
+    """k above 27 x (fullest bin): every candidate slot is kept, no tie check needed."""
+    atoms = rattled_fcc((2, 2, 2), a=5.5, seed=18)  # 11 Å cell: 2 bins a side, 4 atoms each
+    b = AtomsBatch.from_ase(atoms)
+    grid = plan_grid(b.positions, complete_cell(b.cell, b.pbc)[0], b.pbc[0], 5.0)
+    k = 27 * grid.occupancy + 10
     x, y = get_descriptors(atoms, k=k), pair_path(atoms, k=k)
     assert x.shape == (len(atoms), 2 * k - 1)
     assert (x - y).abs().max() <= 1e-12
