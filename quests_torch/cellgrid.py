@@ -27,8 +27,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
+
+from .neighbors import _stable_argsort
 
 __all__ = [
     "Grid",
@@ -231,12 +232,6 @@ def plan_grid(
         cell=full,
         occupancy=occupancy,
     )
-
-
-def _stable_argsort(x: torch.Tensor) -> torch.Tensor:
-    if x.device.type == "cpu":
-        return torch.from_numpy(np.argsort(x.numpy(), kind="stable"))
-    return torch.sort(x, stable=True).indices
 
 
 @dataclass
