@@ -484,66 +484,124 @@ def descriptors_from_tensors(
     # caller's TF32/bf16 flags: a rounded distance can swap neighbours at the cutoff
     with full_precision():
         grids = _plan_grids(positions, cell, pbc, system_idx, cutoff, threshold)
-        n_grid = sum(a1 - a0 for _, a0, a1, _ in grids)
         out = None
-        if n_grid < positions.shape[0]:  # the others: pair list (rows of grid ones stay 0)
+        if sum(a1 - a0 for _, a0, a1, _ in grids) < positions.shape[0]:
+            # the structures not on the grid: pair lists (rows of the others stay zero)
             skip = torch.zeros(cell.shape[0], dtype=torch.bool, device=positions.device)
-            for s, _, _, _ in grids:
-                skip[s] = True
-            pairs = find_neighbor_pairs(
-                positions, cell, pbc, system_idx, cutoff, budget=budget, skip=skip
+            skip[[s for s, _, _, _ in grids]] = True
+            out = _pair_list_descriptors(
+                positions, cell, pbc, system_idx, k, cutoff, budget, numbers, spec, skip
             )
-            blocks = [
-                _descriptors_from_pairs(positions, cell, system_idx, pairs, k, cutoff, budget)
-            ]
-            if len(spec) > 1:
-                assert numbers is not None
-                zc, zn = numbers[pairs.center], numbers[pairs.neighbor]
-                for z in spec:
-                    sub = pairs.select((zc == z) & (zn == z))
-                    blocks.append(
-                        _descriptors_from_pairs(positions, cell, system_idx, sub, k, cutoff, budget)
-                    )
-            out = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
         if not grids:
             return out
         need_grad = torch.is_grad_enabled() and (positions.requires_grad or cell.requires_grad)
         width = (2 * k - 1) * (len(spec) + 1 if len(spec) > 1 else 1)
-        if out is None and not need_grad:
-            out = positions.new_empty((positions.shape[0], width))
-        pieces, prev = [], 0
-        for s, a0, a1, grid in grids:
-            pos_s, cell_s = positions[a0:a1], cell[s]
-            dest = None if need_grad else out[a0:a1, : 2 * k - 1]
-            cols = [_grid_descriptors(pos_s, cell_s, grid, k, cutoff, budget, s, dest)]
-            if len(spec) > 1:
-                assert numbers is not None
-                for z in spec:
-                    cols.append(
-                        _species_block(
-                            pos_s,
-                            cell_s,
-                            pbc[s],
-                            numbers[a0:a1] == z,
-                            k,
-                            cutoff,
-                            budget,
-                            s,
-                            threshold,
-                        )
-                    )
-            if need_grad:
+        if need_grad:  # assembled from row blocks, out of place
+            pieces, prev = [], 0
+            for s, a0, a1, grid in grids:
                 if out is not None:
                     pieces.append(out[prev:a0])
-                pieces.append(cols[0] if len(cols) == 1 else torch.cat(cols, dim=1))
+                rows = _gridded_structure(
+                    positions,
+                    cell,
+                    pbc,
+                    numbers,
+                    spec,
+                    s,
+                    a0,
+                    a1,
+                    grid,
+                    k,
+                    cutoff,
+                    budget,
+                    threshold,
+                )
+                pieces.append(rows)
                 prev = a1
-            elif len(cols) > 1:
-                out[a0:a1, 2 * k - 1 :] = torch.cat(cols[1:], dim=1)
-        if not need_grad:
-            return out
-        if out is not None:
-            pieces.append(out[prev:])
-        return torch.cat(pieces, dim=0)
+            if out is not None:
+                pieces.append(out[prev:])
+            return torch.cat(pieces, dim=0)
+        if out is None:
+            out = positions.new_empty((positions.shape[0], width))
+        for s, a0, a1, grid in grids:  # written in place
+            _gridded_structure(
+                positions,
+                cell,
+                pbc,
+                numbers,
+                spec,
+                s,
+                a0,
+                a1,
+                grid,
+                k,
+                cutoff,
+                budget,
+                threshold,
+                out=out[a0:a1],
+            )
+        return out
+
+
+def _pair_list_descriptors(
+    positions: torch.Tensor,
+    cell: torch.Tensor,
+    pbc: torch.Tensor,
+    system_idx: torch.Tensor,
+    k: int,
+    cutoff: float,
+    budget: int | str | None,
+    numbers: torch.Tensor | None,
+    spec: list[int],
+    skip: torch.Tensor,
+) -> torch.Tensor:
+    """Descriptors (multicomponent blocks too) through pair lists; zero rows where ``skip``."""
+    pairs = find_neighbor_pairs(positions, cell, pbc, system_idx, cutoff, budget=budget, skip=skip)
+    blocks = [_descriptors_from_pairs(positions, cell, system_idx, pairs, k, cutoff, budget)]
+    if len(spec) > 1:
+        assert numbers is not None
+        zc, zn = numbers[pairs.center], numbers[pairs.neighbor]
+        for z in spec:
+            sub = pairs.select((zc == z) & (zn == z))
+            blocks.append(
+                _descriptors_from_pairs(positions, cell, system_idx, sub, k, cutoff, budget)
+            )
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
+
+
+def _gridded_structure(
+    positions: torch.Tensor,
+    cell: torch.Tensor,
+    pbc: torch.Tensor,
+    numbers: torch.Tensor | None,
+    spec: list[int],
+    s: int,
+    a0: int,
+    a1: int,
+    grid: Grid,
+    k: int,
+    cutoff: float,
+    budget: int | str | None,
+    threshold: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Rows ``a0:a1`` (structure ``s``, binned in ``grid``): the plain descriptor and, for
+    several species, one block per species; written into ``out`` when given (no autograd)."""
+    pos_s, cell_s = positions[a0:a1], cell[s]
+    dest = None if out is None else out[:, : 2 * k - 1]
+    cols = [_grid_descriptors(pos_s, cell_s, grid, k, cutoff, budget, s, dest)]
+    if len(spec) > 1:
+        assert numbers is not None
+        for z in spec:
+            mask = numbers[a0:a1] == z
+            cols.append(
+                _species_block(pos_s, cell_s, pbc[s], mask, k, cutoff, budget, s, threshold)
+            )
+    if out is None:
+        return cols[0] if len(cols) == 1 else torch.cat(cols, dim=1)
+    if len(cols) > 1:
+        out[:, 2 * k - 1 :] = torch.cat(cols[1:], dim=1)
+    return out
 
 
 def _grid_threshold(search: str) -> float:
