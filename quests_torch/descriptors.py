@@ -21,7 +21,7 @@ environments therefore get identical descriptors (a perfect FCC crystal has H = 
 only matters for exact ties; both search paths below apply the same rule.
 
 **Two search paths.** Small structures (up to :data:`GRID_MIN_CANDIDATES` candidate pairs,
-~80 atoms in a periodic cell, ~450 in a molecule) and larger ones a cell grid does not suit
+~85 atoms in a periodic cell, ~450 in a molecule) and larger ones a cell grid does not suit
 go through a pair list (:mod:`quests_torch.neighbors`: batched dense search
 or vesin-torch) and a per-atom top-k over it. Larger structures use the fused cell-grid
 selection of :mod:`quests_torch.cellgrid`, which picks the k nearest straight from blocks of
