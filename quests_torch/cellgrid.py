@@ -39,6 +39,7 @@ __all__ = [
     "full_keys",
     "plan_grid",
     "select_block",
+    "sq_norm3",
 ]
 
 #: squared distances are quantised to cutoff^2 / 2^D2_BITS for tie-breaking (see module doc)
@@ -54,7 +55,7 @@ _PACK = torch.tensor([float(1 << 22), float(1 << 11), 1.0], dtype=torch.float64)
 _EMPTY_KEY = torch.iinfo(torch.int64).max
 
 
-def _sq_norm(x: torch.Tensor, dim: int) -> torch.Tensor:
+def sq_norm3(x: torch.Tensor, dim: int) -> torch.Tensor:
     """Squared norm over a dimension of size 3 (explicit: ~4x faster than a reduction)."""
     x0, x1, x2 = x.unbind(dim)
     return x0 * x0 + x1 * x1 + x2 * x2
@@ -115,11 +116,6 @@ class Grid:
     images: torch.Tensor
     cell: torch.Tensor
     occupancy: int
-
-    @property
-    def n_candidates(self) -> int:
-        """Candidate slots per atom (27 bins x occupancy)."""
-        return 27 * self.occupancy
 
 
 def plan_grid(
@@ -296,13 +292,13 @@ def select_block(grid: Grid, bins: slice, k: int, cutoff: float) -> Selection:
     scale = limit / (cutoff * cutoff)
     lhs = torch.empty((c, P, 5), dtype=a.dtype, device=a.device)
     lhs[..., :3] = a
-    lhs[..., 3] = _sq_norm(a, dim=2).mul_(scale)
+    lhs[..., 3] = sq_norm3(a, dim=2).mul_(scale)
     lhs[..., 4] = 1.0
     rhs = torch.empty((c, 5, W), dtype=a.dtype, device=a.device)
     cand_t = cand.transpose(1, 2)  # [c, 3, W]
     torch.mul(cand_t, -2.0 * scale, out=rhs[:, :3])
     rhs[:, 3] = 1.0
-    rhs[:, 4] = _sq_norm(cand_t, dim=1).mul_(scale).add_(0.5)
+    rhs[:, 4] = sq_norm3(cand_t, dim=1).mul_(scale).add_(0.5)
     v = torch.bmm(lhs, rhs)  # [c, P, W]
     diag = torch.arange(P, device=v.device)
     v[:, diag, _ZERO_OFFSET * P + diag] = limit  # an atom is not its own neighbour

@@ -43,7 +43,15 @@ import numpy as np
 import torch
 
 from ._memory import memory_budget
-from .cellgrid import Grid, Selection, component_keys, d2_levels, plan_grid, select_block
+from .cellgrid import (
+    Grid,
+    Selection,
+    component_keys,
+    d2_levels,
+    plan_grid,
+    select_block,
+    sq_norm3,
+)
 from .kde import full_precision
 from .neighbors import (
     COINCIDENT_TOL,
@@ -149,8 +157,7 @@ def _environment_descriptors(
     angle = torch.arange(m, dtype=vec.dtype, device=vec.device) * (2 * math.pi / m)
     dummy = torch.stack([angle.cos(), angle.sin(), torch.zeros_like(angle)], dim=1) * (3 * cutoff)
     vec = torch.where(valid[..., None], vec, dummy)
-    x, y, z = vec.unbind(-1)
-    sq = x * x + y * y + z * z  # [n, m] (explicit: a reduction over 3 is ~4x slower)
+    sq = sq_norm3(vec, dim=-1)  # [n, m]
     r = sq.sqrt()
     rr = r + _EPS_X1
     z = rr.clamp(max=cutoff) / cutoff
@@ -255,8 +262,7 @@ def _descriptors_from_pairs(
             slot = torch.arange(p1 - p0, device=device) - (first[center] - p0)
             keys = torch.full((a1 - a0, width), _EMPTY_KEY, dtype=torch.int64, device=device)
             # every pair is within the cutoff: the level needs no out-of-range guard
-            x, y, z = vec.unbind(1)
-            level = d2_levels(x * x + y * y + z * z, cutoff).to(torch.int64)
+            level = d2_levels(sq_norm3(vec, dim=1), cutoff).to(torch.int64)
             keys[row, slot] = (level << 33) | component_keys(vec, cutoff)
             mk = min(k, width)
             top = torch.topk(keys, mk, dim=1, largest=False, sorted=False)
@@ -496,51 +502,22 @@ def descriptors_from_tensors(
             return out
         need_grad = torch.is_grad_enabled() and (positions.requires_grad or cell.requires_grad)
         width = (2 * k - 1) * (len(spec) + 1 if len(spec) > 1 else 1)
-        if need_grad:  # assembled from row blocks, out of place
-            pieces, prev = [], 0
-            for s, a0, a1, grid in grids:
-                if out is not None:
-                    pieces.append(out[prev:a0])
-                rows = _gridded_structure(
-                    positions,
-                    cell,
-                    pbc,
-                    numbers,
-                    spec,
-                    s,
-                    a0,
-                    a1,
-                    grid,
-                    k,
-                    cutoff,
-                    budget,
-                    threshold,
-                )
-                pieces.append(rows)
-                prev = a1
-            if out is not None:
-                pieces.append(out[prev:])
-            return torch.cat(pieces, dim=0)
-        if out is None:
+        if out is None and not need_grad:
             out = positions.new_empty((positions.shape[0], width))
-        for s, a0, a1, grid in grids:  # written in place
-            _gridded_structure(
-                positions,
-                cell,
-                pbc,
-                numbers,
-                spec,
-                s,
-                a0,
-                a1,
-                grid,
-                k,
-                cutoff,
-                budget,
-                threshold,
-                out=out[a0:a1],
-            )
-        return out
+        pieces, prev = [], 0  # with autograd: row blocks concatenated, out of place
+        for s, a0, a1, grid in grids:
+            rows = _gridded_structure(
+                positions, cell, pbc, numbers, spec, s, a0, a1, grid, k, cutoff, budget,
+                threshold, out=None if need_grad else out[a0:a1],
+            )  # fmt: skip
+            if need_grad:
+                pieces += [out[prev:a0], rows] if out is not None else [rows]
+                prev = a1
+        if not need_grad:
+            return out
+        if out is not None:
+            pieces.append(out[prev:])
+        return torch.cat(pieces, dim=0)
 
 
 def _pair_list_descriptors(
