@@ -44,6 +44,7 @@ from .kde import (
     wide_tile_columns,
 )
 from .metrics import _check_threshold, _generator, entropy_per_structure
+from .structures import canonical_device, segment_sum
 
 __all__ = [
     "METHODS",
@@ -100,7 +101,7 @@ def _as_tensor(x, name: str, device) -> torch.Tensor:
     elif isinstance(x, torch.Tensor):
         if not x.dtype.is_floating_point:
             raise TypeError(f"`{name}` must hold floating-point descriptors, got {x.dtype}")
-        if device is not None and x.device != torch.device(device):
+        if device is not None and x.device != canonical_device(device):
             raise ValueError(f"`device` is {torch.device(device)} but `{name}` lives on {x.device}")
     else:
         raise TypeError(
@@ -513,8 +514,9 @@ def _greedy(
             if running is not None and not (last and not shared):
                 new_log_k = torch.logaddexp(running.log_k, running.log_sum(rows))
             if method == "fps" and not last:
-                per_struct = torch.zeros(S, dtype=torch.float64, device=dev)
-                per_struct.index_add_(0, data.sid, mean_dist(rows))
+                per_struct = segment_sum(
+                    mean_dist(rows).to(torch.float64), data.sid, S, is_sorted=True
+                )
                 new_min = torch.minimum(min_dist, per_struct / counts)
             if separate is not None:
                 new_curve = torch.logaddexp(separate.log_k, separate.log_sum(rows))
@@ -597,7 +599,7 @@ def _k_means(means: torch.Tensor, size: int, gen: torch.Generator, budget: int, 
         if labels is not None and torch.equal(new, labels):
             break
         labels = new
-        sums = torch.zeros_like(centres).index_add_(0, labels, means)
+        sums = segment_sum(means, labels, size)
         pop = torch.bincount(labels, minlength=size).to(means.dtype)
         filled = pop > 0
         centres[filled] = sums[filled] / pop[filled, None]
@@ -778,10 +780,9 @@ def compress(
         if method == "random":
             order = torch.randperm(data.n_structures, generator=gen)[:n_sel].tolist()
         else:
-            means = torch.zeros(
-                data.n_structures, data.x.shape[1], dtype=torch.float64, device=data.x.device
+            means = segment_sum(
+                data.x.to(torch.float64), data.sid, data.n_structures, is_sorted=True
             )
-            means.index_add_(0, data.sid, data.x.to(torch.float64))
             means /= data.counts.to(torch.float64)[:, None]
             budget_b = memory_budget(data.x.device, budget)
             order = _k_means(means, n_sel, gen, budget_b, k_means_iter)

@@ -70,6 +70,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ._memory import memory_budget
+from .structures import canonical_device
 
 __all__ = [
     "DEFAULT_BANDWIDTH",
@@ -100,39 +101,69 @@ _CPU_RUNNING_TILE = 1 << 17  # elements of one RunningLogKernelSum tile on a CPU
 # --------------------------------------------------------------------------------------------
 
 
+def _legacy_tf32_flags() -> tuple[bool, str] | None:
+    """The caller's ``(allow_tf32, float32_matmul_precision)`` if the legacy API is readable.
+
+    torch >= 2.9 refuses to read the legacy flags once the new ``fp32_precision`` API was used
+    to set them (and vice versa it tracks which API set them last): ``None`` then.
+    """
+    try:
+        return bool(torch.backends.cuda.matmul.allow_tf32), torch.get_float32_matmul_precision()
+    except RuntimeError:
+        return None
+
+
 @contextlib.contextmanager
 def full_precision() -> Iterator[None]:
     """Run float32 matrix products in IEEE precision whatever the global flags say.
 
     Disables TF32 (CUDA) and bf16/TF32 (oneDNN on CPU) matmul for the duration of the block
-    and restores the caller's settings on exit, with the new ``fp32_precision`` API when the
-    installed torch has it and the legacy ``allow_tf32``/``set_float32_matmul_precision`` API
-    otherwise. float64 products are never affected by these flags.
+    and restores the caller's settings on exit, through the API the caller used: the legacy
+    ``allow_tf32``/``set_float32_matmul_precision`` when it is readable (torch < 2.9, or a
+    caller that set it), else the ``fp32_precision`` API. Mixing the two makes torch raise
+    when the caller reads its own flags, so the block never does. Nothing is touched when
+    the flags already ask for full precision. float64 products are never affected.
     """
-    backends = [
-        getattr(getattr(torch.backends, name, None), "matmul", None) for name in ("cuda", "mkldnn")
-    ]
-    backends = [b for b in backends if b is not None and hasattr(b, "fp32_precision")]
-    if backends:
-        saved = []
+    legacy = _legacy_tf32_flags()
+    if legacy is None:
+        with _full_precision_new_api():
+            yield
+        return
+    allow, precision = legacy
+    mkldnn = getattr(torch.backends.mkldnn.matmul, "fp32_precision", None)
+    reduced_cpu = precision != "highest" if mkldnn is None else mkldnn not in ("none", "ieee")
+    if reduced_cpu:  # set_float32_matmul_precision sets the CPU and the CUDA flags
+        torch.set_float32_matmul_precision("highest")
+        torch.backends.cuda.matmul.allow_tf32 = False
         try:
-            for b in backends:
-                saved.append((b, b.fp32_precision))
-                b.fp32_precision = "ieee"
             yield
         finally:
-            for b, value in reversed(saved):
-                b.fp32_precision = value
-        return
-    # legacy API (torch < 2.9)
-    legacy = torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision()
-    try:
+            torch.set_float32_matmul_precision(precision)
+            if bool(torch.backends.cuda.matmul.allow_tf32) != allow:
+                torch.backends.cuda.matmul.allow_tf32 = allow
+    elif allow:  # only the CUDA flag: touch nothing else
         torch.backends.cuda.matmul.allow_tf32 = False
-        torch.set_float32_matmul_precision("highest")
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = True
+    else:
+        yield
+
+
+@contextlib.contextmanager
+def _full_precision_new_api() -> Iterator[None]:
+    saved = []
+    try:
+        for name in ("cuda", "mkldnn"):
+            b = getattr(getattr(torch.backends, name, None), "matmul", None)
+            if b is not None and hasattr(b, "fp32_precision"):
+                saved.append((b, b.fp32_precision))
+                b.fp32_precision = "ieee"
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = legacy[0]
-        torch.set_float32_matmul_precision(legacy[1])
+        for b, value in reversed(saved):
+            b.fp32_precision = value
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,10 +289,10 @@ def _compute_device(sources: Sequence[_Source], device) -> torch.device:
         raise ValueError(f"inputs must be on one device, got {names}")
     if devices:
         (dev,) = devices
-        if device is not None and torch.device(device) != dev:
+        if device is not None and canonical_device(device) != dev:
             raise ValueError(f"`device` is {torch.device(device)} but the inputs live on {dev}")
         return dev
-    return torch.device("cpu" if device is None else device)
+    return canonical_device("cpu" if device is None else device)
 
 
 def _progress_callback(progress: Progress, total: int, desc: str, unit: str = "row"):

@@ -38,6 +38,7 @@ from .kde import (
     _nearest_neighbors,
     _Source,
 )
+from .structures import segment_sum
 
 __all__ = [
     "AsymptoteFit",
@@ -303,8 +304,7 @@ def entropy_per_structure(
     log_p = _kernel_pass(xs, xs, h, names=("x", "x"), groups=groups, **options).log_p
     vector = log_p.ndim == 2
     lp = log_p if vector else log_p[:, None]
-    sums = torch.zeros(n_sys, lp.shape[1], dtype=lp.dtype, device=lp.device)
-    sums = sums.index_add(0, groups_sorted.to(lp.device), lp)
+    sums = segment_sum(lp, groups_sorted.to(lp.device), n_sys, is_sorted=True)
     cnt = counts.to(device=lp.device, dtype=lp.dtype)[:, None]
     h_s = torch.log(cnt) - sums / cnt  # NaN where a structure has no environments
     return h_s if vector else h_s[:, 0]

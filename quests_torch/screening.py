@@ -49,7 +49,7 @@ from .descriptors import DEFAULT_CUTOFF, DEFAULT_K, descriptors_from_tensors
 from .io import atomic_write, check_index, count_frames, iter_structures
 from .kde import DEFAULT_BANDWIDTH
 from .metrics import delta_entropy
-from .structures import AtomsBatch, resolve_device
+from .structures import AtomsBatch, resolve_device, segment_sum
 
 __all__ = [
     "FRAME_COLUMNS",
@@ -199,9 +199,11 @@ def _screen_batch(
     dh64 = dh.to(torch.float64)
     dmax = torch.full((n_sys,), -math.inf, dtype=torch.float64, device=device)
     dmax.scatter_reduce_(0, sidx, dh64, reduce="amax", include_self=True)
-    dmean = torch.zeros(n_sys, dtype=torch.float64, device=device).index_add_(0, sidx, dh64)
-    dmean = dmean / counts
-    novel = torch.bincount(sidx, weights=(~covered).to(torch.float64), minlength=n_sys) / counts
+    # deterministic on CUDA: a sorted segment sum (no float atomics), and novel atoms counted
+    # as the odd bins of 2*sidx + novel (bincount with float weights refuses deterministic mode)
+    dmean = segment_sum(dh64, sidx, n_sys, is_sorted=True) / counts
+    pair_counts = torch.bincount(2 * sidx + (~covered).long(), minlength=2 * n_sys)
+    novel = pair_counts.view(n_sys, 2)[:, 1] / counts
     local = torch.where(labels >= 0, labels - starts[sidx], labels)
     sync()
     t3 = time.perf_counter()

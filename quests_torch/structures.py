@@ -15,17 +15,60 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["AtomsBatch", "resolve_device"]
+__all__ = ["AtomsBatch", "canonical_device", "resolve_device", "segment_sum"]
+
+
+def canonical_device(device: torch.device | str) -> torch.device:
+    """``device`` with its index filled in, so that it compares equal to a tensor's device.
+
+    ``torch.device("cuda") != torch.device("cuda:0")``, while every CUDA tensor reports an
+    indexed device: a bare ``"cuda"`` becomes the current CUDA device (``cuda:<current>``),
+    any other bare accelerator type index 0; ``"cpu"`` and indexed devices are unchanged.
+    """
+    device = torch.device(device)
+    if device.type == "cpu" or device.index is not None:
+        return device
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(device.type, 0)
 
 
 def resolve_device(device: torch.device | str | None) -> torch.device:
-    """``"auto"``/``None`` -> CUDA when available, else CPU; anything else as given."""
+    """``"auto"``/``None`` -> CUDA when available, else CPU; anything else as given, indexed
+    (:func:`canonical_device`)."""
     if device is None or (isinstance(device, str) and device == "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"`device` is {device} but CUDA is not available in this torch build")
-    return device
+    return canonical_device(device)
+
+
+def segment_sum(
+    values: torch.Tensor, index: torch.Tensor, n_segments: int, *, is_sorted: bool = False
+) -> torch.Tensor:
+    """Per-segment sums of ``values`` along dim 0, bitwise reproducible on every device.
+
+    ``index_add_``/``scatter_add_`` accumulate float64 with atomics on CUDA, so their last
+    bits vary from run to run; here each segment is summed in order after a stable sort
+    (skipped when ``is_sorted``), with ``torch.segment_reduce``. No host synchronisation;
+    differentiable with respect to ``values``.
+
+    Args:
+        values: ``[n, ...]`` values to sum.
+        index: ``[n]`` int segment of each row, in ``[0, n_segments)``.
+        n_segments: number of segments (empty segments sum to 0).
+        is_sorted: ``index`` is already non-decreasing.
+
+    Returns:
+        ``[n_segments, ...]`` sums in the dtype of ``values``.
+    """
+    index = index.to(device=values.device, dtype=torch.int64)
+    if not is_sorted:
+        order = torch.sort(index, stable=True).indices
+        values, index = values.index_select(0, order), index.index_select(0, order)
+    lengths = torch.bincount(index, minlength=n_segments)
+    return torch.segment_reduce(values, "sum", lengths=lengths, axis=0, unsafe=True)
 
 
 def _check_dtype(dtype: torch.dtype) -> torch.dtype:

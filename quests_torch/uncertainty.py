@@ -45,7 +45,7 @@ from .descriptors import (
 from .io import DescriptorSet, is_descriptor_file, load_descriptors, read_structures
 from .kde import DEFAULT_BANDWIDTH, full_precision
 from .metrics import delta_entropy
-from .structures import AtomsBatch, resolve_device
+from .structures import AtomsBatch, resolve_device, segment_sum
 
 __all__ = ["StructureUncertainty", "UncertaintyBank", "per_structure_summary"]
 
@@ -74,8 +74,8 @@ def per_structure_summary(
 ) -> StructureUncertainty:
     """Max, mean and fraction above ``threshold`` of per-atom dH, per structure, on device.
 
-    ``scatter_reduce``/``index_add`` only: no host synchronisation, differentiable (max and
-    mean) with respect to ``dh``.
+    ``scatter_reduce`` and sorted segment sums only: no host synchronisation, the same bits on
+    every run (no float atomics), differentiable (max and mean) with respect to ``dh``.
 
     Args:
         dh: ``[n_atoms]`` per-atom dH.
@@ -96,11 +96,14 @@ def per_structure_summary(
     if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
         raise TypeError(f"`threshold` must be a float, got {type(threshold).__name__}")
     idx = system_idx.to(device=dh.device, dtype=torch.int64)
-    zeros = dh.new_zeros(n_systems)
-    counts = zeros.index_add(0, idx, torch.ones_like(dh))
-    top = zeros.scatter_reduce(0, idx, dh, reduce="amax", include_self=False)
-    mean = zeros.index_add(0, idx, dh) / counts
-    above = zeros.index_add(0, idx, (dh.detach() > threshold).to(dh.dtype)) / counts
+    order = torch.sort(idx, stable=True).indices
+    idx_sorted = idx.index_select(0, order)
+    counts = torch.bincount(idx_sorted, minlength=n_systems).to(dh.dtype)
+    top = dh.new_zeros(n_systems).scatter_reduce(0, idx, dh, reduce="amax", include_self=False)
+    # one segmented sum of [dh, above] in sorted order: reproducible bit for bit on CUDA
+    both = torch.stack([dh, (dh.detach() > threshold).to(dh.dtype)], dim=1).index_select(0, order)
+    sums = segment_sum(both, idx_sorted, n_systems, is_sorted=True)
+    mean, above = sums[:, 0] / counts, sums[:, 1] / counts
     return StructureUncertainty(dh, top, mean, above)
 
 
@@ -560,7 +563,7 @@ class UncertaintyBank(torch.nn.Module):
     ) -> StructureUncertainty:
         """Per-atom dH and, per structure, its max, mean and fraction above ``threshold``.
 
-        The summaries are reduced on the device (``scatter_reduce``/``index_add``), without a
+        The summaries are reduced on the device (``scatter_reduce``, segment sums), without a
         host synchronisation of their own. Arguments as in :meth:`forward`.
         """
         dh = self.forward(positions, cell, pbc, system_idx, numbers)

@@ -1,0 +1,173 @@
+"""CUDA-path fixes that a CPU can check (issue 19): device names, precision flags set through
+either torch API, deterministic per-structure reductions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quests_torch import kde
+from quests_torch.kde import full_precision, log_kernel_sum
+from quests_torch.structures import canonical_device, resolve_device, segment_sum
+from quests_torch.uncertainty import per_structure_summary
+
+
+# ------------------------------------------------------------------ device names
+def test_canonical_device_fills_the_cuda_index(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert canonical_device("cuda") == torch.device("cuda", 3)
+    assert canonical_device(torch.device("cuda")) == torch.device("cuda:3")
+    assert canonical_device("cuda:1") == torch.device("cuda:1")  # an explicit index is kept
+    assert canonical_device("cpu") == torch.device("cpu")
+    assert canonical_device("mps") == torch.device("mps:0")
+    # what tensors report compares equal to the normalised name, not to the bare one
+    assert torch.device("cuda") != torch.device("cuda:3")
+
+
+def test_canonical_device_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("CPU-only behaviour")
+    assert canonical_device("cuda") == torch.device("cuda:0")
+    assert resolve_device(None) == torch.device("cpu")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        resolve_device("cuda")
+
+
+def test_compute_device_accepts_a_bare_cuda_name_for_cuda_inputs(monkeypatch):
+    """The comparison that raised for `device="cuda"` on cuda:0 tensors, checked without a GPU."""
+
+    class FakeSource:
+        name = "x"
+        device = torch.device("cuda:0")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert kde._compute_device([FakeSource()], "cuda") == torch.device("cuda:0")
+    with pytest.raises(ValueError, match="inputs live on cuda:0"):
+        kde._compute_device([FakeSource()], "cuda:1")
+
+
+# ------------------------------------------------------------------ precision flags
+@pytest.fixture
+def restore_all_flags():
+    """Full precision again afterwards, set through the legacy API: torch then reads the flags
+    through either API (setting them through the new one would make the legacy getters of
+    the next test raise)."""
+    yield
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def _ieee_matmul_inside() -> bool:
+    a = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
+    exact = (a.double() @ a.double()).float()
+    return bool((a @ a - exact).abs().max() < 1e-4)
+
+
+@pytest.mark.parametrize(
+    "set_flags",
+    [
+        pytest.param(lambda: setattr(torch.backends.cuda.matmul, "allow_tf32", True), id="allow"),
+        pytest.param(lambda: torch.set_float32_matmul_precision("high"), id="precision-high"),
+        pytest.param(lambda: torch.set_float32_matmul_precision("medium"), id="precision-medium"),
+    ],
+)
+def test_full_precision_with_legacy_api_caller(set_flags, restore_all_flags):
+    """A caller of the legacy API can read its flags inside the block and gets them back."""
+    set_flags()
+    before = torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision()
+    with full_precision():
+        # used to raise "you have used mix of the legacy and new APIs"
+        assert torch.backends.cuda.matmul.allow_tf32 is False
+        assert torch.get_float32_matmul_precision() == "highest"
+        assert _ieee_matmul_inside()
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision()) == before
+
+
+def test_full_precision_with_new_api_caller(restore_all_flags):
+    if not hasattr(torch.backends.mkldnn.matmul, "fp32_precision"):
+        pytest.skip("torch without the fp32_precision API")
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+    with full_precision():
+        assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+        assert torch.backends.mkldnn.matmul.fp32_precision == "ieee"
+        assert _ieee_matmul_inside()
+    assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+    assert torch.backends.mkldnn.matmul.fp32_precision == "bf16"
+
+
+def test_full_precision_leaves_default_flags_untouched(restore_all_flags):
+    if not hasattr(torch.backends.mkldnn.matmul, "fp32_precision"):
+        pytest.skip("torch without the fp32_precision API")
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    with full_precision():
+        assert torch.backends.mkldnn.matmul.fp32_precision == before
+        assert _ieee_matmul_inside()
+    assert torch.backends.mkldnn.matmul.fp32_precision == before
+
+
+def test_kernel_sums_under_legacy_tf32_flags(cu, restore_all_flags):
+    x = cu["all"][:400].float()
+    clean = log_kernel_sum(x, x)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.set_float32_matmul_precision("medium")
+    assert torch.equal(log_kernel_sum(x, x), clean)
+    assert torch.get_float32_matmul_precision() == "medium"
+
+
+# ------------------------------------------------------------------ deterministic sums
+def test_segment_sum_matches_index_add_and_is_order_independent():
+    g = torch.Generator().manual_seed(1)
+    values = torch.randn(1000, 3, dtype=torch.float64, generator=g)
+    index = torch.randint(0, 17, (1000,), generator=g)
+    index[index == 5] = 6  # an empty segment
+    ref = torch.zeros(17, 3, dtype=torch.float64).index_add_(0, index, values)
+    out = segment_sum(values, index, 17)
+    assert torch.allclose(out, ref, rtol=0, atol=1e-12)
+    assert torch.equal(out[5], torch.zeros(3, dtype=torch.float64))
+    # sorted input: the same bits as the unsorted call (each segment summed in row order)
+    order = torch.sort(index, stable=True).indices
+    assert torch.equal(segment_sum(values[order], index[order], 17, is_sorted=True), out)
+
+
+def test_segment_sum_is_differentiable():
+    values = torch.randn(20, dtype=torch.float64, requires_grad=True)
+    index = torch.arange(20) // 7
+    torch.autograd.gradcheck(lambda v: segment_sum(v, index, 3, is_sorted=True), (values,))
+
+
+def test_per_structure_summary_with_unsorted_index():
+    g = torch.Generator().manual_seed(2)
+    dh = torch.randn(300, dtype=torch.float64, generator=g)
+    idx = torch.randint(0, 9, (300,), generator=g)
+    s = per_structure_summary(dh, idx, 9, threshold=0.5)
+    for i in range(9):
+        sel = dh[idx == i]
+        assert s.max_dH[i] == sel.max()
+        assert torch.isclose(s.mean_dH[i], sel.mean(), rtol=0, atol=1e-14)
+        assert s.fraction_above[i] == (sel > 0.5).double().mean()
+
+
+def test_screening_summaries_under_deterministic_algorithms():
+    """bincount with float weights raises on CUDA in deterministic mode: counted without them."""
+    from ase.build import bulk
+
+    from quests_torch import get_descriptors, screen_frames
+
+    ref_atoms = bulk("Cu", "fcc", a=3.6, cubic=True) * (2, 2, 2)
+    ref = get_descriptors(ref_atoms)
+    hot = ref_atoms.copy()
+    hot.rattle(0.3, seed=1)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        rows = list(screen_frames([ref_atoms, hot, ref_atoms], ref))
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert len(rows) == 3
+    for r in rows:
+        assert r.novel_fraction == pytest.approx(float((r.dh > 0).double().mean()), abs=1e-15)
+        assert r.dH_mean == pytest.approx(float(r.dh.mean()), abs=1e-12)
+    assert rows[0].novel_fraction == 0.0 and rows[1].novel_fraction > 0.5
