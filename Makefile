@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.quests-torch-installed
 
-.PHONY: setup test test-all demo lint bench bench-reference clean
+.PHONY: setup test test-all demo lint bench bench-reference gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,3 +45,8 @@ bench: bench-reference
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+
+# on a machine with CUDA: correctness on the GPU, the CUDA tests and paper-scale timings (JSON)
+gpu-check: $(STAMP)
+	mkdir -p bench-results
+	$(PY) benchmarks/gpu_check.py --out bench-results/gpu_check.json

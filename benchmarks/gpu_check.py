@@ -1,0 +1,573 @@
+"""One command for a machine with CUDA: correctness on the GPU, the CUDA tests, paper-scale timings.
+
+Run it where ``torch.cuda.is_available()`` (``make gpu-check``, or directly)::
+
+    python benchmarks/gpu_check.py --out gpu_check.json             # everything, ~8 minutes
+    python benchmarks/gpu_check.py --out gpu_check.json --scale 10  # sizes / 10, ~1 minute
+    python benchmarks/gpu_check.py --out gpu_check.json --skip-tests --budget-s 300
+
+Three parts, each recorded in the JSON (rewritten atomically after every step, so a run that
+is stopped still leaves what it measured):
+
+1. **checks**: every public path on CUDA tensors against the same call on the CPU
+   (descriptors small and gridded, float32 with TF32 switched on globally, metrics called with
+   ``device=DEV``, gradients, the uncertainty bank, screening under
+   ``torch.use_deterministic_algorithms(True)``, compression, clusters, bitwise repeatability).
+2. **tests**: ``pytest -k cuda`` on the test suite (the tests parametrised over devices).
+3. **timings** at paper scale, each as a fraction of the peaks measured in the same run
+   (float64/float32 GEMM, device-to-device copy bandwidth): descriptors of a 1,000,188-atom
+   cell and of 10,000 small cells; exact entropy of 10^6 environments (float64, float32);
+   dH of 10^7 environments against 10^5; the uncertainty bank on a 100k-atom batch and per
+   MD step (256 atoms against 5,120 references). Each large case is first timed at a tenth
+   or a hundredth of its size and skipped (with the extrapolated time) when it would not fit
+   in the remaining ``--budget-s``.
+
+A kernel-sum pair costs ``2 (d + 2)`` flops in the GEMM (``d = 63``) plus one ``exp``; the
+reported ``gemm_fraction`` is ``pairs * 2 (d + 2) / t / peak``. Below ~50 % of the float64
+GEMM peak the tile epilogue (exp, sums) dominates: the case for a fused kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import quests_torch as qt  # noqa: E402
+from quests_torch import metrics  # noqa: E402
+from quests_torch.structures import AtomsBatch  # noqa: E402
+
+D = 63  # descriptor width for k = 32
+DEV = "cuda"  # --dry-run-cpu runs every step on the CPU (to debug this script without a GPU)
+
+
+class Report:
+    def __init__(self, path: Path, budget_s: float):
+        self.path = path
+        self.t0 = time.perf_counter()
+        self.budget_s = budget_s
+        self.data: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "sections": {}}
+
+    def left(self) -> float:
+        return self.budget_s - (time.perf_counter() - self.t0)
+
+    def save(self) -> None:
+        self.data["elapsed_s"] = round(time.perf_counter() - self.t0, 2)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".gpu_check.")
+        with os.fdopen(fd, "w") as fh:
+            json.dump(self.data, fh, indent=1, default=str)
+        os.replace(tmp, self.path)
+
+    @contextlib.contextmanager
+    def section(self, name: str):
+        rec: dict = {}
+        self.data["sections"][name] = rec
+        t = time.perf_counter()
+        print(f"== {name}", flush=True)
+        try:
+            yield rec
+            rec.setdefault("status", "ok")
+        except Exception as exc:  # a failing section must not stop the others
+            rec["status"] = "error"
+            rec["error"] = f"{type(exc).__name__}: {exc}"
+            rec["traceback"] = traceback.format_exc()[-3000:]
+            print(rec["traceback"], flush=True)
+        finally:
+            rec["seconds"] = round(time.perf_counter() - t, 3)
+            _empty_cache()
+            shown = {k: v for k, v in rec.items() if k != "traceback"}
+            print(f"   {name}: {json.dumps(shown, default=str)[:800]}", flush=True)
+            self.save()
+
+
+def sync() -> None:
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def _empty_cache() -> None:
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _reset_peak() -> None:
+    if DEV == "cuda":
+        _reset_peak()
+
+
+def _peak_gib() -> float:
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if DEV == "cuda" else float("nan")
+
+
+def timed(fn, repeats: int = 1, warmup: int = 0) -> tuple[float, object]:
+    out = None
+    for _ in range(warmup):
+        out = fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times)), out
+
+
+def maxdiff(a, b) -> float:
+    a = a.detach().double().cpu() if isinstance(a, torch.Tensor) else torch.as_tensor(a).double()
+    b = b.detach().double().cpu() if isinstance(b, torch.Tensor) else torch.as_tensor(b).double()
+    return float((a - b).abs().max()) if a.numel() else 0.0
+
+
+def fcc(reps, stdev=0.05, seed=0, a=3.61):
+    from ase.build import bulk
+
+    atoms = bulk("Cu", "fcc", a=a, cubic=True) * reps
+    rng = np.random.default_rng(seed)
+    atoms.positions += rng.normal(0.0, stdev, atoms.positions.shape)
+    return atoms
+
+
+def thermal_like(n_cells: int, reps=(2, 2, 2), seed=0):
+    """Small periodic Cu cells at several 'temperatures' (rattle amplitudes), strained."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n_cells):
+        atoms = fcc(reps, stdev=float(rng.uniform(0.02, 0.25)), seed=seed + i)
+        atoms.set_cell(atoms.cell * rng.uniform(0.97, 1.05), scale_atoms=True)
+        out.append(atoms)
+    return out
+
+
+# ---------------------------------------------------------------------------------- peaks
+def peaks(rep: Report) -> dict:
+    result = {}
+    with rep.section("peaks") as rec:
+        n = 8192 if DEV == "cuda" else 1024
+        for dtype in (torch.float64, torch.float32):
+            a = torch.randn(n, n, device=DEV, dtype=dtype)
+            b = torch.randn(n, n, device=DEV, dtype=dtype)
+            with qt.kde.full_precision():
+                t, _ = timed(lambda a=a, b=b: a @ b, repeats=5, warmup=2)
+            result[str(dtype)] = 2 * n**3 / t
+            rec[f"gemm_{str(dtype)[6:]}_tflops"] = round(2 * n**3 / t / 1e12, 2)
+            del a, b
+        x = torch.empty(1 << (29 if DEV == "cuda" else 24), device=DEV, dtype=torch.float64)
+        y = torch.empty_like(x)
+        t, _ = timed(lambda x=x, y=y: y.copy_(x), repeats=5, warmup=1)
+        result["bandwidth"] = 2 * x.numel() * 8 / t
+        rec["copy_tb_s"] = round(result["bandwidth"] / 1e12, 3)
+        del x, y
+    return result
+
+
+# ---------------------------------------------------------------------------------- checks
+def checks(rep: Report) -> None:
+    from ase.build import molecule
+
+    from quests_torch import get_descriptors
+
+    cells = [*thermal_like(6), fcc((3, 3, 3), seed=5)]
+    mol = molecule("CH3CH2OH")
+    mol.center(vacuum=4.0)
+
+    with rep.section("check_descriptors") as rec:
+        for name, s in (("cells", cells), ("molecule", mol), ("slab", _slab())):
+            cpu = get_descriptors(s)
+            gpu = get_descriptors(s, device=DEV)
+            assert gpu.device.type == DEV and gpu.dtype == torch.float64
+            rec[f"{name}_maxdiff"] = maxdiff(gpu, cpu)
+            g32 = get_descriptors(s, device=DEV, dtype=torch.float32)
+            rec[f"{name}_f32_maxdiff"] = maxdiff(g32, cpu)
+        big = fcc((14, 14, 14), seed=3)  # 10,976 atoms: the cell-grid search
+        for search in ("grid", "pairs"):
+            cpu = get_descriptors(big, search=search)
+            gpu = get_descriptors(big, device=DEV, search=search)
+            rec[f"big_{search}_maxdiff"] = maxdiff(gpu, cpu)
+        torch.backends.cuda.matmul.allow_tf32 = True  # must not matter
+        try:
+            g32 = get_descriptors(big, device=DEV, dtype=torch.float32)
+            rec["big_f32_tf32_on_maxdiff"] = maxdiff(g32, cpu)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = False
+        assert rec["cells_maxdiff"] < 1e-10 and rec["big_grid_maxdiff"] < 1e-10, rec
+        assert rec["big_f32_tf32_on_maxdiff"] < 1e-3, rec
+
+    x_cpu = get_descriptors(cells)
+    with rep.section("check_metrics") as rec:
+        x = x_cpu.to(DEV)
+        y = x[::3] + 0.01
+        pairs = {
+            "entropy": (lambda d, **o: qt.entropy(x.to(d), **o)),
+            "diversity": (lambda d, **o: qt.diversity(x.to(d), **o)),
+            "delta_entropy": (lambda d, **o: qt.delta_entropy(y.to(d), x.to(d), **o)),
+            "overlap": (lambda d, **o: qt.overlap(y.to(d), x.to(d), **o)),
+            "novelty": (lambda d, **o: qt.novelty(y.to(d), x.to(d), **o)),
+            "approx_dH": (lambda d, **o: metrics.approx_delta_entropy(y.to(d), x.to(d), **o)),
+        }
+        for name, fn in pairs.items():
+            cpu = fn("cpu")
+            gpu = fn(DEV, device=DEV)  # a bare "cuda" on cuda:0 tensors (issue 19.1)
+            rec[name] = maxdiff(gpu, cpu)
+        cpu = qt.log_kernel_sum(x.cpu(), x.cpu(), [0.015, 0.03])
+        gpu = qt.log_kernel_sum(x, x, [0.015, 0.03], tile_size=(96, 160))
+        rec["log_kernel_sum_2h_small_tiles"] = maxdiff(gpu, cpu)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            rec["entropy_f32_tf32_on"] = maxdiff(qt.entropy(x.float()), qt.entropy(x.cpu()))
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = False
+        hs = metrics.entropy_per_structure(x, _sid(cells, x.device))
+        rec["entropy_per_structure"] = maxdiff(
+            hs, metrics.entropy_per_structure(x.cpu(), _sid(cells, "cpu"))
+        )
+        worst = max(v for k, v in rec.items() if k != "entropy_f32_tf32_on")
+        assert worst < 1e-9, rec
+
+    with rep.section("check_gradients") as rec:
+        for tag, dev in (("cpu", "cpu"), ("gpu", DEV)):
+            b = AtomsBatch.from_ase(cells[:3], device=dev)
+            pos = b.positions.clone().requires_grad_(True)
+            xd = qt.descriptors_from_tensors(pos, b.cell, b.pbc, b.system_idx)
+            h = qt.entropy(xd)
+            (g,) = torch.autograd.grad(h, pos)
+            rec[f"grad_{tag}"] = g
+        rec["entropy_grad_maxdiff"] = maxdiff(rec.pop("grad_gpu"), rec.pop("grad_cpu"))
+        assert rec["entropy_grad_maxdiff"] < 1e-8, rec
+
+    with rep.section("check_bank") as rec:
+        out = {}
+        for dev in ("cpu", DEV):
+            bank = qt.UncertaintyBank.from_descriptors(x_cpu, k=32, cutoff=5.0, device=dev)
+            hot = fcc((3, 3, 3), stdev=0.2, seed=9)
+            b = AtomsBatch.from_ase([hot, cells[0]], device=dev)
+            pos = b.positions.clone().requires_grad_(True)
+            res = bank.evaluate(pos, b.cell, b.pbc, b.system_idx, threshold=0.0)
+            (g,) = torch.autograd.grad(res.dH.sum(), pos)
+            out[dev] = (res, g)
+        (rc, gc), (rg, gg) = out["cpu"], out[DEV]
+        rec["dH"] = maxdiff(rg.dH, rc.dH)
+        rec["max_dH"] = maxdiff(rg.max_dH, rc.max_dH)
+        rec["mean_dH"] = maxdiff(rg.mean_dH, rc.mean_dH)
+        rec["grad"] = maxdiff(gg, gc)
+        assert max(rec.values()) < 1e-8, rec
+
+    with rep.section("check_screening_deterministic") as rec:
+        frames = [fcc((3, 3, 3), stdev=s, seed=i) for i, s in enumerate((0.05, 0.3, 0.05, 0.4))]
+        ref = qt.get_descriptors(cells)
+        cpu = list(qt.screen_frames(frames, ref))
+        torch.use_deterministic_algorithms(True)
+        try:
+            gpu = list(qt.screen_frames(frames, ref.to(DEV), device=DEV))
+            gpu2 = list(qt.screen_frames(frames, ref.to(DEV), device=DEV))
+        finally:
+            torch.use_deterministic_algorithms(False)
+        rec["dh_maxdiff"] = max(maxdiff(a.dh, b.dh) for a, b in zip(gpu, cpu, strict=True))
+        rec["novel_fraction"] = [f.novel_fraction for f in gpu]
+        rec["largest_cluster_equal"] = [
+            a.largest_cluster == b.largest_cluster for a, b in zip(gpu, cpu, strict=True)
+        ]
+        rec["repeat_bitwise"] = all(
+            torch.equal(a.dh, b.dh) and a.dH_mean == b.dH_mean
+            for a, b in zip(gpu, gpu2, strict=True)
+        )
+        assert rec["dh_maxdiff"] < 1e-9 and all(rec["largest_cluster_equal"]), rec
+
+    with rep.section("check_compression") as rec:
+        sid = _sid(cells, "cpu")
+        for method in ("msc", "fps", "k_means", "random"):
+            cpu = qt.compress(x_cpu, sid, size=3, method=method, generator=0)
+            gpu = qt.compress(
+                x_cpu.to(DEV), sid.to(DEV), size=3, method=method, generator=0, device=DEV
+            )
+            rec[method] = [cpu.indices.tolist(), gpu.indices.tolist()]
+        assert all(a == b for a, b in rec.values()), rec
+
+    with rep.section("check_clusters_and_repeatability") as rec:
+        b = AtomsBatch.from_ase(cells, device=DEV)
+        mask = (
+            torch.rand(
+                b.positions.shape[0], device=DEV, generator=torch.Generator(DEV).manual_seed(0)
+            )
+            > 0.3
+        )
+        bc = b.to("cpu")
+        s_gpu, _ = qt.largest_cluster(b.positions, b.cell, b.pbc, b.system_idx, mask)
+        s_cpu, _ = qt.largest_cluster(bc.positions, bc.cell, bc.pbc, bc.system_idx, mask.cpu())
+        rec["cluster_sizes_equal"] = bool(torch.equal(s_gpu.cpu(), s_cpu))
+        x = x_cpu.to(DEV)
+        rec["entropy_repeat_bitwise"] = bool(torch.equal(qt.entropy(x), qt.entropy(x)))
+        dh = torch.randn(200_000, device=DEV, dtype=torch.float64)
+        idx = torch.randint(0, 100, (200_000,), device=DEV)
+        s1 = qt.per_structure_summary(dh, idx, 100)
+        s2 = qt.per_structure_summary(dh, idx, 100)
+        rec["summary_repeat_bitwise"] = bool(torch.equal(s1.mean_dH, s2.mean_dH))
+        assert all(rec.values()), rec
+
+
+def _slab():
+    from ase.build import fcc111
+
+    slab = fcc111("Cu", (4, 4, 4), vacuum=6.0)
+    slab.rattle(0.05, seed=1)
+    return slab
+
+
+def _sid(structures, device):
+    n = [len(s) for s in structures]
+    return torch.repeat_interleave(torch.arange(len(n)), torch.tensor(n)).to(device)
+
+
+# ---------------------------------------------------------------------------------- tests
+def run_tests(rep: Report, timeout: float) -> None:
+    with rep.section("pytest_cuda") as rec:
+        cmd = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-k",
+            "cuda",
+            "-p",
+            "no:cacheprovider",
+            "tests",
+        ]
+        try:
+            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+            rec["returncode"] = proc.returncode
+            rec["tail"] = (proc.stdout + proc.stderr)[-4000:]
+            if proc.returncode != 0:
+                rec["status"] = "failed"
+        except subprocess.TimeoutExpired as exc:
+            rec["status"] = "timeout"
+            rec["tail"] = str(exc.stdout)[-3000:] if exc.stdout else ""
+
+
+# ---------------------------------------------------------------------------------- timings
+def pair_rate(rec: dict, pairs: float, seconds: float, peak: dict, dtype: torch.dtype) -> None:
+    rec["pairs_per_s"] = pairs / seconds
+    rec["gemm_fraction"] = round(pairs * 2 * (D + 2) / seconds / peak[str(dtype)], 4)
+
+
+def timings(rep: Report, peak: dict, scale: int) -> None:
+    from quests_torch import get_descriptors
+
+    with rep.section("descriptors_1m_cell") as rec:
+        s = max(3, round(20 / scale ** (1 / 3)))
+        small = fcc((s, s, s), seed=1)  # 32,000 atoms: warm-up and the ladder's first rung
+        t_small, _ = timed(lambda: get_descriptors(small, device=DEV), repeats=3, warmup=1)
+        rec["atoms_small"], rec["seconds_small"] = len(small), round(t_small, 4)
+        n_rep = max(4, round(63 / scale ** (1 / 3)))
+        big = fcc((n_rep, n_rep, n_rep), seed=2)
+        rec["atoms"] = len(big)
+        _reset_peak()
+        b = AtomsBatch.from_ase(big, device=DEV)
+        repeats = 3 if t_small * len(big) / len(small) < 10 else 1
+        t, x = timed(
+            lambda: qt.descriptors_from_tensors(b.positions, b.cell, b.pbc),
+            repeats=repeats,
+            warmup=1 if repeats > 1 else 0,
+        )
+        rec["seconds"] = round(t, 4)
+        rec["atoms_per_s"] = round(len(big) / t)
+        rec["peak_gib"] = _peak_gib()
+        t_ase, _ = timed(lambda: get_descriptors(big, device=DEV), repeats=1)
+        rec["seconds_from_ase"] = round(t_ase, 4)
+        del b, x
+
+    with rep.section("descriptors_10k_cells") as rec:
+        n_cells = 10_000 // scale
+        t0 = time.perf_counter()
+        cells = thermal_like(n_cells, reps=(2, 2, 2), seed=100)
+        b = AtomsBatch.from_ase(cells, device=DEV)
+        rec["host_prep_seconds"] = round(time.perf_counter() - t0, 3)
+        rec["cells"], rec["atoms"] = n_cells, int(b.positions.shape[0])
+        m = max(1, n_cells // 10)
+        b10 = AtomsBatch.from_ase(cells[:m], device=DEV)
+        t10, _ = timed(
+            lambda: qt.descriptors_from_tensors(b10.positions, b10.cell, b10.pbc, b10.system_idx)
+        )
+        rec["seconds_tenth"] = round(t10, 4)
+        repeats = 3 if t10 * 10 < 10 else 1
+        if t10 * 10 > rep.left() / 4:
+            raise RuntimeError(f"a tenth took {t10:.1f} s: the whole would not fit the budget")
+        t, _ = timed(
+            lambda: qt.descriptors_from_tensors(b.positions, b.cell, b.pbc, b.system_idx),
+            repeats=repeats,
+        )
+        rec["seconds"] = round(t, 4)
+        rec["cells_per_s"] = round(n_cells / t)
+        del b
+
+    # a million distinct environments: 256-atom thermal-like cells, descriptors on the device
+    n_env = 1_000_000 // scale
+    with rep.section("descriptors_256_atom_cells") as rec:
+        t0 = time.perf_counter()
+        cells = thermal_like(n_env // 256 + 1, reps=(4, 4, 4), seed=7)
+        b = AtomsBatch.from_ase(cells, device=DEV)
+        rec["host_prep_seconds"] = round(time.perf_counter() - t0, 3)
+        rec["cells"], rec["atoms"] = len(cells), int(b.positions.shape[0])
+        t, x1m = timed(
+            lambda: qt.descriptors_from_tensors(b.positions, b.cell, b.pbc, b.system_idx)
+        )
+        rec["seconds"] = round(t, 4)
+        rec["cells_per_s"] = round(len(cells) / t)
+        del cells, b
+    if rep.data["sections"]["descriptors_256_atom_cells"]["status"] != "ok":
+        g = torch.Generator(DEV).manual_seed(0)  # timings only: random rows in a thermal range
+        x1m = 0.2 + 0.3 * torch.rand(n_env, D, device=DEV, dtype=torch.float64, generator=g)
+    x1m = x1m[:n_env].contiguous()
+
+    for dtype in (torch.float64, torch.float32):
+        name = f"entropy_{n_env}_{str(dtype)[6:]}"
+        with rep.section(name) as rec:
+            x = x1m.to(dtype)
+            n0 = n_env // 10
+            t0_, _ = timed(lambda x=x, n0=n0: qt.entropy(x[:n0]), repeats=1, warmup=1)
+            rec["n_small"], rec["seconds_small"] = n0, round(t0_, 3)
+            predicted = t0_ * 100
+            rec["predicted_seconds"] = round(predicted, 1)
+            if predicted > rep.left() - 120:
+                rec["status"] = "skipped"
+                rec["why"] = f"predicted {predicted:.0f} s, {rep.left():.0f} s left"
+                pair_rate(rec, n0 * n0, t0_, peak, dtype)
+                continue
+            _reset_peak()
+            t, h = timed(lambda x=x: qt.entropy(x), repeats=1)
+            rec["n"], rec["seconds"], rec["H"] = n_env, round(t, 3), float(h)
+            rec["peak_gib"] = _peak_gib()
+            pair_rate(rec, n_env * n_env, t, peak, dtype)  # n^2: the sweep does about half
+            if dtype == torch.float64:
+                rep.data["_h64"] = float(h)
+            elif "_h64" in rep.data:
+                rec["rel_diff_vs_f64"] = abs(float(h) - rep.data["_h64"]) / rep.data["_h64"]
+
+    with rep.section("dh_10m_vs_100k") as rec:
+        n_ref = 100_000 // scale
+        n_q = 10_000_000 // scale
+        xref = x1m[:n_ref]
+        g = torch.Generator(DEV).manual_seed(0)
+        q = x1m.repeat(max(1, n_q // n_env), 1)[:n_q]
+        q = q + 1e-3 * torch.randn(q.shape, device=DEV, dtype=q.dtype, generator=g)
+        n0 = n_q // 10
+        t0_, _ = timed(lambda q=q, n0=n0: qt.delta_entropy(q[:n0], xref), repeats=1, warmup=1)
+        rec["n_small"], rec["seconds_small"] = n0, round(t0_, 3)
+        predicted = t0_ * 10
+        rec["predicted_seconds"] = round(predicted, 1)
+        if predicted > rep.left() - 60:
+            rec["status"] = "skipped"
+            rec["why"] = f"predicted {predicted:.0f} s, {rep.left():.0f} s left"
+            pair_rate(rec, n0 * n_ref, t0_, peak, torch.float64)
+        else:
+            _reset_peak()
+            t, dh = timed(lambda q=q: qt.delta_entropy(q, xref), repeats=1)
+            rec["n_query"], rec["n_ref"], rec["seconds"] = n_q, n_ref, round(t, 3)
+            rec["peak_gib"] = _peak_gib()
+            rec["fraction_above_0"] = float((dh > 0).double().mean())
+            pair_rate(rec, n_q * n_ref, t, peak, torch.float64)
+        del q
+    rep.data["sections"]["entropy_estimate_10m"] = {
+        "status": "not implemented",
+        "why": "metrics.estimate_entropy is issue 16",
+    }
+
+    with rep.section("bank") as rec:
+        bank = qt.UncertaintyBank.from_descriptors(x1m[:5120].cpu(), k=32, cutoff=5.0, device=DEV)
+        md = fcc((4, 4, 4), stdev=0.1, seed=11)  # 256 atoms
+        b = AtomsBatch.from_ase(md, device=DEV)
+        t, _ = timed(lambda: bank(b.positions, b.cell, b.pbc), repeats=50, warmup=5)
+        rec["md_step_256_atoms_vs_5120_ms"] = round(t * 1e3, 3)
+        s = max(3, round(29 / scale ** (1 / 3)))
+        big = fcc((s, s, s), stdev=0.1, seed=12)  # 97,556 atoms at scale 1
+        bb = AtomsBatch.from_ase(big, device=DEV)
+        bank100k = qt.UncertaintyBank.from_descriptors(
+            x1m[: 100_000 // scale].cpu(), k=32, cutoff=5.0, device=DEV
+        )
+        t, _ = timed(lambda: bank100k(bb.positions, bb.cell, bb.pbc), repeats=3, warmup=1)
+        rec["batch_atoms"] = int(bb.positions.shape[0])
+        rec["batch_vs_100k_seconds"] = round(t, 4)
+        pos = bb.positions.clone().requires_grad_(True)
+        t, _ = timed(
+            lambda: torch.autograd.grad(bank100k(pos, bb.cell, bb.pbc).sum(), pos),
+            repeats=1,
+            warmup=1,
+        )
+        rec["batch_vs_100k_with_forces_seconds"] = round(t, 4)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("gpu_check.json"))
+    ap.add_argument("--budget-s", type=float, default=480.0, help="total wall-time budget")
+    ap.add_argument("--scale", type=int, default=1, help="divide the timed sizes by this")
+    ap.add_argument("--dry-run-cpu", action="store_true", help="every step on the CPU")
+    ap.add_argument("--skip-tests", action="store_true")
+    ap.add_argument("--skip-timings", action="store_true")
+    ap.add_argument("--test-timeout", type=float, default=150.0)
+    args = ap.parse_args(argv)
+    global DEV
+    if args.dry_run_cpu:
+        DEV = "cpu"
+    elif not torch.cuda.is_available():
+        print(
+            "gpu_check: CUDA is not available here (--dry-run-cpu to test the script)",
+            file=sys.stderr,
+        )
+        return 2
+    rep = Report(args.out, args.budget_s)
+    rep.data["env"] = {"device": DEV}
+    if DEV == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        rep.data["env"].update(
+            gpu=props.name,
+            capability=f"{props.major}.{props.minor}",
+            memory_gib=round(props.total_memory / 2**30, 1),
+            sms=props.multi_processor_count,
+        )
+    rep.data["env"].update(
+        {
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "python": platform.python_version(),
+            "quests_torch": qt.__version__,
+            "git": _git(),
+        }
+    )
+    rep.save()
+    peak = peaks(rep)
+    checks(rep)
+    if not args.skip_tests:
+        run_tests(rep, min(args.test_timeout, max(30.0, rep.left() - 240)))
+    if not args.skip_timings and peak:
+        timings(rep, peak, args.scale)
+    rep.save()
+    bad = [k for k, v in rep.data["sections"].items() if v.get("status") in ("error", "failed")]
+    print(f"gpu_check: {len(rep.data['sections'])} sections, problems: {bad or 'none'}")
+    return 1 if bad else 0
+
+
+def _git() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
