@@ -106,7 +106,7 @@ def _empty_cache() -> None:
 
 def _reset_peak() -> None:
     if DEV == "cuda":
-        _reset_peak()
+        torch.cuda.reset_peak_memory_stats()
 
 
 def _peak_gib() -> float:

@@ -608,7 +608,11 @@ def _k_means(means: torch.Tensor, size: int, gen: torch.Generator, budget: int, 
     best = torch.full((size,), math.inf, dtype=dist.dtype, device=dev)
     best = best.scatter_reduce(0, labels, dist, "amin")
     idx = torch.arange(S, device=dev)
-    cand = torch.where(dist == best[labels], idx, S)
+    # near-ties count as ties (the lowest index wins): the two members of a 2-structure
+    # cluster are equidistant from its centroid by construction, and which one rounding makes
+    # nearer differs between devices. The slack is the expansion's rounding error, ~eps |x|^2.
+    slack = 1e-10 * float((means * means).sum(1).max())
+    cand = torch.where(dist <= best[labels] + slack, idx, S)
     rep = torch.full((size,), S, dtype=torch.long, device=dev).scatter_reduce(
         0, labels, cand, "amin"
     )

@@ -3,6 +3,7 @@ either torch API, deterministic per-structure reductions."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -171,3 +172,28 @@ def test_screening_summaries_under_deterministic_algorithms():
         assert r.novel_fraction == pytest.approx(float((r.dh > 0).double().mean()), abs=1e-15)
         assert r.dH_mean == pytest.approx(float(r.dh.mean()), abs=1e-12)
     assert rows[0].novel_fraction == 0.0 and rows[1].novel_fraction > 0.5
+
+
+def test_k_means_representatives_do_not_depend_on_rounding():
+    """A 2-structure cluster's members are equidistant from its centroid: the tie must not be
+    broken by rounding, which differs between CPU and CUDA (seen on an H200: [2, 0, 6] there,
+    [2, 0, 1] here). Rounding-sized perturbations stand in for the other device."""
+    from conftest import rattled_fcc
+
+    from quests_torch import compress, get_descriptors
+
+    rng = np.random.default_rng(0)
+    cells = []
+    for i in range(6):
+        atoms = rattled_fcc((2, 2, 2), stdev=float(rng.uniform(0.02, 0.25)), seed=i)
+        atoms.set_cell(atoms.cell * rng.uniform(0.97, 1.05), scale_atoms=True)
+        cells.append(atoms)
+    cells.append(rattled_fcc((3, 3, 3), seed=5))
+    x = get_descriptors(cells)
+    sid = torch.repeat_interleave(torch.arange(7), torch.tensor([len(c) for c in cells]))
+    base = compress(x, sid, size=3, method="k_means", generator=0, curve=False).indices.tolist()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        noisy = x + 1e-13 * torch.randn(x.shape, generator=g, dtype=x.dtype)
+        got = compress(noisy, sid, size=3, method="k_means", generator=0, curve=False)
+        assert got.indices.tolist() == base
