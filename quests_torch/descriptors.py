@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from ._memory import memory_budget
+from ._precision import full_precision
 from .cellgrid import (
     Grid,
     Selection,
@@ -52,7 +53,6 @@ from .cellgrid import (
     select_block,
     sq_norm3,
 )
-from .kde import full_precision
 from .neighbors import (
     COINCIDENT_TOL,
     DENSE_MAX_CANDIDATES,
@@ -349,7 +349,9 @@ def _grid_descriptors(
             with torch.no_grad():
                 sel = select_block(grid, ch, k, cutoff)
                 nb, shift = sel.pairs(grid)
-            vec = positions[nb] - positions[sel.center][:, None, :] + shift.to(cell.dtype) @ cell
+            # shift . cell elementwise: a matmul's backward would run outside full_precision
+            image = (shift.to(cell.dtype)[..., :, None] * cell).sum(-2)
+            vec = positions[nb] - positions[sel.center][:, None, :] + image
             check(sel, vec)
             rows.append(sel.center)
             descs.append(_environment_descriptors(vec, sel.valid, k, cutoff))

@@ -33,6 +33,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from ._precision import full_precision
 from .descriptors import (
     DEFAULT_CUTOFF,
     DEFAULT_K,
@@ -43,7 +44,7 @@ from .descriptors import (
     species_numbers,
 )
 from .io import DescriptorSet, is_descriptor_file, load_descriptors, read_structures
-from .kde import DEFAULT_BANDWIDTH, full_precision
+from .kde import DEFAULT_BANDWIDTH
 from .metrics import delta_entropy
 from .structures import AtomsBatch, resolve_device, segment_sum
 

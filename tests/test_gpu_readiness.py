@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from quests_torch import kde
 from quests_torch.kde import full_precision, log_kernel_sum
@@ -197,3 +198,52 @@ def test_k_means_representatives_do_not_depend_on_rounding():
         noisy = x + 1e-13 * torch.randn(x.shape, generator=g, dtype=x.dtype)
         got = compress(noisy, sid, size=3, method="k_means", generator=0, curve=False)
         assert got.indices.tolist() == base
+
+
+# ------------------------------------------------------------------ TF32 reach
+class _ReducedPrecisionMatmuls(TorchDispatchMode):
+    """Records every float32 matrix product that runs while the flags allow TF32/bf16."""
+
+    OPS = ("mm", "bmm", "addmm", "baddbmm", "addbmm", "matmul", "dot", "mv")
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in self.OPS and any(
+            isinstance(a, torch.Tensor) and a.dtype == torch.float32 for a in args
+        ):
+            flags = (torch.backends.cuda.matmul.fp32_precision,)
+            flags += (torch.backends.mkldnn.matmul.fp32_precision,)
+            if any(f not in ("ieee", "none") for f in flags):
+                self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.skipif(
+    not hasattr(torch.backends.mkldnn.matmul, "fp32_precision"), reason="needs fp32_precision"
+)
+@pytest.mark.parametrize("search", ["grid", "pairs"])
+def test_no_float32_matmul_escapes_full_precision(search, restore_all_flags):
+    """TF32 must not reach the neighbour search, the cluster search or the backward of the
+    periodic-image term (float32 frames under TF32 got 0.01-0.05 Å distance errors)."""
+    from conftest import rattled_fcc
+
+    from quests_torch import descriptors_from_tensors, largest_cluster
+    from quests_torch.structures import AtomsBatch
+
+    batch = AtomsBatch.from_ase(rattled_fcc((3, 3, 3), seed=3), dtype=torch.float32)
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+    pos = batch.positions.clone().requires_grad_(True)
+    cell = batch.cell.clone().requires_grad_(True)
+    with _ReducedPrecisionMatmuls() as watch:
+        x = descriptors_from_tensors(pos, cell, batch.pbc, search=search)
+        x.square().sum().backward()
+        small = AtomsBatch.from_ase(rattled_fcc((2, 2, 2), seed=4), dtype=torch.float32)
+        mask = torch.ones(small.positions.shape[0], dtype=torch.bool)  # dense pair search
+        largest_cluster(small.positions, small.cell, small.pbc, small.system_idx, mask)
+    assert watch.seen == []
+    assert cell.grad is not None and torch.isfinite(cell.grad).all()
