@@ -46,8 +46,11 @@ atom count) and all-gathered in input order. Trajectory screening (:func:`screen
 gives each rank a contiguous block of the selected frames, screened by
 :func:`quests_torch.screening.screen_trajectory` into its own part files with its own resume
 state (``<table>.parts/``); after all ranks finish, rank 0 concatenates the parts, in frame
-order, into the one table (and extxyz) atomically and writes the table's resume state, so a
-later run with any number of ranks (or none) finds the screening complete.
+order, into the one table (and extxyz) atomically between two writes of the table's resume
+state (one before, one marking it complete after), so a crash during the merge is resumed
+by merging again and a later run with any number of ranks (or none) finds the screening
+complete. Rank 0 holds the table's lock for the whole run; the resume rules are those of
+:mod:`quests_torch.resume`, shared with the single-process screening.
 """
 
 from __future__ import annotations

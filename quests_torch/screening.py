@@ -20,11 +20,15 @@ integrations) and :func:`screen_trajectory` (the resumable file pipeline behind
 Resumability of :func:`screen_trajectory`: results are appended to the table (CSV or JSON
 lines) and the optional extxyz file one batch at a time, each append flushed and
 ``fsync``-ed, and only then a small state file ``<table>.state.json`` records, atomically,
-how many frames and bytes are committed. A run killed at any instant and restarted with the
-same arguments truncates whatever was written after the last commit, skips the committed
-frames and continues; batches restart at a committed batch boundary with the same
-``batch_atoms``, so every later batch, hence every number, is bit-identical to an
-uninterrupted run's.
+how many frames and bytes are committed and the SHA-256 of those bytes. A run killed at any
+instant and restarted with the same arguments checks the committed bytes, truncates whatever
+was written after the last commit, skips the committed frames and continues; batches restart
+at a committed batch boundary with the same ``batch_atoms``, so every later batch, hence
+every number, is bit-identical to an uninterrupted run's. The state is keyed on the content
+of the inputs (:mod:`quests_torch.resume`): another trajectory under the same name, another
+reference, other parameters or an edited table are refused (the message says which) unless
+``overwrite=True``; ``<table>.lock`` keeps a second run off the table while one is running;
+the outputs appear only once the first batch is computed.
 """
 
 from __future__ import annotations
