@@ -1071,7 +1071,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="reference descriptor cache folder")
     p.add_argument("--no-cache", action="store_true", help="do not cache reference descriptors")
     p.add_argument(
-        "--overwrite", action="store_true", help="start afresh over outputs of another screening"
+        "--overwrite",
+        action="store_true",
+        help="start afresh over outputs of another screening (a changed trajectory, "
+        "reference or parameter, or an edited table)",
     )
     _add_plot(p)
     _add_common(p)

@@ -46,17 +46,22 @@ atom count) and all-gathered in input order. Trajectory screening (:func:`screen
 gives each rank a contiguous block of the selected frames, screened by
 :func:`quests_torch.screening.screen_trajectory` into its own part files with its own resume
 state (``<table>.parts/``); after all ranks finish, rank 0 concatenates the parts, in frame
-order, into the one table (and extxyz) atomically and writes the table's resume state, so a
-later run with any number of ranks (or none) finds the screening complete.
+order, into the one table (and extxyz) atomically between two writes of the table's resume
+state (one before, one marking it complete after), so a crash during the merge is resumed
+by merging again and a later run with any number of ranks (or none) finds the screening
+complete. Rank 0 holds the table's lock for the whole run; the resume rules are those of
+:mod:`quests_torch.resume`, shared with the single-process screening.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import shutil
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from datetime import timedelta
 from pathlib import Path
 
@@ -67,7 +72,6 @@ import torch.distributed as dist
 from . import metrics as _metrics
 from . import screening as _screening
 from ._memory import memory_budget
-from ._version import __version__
 from .clusters import DEFAULT_CLUSTER_CUTOFF
 from .descriptors import DEFAULT_CUTOFF, DEFAULT_K
 from .descriptors import get_descriptors as _get_descriptors
@@ -96,7 +100,19 @@ from .metrics import (
     _fraction_above,
     _generator,
 )
-from .screening import ScreeningResult, ScreenTimings
+from .resume import (
+    TableInUseError,
+    new_state,
+    reference_hash,
+    resume_state,
+    screening_identity,
+    state_path,
+    table_lock,
+    verify_committed,
+    write_state,
+)
+from .resume import trajectory_key as _content_key
+from .screening import ScreeningResult, ScreenTimings, default_batch_atoms
 from .structures import AtomsBatch, resolve_device
 
 __all__ = [
@@ -874,33 +890,47 @@ def _parts_folder(table: Path) -> Path:
     return table.with_name(table.name + ".parts")
 
 
+def _concatenate(out_path: Path, sources: list[Path], head: str) -> tuple[int, str]:
+    """Write ``head`` then every source (without its first ``len(head)`` bytes, the same
+    header) into ``out_path`` atomically; returns its size and SHA-256."""
+    digest = hashlib.sha256(head.encode())
+    size = len(head.encode())
+
+    def write(p: Path) -> None:
+        nonlocal size
+        with open(p, "wb") as out:
+            out.write(head.encode())
+            for source in sources:
+                with open(source, "rb") as fh:
+                    fh.seek(len(head.encode()))
+                    while block := fh.read(1 << 24):
+                        out.write(block)
+                        digest.update(block)
+                        size += len(block)
+
+    atomic_write(out_path, write)
+    return size, digest.hexdigest()
+
+
 def _merge_parts(
     parts: list[tuple[Path, Path | None]], table: Path, xyz_path: Path | None, header: str
-) -> tuple[int, int]:
-    """Concatenate the part files in order into ``table`` (and ``xyz_path``), atomically."""
-
-    def write_table(p: Path) -> None:
-        with open(p, "wb") as out:
-            out.write(header.encode())
-            for part, _ in parts:
-                with open(part, "rb") as fh:
-                    if header:
-                        fh.readline()  # every part starts with the header
-                    shutil.copyfileobj(fh, out, 1 << 24)
-
-    atomic_write(table, write_table)
-    xyz_bytes = 0
+) -> tuple[dict, dict]:
+    """Concatenate the part files in order into ``table`` (and ``xyz_path``), each atomically;
+    returns the ``bytes`` and ``sha256`` of the outputs, as the resume state records them."""
+    n_bytes, sha = {}, {}
+    n_bytes["table"], sha["table"] = _concatenate(table, [t for t, _ in parts], header)
+    n_bytes["extxyz"], sha["extxyz"] = 0, hashlib.sha256().hexdigest()
     if xyz_path is not None:
+        n_bytes["extxyz"], sha["extxyz"] = _concatenate(xyz_path, [x for _, x in parts], "")
+    return n_bytes, sha
 
-        def write_xyz(p: Path) -> None:
-            with open(p, "wb") as out:
-                for _, part in parts:
-                    with open(part, "rb") as fh:
-                        shutil.copyfileobj(fh, out, 1 << 24)
 
-        atomic_write(xyz_path, write_xyz)
-        xyz_bytes = xyz_path.stat().st_size
-    return table.stat().st_size, xyz_bytes
+#: exception types rank 0's decision can report to the other ranks (default ValueError)
+_DECISION_ERRORS = {
+    "FileNotFoundError": FileNotFoundError,
+    "TableInUseError": TableInUseError,
+    "OSError": OSError,
+}
 
 
 def screen_trajectory(
@@ -919,6 +949,7 @@ def screen_trajectory(
     device: torch.device | str | None = "cpu",
     batch_atoms: int | None = None,
     reference_key: str | None = None,
+    trajectory_key: str | None = None,
     overwrite: bool = False,
     progress: bool = False,
     keep_parts: bool = False,
@@ -930,9 +961,12 @@ def screen_trajectory(
     ``<table>.parts/rank<r>-of-<W><suffix>`` (and an extxyz part), with its own resume state
     and the ``frame`` column numbered in the whole selection. When every rank is done, rank 0
     concatenates the parts in rank (= frame) order into ``table`` and ``extxyz`` (each written
-    atomically) and writes ``<table>.state.json`` marking the screening complete; the parts
-    are then deleted (``keep_parts=False``). Every frame is in exactly one block, so none is
-    lost or duplicated.
+    atomically) between two writes of ``<table>.state.json``: one of this screening with
+    nothing committed, before, and one marking it complete, after; the parts are then
+    deleted (``keep_parts=False``). Every frame is in exactly one block, so none is lost or
+    duplicated, and a crash during the merge is resumed by merging again. Rank 0 holds the
+    table's lock (:func:`quests_torch.resume.table_lock`) for the whole run, and the state's
+    rules (content keys, verified committed bytes) are those of the single-process run.
 
     Interrupted runs: rerun the same command with the same number of ranks; every rank
     resumes its part from its last committed batch. A rerun of a finished screening (with any
@@ -969,6 +1003,7 @@ def screen_trajectory(
             device=device,
             batch_atoms=batch_atoms,
             reference_key=reference_key,
+            trajectory_key=trajectory_key,
             overwrite=overwrite,
             progress=progress,
         )
@@ -981,150 +1016,77 @@ def screen_trajectory(
     table = Path(table)
     jsonl = table.suffix.lower() == ".jsonl"
     xyz_path = Path(extxyz) if extxyz is not None else None
-    if reference_key is None:
-        reference_key = _broadcast_object(
-            _screening.reference_hash(reference) if rank() == 0 else None
-        )
-    params, key = _screening._screen_params(
-        trajectory,
-        reference,
-        index=index,
-        reference_key=reference_key,
-        h=h,
-        threshold=threshold,
-        k=k,
-        cutoff=cutoff,
-        cluster_cutoff=cluster_cutoff,
-        dtype=dtype,
-        jsonl=jsonl,
-        xyz_path=xyz_path,
-    )
-    state_file = _screening._state_path(table)
     header = "" if jsonl else ",".join(_screening.FRAME_COLUMNS) + "\n"
-    w, r = world_size(), rank()
+    r = rank()
 
-    # rank 0 decides (one view of the files): "done", or the frame range to screen
-    decision: tuple[str, object] = ("error", "")
+    # rank 0 decides (one view of the files), holding the table's lock for the whole run:
+    # "done", or the frame range to screen; the content keys are computed once, here
+    lock = ExitStack()
+    decision: tuple = ("error", "ValueError", "")
+    params: dict = {}
+    key = ""
     if r == 0:
         try:
-            state = _screening._read_state(state_file)
-            done = (
-                state is not None
-                and state.get("key") == key
-                and state.get("complete")
-                and not overwrite
-                and table.exists()
-                and table.stat().st_size == state["bytes"]["table"]
-                and (xyz_path is None or xyz_path.stat().st_size == state["bytes"]["extxyz"])
+            lock.enter_context(table_lock(table))
+            keys = (
+                _content_key(trajectory) if trajectory_key is None else trajectory_key,
+                reference_hash(reference) if reference_key is None else reference_key,
             )
-            if done:
-                decision = ("done", int(state["frames_done"]))
+            params, key = screening_identity(
+                trajectory_key=keys[0],
+                reference_key=keys[1],
+                index=index,
+                h=h,
+                threshold=threshold,
+                k=k,
+                cutoff=cutoff,
+                cluster_cutoff=cluster_cutoff,
+                dtype=dtype,
+                jsonl=jsonl,
+                xyz_path=xyz_path,
+            )
+            state = resume_state(table, key, params, overwrite=overwrite, header=header)
+            if state is not None and state.get("complete") is True:
+                for name, path in (("table", table), ("extxyz", xyz_path)):
+                    if path is not None:
+                        verify_committed(path, state, name, exact=True)
+                decision = ("done", state["frames_done"], keys)
             else:
-                if state is not None and state.get("key") != key and not overwrite:
-                    raise ValueError(
-                        f"{table}: holds results of a different screening (parameters differ "
-                        f"from {state_file}); use another output name or overwrite=True "
-                        "(--overwrite)"
-                    )
-                if state is None and table.exists() and not overwrite:
-                    if table.read_text() not in ("", header):
-                        raise ValueError(
-                            f"{table}: exists and was not written by a resumable screening "
-                            f"(no {state_file.name}); use another output name or "
-                            "overwrite=True (--overwrite)"
-                        )
+                for name, path in (("table", table), ("extxyz", xyz_path)):
+                    if state is not None and path is not None and path.exists():
+                        verify_committed(path, state, name)  # the merge would replace it
                 frames = _selected_frames(trajectory, index)
                 if len(frames) == 0:
                     raise ValueError(f"{trajectory}: the selection {index!r} holds no structures")
-                decision = ("run", (frames.start, frames.stop, frames.step))
+                decision = ("run", (frames.start, frames.stop, frames.step), keys)
         except (ValueError, OSError) as exc:
-            decision = ("error", f"{type(exc).__name__}: {exc}")
+            lock.close()
+            decision = ("error", type(exc).__name__, str(exc))
     decision = _broadcast_object(decision)
     if decision[0] == "error":
-        msg = decision[1]
-        kind, _, text = msg.partition(": ")
-        raise (FileNotFoundError if kind == "FileNotFoundError" else ValueError)(text)
-
-    timings = ScreenTimings()
-    screened = resumed = 0
-    local_batch = batch_atoms or 0
-    if decision[0] == "run":
-        frames = range(*decision[1])
-        f0, f1 = shard_range(len(frames))
-        folder = _parts_folder(table)
-        suffix = ".jsonl" if jsonl else ".csv"
-        name = f"rank{r:05d}-of-{w:05d}"
-        error: BaseException | None = None
-        if f1 > f0:
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-                part = _screening.screen_trajectory(
-                    trajectory,
-                    reference,
-                    folder / f"{name}{suffix}",
-                    index=_index_of(frames[f0:f1]),
-                    extxyz=None if xyz_path is None else folder / f"{name}.extxyz",
-                    h=h,
-                    threshold=threshold,
-                    k=k,
-                    cutoff=cutoff,
-                    cluster_cutoff=cluster_cutoff,
-                    dtype=dtype,
-                    device=device,
-                    batch_atoms=batch_atoms,
-                    reference_key=reference_key,
-                    overwrite=overwrite,
-                    progress=progress and r == 0,
-                    frame_offset=f0,
-                )
-                screened, resumed = part.frames_screened, part.frames_resumed
-                timings, local_batch = part.timings, part.batch_atoms
-            except BaseException as exc:  # every rank must reach the status exchange below
-                error = exc
-        _raise_if_any_failed(error, "screening")
-
-        # rank 0 merges; the others wait for its outcome
-        outcome = None
-        if r == 0:
-            try:
-                t0 = time.perf_counter()
-                parts = []
-                for q in range(w):
-                    a, b = shard_range(len(frames), q, w)
-                    if b > a:
-                        stem = f"rank{q:05d}-of-{w:05d}"
-                        parts.append(
-                            (
-                                folder / f"{stem}{suffix}",
-                                None if xyz_path is None else folder / f"{stem}.extxyz",
-                            )
-                        )
-                n_table, n_xyz = _merge_parts(parts, table, xyz_path, header)
-                _screening._write_state(
-                    state_file,
-                    {
-                        "version": _screening._STATE_VERSION,
-                        "quests_torch": __version__,
-                        "key": key,
-                        "params": params,
-                        "batch_atoms": local_batch,
-                        "frames_done": len(frames),
-                        "complete": True,
-                        "bytes": {"table": n_table, "extxyz": n_xyz},
-                        "world_size": w,
-                    },
-                )
-                if not keep_parts:
-                    shutil.rmtree(folder, ignore_errors=True)
-                timings.write += time.perf_counter() - t0
-            except Exception as exc:
-                outcome = f"{type(exc).__name__}: {exc}"
-        outcome = _broadcast_object(outcome)
-        if outcome is not None:
-            raise RuntimeError(f"merging the screening parts failed on rank 0: {outcome}")
-    else:
-        resumed = int(decision[1]) if r == 0 else 0
-
+        raise _DECISION_ERRORS.get(decision[1], ValueError)(decision[2])
+    with lock:
+        screened, resumed, timings, local_batch = _screen_parts(
+            decision,
+            trajectory,
+            reference,
+            table,
+            xyz_path,
+            params=params,
+            key=key,
+            header=header,
+            h=h,
+            threshold=threshold,
+            k=k,
+            cutoff=cutoff,
+            cluster_cutoff=cluster_cutoff,
+            dtype=dtype,
+            device=device,
+            batch_atoms=batch_atoms,
+            overwrite=overwrite,
+            progress=progress,
+            keep_parts=keep_parts,
+        )
     stats = torch.tensor([float(screened), float(resumed)], dtype=torch.float64)
     screened, resumed = (int(v) for v in _all_reduce(stats, dist.ReduceOp.SUM).tolist())
     names = list(ScreenTimings.__dataclass_fields__)
@@ -1142,3 +1104,114 @@ def screen_trajectory(
         timings=ScreenTimings(**dict(zip(names, spent, strict=True))),
         seconds=time.perf_counter() - t_start,
     )
+
+
+def _screen_parts(
+    decision: tuple,
+    trajectory: Path,
+    reference,
+    table: Path,
+    xyz_path: Path | None,
+    *,
+    params: dict,
+    key: str,
+    header: str,
+    batch_atoms: int | None,
+    overwrite: bool,
+    progress: bool,
+    keep_parts: bool,
+    device,
+    **kw,
+) -> tuple[int, int, ScreenTimings, int]:
+    """Every rank screens its block into its part (resumable); rank 0 merges the parts.
+
+    Rank 0 writes the table's state *before* the merged files: first a state with nothing
+    committed but the header, then the table and extxyz, then the state marking them
+    complete; the parts are deleted only after that. A crash anywhere in between leaves a
+    state of this screening that is not complete, so a rerun resumes the (finished) parts
+    and merges them again.
+
+    Returns:
+        frames screened and resumed by this rank, its timings and ``batch_atoms``.
+    """
+    w, r = world_size(), rank()
+    if decision[0] == "done":
+        return 0, decision[1] if r == 0 else 0, ScreenTimings(), batch_atoms or 0
+    traj_key, ref_key = decision[2]
+    timings = ScreenTimings()
+    screened = resumed = 0
+    local_batch = batch_atoms or 0
+    frames = range(*decision[1])
+    f0, f1 = shard_range(len(frames))
+    folder = _parts_folder(table)
+    suffix = ".csv" if header else ".jsonl"
+    name = f"rank{r:05d}-of-{w:05d}"
+    error: BaseException | None = None
+    if f1 > f0:
+        try:
+            part = _screening.screen_trajectory(
+                trajectory,
+                reference,
+                folder / f"{name}{suffix}",
+                index=_index_of(frames[f0:f1]),
+                extxyz=None if xyz_path is None else folder / f"{name}.extxyz",
+                device=device,
+                batch_atoms=batch_atoms,
+                reference_key=ref_key,
+                trajectory_key=traj_key,
+                overwrite=overwrite,
+                progress=progress and r == 0,
+                frame_offset=f0,
+                **kw,
+            )
+            screened, resumed = part.frames_screened, part.frames_resumed
+            timings, local_batch = part.timings, part.batch_atoms
+        except BaseException as exc:  # every rank must reach the status exchange below
+            error = exc
+    try:
+        _raise_if_any_failed(error, "screening")
+    except BaseException:
+        if r == 0:
+            try:
+                folder.rmdir()  # only when empty: a run that failed on its input leaves nothing
+            except OSError:
+                pass
+        raise
+
+    # rank 0 merges; the others wait for its outcome
+    outcome = None
+    if r == 0:
+        try:
+            t0 = time.perf_counter()
+            parts = []
+            for q in range(w):
+                a, b = shard_range(len(frames), q, w)
+                if b > a:
+                    stem = f"rank{q:05d}-of-{w:05d}"
+                    parts.append(
+                        (
+                            folder / f"{stem}{suffix}",
+                            None if xyz_path is None else folder / f"{stem}.extxyz",
+                        )
+                    )
+            state = new_state(
+                key,
+                params,
+                local_batch or default_batch_atoms(params["k"], resolve_device(device)),
+                header,
+                trajectory_path=str(trajectory),
+                world_size=w,
+            )
+            write_state(state_path(table), state)  # first: nothing committed but the header
+            n_bytes, sha = _merge_parts(parts, table, xyz_path, header)
+            state.update(frames_done=len(frames), complete=True, bytes=n_bytes, sha256=sha)
+            write_state(state_path(table), state)
+            if not keep_parts:
+                shutil.rmtree(_parts_folder(table), ignore_errors=True)
+            timings.write += time.perf_counter() - t0
+        except Exception as exc:
+            outcome = f"{type(exc).__name__}: {exc}"
+    outcome = _broadcast_object(outcome)
+    if outcome is not None:
+        raise RuntimeError(f"merging the screening parts failed on rank 0: {outcome}")
+    return screened, resumed, timings, local_batch

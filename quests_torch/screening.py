@@ -20,11 +20,15 @@ integrations) and :func:`screen_trajectory` (the resumable file pipeline behind
 Resumability of :func:`screen_trajectory`: results are appended to the table (CSV or JSON
 lines) and the optional extxyz file one batch at a time, each append flushed and
 ``fsync``-ed, and only then a small state file ``<table>.state.json`` records, atomically,
-how many frames and bytes are committed. A run killed at any instant and restarted with the
-same arguments truncates whatever was written after the last commit, skips the committed
-frames and continues; batches restart at a committed batch boundary with the same
-``batch_atoms``, so every later batch, hence every number, is bit-identical to an
-uninterrupted run's.
+how many frames and bytes are committed and the SHA-256 of those bytes. A run killed at any
+instant and restarted with the same arguments checks the committed bytes, truncates whatever
+was written after the last commit, skips the committed frames and continues; batches restart
+at a committed batch boundary with the same ``batch_atoms``, so every later batch, hence
+every number, is bit-identical to an uninterrupted run's. The state is keyed on the content
+of the inputs (:mod:`quests_torch.resume`): another trajectory under the same name, another
+reference, other parameters or an edited table are refused (the message says which) unless
+``overwrite=True``; ``<table>.lock`` keeps a second run off the table while one is running;
+the outputs appear only once the first batch is computed.
 """
 
 from __future__ import annotations
@@ -34,8 +38,10 @@ import itertools
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,12 +49,22 @@ import numpy as np
 import torch
 
 from ._memory import memory_budget
-from ._version import __version__
 from .clusters import DEFAULT_CLUSTER_CUTOFF, largest_cluster
 from .descriptors import DEFAULT_CUTOFF, DEFAULT_K, descriptors_from_tensors
 from .io import atomic_write, check_index, count_frames, iter_structures
 from .kde import DEFAULT_BANDWIDTH
 from .metrics import delta_entropy
+from .resume import (
+    new_state,
+    reference_hash,
+    resume_state,
+    screening_identity,
+    state_path,
+    table_lock,
+    verify_committed,
+    write_state,
+)
+from .resume import trajectory_key as _content_key
 from .structures import AtomsBatch, resolve_device, segment_sum
 
 __all__ = [
@@ -68,7 +84,6 @@ FRAME_COLUMNS = ("frame", "n_atoms", "dH_max", "dH_mean", "novel_fraction", "lar
 
 #: test hook: seconds to sleep after a batch is appended but before it is committed
 _PAUSE_ENV = "QUESTS_TORCH_SCREEN_TEST_PAUSE"
-_STATE_VERSION = 1
 
 
 @dataclass
@@ -270,6 +285,7 @@ def _screen_batches(
     batch_atoms: int | None,
     start: int,
     timings: ScreenTimings,
+    source: str | None = None,
 ) -> Iterator[list[FrameScreen]]:
     _check_screen_params(h, threshold, k, cutoff, cluster_cutoff, batch_atoms)
     device = resolve_device(device)
@@ -282,21 +298,43 @@ def _screen_batches(
         batch_atoms = default_batch_atoms(k, device)
     first = start
     for chunk in _batches(_timed(frames, timings), batch_atoms):
-        out = _screen_batch(
-            chunk,
-            first,
-            ref,
-            h=h,
-            threshold=threshold,
-            k=k,
-            cutoff=cutoff,
-            cluster_cutoff=cluster_cutoff,
-            dtype=dtype,
-            device=device,
-            timings=timings,
-        )
+        try:
+            out = _screen_batch(
+                chunk,
+                first,
+                ref,
+                h=h,
+                threshold=threshold,
+                k=k,
+                cutoff=cutoff,
+                cluster_cutoff=cluster_cutoff,
+                dtype=dtype,
+                device=device,
+                timings=timings,
+            )
+        except ValueError as exc:
+            named = _name_frames(str(exc), first, len(chunk))
+            raise ValueError(named if source is None else f"{source}: {named}") from exc
         first += len(chunk)
         yield out
+
+
+_EMPTY_STRUCTURE = re.compile(r"`atoms\[(\d+)\]` is empty \(structure \d+ has no atoms\)")
+_STRUCTURE = re.compile(r"`atoms\[(\d+)\]`|\bstructure (\d+)")
+
+
+def _name_frames(message: str, first: int, n: int) -> str:
+    """An error about structure ``s`` of a batch, told about frame ``first + s`` instead
+    (the batch is an implementation detail; the frame is what the user can find)."""
+
+    def frame(m: re.Match) -> str:
+        return f"frame {first + int(m.group(1) or m.group(2))}"
+
+    named, empty = _EMPTY_STRUCTURE.subn(lambda m: f"{frame(m)} has no atoms", message)
+    named, hits = _STRUCTURE.subn(frame, named)
+    if empty or hits:
+        return named
+    return f"frames {first}..{first + n - 1}: {message}"
 
 
 def screen_frames(
@@ -454,30 +492,13 @@ class ScreeningResult:
     seconds: float = 0.0
 
 
-def _state_path(table: Path) -> Path:
-    return table.with_name(table.name + ".state.json")
-
-
-def _read_state(path: Path) -> dict | None:
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _write_state(path: Path, state: dict) -> None:
-    atomic_write(path, lambda p: p.write_text(json.dumps(state, indent=1)))
-
-
 def _append(fh, text: str | bytes) -> None:
     fh.write(text)
     fh.flush()
     os.fsync(fh.fileno())
 
 
-def _write_extxyz(fh, results: list[FrameScreen]) -> None:
+def _write_extxyz(fh, results: list[FrameScreen]) -> bytes:
     import io
 
     import ase.io
@@ -498,7 +519,9 @@ def _write_extxyz(fh, results: list[FrameScreen]) -> None:
         )
         frames.append(atoms)
     ase.io.write(buf, frames, format="extxyz")
-    _append(fh, buf.getvalue().encode())
+    data = buf.getvalue().encode()
+    _append(fh, data)
+    return data
 
 
 def _skip_frames(trajectory: Path, index: str, done: int) -> Iterator:
@@ -518,50 +541,6 @@ def _skip_frames(trajectory: Path, index: str, done: int) -> Iterator:
     return itertools.islice(iter_structures(trajectory, index), done, None)
 
 
-def reference_hash(reference: torch.Tensor | np.ndarray) -> str:
-    """sha256 of the reference descriptors' values (identifies them in the resume state)."""
-    ref_np = torch.as_tensor(reference).detach().cpu().contiguous().numpy()
-    return hashlib.sha256(ref_np.tobytes()).hexdigest()
-
-
-def _screen_params(
-    trajectory: Path,
-    reference,
-    *,
-    index: str,
-    reference_key: str | None,
-    h: float,
-    threshold: float,
-    k: int,
-    cutoff: float,
-    cluster_cutoff: float,
-    dtype: torch.dtype,
-    jsonl: bool,
-    xyz_path: Path | None,
-    frame_offset: int = 0,
-) -> tuple[dict, str]:
-    """The parameters recorded in the resume state and their hash (the state's key)."""
-    if reference_key is None:
-        reference_key = reference_hash(reference)
-    params = {
-        "trajectory": str(Path(trajectory).resolve()),
-        "index": index,
-        "reference": reference_key,
-        "h": float(h),
-        "threshold": float(threshold),
-        "k": int(k),
-        "cutoff": float(cutoff),
-        "cluster_cutoff": float(cluster_cutoff),
-        "dtype": str(dtype).removeprefix("torch."),
-        "table_format": "jsonl" if jsonl else "csv",
-        "extxyz": str(xyz_path.resolve()) if xyz_path else None,
-    }
-    if frame_offset:  # absent when 0: states written before this option keep their key
-        params["frame_offset"] = int(frame_offset)
-    key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
-    return params, key
-
-
 def screen_trajectory(
     trajectory: str | os.PathLike,
     reference: torch.Tensor | np.ndarray,
@@ -578,6 +557,7 @@ def screen_trajectory(
     device: torch.device | str | None = "cpu",
     batch_atoms: int | None = None,
     reference_key: str | None = None,
+    trajectory_key: str | None = None,
     overwrite: bool = False,
     progress: bool = False,
     frame_offset: int = 0,
@@ -597,8 +577,12 @@ def screen_trajectory(
             :func:`screen_frames`.
         batch_atoms: on a resumed run the value stored at the start is reused (so batches,
             hence results, are those of an uninterrupted run).
-        reference_key: identifies the reference in the resume state (default: a hash of
-            its values). Restarting with another reference is refused.
+        reference_key: identifies the reference in the resume state (default:
+            :func:`quests_torch.resume.reference_hash` of its values). Restarting with
+            another reference is refused.
+        trajectory_key: identifies the trajectory's content in the resume state (default:
+            :func:`quests_torch.resume.trajectory_key`, its size and SHA-256). Restarting
+            on a different file under the same name is refused.
         overwrite: start afresh even when outputs of a different screening exist.
         progress: show a tqdm progress bar (ETA when the frame count is cheap to get).
         frame_offset: added to the ``frame`` column (used by
@@ -609,8 +593,16 @@ def screen_trajectory(
         :class:`ScreeningResult`.
 
     Raises:
-        ValueError: outputs of a different screening exist (without ``overwrite``), bad
-            parameters, unreadable or empty trajectory.
+        ValueError: outputs of a different screening exist (without ``overwrite``; the
+            message names the changed trajectory, reference or parameter), the committed
+            outputs were modified since, the state file is not valid, bad parameters, an
+            unreadable or empty trajectory, or a frame that cannot be screened (named by its
+            number in the selection).
+        quests_torch.resume.TableInUseError: another run is writing ``table`` (an
+            :class:`OSError`).
+
+    The outputs and the state are created once the first batch is computed: a run that
+    fails before leaves no file behind. ``<table>.lock`` exists while the run holds it.
     """
     t_start = time.perf_counter()
     _check_screen_params(h, threshold, k, cutoff, cluster_cutoff, batch_atoms)
@@ -624,11 +616,12 @@ def screen_trajectory(
     device = resolve_device(device)
     if isinstance(frame_offset, bool) or not isinstance(frame_offset, int) or frame_offset < 0:
         raise ValueError(f"`frame_offset` must be a non-negative int, got {frame_offset!r}")
-    params, key = _screen_params(
-        trajectory,
-        reference,
+    if trajectory_key is None:
+        trajectory_key = _content_key(trajectory)
+    params, key = screening_identity(
+        trajectory_key=trajectory_key,
+        reference_key=reference_hash(reference) if reference_key is None else reference_key,
         index=index,
-        reference_key=reference_key,
         h=h,
         threshold=threshold,
         k=k,
@@ -639,58 +632,76 @@ def screen_trajectory(
         xyz_path=xyz_path,
         frame_offset=frame_offset,
     )
-    state_file = _state_path(table)
-    state = _read_state(state_file)
-    header = "" if jsonl else ",".join(FRAME_COLUMNS) + "\n"
-
-    resume = state is not None and state.get("key") == key and not overwrite
-    if state is not None and not resume and not overwrite:
-        raise ValueError(
-            f"{table}: holds results of a different screening (parameters differ from "
-            f"{state_file}); use another output name or overwrite=True (--overwrite)"
+    with table_lock(table):
+        return _screen_locked(
+            trajectory,
+            reference,
+            table,
+            xyz_path,
+            key=key,
+            params=params,
+            index=index,
+            h=h,
+            threshold=threshold,
+            k=k,
+            cutoff=cutoff,
+            cluster_cutoff=cluster_cutoff,
+            dtype=dtype,
+            device=device,
+            batch_atoms=batch_atoms,
+            overwrite=overwrite,
+            progress=progress,
+            frame_offset=frame_offset,
+            t_start=t_start,
         )
-    if state is None and table.exists() and not overwrite:
-        existing = table.read_text()
-        if existing not in ("", header):
-            raise ValueError(
-                f"{table}: exists and was not written by a resumable screening "
-                f"(no {state_file.name}); use another output name or overwrite=True "
-                "(--overwrite)"
-            )
-    if resume:
-        done = int(state["frames_done"])
-        batch_atoms = int(state["batch_atoms"])
-        committed = state["bytes"]
-        for path, n_bytes in ((table, committed["table"]), (xyz_path, committed["extxyz"])):
+
+
+def _screen_locked(
+    trajectory: Path,
+    reference,
+    table: Path,
+    xyz_path: Path | None,
+    *,
+    key: str,
+    params: dict,
+    index: str,
+    h: float,
+    threshold: float,
+    k: int,
+    cutoff: float,
+    cluster_cutoff: float,
+    dtype: torch.dtype,
+    device: torch.device,
+    batch_atoms: int | None,
+    overwrite: bool,
+    progress: bool,
+    frame_offset: int,
+    t_start: float,
+) -> ScreeningResult:
+    """:func:`screen_trajectory` once the table's lock is held."""
+    jsonl = params["table_format"] == "jsonl"
+    header = "" if jsonl else ",".join(FRAME_COLUMNS) + "\n"
+    state_file = state_path(table)
+    state = resume_state(table, key, params, overwrite=overwrite, header=header)
+    digests: dict = {}
+    if state is not None and state["frames_done"] == 0:  # nothing committed: start afresh
+        batch_atoms = state["batch_atoms"]
+        state = None
+    if state is not None:
+        done = state["frames_done"]
+        batch_atoms = state["batch_atoms"]
+        for name, path in (("table", table), ("extxyz", xyz_path)):
             if path is None:
                 continue
-            size = path.stat().st_size if path.exists() else -1
-            if size < n_bytes:
-                raise ValueError(
-                    f"{path}: shorter ({size} bytes) than its committed state ({n_bytes} "
-                    f"bytes): the output was modified; use overwrite=True (--overwrite)"
-                )
+            digests[name] = verify_committed(path, state, name)  # never cut an edited file
             with open(path, "r+b") as fh:  # drop anything after the last committed batch
-                fh.truncate(n_bytes)
+                fh.truncate(state["bytes"][name])
                 os.fsync(fh.fileno())
     else:
         done = 0
         if batch_atoms is None:
             batch_atoms = default_batch_atoms(k, device)
-        atomic_write(table, lambda p: p.write_text(header))
-        if xyz_path is not None:
-            atomic_write(xyz_path, lambda p: p.write_bytes(b""))
-        state = {
-            "version": _STATE_VERSION,
-            "quests_torch": __version__,
-            "key": key,
-            "params": params,
-            "batch_atoms": batch_atoms,
-            "frames_done": 0,
-            "complete": False,
-            "bytes": {"table": len(header.encode()), "extxyz": 0},
-        }
-        _write_state(state_file, state)
+        state = new_state(key, params, batch_atoms, header, trajectory_path=str(trajectory))
 
     timings = ScreenTimings()
     pause = float(os.environ.get(_PAUSE_ENV, "0") or 0)
@@ -706,10 +717,8 @@ def screen_trajectory(
     screened = 0
     frames = _skip_frames(trajectory, index, done)
     try:
-        with (
-            open(table, "ab") as tab,
-            open(xyz_path, "ab") if xyz_path else open(os.devnull, "ab") as xyz,
-        ):
+        with ExitStack() as files:
+            tab = xyz = None
             for batch in _screen_batches(
                 frames,
                 reference,
@@ -723,11 +732,20 @@ def screen_trajectory(
                 batch_atoms=batch_atoms,
                 start=frame_offset + done,
                 timings=timings,
+                source=str(trajectory) if index == ":" else f"{trajectory} (selection {index!r})",
             ):
                 t0 = time.perf_counter()
-                _append(tab, "".join(_format_row(r.row(), jsonl) for r in batch).encode())
-                if xyz_path is not None:
-                    _write_extxyz(xyz, batch)
+                if tab is None:
+                    if not digests:  # a fresh start: the outputs appear with the first batch
+                        digests = _create_outputs(table, xyz_path, header, state, state_file)
+                    tab = files.enter_context(open(table, "ab"))
+                    if xyz_path is not None:
+                        xyz = files.enter_context(open(xyz_path, "ab"))
+                rows = "".join(_format_row(r.row(), jsonl) for r in batch).encode()
+                _append(tab, rows)
+                digests["table"].update(rows)
+                if xyz is not None:
+                    digests["extxyz"].update(_write_extxyz(xyz, batch))
                 if pause > 0:
                     time.sleep(pause)  # test hook: a kill here leaves an uncommitted tail
                 done += len(batch)
@@ -735,9 +753,10 @@ def screen_trajectory(
                 state["frames_done"] = done
                 state["bytes"] = {
                     "table": tab.tell(),
-                    "extxyz": xyz.tell() if xyz_path is not None else 0,
+                    "extxyz": xyz.tell() if xyz is not None else 0,
                 }
-                _write_state(state_file, state)
+                state["sha256"] = {name: d.hexdigest() for name, d in digests.items()}
+                write_state(state_file, state)
                 timings.write += time.perf_counter() - t0
                 if bar is not None:
                     bar.update(len(batch))
@@ -747,7 +766,7 @@ def screen_trajectory(
     if done == 0:
         raise ValueError(f"{trajectory}: the selection {index!r} holds no structures")
     state["complete"] = True
-    _write_state(state_file, state)
+    write_state(state_file, state)
     frames_table = read_frame_table(table)
     return ScreeningResult(
         table=table,
@@ -760,3 +779,15 @@ def screen_trajectory(
         timings=timings,
         seconds=time.perf_counter() - t_start,
     )
+
+
+def _create_outputs(
+    table: Path, xyz_path: Path | None, header: str, state: dict, state_file: Path
+) -> dict:
+    """Fresh outputs (the table's header, an empty extxyz) and their state; returns the
+    running SHA-256 of each."""
+    atomic_write(table, lambda p: p.write_text(header))
+    if xyz_path is not None:
+        atomic_write(xyz_path, lambda p: p.write_bytes(b""))
+    write_state(state_file, state)
+    return {"table": hashlib.sha256(header.encode()), "extxyz": hashlib.sha256()}

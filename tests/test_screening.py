@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -162,6 +163,7 @@ def test_screen_trajectory_resume_and_refusal(tmp_path):
     committed = len(b"".join(lines[:3]))  # header + 2 frames
     state.update(frames_done=2, complete=False)
     state["bytes"]["table"] = committed
+    state["sha256"]["table"] = hashlib.sha256(csv_bytes[:committed]).hexdigest()
     import ase.io
 
     first_two = ase.io.read(tmp_path / "dh.extxyz", ":2")
@@ -170,6 +172,7 @@ def test_screen_trajectory_resume_and_refusal(tmp_path):
     buf = io.StringIO()
     ase.io.write(buf, first_two, format="extxyz")
     state["bytes"]["extxyz"] = len(buf.getvalue().encode())
+    state["sha256"]["extxyz"] = hashlib.sha256(buf.getvalue().encode()).hexdigest()
     state_file.write_text(json.dumps(state))
     (tmp_path / "t.csv").write_bytes(csv_bytes[: committed + 17])  # a torn, uncommitted row
     res2 = screen_trajectory(traj, ref, tmp_path / "t.csv", **kwargs)

@@ -1,0 +1,343 @@
+"""The resume state of a screening table: what identifies a screening, who may write it, and
+what was committed.
+
+A resumable screening (:func:`quests_torch.screening.screen_trajectory` and its sharded front
+end :func:`quests_torch.distributed.screen_trajectory`) keeps next to its table ``T``
+
+* ``T.state.json`` (:func:`state_path`): the screening's identity (:func:`screening_identity`:
+  the trajectory's size and SHA-256, the reference descriptors' SHA-256 and every parameter)
+  and what is committed: frames, and per output file its length in bytes and the SHA-256 of
+  those bytes;
+* ``T.lock`` (:func:`table_lock`): an exclusive ``flock`` held for the whole run, so two
+  screenings never append to the same table; removed when the run ends.
+
+A rerun resumes only when the identity matches and the committed bytes are still the ones
+written (:func:`verify_committed`); anything else is refused with a message naming what
+changed, or started afresh with ``overwrite=True`` (``--overwrite``). This module holds those
+rules once for both screening front ends.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ._version import __version__
+from .io import atomic_write, file_sha256
+
+__all__ = [
+    "STATE_VERSION",
+    "TableInUseError",
+    "lock_path",
+    "new_state",
+    "read_state",
+    "reference_hash",
+    "resume_state",
+    "screening_identity",
+    "state_path",
+    "table_lock",
+    "trajectory_key",
+    "verify_committed",
+    "write_state",
+]
+
+#: version of the state file layout (2: content keys and committed SHA-256)
+STATE_VERSION = 2
+_CHUNK = 1 << 22
+_OVERWRITE = "overwrite=True (--overwrite)"
+
+
+class TableInUseError(OSError):
+    """Another process holds the lock of the table (it is screening into it)."""
+
+
+def state_path(table: Path) -> Path:
+    """``<table>.state.json``: the resume state of ``table``."""
+    return table.with_name(table.name + ".state.json")
+
+
+def lock_path(table: Path) -> Path:
+    """``<table>.lock``: locked by the run writing ``table``."""
+    return table.with_name(table.name + ".lock")
+
+
+@contextmanager
+def table_lock(table: Path) -> Iterator[None]:
+    """Hold an exclusive, non-blocking ``flock`` on ``<table>.lock`` for the ``with`` block.
+
+    The lock file is removed on release. Removing it is safe because a process that locked a
+    file which was meanwhile unlinked (its inode is no longer the one at the path) drops it
+    and locks the file now at the path instead.
+
+    Raises:
+        TableInUseError: another process holds the lock.
+    """
+    path = lock_path(table)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - no flock (Windows): no protection
+        yield
+        return
+    made_folder = not path.parent.exists()
+    fd = -1
+    for _ in range(100):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:  # the folder was removed by a run that just ended
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise TableInUseError(
+                f"{table}: in use by another screening (its lock {path} is held); wait for "
+                "it to finish or use another output name"
+            ) from None
+        except OSError as exc:
+            os.close(fd)
+            raise OSError(f"{path}: cannot lock the table: {exc}") from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the holder removed this file as we opened it: lock the new one
+        fd = -1
+    if fd < 0:  # pragma: no cover - the path kept changing under us
+        raise TableInUseError(f"{table}: in use by another screening ({path} keeps changing)")
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # while still locked: a waiter then retries a new file
+        os.close(fd)
+        if made_folder:
+            try:
+                path.parent.rmdir()  # only when empty: a run that wrote nothing leaves nothing
+            except OSError:
+                pass
+
+
+def trajectory_key(path: str | os.PathLike) -> str:
+    """``"<size>:<sha256>"`` of a trajectory file's bytes (streamed): its identity in the
+    resume state, so a different file under the same name is never taken for the old one."""
+    size = os.stat(path).st_size
+    return f"{size}:{file_sha256(path)}"
+
+
+def reference_hash(reference: torch.Tensor | np.ndarray) -> str:
+    """SHA-256 of the reference descriptors: dtype, shape and value bytes."""
+    ref_np = torch.as_tensor(reference).detach().cpu().contiguous().numpy()
+    digest = hashlib.sha256(f"{ref_np.dtype.str}{ref_np.shape}".encode())
+    digest.update(ref_np.tobytes())
+    return digest.hexdigest()
+
+
+def screening_identity(
+    *,
+    trajectory_key: str,
+    reference_key: str,
+    index: str,
+    h: float,
+    threshold: float,
+    k: int,
+    cutoff: float,
+    cluster_cutoff: float,
+    dtype: torch.dtype,
+    jsonl: bool,
+    xyz_path: Path | None,
+    frame_offset: int = 0,
+) -> tuple[dict, str]:
+    """The parameters that identify a screening and their hash (the state's ``key``).
+
+    The trajectory is identified by its content (:func:`trajectory_key`), not its path, and
+    the reference by its descriptors (:func:`reference_hash`).
+    """
+    params = {
+        "trajectory": trajectory_key,
+        "index": index,
+        "reference": reference_key,
+        "h": float(h),
+        "threshold": float(threshold),
+        "k": int(k),
+        "cutoff": float(cutoff),
+        "cluster_cutoff": float(cluster_cutoff),
+        "dtype": str(dtype).removeprefix("torch."),
+        "table_format": "jsonl" if jsonl else "csv",
+        "extxyz": str(xyz_path.resolve()) if xyz_path else None,
+        "frame_offset": int(frame_offset),
+    }
+    key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
+    return params, key
+
+
+def _short(value) -> str:
+    if isinstance(value, str) and len(value) > 40:
+        return value[:24] + "…"
+    return repr(value)
+
+
+def describe_change(old: dict, new: dict) -> str:
+    """What differs between two :func:`screening_identity` parameter sets, in words."""
+    changes = []
+    for name in [*new, *(n for n in old if n not in new)]:
+        a, b = old.get(name), new.get(name)
+        if a == b:
+            continue
+        if name == "trajectory":
+            changes.append(
+                f"the trajectory's content changed (size:sha256 {_short(a)} -> {_short(b)})"
+            )
+        elif name == "reference":
+            changes.append(f"the reference descriptors changed (sha256 {_short(a)} -> {_short(b)})")
+        else:
+            changes.append(f"parameter `{name}` changed ({_short(a)} -> {_short(b)})")
+    return "; ".join(changes) or "its key does not match"
+
+
+def new_state(key: str, params: dict, batch_atoms: int, header: str, **extra) -> dict:
+    """The state of freshly created outputs: the header committed, no frame done."""
+    return {
+        "version": STATE_VERSION,
+        "quests_torch": __version__,
+        "key": key,
+        "params": params,
+        "batch_atoms": int(batch_atoms),
+        "frames_done": 0,
+        "complete": False,
+        "bytes": {"table": len(header.encode()), "extxyz": 0},
+        "sha256": {
+            "table": hashlib.sha256(header.encode()).hexdigest(),
+            "extxyz": hashlib.sha256().hexdigest(),
+        },
+        **extra,
+    }
+
+
+def write_state(path: Path, state: dict) -> None:
+    """Replace the state file atomically."""
+    atomic_write(path, lambda p: p.write_text(json.dumps(state, indent=1)))
+
+
+def _not_a_state(path: Path, problem: str) -> ValueError:
+    return ValueError(
+        f"{path}: not a valid screening resume state ({problem}); delete it or use {_OVERWRITE}"
+    )
+
+
+def read_state(path: Path) -> dict | None:
+    """The state in ``path`` (``None`` when there is none), checked to be an object with a
+    ``key`` and ``params``.
+
+    Raises:
+        ValueError: unreadable, not JSON, or not a JSON object of that shape (names ``path``).
+    """
+    if not path.exists():
+        return None
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise _not_a_state(path, f"unreadable JSON: {exc}") from None
+    if not isinstance(state, dict):
+        raise _not_a_state(path, f"a JSON {type(state).__name__}, not an object")
+    if not isinstance(state.get("key"), str) or not isinstance(state.get("params"), dict):
+        raise _not_a_state(path, "no `key` string and `params` object")
+    return state
+
+
+def _check_committed_fields(path: Path, state: dict) -> None:
+    def count(v, least: int) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+    if not count(state.get("frames_done"), 0):
+        raise _not_a_state(path, f"`frames_done` {state.get('frames_done')!r}")
+    if not count(state.get("batch_atoms"), 1):
+        raise _not_a_state(path, f"`batch_atoms` {state.get('batch_atoms')!r}")
+    for name, ok in (("bytes", lambda v: count(v, 0)), ("sha256", lambda v: isinstance(v, str))):
+        field = state.get(name)
+        if not (isinstance(field, dict) and all(ok(field.get(f)) for f in ("table", "extxyz"))):
+            raise _not_a_state(path, f"`{name}` must give `table` and `extxyz`, got {field!r}")
+
+
+def resume_state(table: Path, key: str, params: dict, *, overwrite: bool, header: str):
+    """The state to resume ``table`` from, or ``None`` for a fresh start.
+
+    Raises:
+        ValueError: the outputs belong to another screening (the message names what changed:
+            trajectory, reference or parameter), the state is not valid, or ``table`` exists
+            without a state; never with ``overwrite``.
+    """
+    if overwrite:
+        return None
+    state_file = state_path(table)
+    state = read_state(state_file)
+    if state is not None:
+        if state["key"] != key:
+            raise ValueError(
+                f"{table}: holds results of a different screening "
+                f"({describe_change(state['params'], params)}, per {state_file.name}); rerun "
+                f"with the original inputs, use another output name or {_OVERWRITE}"
+            )
+        _check_committed_fields(state_file, state)
+        return state
+    if table.exists():
+        with open(table, "rb") as fh:
+            head = fh.read(len(header.encode()) + 1)
+        if head not in (b"", header.encode()):
+            raise ValueError(
+                f"{table}: exists and was not written by a resumable screening (no "
+                f"{state_file.name}); use another output name or {_OVERWRITE}"
+            )
+    return None
+
+
+def verify_committed(path: Path, state: dict, name: str, *, exact: bool = False):
+    """Check that ``path`` starts with the bytes committed for output ``name`` (``"table"``
+    or ``"extxyz"``) in ``state``; with ``exact``, that it holds nothing else.
+
+    Returns:
+        a ``hashlib`` SHA-256 object fed with the committed bytes (to continue appending).
+
+    Raises:
+        ValueError: the file is missing, shorter, or its committed bytes changed since (an
+            edited table, e.g. CRLF line endings): it is never truncated then.
+    """
+    n_bytes, expected = state["bytes"][name], state["sha256"][name]
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise ValueError(
+            f"{path}: missing, but its resume state records {n_bytes} committed bytes; "
+            f"use {_OVERWRITE}"
+        ) from None
+    if size < n_bytes:
+        raise ValueError(
+            f"{path}: {size} bytes, shorter than the {n_bytes} committed bytes: the file was "
+            f"modified since it was written; use {_OVERWRITE}"
+        )
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        left = n_bytes
+        while left and (block := fh.read(min(_CHUNK, left))):
+            digest.update(block)
+            left -= len(block)
+    if digest.hexdigest() != expected:
+        raise ValueError(
+            f"{path}: its committed rows changed since they were written (SHA-256 of the "
+            f"first {n_bytes} bytes differs from the resume state; edited, or line endings "
+            f"converted?); refusing to truncate it; use {_OVERWRITE}"
+        )
+    if exact and size != n_bytes:
+        raise ValueError(
+            f"{path}: {size - n_bytes} bytes after the {n_bytes} committed ones of a complete "
+            f"screening: the file was modified since it was written; use {_OVERWRITE}"
+        )
+    return digest
