@@ -247,3 +247,58 @@ def test_no_float32_matmul_escapes_full_precision(search, restore_all_flags):
         largest_cluster(small.positions, small.cell, small.pbc, small.system_idx, mask)
     assert watch.seen == []
     assert cell.grad is not None and torch.isfinite(cell.grad).all()
+
+
+# ------------------------------------------------------------------ screening prefetch
+def test_prefetch_reads_ahead_in_order_and_stops_with_the_consumer():
+    import threading
+
+    from quests_torch.screening import _prefetched
+
+    read: list[int] = []
+    consumer_has: list[int] = []
+    second_read = threading.Event()
+
+    def source():
+        for i in range(100):
+            read.append(i)
+            if i == 1:
+                second_read.set()
+            yield [i]
+
+    it = _prefetched(source())
+    first = next(it)
+    consumer_has.append(first[0])
+    # the reader fetches the next batch while the consumer still holds the first one
+    assert second_read.wait(5.0)
+    assert [next(it)[0] for _ in range(3)] == [1, 2, 3]
+    it.close()  # an early exit ends the reader: it stops within a batch or two
+    assert len(read) <= 7
+
+
+def test_prefetch_reraises_reader_errors_in_the_consumer():
+    from quests_torch.screening import _prefetched
+
+    def source():
+        yield [0]
+        raise ValueError("frame 1: bad")
+
+    it = _prefetched(source())
+    assert next(it) == [0]
+    with pytest.raises(ValueError, match="frame 1: bad"):
+        next(it)
+
+
+def test_screening_errors_still_name_the_frame_with_prefetch(tmp_path):
+    from ase.build import bulk
+    from ase.io import write
+
+    from quests_torch import get_descriptors, screen_trajectory
+
+    good = bulk("Cu", "fcc", a=3.6, cubic=True) * (2, 2, 2)
+    bad = good.copy()
+    bad.positions[1] = bad.positions[0]  # coincident atoms
+    traj = tmp_path / "t.extxyz"
+    write(traj, [good, good, bad, good])
+    with pytest.raises(ValueError, match="frame 2"):
+        screen_trajectory(traj, get_descriptors(good), table=tmp_path / "t.csv", batch_atoms=32)
