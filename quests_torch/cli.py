@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .descriptors import DEFAULT_CUTOFF, DEFAULT_K
+from .descriptors import DEFAULT_CUTOFF, DEFAULT_K, MAX_K
 from .io import (
     DescriptorSet,
     atomic_write,
@@ -104,6 +104,8 @@ def _k_option(text: str) -> int:
     v = _positive_int(text)
     if v < 2:
         raise argparse.ArgumentTypeError(f"k must be at least 2, got {v}")
+    if v > MAX_K:
+        raise argparse.ArgumentTypeError(f"k must be at most {MAX_K}, got {v}")
     return v
 
 
@@ -115,7 +117,10 @@ def _add_common(p: argparse.ArgumentParser, bandwidth: bool = True, json_out: bo
     g = p.add_argument_group("common options")
     g.add_argument("-i", "--index", default=":", help="ASE index/slice of frames (default ':')")
     g.add_argument(
-        "-k", type=_k_option, default=None, help=f"nearest neighbours (default {DEFAULT_K})"
+        "-k",
+        type=_k_option,
+        default=None,
+        help=f"nearest neighbours, 2..{MAX_K} (default {DEFAULT_K})",
     )
     g.add_argument(
         "-c",
