@@ -305,6 +305,59 @@ def _plot_path(prefix: str, name: str) -> str:
     return f"{prefix}{name}.png" if prefix.endswith(("/", "-", "_")) else f"{prefix}-{name}.png"
 
 
+def _screen_table(args: argparse.Namespace) -> Path:
+    """The per-frame table of ``screen``: ``--table`` or ``TRAJECTORY-STEM.screen.csv``."""
+    return Path(args.table or f"{Path(args.trajectory).stem}.screen.csv")
+
+
+def _check_writable(
+    path: str | os.PathLike, option: str, folder: bool = False, given: str | None = None
+) -> None:
+    """Refuse an output that cannot be written, naming the option and the target.
+
+    ``path`` is a file (``folder=False``) or a folder the command writes into; ``given`` is
+    what the user typed when it differs (a ``--plot`` prefix). Missing folders are fine (they
+    are created when writing, as :func:`atomic_write` does); the nearest existing one must be
+    a folder this process may write in.
+    """
+    target = Path(path)
+    name = f"{option} {path if given is None else given}"
+    if not folder and target.is_dir():
+        raise CLIError(f"{name}: is a folder, give a file name")
+    existing = target if folder else target.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CLIError(f"{name}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CLIError(f"{name}: cannot write in {existing} (permission denied)")
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Every output path of a command, checked before it reads or computes anything."""
+    files = [
+        (getattr(args, name, None), flag)
+        for name, flag in (
+            ("output", "-o"),
+            ("json", "--json"),
+            ("save", "--save"),
+            ("extxyz", "--extxyz"),
+            ("checkpoint", "--checkpoint"),
+        )
+    ]
+    files += [(out, "-o") for out in getattr(args, "outputs", None) or []]
+    if args.command == "screen":
+        files.append((_screen_table(args), "--table"))
+    plot = getattr(args, "plot", None)
+    for path, flag in files:
+        if path is not None:
+            _check_writable(path, flag)
+    if plot is not None:
+        _check_writable(Path(_plot_path(plot, "figure")).parent, "--plot", True, given=plot)
+    if getattr(args, "outdir", None) is not None:
+        _check_writable(args.outdir, "--outdir", folder=True)
+
+
 # --------------------------------------------------------------------------------------------
 # commands: each returns (result dict, summary lines)
 # --------------------------------------------------------------------------------------------
@@ -652,7 +705,7 @@ def cmd_screen(args: argparse.Namespace):
         "reference",
         cache=True,
     )
-    table = Path(args.table or f"{Path(args.trajectory).stem}.screen.csv")
+    table = _screen_table(args)
     try:
         out = screen_trajectory(
             args.trajectory,
@@ -1190,6 +1243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, prog: str, lead: bool) -> int:
     try:
+        _check_outputs(args)
         result, lines = args.func(args)
         out = getattr(args, "output", None) if args.command != "descriptors" else args.json
         if out and lead:
