@@ -484,7 +484,8 @@ def descriptors_from_tensors(
     if system_idx is None:
         if not isinstance(positions, torch.Tensor):
             raise TypeError(f"`positions` must be a torch.Tensor, got {type(positions).__name__}")
-        system_idx = torch.zeros(positions.shape[0], dtype=torch.int64, device=positions.device)
+        # shape[:1]: a positions tensor of the wrong rank reaches validate_batch's message
+        system_idx = torch.zeros(positions.shape[:1], dtype=torch.int64, device=positions.device)
     if isinstance(pbc, torch.Tensor) and pbc.dtype != torch.bool:
         pbc = pbc.to(torch.bool)
     validate_batch(positions, cell, pbc, system_idx)
