@@ -13,7 +13,7 @@ import os
 
 import torch
 
-__all__ = ["memory_budget", "parse_bytes"]
+__all__ = ["available_memory", "memory_budget", "parse_bytes"]
 
 _ENV = "QUESTS_TORCH_MEMORY_BUDGET"
 _CPU_CAP = 1 << 30  # 1 GiB: beyond this, bigger CPU chunks only cost memory
@@ -77,3 +77,16 @@ def memory_budget(device: torch.device | str | None = None, budget: int | str | 
         free, _total = torch.cuda.mem_get_info(device)
         return max(_MIN_BUDGET, free // 2)
     return max(_MIN_BUDGET, min(_CPU_CAP, _available_ram() // 4))
+
+
+def available_memory(device: torch.device | str | None = None) -> int:
+    """Bytes that could be allocated on ``device`` now: free CUDA memory, or available RAM.
+
+    Unlike :func:`memory_budget` (the share one tile may use) this bounds whole results, such
+    as a descriptor array, that must fit at once.
+    """
+    device = torch.device("cpu" if device is None else device)
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    return int(_available_ram())

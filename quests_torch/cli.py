@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .descriptors import DEFAULT_CUTOFF, DEFAULT_K
+from .descriptors import DEFAULT_CUTOFF, DEFAULT_K, MAX_K
 from .io import (
     DescriptorSet,
     atomic_write,
@@ -104,6 +104,8 @@ def _k_option(text: str) -> int:
     v = _positive_int(text)
     if v < 2:
         raise argparse.ArgumentTypeError(f"k must be at least 2, got {v}")
+    if v > MAX_K:
+        raise argparse.ArgumentTypeError(f"k must be at most {MAX_K}, got {v}")
     return v
 
 
@@ -115,7 +117,10 @@ def _add_common(p: argparse.ArgumentParser, bandwidth: bool = True, json_out: bo
     g = p.add_argument_group("common options")
     g.add_argument("-i", "--index", default=":", help="ASE index/slice of frames (default ':')")
     g.add_argument(
-        "-k", type=_k_option, default=None, help=f"nearest neighbours (default {DEFAULT_K})"
+        "-k",
+        type=_k_option,
+        default=None,
+        help=f"nearest neighbours, 2..{MAX_K} (default {DEFAULT_K})",
     )
     g.add_argument(
         "-c",
@@ -298,6 +303,59 @@ def _envelope(args: argparse.Namespace, parameters: dict, **rest) -> dict:
 
 def _plot_path(prefix: str, name: str) -> str:
     return f"{prefix}{name}.png" if prefix.endswith(("/", "-", "_")) else f"{prefix}-{name}.png"
+
+
+def _screen_table(args: argparse.Namespace) -> Path:
+    """The per-frame table of ``screen``: ``--table`` or ``TRAJECTORY-STEM.screen.csv``."""
+    return Path(args.table or f"{Path(args.trajectory).stem}.screen.csv")
+
+
+def _check_writable(
+    path: str | os.PathLike, option: str, folder: bool = False, given: str | None = None
+) -> None:
+    """Refuse an output that cannot be written, naming the option and the target.
+
+    ``path`` is a file (``folder=False``) or a folder the command writes into; ``given`` is
+    what the user typed when it differs (a ``--plot`` prefix). Missing folders are fine (they
+    are created when writing, as :func:`atomic_write` does); the nearest existing one must be
+    a folder this process may write in.
+    """
+    target = Path(path)
+    name = f"{option} {path if given is None else given}"
+    if not folder and target.is_dir():
+        raise CLIError(f"{name}: is a folder, give a file name")
+    existing = target if folder else target.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CLIError(f"{name}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CLIError(f"{name}: cannot write in {existing} (permission denied)")
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Every output path of a command, checked before it reads or computes anything."""
+    files = [
+        (getattr(args, name, None), flag)
+        for name, flag in (
+            ("output", "-o"),
+            ("json", "--json"),
+            ("save", "--save"),
+            ("extxyz", "--extxyz"),
+            ("checkpoint", "--checkpoint"),
+        )
+    ]
+    files += [(out, "-o") for out in getattr(args, "outputs", None) or []]
+    if args.command == "screen":
+        files.append((_screen_table(args), "--table"))
+    plot = getattr(args, "plot", None)
+    for path, flag in files:
+        if path is not None:
+            _check_writable(path, flag)
+    if plot is not None:
+        _check_writable(Path(_plot_path(plot, "figure")).parent, "--plot", True, given=plot)
+    if getattr(args, "outdir", None) is not None:
+        _check_writable(args.outdir, "--outdir", folder=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -647,7 +705,7 @@ def cmd_screen(args: argparse.Namespace):
         "reference",
         cache=True,
     )
-    table = Path(args.table or f"{Path(args.trajectory).stem}.screen.csv")
+    table = _screen_table(args)
     try:
         out = screen_trajectory(
             args.trajectory,
@@ -1188,6 +1246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, prog: str, lead: bool) -> int:
     try:
+        _check_outputs(args)
         result, lines = args.func(args)
         out = getattr(args, "output", None) if args.command != "descriptors" else args.json
         if out and lead:

@@ -406,20 +406,38 @@ class _Checkpoint:
         self.last = time.monotonic()
 
 
-def _fingerprint(x: torch.Tensor, counts: torch.Tensor, ref: torch.Tensor | None) -> str:
-    """Cheap content fingerprint of the dataset (and reference): sizes and weighted sums."""
-    parts = [tuple(x.shape), tuple(counts[:8].tolist()), int(counts.numel())]
-    for t in (x, ref):
-        if t is None:
-            parts.append(None)
-            continue
-        t64 = t.to(torch.float64)
-        w = torch.linspace(1.0, 2.0, t64.shape[0], dtype=torch.float64, device=t64.device)
-        parts.append((float(t64.sum()), float((t64 * t64).sum()), float((w[:, None] * t64).sum())))
-    counts64 = counts.to(torch.float64)
-    w = torch.linspace(1.0, 2.0, counts.numel(), dtype=torch.float64, device=counts.device)
-    parts.append(float((w * counts64).sum()))
-    return hashlib.sha256(repr(parts).encode()).hexdigest()
+#: bytes hashed per step: large (or CUDA) tensors are streamed to the host in pieces this big
+_HASH_CHUNK = 64 << 20
+
+
+def _tensor_digest(t: torch.Tensor, chunk_bytes: int = _HASH_CHUNK) -> str:
+    """sha256 of a tensor's dtype, shape and values (row-major bytes), streamed in chunks.
+
+    The bytes are those of the contiguous tensor, so the digest does not depend on the memory
+    layout or the chunk size; CUDA tensors are copied to the host one chunk at a time.
+    """
+    digest = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    flat = t.detach().contiguous().reshape(-1)
+    step = max(1, chunk_bytes // max(1, flat.element_size()))
+    for i0 in range(0, flat.numel(), step):
+        piece = flat[i0 : i0 + step].cpu().contiguous()
+        digest.update(piece.view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _checkpoint_key(method: str, data: _Dataset, ref: torch.Tensor | None, parameters: dict) -> str:
+    """What a checkpoint must match to be resumed: every parameter that changes the selection
+    and sha256 hashes of the descriptors (grouped by structure), the environments per
+    structure and the reference. Equal keys mean the same problem, not just equal moments."""
+    parts = [
+        "quests-torch compression v2",
+        method,
+        *(f"{name}={value!r}" for name, value in sorted(parameters.items())),
+        f"x={_tensor_digest(data.x)}",
+        f"counts={_tensor_digest(data.counts)}",
+        f"reference={None if ref is None else _tensor_digest(ref)}",
+    ]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 
 def _greedy(
@@ -715,7 +733,9 @@ def compress(
             interrupt. Calling again with the same data and parameters resumes from it
             (the result equals an uninterrupted run's); a larger ``size`` extends it, a
             smaller one is answered from its prefix. A checkpoint of other data or
-            parameters is refused.
+            parameters is refused: it is keyed on sha256 hashes of the descriptors, the
+            environments per structure and ``reference``, and on ``method``, ``h``,
+            ``threshold``, ``dtype`` and ``curve`` (hashing reads the data once, ~1 s/GB).
         checkpoint_every: seconds between checkpoint saves.
 
     Returns:
@@ -751,6 +771,13 @@ def compress(
     elif method == "msc_conditional":
         raise ValueError("method 'msc_conditional' needs a `reference` dataset")
 
+    key = None
+    if checkpoint is not None and method in ("msc", "msc_conditional", "fps"):
+        # of the data as given (before centring), the problem as solved (``effective``)
+        effective = "msc" if method == "msc_conditional" and ref is None else method
+        parameters = {"h": h, "threshold": threshold, "dtype": dtype, "curve": curve}
+        key = _checkpoint_key(effective, data, ref, parameters)
+
     # centre once (exact distances through the GEMM expansion); ``reference`` shares the shift
     mu = data.x.to(torch.float64).mean(0)
     data.x = (data.x.to(torch.float64) - mu).to(data.x.dtype)
@@ -765,13 +792,7 @@ def compress(
         if checkpoint is not None:
             if isinstance(checkpoint_every, bool) or not checkpoint_every >= 0:
                 raise ValueError(f"`checkpoint_every` must be >= 0 s, got {checkpoint_every!r}")
-            key = (
-                f"quests-torch compression v1|{effective}|h={h!r}|threshold={threshold!r}|"
-                f"dtype={dtype}|curve={curve}|{_fingerprint(data.x, data.counts, ref)}"
-            )
-            ckpt = _Checkpoint(
-                checkpoint, hashlib.sha256(key.encode()).hexdigest(), checkpoint_every
-            )
+            ckpt = _Checkpoint(checkpoint, key, checkpoint_every)
         order, crv = _greedy(
             effective, data, h_s, n_sel, h, ref, curve, threshold, options, progress, ckpt
         )

@@ -42,7 +42,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from ._memory import memory_budget
+from ._memory import available_memory, memory_budget
 from ._precision import full_precision
 from .cellgrid import (
     Grid,
@@ -69,6 +69,7 @@ from .structures import AtomsBatch, resolve_device, validate_batch
 __all__ = [
     "DEFAULT_CUTOFF",
     "DEFAULT_K",
+    "MAX_K",
     "descriptor_width",
     "descriptors_from_tensors",
     "get_descriptors",
@@ -76,6 +77,9 @@ __all__ = [
 
 DEFAULT_K = 32
 DEFAULT_CUTOFF = 5.0
+#: the largest ``k`` accepted: beyond the neighbours within the cutoff (~80 at 5 Å in dense
+#: metals, a few hundred at 10 Å) a larger ``k`` only appends zero columns
+MAX_K = 1024
 _EPS_X1 = 1e-16
 _EPS_X2 = 1e-15
 _EMPTY_KEY = torch.iinfo(torch.int64).max
@@ -92,11 +96,30 @@ def descriptor_width(k: int = DEFAULT_K, n_species: int = 0) -> int:
     return (2 * k - 1) * (n_species + 1 if n_species > 1 else 1)
 
 
+def _check_output_memory(n_atoms: int, width: int, k: int, dtype, device) -> None:
+    """Refuse a descriptor array ``[n_atoms, width]`` larger than the memory available on
+    ``device`` (free CUDA memory or available RAM): say so before allocating it."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    need = n_atoms * width * itemsize
+    have = available_memory(device)
+    if need > have:
+        raise ValueError(
+            f"`k` = {k} needs a [{n_atoms}, {width}] descriptor array of {need / 2**30:.3g} GiB "
+            f"for {n_atoms} atoms, more than the {have / 2**30:.3g} GiB available on {device}; "
+            "use a smaller k or fewer structures per call"
+        )
+
+
 def _check_params(k: int, cutoff: float) -> None:
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"`k` must be an int, got {type(k).__name__}")
     if k < 1:
         raise ValueError(f"`k` must be >= 1, got {k}")
+    if k > MAX_K:
+        raise ValueError(
+            f"`k` must be <= {MAX_K}, got {k} (beyond the neighbours within the cutoff a "
+            "larger k only adds zero columns)"
+        )
     if not isinstance(cutoff, (int, float)) or isinstance(cutoff, bool):
         raise TypeError(f"`cutoff` must be a number, got {type(cutoff).__name__}")
     if not (cutoff > 0) or cutoff == float("inf"):
@@ -433,7 +456,9 @@ def descriptors_from_tensors(
             zero rows allowed along non-periodic directions.
         pbc: ``[n_systems, 3]`` (or ``[3]``) bool periodicity per direction.
         system_idx: ``[n_atoms]`` sorted structure index per atom (default: all zero).
-        k: number of nearest neighbours (default 32).
+        k: number of nearest neighbours (default 32), at most :data:`MAX_K` (1024); refused
+            (ValueError) when the ``[n_atoms, width]`` result would not fit in the memory
+            available on the device (free CUDA memory or available RAM).
         cutoff: cutoff radius in Å (default 5.0).
         numbers: ``[n_atoms]`` atomic numbers; with ``species`` or when several elements are
             present and ``species`` is given, selects the multicomponent descriptor.
@@ -461,7 +486,8 @@ def descriptors_from_tensors(
     if system_idx is None:
         if not isinstance(positions, torch.Tensor):
             raise TypeError(f"`positions` must be a torch.Tensor, got {type(positions).__name__}")
-        system_idx = torch.zeros(positions.shape[0], dtype=torch.int64, device=positions.device)
+        # shape[:1]: a positions tensor of the wrong rank reaches validate_batch's message
+        system_idx = torch.zeros(positions.shape[:1], dtype=torch.int64, device=positions.device)
     if isinstance(pbc, torch.Tensor) and pbc.dtype != torch.bool:
         pbc = pbc.to(torch.bool)
     validate_batch(positions, cell, pbc, system_idx)
@@ -488,6 +514,9 @@ def descriptors_from_tensors(
                 f"`species` {spec} lacks atomic numbers {missing.tolist()} present in the data"
             )
 
+    _check_output_memory(
+        positions.shape[0], descriptor_width(k, len(spec)), k, positions.dtype, positions.device
+    )
     # float32 matmuls (pair search, wrapping, distance blocks) in IEEE precision whatever the
     # caller's TF32/bf16 flags: a rounded distance can swap neighbours at the cutoff
     with full_precision():
@@ -683,7 +712,8 @@ def get_descriptors(
 
     Args:
         structures: ``ase.Atoms``, a list of ``ase.Atoms``, or an :class:`AtomsBatch`.
-        k: number of nearest neighbours (default 32).
+        k: number of nearest neighbours (default 32, at most :data:`MAX_K` = 1024; see
+            :func:`descriptors_from_tensors` for the memory check).
         cutoff: cutoff radius in Å (default 5.0).
         dtype: ``torch.float64`` (default) or ``torch.float32``.
         device: where to compute (``"auto"``: CUDA when available).
@@ -698,6 +728,7 @@ def get_descriptors(
         ``[n_atoms, 2k - 1]`` tensor (multicomponent: ``[n_atoms, (S + 1)(2k - 1)]`` when the
         data has ``S > 1`` species) on ``device``, atoms in input order.
     """
+    _check_params(k, cutoff)  # before the structures are converted
     dev = resolve_device(device)
     if isinstance(structures, AtomsBatch):
         batch = structures.to(dev, dtype)

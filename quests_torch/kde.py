@@ -173,14 +173,24 @@ class _Source:
 
     def check_finite_and_mean(self, device: torch.device, chunk: int) -> torch.Tensor:
         """Raise on NaN/inf; return the float64 column mean ``[d]`` on ``device``."""
+        return self.check_finite_mean_max(device, chunk)[0]
+
+    def check_finite_mean_max(self, device: torch.device, chunk: int) -> tuple[torch.Tensor, float]:
+        """Raise on NaN/inf; return the float64 column mean ``[d]`` on ``device`` and the
+        largest absolute value (one host sync for both)."""
         total = torch.zeros(self.d, dtype=torch.float64, device=device)
-        finite = torch.ones((), dtype=torch.bool, device=device)
+        amax = torch.zeros((), dtype=torch.float64, device=device)
         for block in self.chunks(device, chunk):
-            finite &= torch.isfinite(block).all()
+            amax = torch.maximum(amax, block.abs().max())  # NaN propagates
             total += block.sum(0)
-        if not bool(finite):
+        largest = float(amax)
+        if not math.isfinite(largest):
             raise ValueError(f"`{self.name}` contains NaN or infinite descriptor values")
-        return total / self.n
+        return total / self.n, largest
+
+
+#: bandwidths outside this range make 1/h^2 overflow or vanish in float64
+_H_MIN, _H_MAX = 1e-150, 1e150
 
 
 def _bandwidths(h: Bandwidth, name: str = "h") -> tuple[list[float], bool]:
@@ -209,6 +219,8 @@ def _bandwidths(h: Bandwidth, name: str = "h") -> tuple[list[float], bool]:
     for v in values:
         if not math.isfinite(v) or v <= 0.0:
             raise ValueError(f"`{name}` must be positive and finite, got {v}")
+        if not _H_MIN <= v <= _H_MAX:  # 1/h^2 must be a finite, non-zero float64
+            raise ValueError(f"`{name}` must be within [{_H_MIN:g}, {_H_MAX:g}] 1/Å, got {v}")
     return values, vector
 
 
@@ -313,6 +325,12 @@ class _Problem:
         self.self_pairs = xs is ys  # pair (i, i) is a point with itself: distance exactly 0
         self.n, self.m, self.d = xs.n, ys.n, xs.d
         self.out_dtype = torch.promote_types(xs.dtype, ys.dtype)
+        if dtype is None and self.out_dtype not in (torch.float32, torch.float64):
+            name = xs.name if xs.dtype not in (torch.float32, torch.float64) else ys.name
+            raise TypeError(
+                f"`{name}` must hold float32 or float64 descriptors, got {self.out_dtype} "
+                "(or pass `dtype`)"
+            )
         self.dtype = self.out_dtype if dtype is None else dtype
         if self.dtype not in (torch.float32, torch.float64):
             raise TypeError(f"`dtype` must be torch.float32 or torch.float64, got {self.dtype}")
@@ -333,9 +351,10 @@ class _Problem:
         self._set_tiles(tile_size)
 
         chunk = max(1, self.budget // (64 * self.d))
-        mu = ys.check_finite_and_mean(self.device, chunk)
-        if xs is not ys:
-            xs.check_finite_and_mean(self.device, chunk)
+        mu, y_max = ys.check_finite_mean_max(self.device, chunk)
+        x_max = xs.check_finite_mean_max(self.device, chunk)[1] if xs is not ys else y_max
+        self._check_magnitude(xs.name, x_max)
+        self._check_magnitude(ys.name, y_max)
         self.mu = mu if centre else torch.zeros_like(mu)
 
         # weights: lw' = lw - max(lw) <= 0 enters the exponent, max(lw) is added at the end
@@ -362,6 +381,18 @@ class _Problem:
         self.cols_resident: torch.Tensor | None = None
         if self.m * self.width * elt <= self.budget // 2:
             self.cols_resident = self._build_cols(0, self.m)
+
+    def _check_magnitude(self, name: str, largest: float) -> None:
+        """Refuse values whose squared distances (over ``2 h^2`` for a single ``h``) overflow
+        the compute dtype: they would come back as inf - inf = NaN, not as an answer."""
+        # centred values are at most 2 max|v|; the GEMM terms add up to 16 max|v|^2 d
+        bound = math.sqrt(torch.finfo(self.dtype).max / (64 * self.d * max(self.c0, 1.0)))
+        if largest > bound:
+            raise ValueError(
+                f"`{name}` has descriptor values up to {largest:.3g}: their squared distances "
+                f"overflow {self.dtype} at h = {min(self.hs):.3g} (at most {bound:.3g} here); "
+                "QUESTS descriptors are of order 1"
+            )
 
     # tiles ----------------------------------------------------------------------------------
     def _set_tiles(self, tile_size) -> None:
