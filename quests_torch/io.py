@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
+import secrets
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,23 +71,47 @@ class DescriptorSet:
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
     """Write through a temporary file in the same folder, fsync, then rename: never a half file.
 
+    A new file gets the mode the user's umask gives (``0o666 & ~umask``, ``0o644`` usually);
+    an overwritten file keeps its mode.
+
     Args:
         path: the final path.
         write: called with the temporary path; must create the file there.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
+    tmp = _new_temp_file(path)
     try:
-        write(Path(tmp))
+        write(tmp)
+        try:  # an overwritten file keeps its permissions
+            os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
+        except FileNotFoundError:
+            pass
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def _new_temp_file(path: Path) -> Path:
+    """An empty, new hidden file next to ``path``, created with mode ``0o666 & ~umask``.
+
+    ``tempfile.mkstemp`` would create it ``0o600``: tables, JSON and figures must get the
+    permissions any other program's output gets under the user's umask.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}{path.suffix}"
+        try:
+            fd = os.open(tmp, flags, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+    raise FileExistsError(f"{path}: could not create a temporary file next to it")
 
 
 def _fsync_dir(folder: Path) -> None:
