@@ -141,6 +141,16 @@ def _check_exists(path: str | os.PathLike) -> Path:
     return p
 
 
+def _is_xyz(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() in (".xyz", ".extxyz")
+
+
+def _check_xyz(path: str | os.PathLike) -> None:
+    """Refuse an (ext)xyz file whose frame headers do not fit the file before ASE reads it."""
+    if _is_xyz(path):
+        _count_xyz_frames(Path(path))
+
+
 def check_index(index: str) -> None:
     """Raise ``ValueError`` unless ``index`` is an ASE index/slice string."""
     from ase.io.formats import string2index
@@ -171,6 +181,7 @@ def read_structures(path: str | os.PathLike, index: str = ":") -> list:
 
     _check_exists(path)
     check_index(index)
+    _check_xyz(path)
     try:
         frames = ase.io.read(path, index=index)
     except Exception as exc:  # ASE raises many types for unreadable files
@@ -197,6 +208,7 @@ def iter_structures(path: str | os.PathLike, index: str = ":") -> Iterator:
 
     _check_exists(path)
     check_index(index)
+    _check_xyz(path)
     try:
         yield from ase.io.iread(str(path), index=index)
     except (FileNotFoundError, MemoryError):
@@ -207,35 +219,67 @@ def iter_structures(path: str | os.PathLike, index: str = ":") -> Iterator:
         ) from None
 
 
-def _count_xyz_frames(path: Path, slow_limit: int = 1 << 30) -> int | None:
-    """Frames of an (ext)xyz file: newline count / (n + 2) when every frame has the first
-    frame's atom count (MD trajectories; ~1 GB/s), else a header-by-header scan (files under
-    ``slow_limit`` bytes only)."""
+def _count_xyz_frames(path: Path, block: int = 1 << 24) -> int:
+    """Frames of an (ext)xyz file, checking every frame header against the lines left.
+
+    Reads the file once in ``block``-byte pieces; the newlines of a piece are found by numpy
+    and only the header lines are parsed (one Python step per frame, ~1 GB/s). A header
+    claiming more atoms than the file has lines left is an error found at the end of the file,
+    never a loop over the claimed count: ASE's own frame index would spin through
+    ``range(n_atoms)`` of empty reads on such a file (``10**11`` atoms: hours).
+
+    Raises:
+        ValueError: a header that is not a non-negative atom count, or a frame that runs past
+            the end of the file (names the file, the frame and the line).
+    """
+    frames = 0
+    header = 0  # line number (0-based) of the next frame header
+    line = 0  # line number of the first line starting in ``data``
+    carry = b""  # the start of a header line cut by the end of the previous piece
+    claimed = 0  # atoms claimed by the last header
+    open_line = False  # a line has started and not ended
+    done = False
     with open(path, "rb") as fh:
-        first = fh.readline()
-        if not first.strip():
-            return None
-        n0 = int(first.split()[0])
-        fh.seek(0)
-        lines = 0
-        ends_with_newline = True
-        while block := fh.read(1 << 24):
-            lines += block.count(b"\n")
-            ends_with_newline = block.endswith(b"\n")
-        lines += 0 if ends_with_newline else 1
-    if lines % (n0 + 2) == 0:
-        return lines // (n0 + 2)
-    if path.stat().st_size > slow_limit:
-        return None
-    total = 0
-    with open(path, "rb") as fh:
-        while line := fh.readline():
-            if not line.strip():
-                continue
-            for _ in range(int(line.split()[0]) + 1):
-                fh.readline()
-            total += 1
-    return total
+        while not done:
+            piece = fh.read(block)
+            data = carry + piece
+            ends = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 0x0A)
+            if not piece:  # end of file: a last line without newline still counts
+                if open_line:
+                    ends = np.append(ends, len(data))
+                done = True
+            while header < line + len(ends):
+                i = header - line
+                text = data[(int(ends[i - 1]) + 1 if i else 0) : int(ends[i])]
+                if not text.strip():  # a blank header line ends the frames, as in ASE
+                    return frames
+                if text.lstrip().startswith(b"VEC"):  # extxyz lattice lines after a frame
+                    header += 1
+                    continue
+                try:
+                    claimed = int(text.split()[0])
+                except ValueError:
+                    claimed = -1
+                if claimed < 0:
+                    raise ValueError(
+                        f"{path}: line {header + 1} should be the atom count of frame "
+                        f"{frames + 1}, got {text[:40].decode(errors='replace')!r}"
+                    )
+                frames += 1
+                header += claimed + 2
+            tail = int(ends[-1]) + 1 if len(ends) else 0
+            line += len(ends)
+            # keep a cut line only when it is a header (an atom line's content is not needed)
+            carry = data[tail:] if header == line else b""
+            open_line = open_line if not piece else tail < len(data)
+            if len(carry) > 1 << 20:
+                raise ValueError(f"{path}: line {line + 1} is not an xyz header (over 1 MiB)")
+    if header > line:
+        raise ValueError(
+            f"{path}: frame {frames} claims {claimed} atoms but the file ends "
+            f"{header - line} lines short of it (truncated or malformed file)"
+        )
+    return frames
 
 
 def count_frames(path: str | os.PathLike, index: str = ":") -> int | None:
@@ -253,7 +297,7 @@ def count_frames(path: str | os.PathLike, index: str = ":") -> int | None:
 
             with Trajectory(str(p)) as traj:
                 total = len(traj)
-        elif p.suffix.lower() in (".xyz", ".extxyz"):
+        elif _is_xyz(p):
             total = _count_xyz_frames(p)
     except Exception:
         return None
