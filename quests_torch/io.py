@@ -12,8 +12,12 @@ renaming or touching the file keeps the cache valid, editing it does not.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import math
 import os
+import pickle
+import re
 import secrets
 import stat
 from collections.abc import Callable, Iterator
@@ -26,6 +30,7 @@ import torch
 from ._version import __version__
 
 __all__ = [
+    "DESCRIPTOR_FORMAT",
     "DESCRIPTOR_SUFFIXES",
     "DescriptorSet",
     "atomic_write",
@@ -43,6 +48,9 @@ __all__ = [
 
 #: file suffixes read as precomputed descriptors instead of structures
 DESCRIPTOR_SUFFIXES = (".npz", ".pt")
+#: version of what a descriptor file holds (the descriptor definition and the file layout);
+#: raised when either changes, so that old files and cache entries are not taken for new ones
+DESCRIPTOR_FORMAT = 1
 
 
 @dataclass
@@ -337,17 +345,26 @@ def save_descriptors(
 ) -> None:
     """Write descriptors and their parameters to ``.npz`` (numpy) or ``.pt`` (torch), atomically.
 
+    Both hold plain data only: arrays/tensors, numbers and strings (a ``.pt`` file loads with
+    ``torch.load(path, weights_only=True)``). The file records ``k``, ``cutoff``, ``dtype``,
+    the package version and :data:`DESCRIPTOR_FORMAT`.
+
     Args:
         path: output path; ``.pt`` writes a ``torch.save`` dict, anything else ``np.savez``.
-        x: ``[n_atoms, d]`` descriptors.
+        x: ``[n_atoms, d]`` descriptors, ``d = 2k - 1`` (times ``S + 1`` for ``S >= 2``
+            species, the multicomponent form).
         n_atoms: atoms per structure (sums to ``n_atoms``).
         k: neighbours used.
         cutoff: cutoff used (Å).
         dtype: dtype name recorded (default: that of ``x``).
         extra: further scalar/string metadata to store.
+
+    Raises:
+        ValueError: ``n_atoms`` does not sum to the rows of ``x``, or its width does not fit
+            ``k``.
     """
     x = x.detach().cpu()
-    counts = np.asarray(n_atoms, dtype=np.int64)
+    counts = np.asarray(n_atoms, dtype=np.int64).reshape(-1)
     if int(counts.sum()) != x.shape[0]:
         raise ValueError(f"`n_atoms` sums to {int(counts.sum())}, `x` has {x.shape[0]} rows")
     meta = {
@@ -355,11 +372,15 @@ def save_descriptors(
         "cutoff": float(cutoff),
         "dtype": dtype or str(x.dtype).removeprefix("torch."),
         "quests_torch": __version__,
-        **(extra or {}),
+        "descriptor_format": DESCRIPTOR_FORMAT,
+        **{key: _plain(v) for key, v in (extra or {}).items()},
     }
+    if x.ndim == 2 and (problem := _width_problem(x.shape[1], meta["k"], meta.get("species"))):
+        raise ValueError(f"`x` {problem}")
     path = Path(path)
     if path.suffix.lower() == ".pt":
-        atomic_write(path, lambda p: torch.save({"descriptors": x, "n_atoms": counts, **meta}, p))
+        data = {"descriptors": x, "n_atoms": torch.from_numpy(counts), **meta}
+        atomic_write(path, lambda p: torch.save(data, p))
     else:
         arrays = {"descriptors": x.numpy(), "n_atoms": counts}
         arrays.update({key: np.asarray(v) for key, v in meta.items()})
@@ -371,27 +392,124 @@ def save_descriptors(
         atomic_write(path, write)
 
 
-def load_descriptors(path: str | os.PathLike) -> DescriptorSet:
-    """Read a descriptor file written by :func:`save_descriptors` (or ``quests-torch descriptors``).
+def _plain(value: object) -> object:
+    """numpy scalars and arrays as Python numbers and lists (what ``weights_only`` loads)."""
+    if isinstance(value, np.ndarray | np.generic):
+        return value.tolist()
+    return value
 
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: not a descriptor file, or missing ``k``/``cutoff``.
+
+def _width_problem(width: int, k: int, species: object = None) -> str | None:
+    """Why ``width`` columns cannot be descriptors made with ``k`` (and ``species``), or None."""
+    from .descriptors import descriptor_width
+
+    plain = descriptor_width(k)
+    if isinstance(species, list | tuple) and len(species) > 1:
+        expected = descriptor_width(k, len(species))
+        if width != expected:
+            return (
+                f"has {width} columns but k={k} and {len(species)} species give "
+                f"(2k-1)(S+1) = {expected}"
+            )
+        return None
+    multiple, rest = divmod(width, plain)
+    if rest or multiple == 2 or multiple == 0:  # S + 1 >= 3 copies for S >= 2 species
+        return (
+            f"has {width} columns but k={k} gives 2k-1 = {plain} (or (S+1)(2k-1) with S >= 2 "
+            "species for the multicomponent form): not descriptors made with this k"
+        )
+    return None
+
+
+def _numpy_array_globals() -> contextlib.AbstractContextManager:
+    """Allow ``weights_only`` loading to rebuild numpy arrays, and nothing else.
+
+    quests-torch 0.1 stored ``n_atoms`` of ``.pt`` files as a numpy array; rebuilding one needs
+    the array reconstructor, ``ndarray``, ``dtype`` and the numeric dtype classes, none of
+    which can run code. Newer files hold tensors only.
     """
-    p = _check_exists(path)
+    safe = getattr(torch.serialization, "safe_globals", None)
+    if safe is None:  # pragma: no cover - torch < 2.5: numpy arrays are refused
+        return contextlib.nullcontext()
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # pragma: no cover - numpy 1
+        from numpy.core.multiarray import _reconstruct
+    kinds = [type(np.dtype(c)) for c in "?bhilqBHILQefd"]  # the numeric dtypes' classes
+    return safe([_reconstruct, np.ndarray, np.dtype, *dict.fromkeys(kinds)])
+
+
+def _read_descriptor_file(p: Path, path: str | os.PathLike) -> dict:
+    """The raw dict of a descriptor file, unpickling plain data only."""
     try:
         if p.suffix.lower() == ".pt":
-            data = torch.load(p, map_location="cpu", weights_only=False)
-            if not isinstance(data, dict):
-                raise ValueError("not a dict")
-            raw = dict(data)
+            with _numpy_array_globals():
+                data = torch.load(p, map_location="cpu", weights_only=True)
         else:
             with np.load(p, allow_pickle=False) as npz:
-                raw = {key: npz[key] for key in npz.files}
+                data = {key: npz[key] for key in npz.files}
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(exc))
+        what = (
+            f"it needs `{found.group(1)}`"
+            if found
+            else detail.group(1)[:200]
+            if detail
+            else str(exc).splitlines()[0][:200]
+        )
+        raise ValueError(
+            f"{path}: not a plain-data descriptor file ({what}); a .pt file is read with "
+            "torch.load(weights_only=True), which refuses anything but tensors, numbers and "
+            "strings so that a file cannot run code: write descriptor files with "
+            "quests_torch.io.save_descriptors or `quests-torch descriptors`"
+        ) from None
     except Exception as exc:
         raise ValueError(
             f"{path}: cannot read a descriptor file ({type(exc).__name__}: {exc})"
         ) from None
+    if not isinstance(data, dict) or not all(isinstance(key, str) for key in data):
+        raise ValueError(
+            f"{path}: not a descriptor file (holds a {type(data).__name__}, expected a dict "
+            "of named arrays)"
+        )
+    return data
+
+
+def _as_array(value: object, path: str | os.PathLike, key: str) -> np.ndarray:
+    try:
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu().numpy()
+        return np.asarray(value)
+    except Exception as exc:
+        raise ValueError(f"{path}: `{key}` is not an array ({type(exc).__name__}: {exc})") from None
+
+
+def _as_number(value: object, path: str | os.PathLike, key: str, kind: type) -> int | float:
+    a = _as_array(value, path, key)
+    ok = a.ndim == 0 and a.dtype.kind in ("iu" if kind is int else "iuf")
+    if kind is int and a.ndim == 0 and a.dtype.kind == "f":  # k stored as 32.0
+        ok = bool(np.isfinite(a)) and float(a).is_integer()
+    if not ok:
+        raise ValueError(f"{path}: `{key}` must be a number, got {value!r:.80}")
+    return kind(a.item())
+
+
+def load_descriptors(path: str | os.PathLike) -> DescriptorSet:
+    """Read a descriptor file written by :func:`save_descriptors` (or ``quests-torch descriptors``).
+
+    Only plain data is read: a ``.pt`` file is loaded with ``weights_only=True`` and a ``.npz``
+    without pickles, so a file cannot run code. The content is checked: floating-point,
+    finite ``[n, d]`` descriptors whose width fits ``k``, ``n_atoms`` summing to ``n``,
+    ``k >= 1``, ``cutoff > 0``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a (plain-data) descriptor file, missing ``k``/``cutoff``, or content
+            that does not hold together (the message names the file and the entry).
+    """
+    p = _check_exists(path)
+    raw = _read_descriptor_file(p, path)
     if "descriptors" not in raw:
         raise ValueError(f"{path}: not a descriptor file (no `descriptors` array)")
     for key in ("k", "cutoff"):
@@ -400,19 +518,50 @@ def load_descriptors(path: str | os.PathLike) -> DescriptorSet:
                 f"{path}: descriptor file does not record `{key}`; write it with "
                 "`quests-torch descriptors` so parameters can be checked"
             )
-    x = torch.as_tensor(np.asarray(raw.pop("descriptors")))
-    if x.ndim != 2 or x.shape[0] == 0:
-        raise ValueError(f"{path}: descriptors must be a non-empty [n, d] array, got {x.shape}")
-    n_atoms = np.asarray(raw.pop("n_atoms", np.array([x.shape[0]])), dtype=np.int64)
+    x = _as_array(raw.pop("descriptors"), path, "descriptors")
+    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(
+            f"{path}: `descriptors` must be a non-empty [n, d] array, got shape {x.shape}"
+        )
+    if x.dtype.kind != "f" or x.dtype.itemsize not in (4, 8):
+        raise ValueError(f"{path}: `descriptors` must be float32 or float64, got {x.dtype}")
+    x = x.astype(x.dtype.newbyteorder("="), copy=False)  # torch reads native byte order only
+    if not np.isfinite(x).all():
+        raise ValueError(f"{path}: `descriptors` contain NaN or inf (a damaged file?)")
+    k = _as_number(raw.pop("k"), path, "k", int)
+    cutoff = _as_number(raw.pop("cutoff"), path, "cutoff", float)
+    if k < 1:
+        raise ValueError(f"{path}: `k` must be >= 1, got {k}")
+    if not (math.isfinite(cutoff) and cutoff > 0):
+        raise ValueError(f"{path}: `cutoff` must be a positive distance, got {cutoff}")
+    n_atoms = _as_array(raw.pop("n_atoms", np.array([x.shape[0]])), path, "n_atoms")
+    if n_atoms.ndim > 1 or n_atoms.dtype.kind not in "iu" or (n_atoms < 0).any():
+        raise ValueError(
+            f"{path}: `n_atoms` must be a 1-D array of atom counts >= 0, got "
+            f"{n_atoms.dtype} of shape {n_atoms.shape}"
+        )
+    n_atoms = n_atoms.astype(np.int64).reshape(-1)
+    if int(n_atoms.sum()) != x.shape[0]:
+        raise ValueError(
+            f"{path}: `n_atoms` sums to {int(n_atoms.sum())} but `descriptors` has "
+            f"{x.shape[0]} rows"
+        )
 
     def scalar(v):
-        v = np.asarray(v)
-        return v.item() if v.ndim == 0 else v.tolist()
+        v = v.detach().cpu() if isinstance(v, torch.Tensor) else v
+        return v.tolist() if isinstance(v, np.ndarray | np.generic | torch.Tensor) else v
 
     meta = {key: scalar(v) for key, v in raw.items()}
-    k, cutoff = int(meta.pop("k")), float(meta.pop("cutoff"))
-    dtype = str(meta.pop("dtype", str(x.dtype).removeprefix("torch.")))
-    return DescriptorSet(x, n_atoms, k, cutoff, dtype, str(path), meta)
+    if problem := _width_problem(x.shape[1], k, meta.get("species")):
+        raise ValueError(f"{path}: `descriptors` {problem}")
+    fmt = meta.get("descriptor_format", DESCRIPTOR_FORMAT)
+    if not isinstance(fmt, int) or isinstance(fmt, bool) or fmt > DESCRIPTOR_FORMAT:
+        raise ValueError(
+            f"{path}: descriptor format {fmt!r} is not one this quests-torch "
+            f"{__version__} reads (format <= {DESCRIPTOR_FORMAT}): written by a newer version?"
+        )
+    dtype = str(meta.pop("dtype", str(x.dtype)))
+    return DescriptorSet(torch.from_numpy(x), n_atoms, k, cutoff, dtype, str(path), meta)
 
 
 def default_cache_dir() -> Path:

@@ -8,8 +8,11 @@ import stat
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
+import quests_torch as qt
 from quests_torch import io
 
 
@@ -136,3 +139,205 @@ def test_xyz_truncated_last_frame_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"t\.extxyz: frame 4 claims 3 atoms but the file ends"):
         io.read_structures(path)
     assert io.count_frames(path) is None
+
+
+# ------------------------------------------------------------------ item 1: no code from a .pt
+class _Touch:
+    """Unpickling this calls ``os.system("touch <marker>")``."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+class _PathTouch:
+    """Unpickling this calls ``pathlib.Path(<marker>).touch()``."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def _evil_pt(tmp_path: Path, payload: type, where: str) -> tuple[Path, Path]:
+    marker = tmp_path / "pwned"
+    x = torch.rand(8, 5, dtype=torch.float64)
+    data = {"descriptors": x, "n_atoms": torch.tensor([8]), "k": 3, "cutoff": 5.0}
+    if where == "value":
+        data["note"] = payload(marker)
+    else:
+        data = payload(marker)
+    path = tmp_path / "evil.pt"
+    torch.save(data, path)
+    assert not marker.exists()
+    return path, marker
+
+
+@pytest.mark.parametrize("payload", [_Touch, _PathTouch])
+@pytest.mark.parametrize("where", ["value", "top"])
+def test_load_descriptors_refuses_a_pickle_that_runs_code(tmp_path, payload, where):
+    path, marker = _evil_pt(tmp_path, payload, where)
+    with pytest.raises(ValueError, match=r"evil\.pt: not a plain-data descriptor file"):
+        io.load_descriptors(path)
+    assert not marker.exists()
+
+
+def test_bank_from_file_and_add_refuse_a_pickle_that_runs_code(tmp_path):
+    from quests_torch import UncertaintyBank
+
+    path, marker = _evil_pt(tmp_path, _Touch, "value")
+    with pytest.raises(ValueError, match="not a plain-data descriptor file"):
+        UncertaintyBank.from_file(path)
+    with pytest.raises(ValueError, match="not a plain-data descriptor file"):
+        UncertaintyBank(k=3, cutoff=5.0).add(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["entropy", "{x}"],
+        ["dh", "{x}", "-r", "{x}"],
+        ["compress", "-s", "1", "{x}"],
+        ["generations", "{x}", "{x}"],
+    ],
+)
+def test_cli_refuses_a_pickle_that_runs_code_with_exit_2(tmp_path, capsys, command):
+    from quests_torch.cli import main
+
+    path, marker = _evil_pt(tmp_path, _Touch, "value")
+    assert main([a.format(x=path) for a in command]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not a plain-data descriptor file" in err and "evil.pt" in err
+    assert len(err.splitlines()) == 1
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".npz"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_descriptor_file_round_trip(tmp_path, suffix, dtype):
+    x = torch.rand(7, 9, dtype=dtype)  # k=5: 2k-1 = 9
+    path = tmp_path / f"d{suffix}"
+    io.save_descriptors(path, x, [3, 4], k=5, cutoff=4.5, extra={"note": "run 1"})
+    if suffix == ".pt":  # plain data: torch's safe loader reads it as is
+        assert torch.load(path, weights_only=True)["k"] == 5
+    ds = io.load_descriptors(path)
+    assert torch.equal(ds.x, x) and ds.x.dtype == dtype
+    assert ds.n_atoms.tolist() == [3, 4] and ds.n_atoms.dtype == np.int64
+    assert (ds.k, ds.cutoff, ds.dtype) == (5, 4.5, str(dtype).removeprefix("torch."))
+    assert ds.meta["note"] == "run 1"
+    assert ds.meta["quests_torch"] == qt.__version__
+    assert ds.meta["descriptor_format"] == io.DESCRIPTOR_FORMAT
+
+
+def test_descriptor_pt_file_of_version_0_1_still_loads(tmp_path):
+    """Files of quests-torch 0.1 held ``n_atoms`` as a numpy array inside the .pt pickle."""
+    x = torch.rand(6, 5, dtype=torch.float64)
+    old = {
+        "descriptors": x,
+        "n_atoms": np.array([2, 4], dtype=np.int64),
+        "k": 3,
+        "cutoff": 5.0,
+        "dtype": "float64",
+        "quests_torch": "0.1.0",
+    }
+    path = tmp_path / "old.pt"
+    torch.save(old, path)
+    ds = io.load_descriptors(path)
+    assert torch.equal(ds.x, x) and ds.n_atoms.tolist() == [2, 4] and ds.k == 3
+
+
+# ------------------------------------------------------------------ item 9: file content checks
+def _write_raw(path: Path, **entries) -> Path:
+    if path.suffix == ".pt":
+        torch.save(entries, path)
+    else:
+        np.savez(path, **entries)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".npz"])
+@pytest.mark.parametrize(
+    ("width", "k", "ok"),
+    [(5, 3, True), (15, 3, True), (25, 3, True), (10, 3, False), (6, 3, False), (4, 3, False)],
+)
+def test_load_descriptors_checks_the_width_against_k(tmp_path, suffix, width, k, ok):
+    """2k-1 columns, or (S+1)(2k-1) for S >= 2 species; 2(2k-1) (S = 1) is not a width."""
+    path = _write_raw(
+        tmp_path / f"d{suffix}",
+        descriptors=np.random.default_rng(0).random((4, width)),
+        n_atoms=np.array([4]),
+        k=np.asarray(k),
+        cutoff=np.asarray(5.0),
+    )
+    if ok:
+        assert io.load_descriptors(path).x.shape == (4, width)
+    else:
+        with pytest.raises(ValueError, match=rf"d\{suffix}: `descriptors` has {width} columns "):
+            io.load_descriptors(path)
+
+
+def test_load_descriptors_checks_the_width_against_recorded_species(tmp_path):
+    x = torch.rand(4, 15, dtype=torch.float64)  # k=3, 2 species: (2+1)*5
+    io.save_descriptors(tmp_path / "a.npz", x, [4], k=3, cutoff=5.0, extra={"species": [1, 8]})
+    assert io.load_descriptors(tmp_path / "a.npz").meta["species"] == [1, 8]
+    _write_raw(
+        tmp_path / "b.pt",
+        descriptors=torch.rand(4, 15, dtype=torch.float64),
+        k=3,
+        cutoff=5.0,
+        species=[1, 6, 8],
+    )
+    with pytest.raises(ValueError, match=r"has 15 columns but k=3 and 3 species give"):
+        io.load_descriptors(tmp_path / "b.pt")
+
+
+def test_save_descriptors_refuses_a_width_that_does_not_fit_k(tmp_path):
+    with pytest.raises(ValueError, match=r"`x` has 6 columns but k=3 gives 2k-1 = 5"):
+        io.save_descriptors(tmp_path / "d.npz", torch.rand(4, 6), [4], k=3, cutoff=5.0)
+    assert not (tmp_path / "d.npz").exists()
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".npz"])
+@pytest.mark.parametrize(
+    ("n_atoms", "match"),
+    [
+        (np.array([2, 3]), r"`n_atoms` sums to 5 but `descriptors` has 6 rows"),
+        (np.array([3, 4]), r"`n_atoms` sums to 7 but `descriptors` has 6 rows"),
+        (np.array([8, -2]), r"`n_atoms` must be a 1-D array of atom counts >= 0"),
+        (np.array([3.0, 3.0]), r"`n_atoms` must be a 1-D array of atom counts >= 0"),
+        (np.array([[3, 3]]), r"`n_atoms` must be a 1-D array of atom counts >= 0"),
+    ],
+)
+def test_load_descriptors_checks_n_atoms_against_the_rows(tmp_path, suffix, n_atoms, match):
+    path = _write_raw(
+        tmp_path / f"d{suffix}",
+        descriptors=np.random.default_rng(0).random((6, 5)),
+        n_atoms=n_atoms,
+        k=np.asarray(3),
+        cutoff=np.asarray(5.0),
+    )
+    with pytest.raises(ValueError, match=rf"d\{suffix}: {match}"):
+        io.load_descriptors(path)
+
+
+@pytest.mark.parametrize(
+    ("entries", "match"),
+    [
+        ({"descriptors": np.ones((4, 5), dtype=np.int64)}, r"must be float32 or float64"),
+        ({"descriptors": np.full((4, 5), np.nan)}, r"contain NaN or inf"),
+        ({"descriptors": np.ones(5)}, r"must be a non-empty \[n, d\] array"),
+        ({"k": np.asarray("three")}, r"`k` must be a number"),
+        ({"k": np.asarray(0)}, r"`k` must be >= 1"),
+        ({"cutoff": np.asarray(-1.0)}, r"`cutoff` must be a positive distance"),
+        ({"descriptor_format": np.asarray(99)}, r"descriptor format 99 is not one"),
+    ],
+)
+def test_load_descriptors_refuses_inconsistent_content(tmp_path, entries, match):
+    base = {"descriptors": np.ones((4, 5)), "k": np.asarray(3), "cutoff": np.asarray(5.0)}
+    path = _write_raw(tmp_path / "d.npz", **{**base, **entries})
+    with pytest.raises(ValueError, match=rf"d\.npz: .*{match}"):
+        io.load_descriptors(path)
