@@ -3,11 +3,15 @@
 A *descriptor file* holds ``descriptors [n_atoms, d]``, ``n_atoms`` per structure and the
 parameters that made it (``k``, ``cutoff``, ``dtype``, package version), so that comparing
 descriptors made with different parameters is caught as an error instead of giving
-meaningless numbers. Every file is written atomically (temporary file + ``os.replace``).
+meaningless numbers. Descriptor files hold plain data only (a ``.pt`` is read with
+``torch.load(weights_only=True)``, a ``.npz`` without pickles): reading one cannot run code.
+Every file is written atomically (temporary file + ``os.replace``) with the permissions the
+user's umask gives.
 
 The reference cache stores the descriptors of a structure file under a key made of the
-SHA-256 of the file's *content*, the ASE index selection, ``k``, ``cutoff`` and ``dtype``;
-renaming or touching the file keeps the cache valid, editing it does not.
+SHA-256 of the file's *content*, the ASE index selection, ``k``, ``cutoff``, ``dtype``, the
+package version and :data:`DESCRIPTOR_FORMAT`; renaming or touching the file keeps the cache
+valid, editing it or upgrading the package does not.
 """
 
 from __future__ import annotations
@@ -586,7 +590,10 @@ def cached_descriptors(
 ) -> tuple[DescriptorSet, bool]:
     """Descriptors of the structures of a file, computed once and cached on disk.
 
-    The cache file is ``<cache_dir>/<sha256(content)[:16]>-<hash of index,k,cutoff,dtype>.npz``.
+    The cache file is ``<cache_dir>/<sha256(content)[:16]>-<hash of parameters>.npz``, the
+    parameters being the index, ``k``, ``cutoff``, ``dtype``, the package version and
+    :data:`DESCRIPTOR_FORMAT`; a hit is used only when the entry records the same ones (an
+    entry of another version, or a damaged one, is recomputed and replaced).
 
     Args:
         path: ASE-readable structure file.
@@ -607,16 +614,24 @@ def cached_descriptors(
     cache_file = None
     if use_cache:
         content = file_sha256(path)
-        params = hashlib.sha256(f"{index}|{k}|{cutoff!r}|{dtype_name}".encode()).hexdigest()
+        key = f"{index}|{k}|{cutoff!r}|{dtype_name}|{__version__}|{DESCRIPTOR_FORMAT}"
+        params = hashlib.sha256(key.encode()).hexdigest()
         cache_file = Path(cache_dir or default_cache_dir()) / f"{content[:16]}-{params[:16]}.npz"
         if cache_file.exists():
             try:
                 ds = load_descriptors(cache_file)
-                if ds.k == k and ds.cutoff == cutoff and ds.dtype == dtype_name:
+                if (
+                    ds.k == k
+                    and ds.cutoff == cutoff
+                    and ds.dtype == dtype_name
+                    and ds.meta.get("index") == index
+                    and ds.meta.get("quests_torch") == __version__
+                    and ds.meta.get("descriptor_format") == DESCRIPTOR_FORMAT
+                ):
                     ds.source = str(path)
                     return ds, True
             except ValueError:
-                pass  # a damaged cache entry is recomputed and replaced
+                pass  # a damaged or foreign cache entry is recomputed and replaced
     frames = read_structures(path, index)
     x = get_descriptors(frames, k=k, cutoff=cutoff, dtype=dtype, device=device)
     counts = np.array([len(a) for a in frames], dtype=np.int64)

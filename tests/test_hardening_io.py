@@ -341,3 +341,55 @@ def test_load_descriptors_refuses_inconsistent_content(tmp_path, entries, match)
     path = _write_raw(tmp_path / "d.npz", **{**base, **entries})
     with pytest.raises(ValueError, match=rf"d\.npz: .*{match}"):
         io.load_descriptors(path)
+
+
+# ------------------------------------------------------------------ item 8: cache key and hit
+@pytest.fixture
+def small_xyz(tmp_path):
+    import ase.io
+
+    path = tmp_path / "s.extxyz"
+    ase.io.write(path, _frames((4, 4)), format="extxyz")
+    return path
+
+
+def _cached(path, cache):
+    return io.cached_descriptors(path, k=3, cutoff=4.0, cache_dir=cache)
+
+
+def test_cache_key_holds_the_package_version(tmp_path, small_xyz, monkeypatch):
+    cache = tmp_path / "cache"
+    first, hit = _cached(small_xyz, cache)
+    assert not hit and _cached(small_xyz, cache)[1]
+    monkeypatch.setattr(io, "__version__", "99.0.0")
+    again, hit = _cached(small_xyz, cache)
+    assert not hit  # another version does not trust this version's entries
+    assert torch.equal(again.x, first.x)
+    assert len(list(cache.iterdir())) == 2
+
+
+def test_cache_key_holds_the_descriptor_format(tmp_path, small_xyz, monkeypatch):
+    cache = tmp_path / "cache"
+    _cached(small_xyz, cache)
+    monkeypatch.setattr(io, "DESCRIPTOR_FORMAT", io.DESCRIPTOR_FORMAT + 1)
+    assert not _cached(small_xyz, cache)[1]
+
+
+@pytest.mark.parametrize(
+    "stale",
+    [{"quests_torch": "0.0.1"}, {"descriptor_format": 0}, {"index": "0:1"}, {"quests_torch": None}],
+)
+def test_cache_hit_checks_version_and_format_recorded_in_the_entry(tmp_path, small_xyz, stale):
+    """An entry under the right name but written by another version is recomputed."""
+    cache = tmp_path / "cache"
+    first, _ = _cached(small_xyz, cache)
+    (entry,) = cache.iterdir()
+    extra = {"index": ":", **stale}
+    if stale.get("quests_torch", "") is None:  # an entry of 0.1: no version/format recorded
+        np.savez(entry, descriptors=first.x.numpy() + 1, n_atoms=first.n_atoms, k=3, cutoff=4.0)
+    else:
+        io.save_descriptors(entry, first.x + 1, first.n_atoms, k=3, cutoff=4.0, extra=extra)
+    again, hit = _cached(small_xyz, cache)
+    assert not hit
+    assert torch.equal(again.x, first.x)
+    assert _cached(small_xyz, cache)[1]  # the entry was replaced by a good one
