@@ -393,3 +393,51 @@ def test_cache_hit_checks_version_and_format_recorded_in_the_entry(tmp_path, sma
     assert not hit
     assert torch.equal(again.x, first.x)
     assert _cached(small_xyz, cache)[1]  # the entry was replaced by a good one
+
+
+# ------------------------------------------------------------------ item 16: bank state at load
+def _bank_state():
+    from quests_torch import UncertaintyBank
+
+    x = torch.rand(6, 5, dtype=torch.float64)
+    return UncertaintyBank.from_descriptors(x, k=3, cutoff=4.0), x
+
+
+@pytest.mark.parametrize("same_shape", [True, False])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_bank_load_state_dict_refuses_non_finite_descriptors(same_shape, bad):
+    from quests_torch import UncertaintyBank
+
+    bank, x = _bank_state()
+    state = bank.state_dict()
+    incoming = x.clone() if same_shape else torch.rand(9, 5, dtype=torch.float64)
+    incoming[2, 1] = bad
+    state["descriptors"] = incoming
+    target = bank if same_shape else UncertaintyBank()
+    before = target.descriptors.clone()
+    with pytest.raises(ValueError, match=r"`descriptors` contains NaN or inf"):
+        target.load_state_dict(state)
+    assert torch.equal(target.descriptors, before)  # nothing of the bank changed
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool])
+def test_bank_load_state_dict_refuses_integer_descriptors(dtype):
+    from quests_torch import UncertaintyBank
+
+    bank, x = _bank_state()
+    state = bank.state_dict()
+    state["descriptors"] = (x * 10).to(dtype)
+    with pytest.raises(TypeError, match=rf"`descriptors` must hold floating-point .*{dtype}"):
+        UncertaintyBank().load_state_dict(state)
+    with pytest.raises(TypeError, match="must hold floating-point"):
+        bank.load_state_dict(state)
+
+
+def test_bank_state_dict_round_trip_through_a_weights_only_file(tmp_path):
+    from quests_torch import UncertaintyBank
+
+    bank, x = _bank_state()
+    torch.save(bank.state_dict(), tmp_path / "bank.pt")
+    fresh = UncertaintyBank()
+    fresh.load_state_dict(torch.load(tmp_path / "bank.pt", weights_only=True))
+    assert torch.equal(fresh.descriptors, x) and (fresh.k, fresh.cutoff) == (3, 4.0)
