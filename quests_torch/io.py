@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import math
 import os
 import pickle
@@ -187,7 +188,8 @@ def read_structures(path: str | os.PathLike, index: str = ":") -> list:
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: unreadable file or an empty selection.
+        ValueError: unreadable file (an xyz frame header that does not fit the file
+            included), an empty selection, or NaN/inf positions or cell.
     """
     import ase.io
 
@@ -203,7 +205,18 @@ def read_structures(path: str | os.PathLike, index: str = ":") -> list:
     frames = frames if isinstance(frames, list) else [frames]
     if not frames:
         raise ValueError(f"{path}: the selection {index!r} holds no structures")
+    for i, atoms in enumerate(frames):
+        _check_finite(atoms, path, i)
     return frames
+
+
+def _check_finite(atoms, path: str | os.PathLike, i: int) -> None:
+    """Refuse a structure with NaN or inf positions or cell (a damaged number in the file)."""
+    for name, value in (("positions", atoms.positions), ("cell", atoms.cell.array)):
+        if not np.isfinite(value).all():
+            raise ValueError(
+                f"{path}: structure {i} of the selection has non-finite {name} (NaN or inf)"
+            )
 
 
 def iter_structures(path: str | os.PathLike, index: str = ":") -> Iterator:
@@ -214,21 +227,28 @@ def iter_structures(path: str | os.PathLike, index: str = ":") -> Iterator:
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: unreadable file (raised when the first frame is read).
+        ValueError: unreadable file (raised when the first frame is read; an xyz file's
+            frame headers are all checked then), or a frame with NaN/inf positions or cell.
     """
     import ase.io
 
     _check_exists(path)
     check_index(index)
     _check_xyz(path)
-    try:
-        yield from ase.io.iread(str(path), index=index)
-    except (FileNotFoundError, MemoryError):
-        raise
-    except Exception as exc:
-        raise ValueError(
-            f"{path}: cannot read structures ({type(exc).__name__}: {exc})".rstrip()
-        ) from None
+    frames = ase.io.iread(str(path), index=index)
+    for i in itertools.count():
+        try:
+            atoms = next(frames)
+        except StopIteration:
+            return
+        except (FileNotFoundError, MemoryError):
+            raise
+        except Exception as exc:
+            raise ValueError(
+                f"{path}: cannot read structures ({type(exc).__name__}: {exc})".rstrip()
+            ) from None
+        _check_finite(atoms, path, i)
+        yield atoms
 
 
 def _count_xyz_frames(path: Path, block: int = 1 << 24) -> int:

@@ -441,3 +441,21 @@ def test_bank_state_dict_round_trip_through_a_weights_only_file(tmp_path):
     fresh = UncertaintyBank()
     fresh.load_state_dict(torch.load(tmp_path / "bank.pt", weights_only=True))
     assert torch.equal(fresh.descriptors, x) and (fresh.k, fresh.cutoff) == (3, 4.0)
+
+
+# ------------------------------------------------------------------ fuzz finding: inf positions
+def test_structures_with_non_finite_positions_are_refused(tmp_path):
+    """A damaged digit (``1.808`` -> ``1e808``) parses as inf; found by the fuzz suite."""
+    import ase.io
+
+    path = tmp_path / "t.extxyz"
+    ase.io.write(path, _frames((3, 3)), format="extxyz")
+    lines = path.read_text().splitlines()
+    lines[-1] = lines[-1].rsplit(None, 1)[0] + " 1e808"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"t\.extxyz: structure 1 .* non-finite positions"):
+        io.read_structures(path)
+    stream = io.iter_structures(path)
+    assert len(next(stream)) == 3  # the good frame streams, the damaged one is refused
+    with pytest.raises(ValueError, match=r"t\.extxyz: structure 1 .* non-finite positions"):
+        next(stream)
