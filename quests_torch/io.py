@@ -161,7 +161,10 @@ def _is_xyz(path: str | os.PathLike) -> bool:
 def _check_xyz(path: str | os.PathLike) -> None:
     """Refuse an (ext)xyz file whose frame headers do not fit the file before ASE reads it."""
     if _is_xyz(path):
-        _count_xyz_frames(Path(path))
+        try:
+            _count_xyz_frames(Path(path))
+        except ValueError as exc:
+            raise ValueError(f"{path}: cannot read structures ({exc})") from None
 
 
 def check_index(index: str) -> None:
@@ -262,7 +265,7 @@ def _count_xyz_frames(path: Path, block: int = 1 << 24) -> int:
 
     Raises:
         ValueError: a header that is not a non-negative atom count, or a frame that runs past
-            the end of the file (names the file, the frame and the line).
+            the end of the file (names the frame and the line).
     """
     frames = 0
     header = 0  # line number (0-based) of the next frame header
@@ -294,7 +297,7 @@ def _count_xyz_frames(path: Path, block: int = 1 << 24) -> int:
                     claimed = -1
                 if claimed < 0:
                     raise ValueError(
-                        f"{path}: line {header + 1} should be the atom count of frame "
+                        f"line {header + 1} should be the atom count of frame "
                         f"{frames + 1}, got {text[:40].decode(errors='replace')!r}"
                     )
                 frames += 1
@@ -305,10 +308,10 @@ def _count_xyz_frames(path: Path, block: int = 1 << 24) -> int:
             carry = data[tail:] if header == line else b""
             open_line = open_line if not piece else tail < len(data)
             if len(carry) > 1 << 20:
-                raise ValueError(f"{path}: line {line + 1} is not an xyz header (over 1 MiB)")
+                raise ValueError(f"line {line + 1} is not an xyz header (over 1 MiB)")
     if header > line:
         raise ValueError(
-            f"{path}: frame {frames} claims {claimed} atoms but the file ends "
+            f"frame {frames} claims {claimed} atoms but the file ends "
             f"{header - line} lines short of it (truncated or malformed file)"
         )
     return frames
