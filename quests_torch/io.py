@@ -3,18 +3,28 @@
 A *descriptor file* holds ``descriptors [n_atoms, d]``, ``n_atoms`` per structure and the
 parameters that made it (``k``, ``cutoff``, ``dtype``, package version), so that comparing
 descriptors made with different parameters is caught as an error instead of giving
-meaningless numbers. Every file is written atomically (temporary file + ``os.replace``).
+meaningless numbers. Descriptor files hold plain data only (a ``.pt`` is read with
+``torch.load(weights_only=True)``, a ``.npz`` without pickles): reading one cannot run code.
+Every file is written atomically (temporary file + ``os.replace``) with the permissions the
+user's umask gives.
 
 The reference cache stores the descriptors of a structure file under a key made of the
-SHA-256 of the file's *content*, the ASE index selection, ``k``, ``cutoff`` and ``dtype``;
-renaming or touching the file keeps the cache valid, editing it does not.
+SHA-256 of the file's *content*, the ASE index selection, ``k``, ``cutoff``, ``dtype``, the
+package version and :data:`DESCRIPTOR_FORMAT`; renaming or touching the file keeps the cache
+valid, editing it or upgrading the package does not.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
+import math
 import os
-import tempfile
+import pickle
+import re
+import secrets
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +35,7 @@ import torch
 from ._version import __version__
 
 __all__ = [
+    "DESCRIPTOR_FORMAT",
     "DESCRIPTOR_SUFFIXES",
     "DescriptorSet",
     "atomic_write",
@@ -42,6 +53,9 @@ __all__ = [
 
 #: file suffixes read as precomputed descriptors instead of structures
 DESCRIPTOR_SUFFIXES = (".npz", ".pt")
+#: version of what a descriptor file holds (the descriptor definition and the file layout);
+#: raised when either changes, so that old files and cache entries are not taken for new ones
+DESCRIPTOR_FORMAT = 1
 
 
 @dataclass
@@ -70,23 +84,47 @@ class DescriptorSet:
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
     """Write through a temporary file in the same folder, fsync, then rename: never a half file.
 
+    A new file gets the mode the user's umask gives (``0o666 & ~umask``, ``0o644`` usually);
+    an overwritten file keeps its mode.
+
     Args:
         path: the final path.
         write: called with the temporary path; must create the file there.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
+    tmp = _new_temp_file(path)
     try:
-        write(Path(tmp))
+        write(tmp)
+        try:  # an overwritten file keeps its permissions
+            os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
+        except FileNotFoundError:
+            pass
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def _new_temp_file(path: Path) -> Path:
+    """An empty, new hidden file next to ``path``, created with mode ``0o666 & ~umask``.
+
+    ``tempfile.mkstemp`` would create it ``0o600``: tables, JSON and figures must get the
+    permissions any other program's output gets under the user's umask.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}{path.suffix}"
+        try:
+            fd = os.open(tmp, flags, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+    raise FileExistsError(f"{path}: could not create a temporary file next to it")
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -116,6 +154,19 @@ def _check_exists(path: str | os.PathLike) -> Path:
     return p
 
 
+def _is_xyz(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() in (".xyz", ".extxyz")
+
+
+def _check_xyz(path: str | os.PathLike) -> None:
+    """Refuse an (ext)xyz file whose frame headers do not fit the file before ASE reads it."""
+    if _is_xyz(path):
+        try:
+            _count_xyz_frames(Path(path))
+        except ValueError as exc:
+            raise ValueError(f"{path}: cannot read structures ({exc})") from None
+
+
 def check_index(index: str) -> None:
     """Raise ``ValueError`` unless ``index`` is an ASE index/slice string."""
     from ase.io.formats import string2index
@@ -140,12 +191,14 @@ def read_structures(path: str | os.PathLike, index: str = ":") -> list:
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: unreadable file or an empty selection.
+        ValueError: unreadable file (an xyz frame header that does not fit the file
+            included), an empty selection, or NaN/inf positions or cell.
     """
     import ase.io
 
     _check_exists(path)
     check_index(index)
+    _check_xyz(path)
     try:
         frames = ase.io.read(path, index=index)
     except Exception as exc:  # ASE raises many types for unreadable files
@@ -155,7 +208,18 @@ def read_structures(path: str | os.PathLike, index: str = ":") -> list:
     frames = frames if isinstance(frames, list) else [frames]
     if not frames:
         raise ValueError(f"{path}: the selection {index!r} holds no structures")
+    for i, atoms in enumerate(frames):
+        _check_finite(atoms, path, i)
     return frames
+
+
+def _check_finite(atoms, path: str | os.PathLike, i: int) -> None:
+    """Refuse a structure with NaN or inf positions or cell (a damaged number in the file)."""
+    for name, value in (("positions", atoms.positions), ("cell", atoms.cell.array)):
+        if not np.isfinite(value).all():
+            raise ValueError(
+                f"{path}: structure {i} of the selection has non-finite {name} (NaN or inf)"
+            )
 
 
 def iter_structures(path: str | os.PathLike, index: str = ":") -> Iterator:
@@ -166,51 +230,91 @@ def iter_structures(path: str | os.PathLike, index: str = ":") -> Iterator:
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: unreadable file (raised when the first frame is read).
+        ValueError: unreadable file (raised when the first frame is read; an xyz file's
+            frame headers are all checked then), or a frame with NaN/inf positions or cell.
     """
     import ase.io
 
     _check_exists(path)
     check_index(index)
-    try:
-        yield from ase.io.iread(str(path), index=index)
-    except (FileNotFoundError, MemoryError):
-        raise
-    except Exception as exc:
+    _check_xyz(path)
+    frames = ase.io.iread(str(path), index=index)
+    for i in itertools.count():
+        try:
+            atoms = next(frames)
+        except StopIteration:
+            return
+        except (FileNotFoundError, MemoryError):
+            raise
+        except Exception as exc:
+            raise ValueError(
+                f"{path}: cannot read structures ({type(exc).__name__}: {exc})".rstrip()
+            ) from None
+        _check_finite(atoms, path, i)
+        yield atoms
+
+
+def _count_xyz_frames(path: Path, block: int = 1 << 24) -> int:
+    """Frames of an (ext)xyz file, checking every frame header against the lines left.
+
+    Reads the file once in ``block``-byte pieces; the newlines of a piece are found by numpy
+    and only the header lines are parsed (one Python step per frame, ~1 GB/s). A header
+    claiming more atoms than the file has lines left is an error found at the end of the file,
+    never a loop over the claimed count: ASE's own frame index would spin through
+    ``range(n_atoms)`` of empty reads on such a file (``10**11`` atoms: hours).
+
+    Raises:
+        ValueError: a header that is not a non-negative atom count, or a frame that runs past
+            the end of the file (names the frame and the line).
+    """
+    frames = 0
+    header = 0  # line number (0-based) of the next frame header
+    line = 0  # line number of the first line starting in ``data``
+    carry = b""  # the start of a header line cut by the end of the previous piece
+    claimed = 0  # atoms claimed by the last header
+    open_line = False  # a line has started and not ended
+    done = False
+    with open(path, "rb") as fh:
+        while not done:
+            piece = fh.read(block)
+            data = carry + piece
+            ends = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 0x0A)
+            if not piece:  # end of file: a last line without newline still counts
+                if open_line:
+                    ends = np.append(ends, len(data))
+                done = True
+            while header < line + len(ends):
+                i = header - line
+                text = data[(int(ends[i - 1]) + 1 if i else 0) : int(ends[i])]
+                if not text.strip():  # a blank header line ends the frames, as in ASE
+                    return frames
+                if text.lstrip().startswith(b"VEC"):  # extxyz lattice lines after a frame
+                    header += 1
+                    continue
+                try:
+                    claimed = int(text.split()[0])
+                except ValueError:
+                    claimed = -1
+                if claimed < 0:
+                    raise ValueError(
+                        f"line {header + 1} should be the atom count of frame "
+                        f"{frames + 1}, got {text[:40].decode(errors='replace')!r}"
+                    )
+                frames += 1
+                header += claimed + 2
+            tail = int(ends[-1]) + 1 if len(ends) else 0
+            line += len(ends)
+            # keep a cut line only when it is a header (an atom line's content is not needed)
+            carry = data[tail:] if header == line else b""
+            open_line = open_line if not piece else tail < len(data)
+            if len(carry) > 1 << 20:
+                raise ValueError(f"line {line + 1} is not an xyz header (over 1 MiB)")
+    if header > line:
         raise ValueError(
-            f"{path}: cannot read structures ({type(exc).__name__}: {exc})".rstrip()
-        ) from None
-
-
-def _count_xyz_frames(path: Path, slow_limit: int = 1 << 30) -> int | None:
-    """Frames of an (ext)xyz file: newline count / (n + 2) when every frame has the first
-    frame's atom count (MD trajectories; ~1 GB/s), else a header-by-header scan (files under
-    ``slow_limit`` bytes only)."""
-    with open(path, "rb") as fh:
-        first = fh.readline()
-        if not first.strip():
-            return None
-        n0 = int(first.split()[0])
-        fh.seek(0)
-        lines = 0
-        ends_with_newline = True
-        while block := fh.read(1 << 24):
-            lines += block.count(b"\n")
-            ends_with_newline = block.endswith(b"\n")
-        lines += 0 if ends_with_newline else 1
-    if lines % (n0 + 2) == 0:
-        return lines // (n0 + 2)
-    if path.stat().st_size > slow_limit:
-        return None
-    total = 0
-    with open(path, "rb") as fh:
-        while line := fh.readline():
-            if not line.strip():
-                continue
-            for _ in range(int(line.split()[0]) + 1):
-                fh.readline()
-            total += 1
-    return total
+            f"frame {frames} claims {claimed} atoms but the file ends "
+            f"{header - line} lines short of it (truncated or malformed file)"
+        )
+    return frames
 
 
 def count_frames(path: str | os.PathLike, index: str = ":") -> int | None:
@@ -228,7 +332,7 @@ def count_frames(path: str | os.PathLike, index: str = ":") -> int | None:
 
             with Trajectory(str(p)) as traj:
                 total = len(traj)
-        elif p.suffix.lower() in (".xyz", ".extxyz"):
+        elif _is_xyz(p):
             total = _count_xyz_frames(p)
     except Exception:
         return None
@@ -268,17 +372,26 @@ def save_descriptors(
 ) -> None:
     """Write descriptors and their parameters to ``.npz`` (numpy) or ``.pt`` (torch), atomically.
 
+    Both hold plain data only: arrays/tensors, numbers and strings (a ``.pt`` file loads with
+    ``torch.load(path, weights_only=True)``). The file records ``k``, ``cutoff``, ``dtype``,
+    the package version and :data:`DESCRIPTOR_FORMAT`.
+
     Args:
         path: output path; ``.pt`` writes a ``torch.save`` dict, anything else ``np.savez``.
-        x: ``[n_atoms, d]`` descriptors.
+        x: ``[n_atoms, d]`` descriptors, ``d = 2k - 1`` (times ``S + 1`` for ``S >= 2``
+            species, the multicomponent form).
         n_atoms: atoms per structure (sums to ``n_atoms``).
         k: neighbours used.
         cutoff: cutoff used (Å).
         dtype: dtype name recorded (default: that of ``x``).
         extra: further scalar/string metadata to store.
+
+    Raises:
+        ValueError: ``n_atoms`` does not sum to the rows of ``x``, or its width does not fit
+            ``k``.
     """
     x = x.detach().cpu()
-    counts = np.asarray(n_atoms, dtype=np.int64)
+    counts = np.asarray(n_atoms, dtype=np.int64).reshape(-1)
     if int(counts.sum()) != x.shape[0]:
         raise ValueError(f"`n_atoms` sums to {int(counts.sum())}, `x` has {x.shape[0]} rows")
     meta = {
@@ -286,11 +399,15 @@ def save_descriptors(
         "cutoff": float(cutoff),
         "dtype": dtype or str(x.dtype).removeprefix("torch."),
         "quests_torch": __version__,
-        **(extra or {}),
+        "descriptor_format": DESCRIPTOR_FORMAT,
+        **{key: _plain(v) for key, v in (extra or {}).items()},
     }
+    if x.ndim == 2 and (problem := _width_problem(x.shape[1], meta["k"], meta.get("species"))):
+        raise ValueError(f"`x` {problem}")
     path = Path(path)
     if path.suffix.lower() == ".pt":
-        atomic_write(path, lambda p: torch.save({"descriptors": x, "n_atoms": counts, **meta}, p))
+        data = {"descriptors": x, "n_atoms": torch.from_numpy(counts), **meta}
+        atomic_write(path, lambda p: torch.save(data, p))
     else:
         arrays = {"descriptors": x.numpy(), "n_atoms": counts}
         arrays.update({key: np.asarray(v) for key, v in meta.items()})
@@ -302,27 +419,124 @@ def save_descriptors(
         atomic_write(path, write)
 
 
-def load_descriptors(path: str | os.PathLike) -> DescriptorSet:
-    """Read a descriptor file written by :func:`save_descriptors` (or ``quests-torch descriptors``).
+def _plain(value: object) -> object:
+    """numpy scalars and arrays as Python numbers and lists (what ``weights_only`` loads)."""
+    if isinstance(value, np.ndarray | np.generic):
+        return value.tolist()
+    return value
 
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: not a descriptor file, or missing ``k``/``cutoff``.
+
+def _width_problem(width: int, k: int, species: object = None) -> str | None:
+    """Why ``width`` columns cannot be descriptors made with ``k`` (and ``species``), or None."""
+    from .descriptors import descriptor_width
+
+    plain = descriptor_width(k)
+    if isinstance(species, list | tuple) and len(species) > 1:
+        expected = descriptor_width(k, len(species))
+        if width != expected:
+            return (
+                f"has {width} columns but k={k} and {len(species)} species give "
+                f"(2k-1)(S+1) = {expected}"
+            )
+        return None
+    multiple, rest = divmod(width, plain)
+    if rest or multiple == 2 or multiple == 0:  # S + 1 >= 3 copies for S >= 2 species
+        return (
+            f"has {width} columns but k={k} gives 2k-1 = {plain} (or (S+1)(2k-1) with S >= 2 "
+            "species for the multicomponent form): not descriptors made with this k"
+        )
+    return None
+
+
+def _numpy_array_globals() -> contextlib.AbstractContextManager:
+    """Allow ``weights_only`` loading to rebuild numpy arrays, and nothing else.
+
+    quests-torch 0.1 stored ``n_atoms`` of ``.pt`` files as a numpy array; rebuilding one needs
+    the array reconstructor, ``ndarray``, ``dtype`` and the numeric dtype classes, none of
+    which can run code. Newer files hold tensors only.
     """
-    p = _check_exists(path)
+    safe = getattr(torch.serialization, "safe_globals", None)
+    if safe is None:  # pragma: no cover - torch < 2.5: numpy arrays are refused
+        return contextlib.nullcontext()
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # pragma: no cover - numpy 1
+        from numpy.core.multiarray import _reconstruct
+    kinds = [type(np.dtype(c)) for c in "?bhilqBHILQefd"]  # the numeric dtypes' classes
+    return safe([_reconstruct, np.ndarray, np.dtype, *dict.fromkeys(kinds)])
+
+
+def _read_descriptor_file(p: Path, path: str | os.PathLike) -> dict:
+    """The raw dict of a descriptor file, unpickling plain data only."""
     try:
         if p.suffix.lower() == ".pt":
-            data = torch.load(p, map_location="cpu", weights_only=False)
-            if not isinstance(data, dict):
-                raise ValueError("not a dict")
-            raw = dict(data)
+            with _numpy_array_globals():
+                data = torch.load(p, map_location="cpu", weights_only=True)
         else:
             with np.load(p, allow_pickle=False) as npz:
-                raw = {key: npz[key] for key in npz.files}
+                data = {key: npz[key] for key in npz.files}
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(exc))
+        what = (
+            f"it needs `{found.group(1)}`"
+            if found
+            else detail.group(1)[:200]
+            if detail
+            else str(exc).splitlines()[0][:200]
+        )
+        raise ValueError(
+            f"{path}: not a plain-data descriptor file ({what}); a .pt file is read with "
+            "torch.load(weights_only=True), which refuses anything but tensors, numbers and "
+            "strings so that a file cannot run code: write descriptor files with "
+            "quests_torch.io.save_descriptors or `quests-torch descriptors`"
+        ) from None
     except Exception as exc:
         raise ValueError(
             f"{path}: cannot read a descriptor file ({type(exc).__name__}: {exc})"
         ) from None
+    if not isinstance(data, dict) or not all(isinstance(key, str) for key in data):
+        raise ValueError(
+            f"{path}: not a descriptor file (holds a {type(data).__name__}, expected a dict "
+            "of named arrays)"
+        )
+    return data
+
+
+def _as_array(value: object, path: str | os.PathLike, key: str) -> np.ndarray:
+    try:
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu().numpy()
+        return np.asarray(value)
+    except Exception as exc:
+        raise ValueError(f"{path}: `{key}` is not an array ({type(exc).__name__}: {exc})") from None
+
+
+def _as_number(value: object, path: str | os.PathLike, key: str, kind: type) -> int | float:
+    a = _as_array(value, path, key)
+    ok = a.ndim == 0 and a.dtype.kind in ("iu" if kind is int else "iuf")
+    if kind is int and a.ndim == 0 and a.dtype.kind == "f":  # k stored as 32.0
+        ok = bool(np.isfinite(a)) and float(a).is_integer()
+    if not ok:
+        raise ValueError(f"{path}: `{key}` must be a number, got {value!r:.80}")
+    return kind(a.item())
+
+
+def load_descriptors(path: str | os.PathLike) -> DescriptorSet:
+    """Read a descriptor file written by :func:`save_descriptors` (or ``quests-torch descriptors``).
+
+    Only plain data is read: a ``.pt`` file is loaded with ``weights_only=True`` and a ``.npz``
+    without pickles, so a file cannot run code. The content is checked: floating-point,
+    finite ``[n, d]`` descriptors whose width fits ``k``, ``n_atoms`` summing to ``n``,
+    ``k >= 1``, ``cutoff > 0``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a (plain-data) descriptor file, missing ``k``/``cutoff``, or content
+            that does not hold together (the message names the file and the entry).
+    """
+    p = _check_exists(path)
+    raw = _read_descriptor_file(p, path)
     if "descriptors" not in raw:
         raise ValueError(f"{path}: not a descriptor file (no `descriptors` array)")
     for key in ("k", "cutoff"):
@@ -331,19 +545,50 @@ def load_descriptors(path: str | os.PathLike) -> DescriptorSet:
                 f"{path}: descriptor file does not record `{key}`; write it with "
                 "`quests-torch descriptors` so parameters can be checked"
             )
-    x = torch.as_tensor(np.asarray(raw.pop("descriptors")))
-    if x.ndim != 2 or x.shape[0] == 0:
-        raise ValueError(f"{path}: descriptors must be a non-empty [n, d] array, got {x.shape}")
-    n_atoms = np.asarray(raw.pop("n_atoms", np.array([x.shape[0]])), dtype=np.int64)
+    x = _as_array(raw.pop("descriptors"), path, "descriptors")
+    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(
+            f"{path}: `descriptors` must be a non-empty [n, d] array, got shape {x.shape}"
+        )
+    if x.dtype.kind != "f" or x.dtype.itemsize not in (4, 8):
+        raise ValueError(f"{path}: `descriptors` must be float32 or float64, got {x.dtype}")
+    x = x.astype(x.dtype.newbyteorder("="), copy=False)  # torch reads native byte order only
+    if not np.isfinite(x).all():
+        raise ValueError(f"{path}: `descriptors` contain NaN or inf (a damaged file?)")
+    k = _as_number(raw.pop("k"), path, "k", int)
+    cutoff = _as_number(raw.pop("cutoff"), path, "cutoff", float)
+    if k < 1:
+        raise ValueError(f"{path}: `k` must be >= 1, got {k}")
+    if not (math.isfinite(cutoff) and cutoff > 0):
+        raise ValueError(f"{path}: `cutoff` must be a positive distance, got {cutoff}")
+    n_atoms = _as_array(raw.pop("n_atoms", np.array([x.shape[0]])), path, "n_atoms")
+    if n_atoms.ndim > 1 or n_atoms.dtype.kind not in "iu" or (n_atoms < 0).any():
+        raise ValueError(
+            f"{path}: `n_atoms` must be a 1-D array of atom counts >= 0, got "
+            f"{n_atoms.dtype} of shape {n_atoms.shape}"
+        )
+    n_atoms = n_atoms.astype(np.int64).reshape(-1)
+    if int(n_atoms.sum()) != x.shape[0]:
+        raise ValueError(
+            f"{path}: `n_atoms` sums to {int(n_atoms.sum())} but `descriptors` has "
+            f"{x.shape[0]} rows"
+        )
 
     def scalar(v):
-        v = np.asarray(v)
-        return v.item() if v.ndim == 0 else v.tolist()
+        v = v.detach().cpu() if isinstance(v, torch.Tensor) else v
+        return v.tolist() if isinstance(v, np.ndarray | np.generic | torch.Tensor) else v
 
     meta = {key: scalar(v) for key, v in raw.items()}
-    k, cutoff = int(meta.pop("k")), float(meta.pop("cutoff"))
-    dtype = str(meta.pop("dtype", str(x.dtype).removeprefix("torch.")))
-    return DescriptorSet(x, n_atoms, k, cutoff, dtype, str(path), meta)
+    if problem := _width_problem(x.shape[1], k, meta.get("species")):
+        raise ValueError(f"{path}: `descriptors` {problem}")
+    fmt = meta.get("descriptor_format", DESCRIPTOR_FORMAT)
+    if not isinstance(fmt, int) or isinstance(fmt, bool) or fmt > DESCRIPTOR_FORMAT:
+        raise ValueError(
+            f"{path}: descriptor format {fmt!r} is not one this quests-torch "
+            f"{__version__} reads (format <= {DESCRIPTOR_FORMAT}): written by a newer version?"
+        )
+    dtype = str(meta.pop("dtype", str(x.dtype)))
+    return DescriptorSet(torch.from_numpy(x), n_atoms, k, cutoff, dtype, str(path), meta)
 
 
 def default_cache_dir() -> Path:
@@ -368,7 +613,10 @@ def cached_descriptors(
 ) -> tuple[DescriptorSet, bool]:
     """Descriptors of the structures of a file, computed once and cached on disk.
 
-    The cache file is ``<cache_dir>/<sha256(content)[:16]>-<hash of index,k,cutoff,dtype>.npz``.
+    The cache file is ``<cache_dir>/<sha256(content)[:16]>-<hash of parameters>.npz``, the
+    parameters being the index, ``k``, ``cutoff``, ``dtype``, the package version and
+    :data:`DESCRIPTOR_FORMAT`; a hit is used only when the entry records the same ones (an
+    entry of another version, or a damaged one, is recomputed and replaced).
 
     Args:
         path: ASE-readable structure file.
@@ -389,16 +637,24 @@ def cached_descriptors(
     cache_file = None
     if use_cache:
         content = file_sha256(path)
-        params = hashlib.sha256(f"{index}|{k}|{cutoff!r}|{dtype_name}".encode()).hexdigest()
+        key = f"{index}|{k}|{cutoff!r}|{dtype_name}|{__version__}|{DESCRIPTOR_FORMAT}"
+        params = hashlib.sha256(key.encode()).hexdigest()
         cache_file = Path(cache_dir or default_cache_dir()) / f"{content[:16]}-{params[:16]}.npz"
         if cache_file.exists():
             try:
                 ds = load_descriptors(cache_file)
-                if ds.k == k and ds.cutoff == cutoff and ds.dtype == dtype_name:
+                if (
+                    ds.k == k
+                    and ds.cutoff == cutoff
+                    and ds.dtype == dtype_name
+                    and ds.meta.get("index") == index
+                    and ds.meta.get("quests_torch") == __version__
+                    and ds.meta.get("descriptor_format") == DESCRIPTOR_FORMAT
+                ):
                     ds.source = str(path)
                     return ds, True
             except ValueError:
-                pass  # a damaged cache entry is recomputed and replaced
+                pass  # a damaged or foreign cache entry is recomputed and replaced
     frames = read_structures(path, index)
     x = get_descriptors(frames, k=k, cutoff=cutoff, dtype=dtype, device=device)
     counts = np.array([len(a) for a in frames], dtype=np.int64)

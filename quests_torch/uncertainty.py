@@ -17,7 +17,8 @@ matmul flags (:func:`quests_torch.kde.full_precision`).
 
 The bank travels with ``state_dict()``: the descriptors are the buffer ``descriptors`` and
 ``k``, ``cutoff``, ``h``, ``dtype`` and ``species`` are the module's extra state, so
-``UncertaintyBank().load_state_dict(torch.load(path))`` restores a bank of any size.
+``UncertaintyBank().load_state_dict(torch.load(path, weights_only=True))`` restores a bank
+of any size (the state is plain data: never load a bank with ``weights_only=False``).
 :meth:`UncertaintyBank.add` grows the bank (active learning).
 """
 
@@ -352,6 +353,13 @@ class UncertaintyBank(torch.nn.Module):
         # a bank of another size (or dtype) replaces ours: resize the buffer before the copy
         key = prefix + "descriptors"
         incoming = state_dict.get(key)
+        if isinstance(incoming, torch.Tensor):  # refused before anything of ours changes
+            if not incoming.dtype.is_floating_point:
+                raise TypeError(
+                    f"`{key}` must hold floating-point descriptors, got {incoming.dtype}"
+                )
+            if not bool(torch.isfinite(incoming).all()):
+                raise ValueError(f"`{key}` contains NaN or inf: not a usable reference bank")
         if isinstance(incoming, torch.Tensor) and (
             incoming.shape != self.descriptors.shape or incoming.dtype != self.descriptors.dtype
         ):

@@ -98,7 +98,7 @@ def test_state_dict_round_trip_restores_bank_and_parameters(tmp_path, device):
     before = src.evaluate_atoms(query).dH
     path = tmp_path / "bank.pt"
     torch.save(src.state_dict(), path)
-    state = torch.load(path)  # weights_only: the extra state is plain Python data
+    state = torch.load(path, weights_only=True)  # the extra state is plain Python data
 
     fresh = UncertaintyBank()  # defaults, empty: k=32, cutoff=5, h=0.015, float64
     fresh.load_state_dict(state)
