@@ -12,7 +12,7 @@ from _opcount import CountOps
 from ase.build import bulk
 
 from quests_torch import AtomsBatch
-from quests_torch.metrics import delta_entropy
+from quests_torch.metrics import delta_entropy, entropy_per_structure
 from quests_torch.uncertainty import UncertaintyBank
 
 # dH part of UncertaintyBank.forward (after the descriptors) for a 256-atom cell against a
@@ -62,3 +62,19 @@ def test_bank_backward_reuses_the_prepared_bank(md_step):
     y = bank.descriptors_of(pos2, b.cell, b.pbc)
     (g_ref,) = torch.autograd.grad(delta_entropy(y, bank.descriptors, bank.h).sum(), pos2)
     assert torch.allclose(g, g_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_entropy_per_structure_ops_do_not_grow_with_structures():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(100 * 32, 9, dtype=torch.float64, generator=gen) * 0.05
+    idx = torch.arange(100).repeat_interleave(32)
+    counts = {}
+    for s in (10, 100):
+        c, _ = _count(lambda s=s: entropy_per_structure(x[: 32 * s], idx[: 32 * s]))
+        counts[s] = c.ops
+        assert c.syncs <= 4
+    assert counts[10] == counts[100] <= 90
+    # two sizes: one batched tile per size
+    mixed = torch.cat([torch.arange(50).repeat_interleave(32), 50 + torch.arange(64)])
+    c, _ = _count(lambda: entropy_per_structure(x[: 50 * 32 + 64], mixed))
+    assert c.by_name["aten.bmm.default"] == 2
