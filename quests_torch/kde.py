@@ -1318,6 +1318,12 @@ def grouped_log_kernel_sum(
     problem_device = _compute_device([xs], device)
     labels = torch.from_numpy(np.repeat(np.arange(sizes.size), sizes)).to(problem_device)
     groups = _Groups(labels, labels, np.repeat(starts, sizes), np.repeat(ends, sizes))
+    explicit = tile_size is not None
+    if not explicit:
+        # the grouped 2-D tiles (backward, far rows) visit the union of their rows' groups:
+        # keep them near the group size so small groups do not pay for 1024-wide tiles
+        largest = max(1, int(sizes.max(initial=1)))
+        tile_size = min(1024, max(64, 1 << (largest - 1).bit_length()))
     p = _Problem(
         xs,
         xs,
@@ -1330,7 +1336,7 @@ def grouped_log_kernel_sum(
         device=device,
         groups=groups,
     )
-    elements = p.tm * p.tn if tile_size is not None else _default_tile_elements(p)
+    elements = p.tm * p.tn if explicit else _default_tile_elements(p)
     blocks: list[GroupBlocks] = []  # runs of equal sizes
     for g, size in enumerate(sizes.tolist()):
         if size == 0:
