@@ -75,9 +75,11 @@ from .structures import canonical_device
 __all__ = [
     "DEFAULT_BANDWIDTH",
     "KernelSums",
+    "PreparedReferences",
     "RunningLogKernelSum",
     "first_match_within",
     "full_precision",
+    "grouped_log_kernel_sum",
     "kernel_pass",
     "kernel_sum",
     "log_kernel_sum",
@@ -1046,6 +1048,341 @@ def first_match_within(
         ``[n]`` int64 indices into ``y`` (or ``x``).
     """
     return _first_match_within(x, y, tol, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# a reference set prepared once, queried many times
+# --------------------------------------------------------------------------------------------
+
+
+def _default_tile_elements(p: _Problem) -> int:
+    """Elements of one default tile of ``p``'s device and budget (the tiling rule's area)."""
+    probe = copy.copy(p)
+    probe.n = probe.m = 1 << 40
+    probe.same = False
+    probe._set_tiles(None)
+    return probe.tm * probe.tn
+
+
+class PreparedReferences:
+    """A reference set checked, centred and augmented once, for many small query batches.
+
+    ``prepared.log_kernel_sum(x)`` is :func:`log_kernel_sum` ``(x, y, h, dtype=dtype,
+    budget=budget)`` through the same engine (centring on the mean of ``y``, the GEMM
+    expansion ``[c x_c, c, -c|x_c|^2/2] . [y_c, -|y_c|^2/2, 1]``, floor-clamped sums, the
+    shifted recomputation of far rows, a tile-recomputing backward), but the NaN/inf check of
+    ``y``, its float64 mean and its augmented column block are computed here, once. A call
+    prepares only the queries, and its tiles are sized from the query: ``min(n, T)`` rows and
+    as many columns as the default tile area allows, so a short query (one MD frame against
+    a bank) spans the bank in one or two tiles. Results agree with :func:`log_kernel_sum` to
+    rounding (the row sums are split at other column boundaries).
+
+    The prepared block is a snapshot of ``y`` when it fits in half of the memory budget (else
+    it is rebuilt per tile from ``y``): after changing ``y`` build a new object
+    (:class:`quests_torch.uncertainty.UncertaintyBank` does so when its buffer changes).
+
+    Args:
+        y: references ``[m, d]`` (tensor on the compute device, or numpy array: CPU).
+        h: bandwidth ``> 0`` (1/Å), or a 1-D sequence of bandwidths.
+        dtype: compute dtype of the tiles (default that of ``y``); sums accumulate in float64.
+        centre: subtract the mean of ``y`` before the GEMM expansion.
+        distance: ``"matmul"`` or ``"direct"`` as in :func:`kernel_pass`.
+        budget: bytes a tile's temporaries may use (see :func:`quests_torch._memory.memory_budget`).
+        name: the name of ``y`` in error messages.
+
+    Raises:
+        ValueError: ``y`` is empty, not 2-D or holds NaN/inf; bad ``h``.
+    """
+
+    def __init__(
+        self,
+        y: ArrayLike,
+        h: Bandwidth = DEFAULT_BANDWIDTH,
+        *,
+        dtype: torch.dtype | None = None,
+        centre: bool = True,
+        distance: str = "matmul",
+        budget: int | str | None = None,
+        name: str = "y",
+    ):
+        hs, self.vector = _bandwidths(h)
+        ys = _Source(y, name)
+        # xs is ys: the references' own checks and mean only; queries replace xs per call
+        self._template = _Problem(
+            ys, ys, hs, dtype=dtype, centre=centre, distance=distance, budget=budget
+        )
+        self._template.self_pairs = False
+        self._tile_elements = _default_tile_elements(self._template)
+
+    @property
+    def n_references(self) -> int:
+        return self._template.m
+
+    @property
+    def device(self) -> torch.device:
+        return self._template.device
+
+    def problem(
+        self,
+        x: ArrayLike,
+        *,
+        name: str = "x",
+        check_finite: bool = True,
+        tile_size: int | tuple[int, int] | None = None,
+    ) -> _Problem:
+        """The tiled problem of queries ``x`` against the prepared references."""
+        t = self._template
+        xs = _Source(x, name)
+        if xs.d != t.d:
+            raise ValueError(
+                f"`{name}` and `{t.ys.name}` must have the same descriptor width, "
+                f"got {xs.d} and {t.d}"
+            )
+        if xs.device is not None and xs.device != t.device:
+            raise ValueError(
+                f"inputs must be on one device, got `{name}` on {xs.device}, "
+                f"`{t.ys.name}` on {t.device}"
+            )
+        if check_finite:
+            if xs.tensor is not None:
+                if not bool(torch.isfinite(xs.tensor).all()):
+                    raise ValueError(f"`{name}` contains NaN or infinite descriptor values")
+            else:
+                xs.check_finite_and_mean(t.device, max(1, t.budget // (64 * t.d)))
+        p = copy.copy(t)
+        p.xs, p.n = xs, xs.n
+        p.out_dtype = torch.promote_types(xs.dtype, t.ys.dtype)
+        p._set_tiles(tile_size)
+        if tile_size is None:  # a short query leaves tile area to the columns
+            p.tn = min(p.m, max(p.tn, self._tile_elements // p.tm))
+        return p
+
+    def log_kernel_sum(
+        self,
+        x: ArrayLike,
+        *,
+        name: str = "x",
+        check_finite: bool = True,
+        tile_size: int | tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        """``log p(x_i | Y) = log sum_j exp(-|x_i - y_j|^2 / (2 h^2))`` against the references.
+
+        Args:
+            x: queries ``[n, d]`` on the references' device (tensor, or numpy on CPU).
+            name: the name of ``x`` in error messages.
+            check_finite: raise on NaN/inf in ``x`` (one host sync); ``False`` when ``x`` is
+                finite by construction (descriptors of validated positions).
+            tile_size: rows and columns per tile; default sized from the query.
+
+        Returns:
+            ``[n]`` (``[n, n_h]`` for a vector ``h``) in the promoted dtype of ``x`` and ``y``,
+            differentiable with respect to ``x`` (first derivatives).
+        """
+        p = self.problem(x, name=name, check_finite=check_finite, tile_size=tile_size)
+        if torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.requires_grad:
+            log_p = _LogKernelSumFn.apply(x, None, None, p, None)[0]
+        else:
+            log_p = _forward(p, None).log_p
+        log_p = log_p.to(p.out_dtype)
+        return log_p if self.vector else log_p[:, 0]
+
+
+# --------------------------------------------------------------------------------------------
+# block-diagonal sums: every row against its own group only, equal-size groups batched
+# --------------------------------------------------------------------------------------------
+
+
+class GroupBlocks(NamedTuple):
+    """``count`` consecutive groups of ``size`` rows each, starting at row ``start``."""
+
+    start: int
+    count: int
+    size: int
+
+
+def _block_terms(p: _Problem, e: torch.Tensor) -> torch.Tensor:
+    """Floor-clamped kernel sums ``[..., n_h]`` over the last (column) dim of exponents ``e``."""
+    tmp = torch.empty_like(e) if p.multi else None
+    parts = []
+    for k in range(len(p.hs)):
+        t = p.terms(e, tmp, 0, 0, k)  # no weights here: the column range is not used
+        parts.append(t.clamp_(min=p.floor).exp_().sum(-1))
+    return torch.stack(parts, -1)
+
+
+def _sweep_blocks(
+    p: _Problem, blocks: Sequence[GroupBlocks], elements: int, progress
+) -> torch.Tensor:
+    """Plain log sums ``[n, n_h]`` of each row over its own group (``p.xs is p.ys``).
+
+    Equal-size groups are stacked into ``[G, size, size]`` exponent tiles, one batched GEMM
+    each (``G`` from the tile area), so the number of kernels does not grow with the number
+    of groups; a group too large for one tile of ``elements`` gets ``[rows, size]`` tiles of
+    its own.
+    """
+    sums = torch.empty(p.n, len(p.hs), dtype=p.acc, device=p.device)
+    done = 0
+    for start, count, size in blocks:
+        if count == 0 or size == 0:
+            continue
+        per = elements // (size * size)
+        if per >= 1:  # whole groups, batched
+            for g0 in range(0, count, per):
+                g = min(per, count - g0)
+                i0 = start + g0 * size
+                i1 = i0 + g * size
+                xr, xraw = p.rows(i0, i1)
+                yc = p.cols(i0, i1)
+                if p.direct:
+                    xb = xraw.view(g, size, p.d)
+                    dist = torch.cdist(xb, xb, compute_mode="donot_use_mm_for_euclid_dist")
+                    e = dist.square_().mul_(-0.5 * p.c0)
+                else:
+                    e = torch.bmm(xr.view(g, size, -1), yc.view(g, size, -1).transpose(1, 2))
+                if p.self_pairs:
+                    e.diagonal(dim1=1, dim2=2).fill_(0.0)
+                sums[i0:i1] = _block_terms(p, e).view(i1 - i0, -1)
+                done += i1 - i0
+                if progress is not None:
+                    progress(done, p.n)
+            continue
+        rows = max(1, elements // size)  # one large group: row tiles spanning the group
+        for a in range(start, start + count * size, size):
+            yc = p.cols(a, a + size)
+            for i0 in range(a, a + size, rows):
+                i1 = min(i0 + rows, a + size)
+                xr, xraw = p.rows(i0, i1)
+                out = torch.empty(i1 - i0, size, dtype=p.dtype, device=p.device)
+                e = p.exponent_tile(i0, i1, a, a + size, xr, xraw, yc, out)
+                sums[i0:i1] = _block_terms(p, e)
+                done += i1 - i0
+                if progress is not None:
+                    progress(done, p.n)
+    return sums.log_()
+
+
+def _forward_blocks(p: _Problem, blocks, elements: int, progress) -> torch.Tensor:
+    """:func:`_forward` for block-diagonal groups: batched plain sums, then far rows shifted."""
+    callback, bar = _progress_callback(progress, p.n, "kernel sums")
+    try:
+        with full_precision(), torch.no_grad():
+            log_p = _sweep_blocks(p, blocks, elements, callback)
+            threshold = p.floor + math.log(p.m) - math.log(p.eps)
+            far = (log_p < threshold).any(1).nonzero().squeeze(1)  # the one host sync
+            if far.numel() > 0:
+                log_p[far] = _sweep_shifted(p.subset_rows(far))
+    finally:
+        if bar is not None:
+            bar.close()
+    return log_p
+
+
+class _BlockLogKernelSumFn(torch.autograd.Function):
+    """Block-diagonal ``log p`` of ``x`` against itself; the backward is :func:`_backward`."""
+
+    @staticmethod
+    def forward(ctx, x, problem: _Problem, blocks, elements, progress):
+        log_p = _forward_blocks(problem, blocks, elements, progress)
+        ctx.problem = problem
+        ctx.save_for_backward(log_p)
+        return log_p
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        (log_p,) = ctx.saved_tensors
+        p: _Problem = ctx.problem
+        with full_precision(), torch.no_grad():
+            gx, gy, _ = _backward(p, log_p, grad, (True, True, False))
+        # x is both the rows and the columns
+        return (gx + gy).to(p.xs.dtype), None, None, None, None
+
+
+def grouped_log_kernel_sum(
+    x: ArrayLike,
+    group_sizes: Sequence[int] | np.ndarray | torch.Tensor,
+    h: Bandwidth = DEFAULT_BANDWIDTH,
+    *,
+    name: str = "x",
+    dtype: torch.dtype | None = None,
+    centre: bool = True,
+    distance: str = "matmul",
+    tile_size: int | tuple[int, int] | None = None,
+    budget: int | str | None = None,
+    device: torch.device | str | None = None,
+    progress: Progress = None,
+) -> torch.Tensor:
+    """Log kernel sums of each row over its own group: ``log p(x_i | X_g(i))``.
+
+    ``log p(x_i | X_g) = log sum_{j in g} exp(-|x_i - x_j|^2 / (2 h^2))`` (self pair
+    included), where the rows of ``x`` form consecutive groups of ``group_sizes`` rows. Runs
+    of equal-size groups are evaluated as ``[G, size, size]`` batched GEMMs (``G`` from the
+    tile area), so the number of kernels depends on the number of such runs (sort the groups
+    by size to make them few), not on the number of groups. Same numerics as
+    :func:`kernel_pass` (centring on the mean of all of ``x``, GEMM expansion, self pairs
+    exactly 0, floor-clamped sums, far rows recomputed shifted); the backward recomputes the
+    tiles (first derivatives, w.r.t. ``x``).
+
+    Args:
+        x: descriptors ``[n, d]`` sorted by group.
+        group_sizes: ``[G]`` rows of each consecutive group (``>= 0``, summing to ``n``).
+        h: bandwidth (1/Å) or a 1-D sequence of bandwidths.
+        name: the name of ``x`` in error messages.
+        dtype, centre, distance, tile_size, budget, device, progress: as in
+            :func:`kernel_pass` (an explicit ``tile_size`` bounds the elements of a tile).
+
+    Returns:
+        ``[n]`` (``[n, n_h]`` for a vector ``h``) in the dtype of ``x``.
+    """
+    hs, vector = _bandwidths(h)
+    xs = _Source(x, name)
+    if isinstance(group_sizes, torch.Tensor):
+        group_sizes = group_sizes.cpu().numpy()
+    sizes = np.asarray(group_sizes, dtype=np.int64).ravel()
+    if (sizes < 0).any() or int(sizes.sum()) != xs.n:
+        raise ValueError(
+            f"`group_sizes` must be non-negative and sum to the {xs.n} rows of `{name}`, "
+            f"got a sum of {int(sizes.sum())}"
+        )
+    ends = np.cumsum(sizes)
+    starts = ends - sizes
+    problem_device = _compute_device([xs], device)
+    labels = torch.from_numpy(np.repeat(np.arange(sizes.size), sizes)).to(problem_device)
+    groups = _Groups(labels, labels, np.repeat(starts, sizes), np.repeat(ends, sizes))
+    explicit = tile_size is not None
+    if not explicit:
+        # the grouped 2-D tiles (backward, far rows) visit the union of their rows' groups:
+        # keep them near the group size so small groups do not pay for 1024-wide tiles
+        largest = max(1, int(sizes.max(initial=1)))
+        tile_size = min(1024, max(64, 1 << (largest - 1).bit_length()))
+    p = _Problem(
+        xs,
+        xs,
+        hs,
+        dtype=dtype,
+        centre=centre,
+        distance=distance,
+        tile_size=tile_size,
+        budget=budget,
+        device=device,
+        groups=groups,
+    )
+    elements = p.tm * p.tn if explicit else _default_tile_elements(p)
+    blocks: list[GroupBlocks] = []  # runs of equal sizes
+    for g, size in enumerate(sizes.tolist()):
+        if size == 0:
+            continue
+        last = blocks[-1] if blocks else None
+        if last is not None and last.size == size and last.start + last.count * size == starts[g]:
+            blocks[-1] = last._replace(count=last.count + 1)
+        else:
+            blocks.append(GroupBlocks(int(starts[g]), 1, size))
+    if torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.requires_grad:
+        log_p = _BlockLogKernelSumFn.apply(x, p, blocks, elements, progress)
+    else:
+        log_p = _forward_blocks(p, blocks, elements, progress)
+    log_p = log_p.to(p.out_dtype)
+    return log_p if vector else log_p[:, 0]
 
 
 # --------------------------------------------------------------------------------------------

@@ -33,10 +33,10 @@ from .kde import (
     Bandwidth,
     _bandwidths,
     _first_match_within,
-    _Groups,
     _kernel_pass,
     _nearest_neighbors,
     _Source,
+    grouped_log_kernel_sum,
 )
 from .structures import segment_sum
 
@@ -262,8 +262,10 @@ def entropy_per_structure(
 
         H_s = -(1/n_s) sum_{i in s} log(p(x_i | X_s) / n_s)
 
-    Only pairs within one structure are evaluated (environments are grouped by structure and
-    each tile visits only the column range of its rows' structures).
+    Only pairs within one structure are evaluated: structures with the same number of
+    environments are stacked and evaluated together (batched GEMMs, see
+    :func:`quests_torch.kde.grouped_log_kernel_sum`), so the number of kernels grows with the
+    number of distinct structure sizes, not with the number of structures.
 
     Args:
         x: descriptors ``[n, d]`` of all environments of all structures.
@@ -283,30 +285,27 @@ def entropy_per_structure(
     n_sys = int(idx.max()) + 1 if n_systems is None else int(n_systems)
     if n_systems is not None and int(idx.max()) >= n_sys:
         raise ValueError(f"`system_idx` has values >= `n_systems` ({n_sys})")
-    order = torch.sort(idx, stable=True).indices
-    groups_sorted = idx[order]
+    counts = torch.bincount(idx, minlength=n_sys).cpu().numpy()
+    # structures ranked by (environment count, index): equal sizes become consecutive groups,
+    # evaluated together as batched [G, n_s, n_s] tiles (kernels independent of their number)
+    by_size = np.argsort(counts, kind="stable")
+    rank = np.empty(n_sys, dtype=np.int64)
+    rank[by_size] = np.arange(n_sys)
+    rank_t = torch.from_numpy(rank).to(device)
+    label = rank_t.index_select(0, idx)
+    order = torch.sort(label, stable=True).indices
+    groups_sorted = label.index_select(0, order)
     if isinstance(x, torch.Tensor):
         xs = x.index_select(0, order)
     else:
         xs = np.ascontiguousarray(x[order.cpu().numpy()])
-    counts = torch.bincount(groups_sorted, minlength=n_sys)
-    ends = torch.cumsum(counts, 0)
-    starts = ends - counts
-    g_host = groups_sorted.cpu().numpy()
-    lo = starts.cpu().numpy()[g_host]
-    hi = ends.cpu().numpy()[g_host]
-    groups = _Groups(groups_sorted, groups_sorted, lo, hi)
-    if options.get("tile_size") is None:
-        # a row tile visits the union of its structures' columns: keep tiles near the
-        # structure size so small structures do not pay for 1024-wide tiles
-        largest = int(counts.max())
-        options = {**options, "tile_size": min(1024, max(64, 1 << (largest - 1).bit_length()))}
-    log_p = _kernel_pass(xs, xs, h, names=("x", "x"), groups=groups, **options).log_p
+    sizes = counts[by_size]
+    log_p = grouped_log_kernel_sum(xs, sizes, h, **options)
     vector = log_p.ndim == 2
     lp = log_p if vector else log_p[:, None]
     sums = segment_sum(lp, groups_sorted.to(lp.device), n_sys, is_sorted=True)
-    cnt = counts.to(device=lp.device, dtype=lp.dtype)[:, None]
-    h_s = torch.log(cnt) - sums / cnt  # NaN where a structure has no environments
+    cnt = torch.from_numpy(sizes).to(device=lp.device, dtype=lp.dtype)[:, None]
+    h_s = (torch.log(cnt) - sums / cnt).index_select(0, rank_t.to(lp.device))  # NaN: empty
     return h_s if vector else h_s[:, 0]
 
 

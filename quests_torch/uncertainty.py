@@ -20,6 +20,14 @@ The bank travels with ``state_dict()``: the descriptors are the buffer ``descrip
 ``UncertaintyBank().load_state_dict(torch.load(path, weights_only=True))`` restores a bank
 of any size (the state is plain data: never load a bank with ``weights_only=False``).
 :meth:`UncertaintyBank.add` grows the bank (active learning).
+
+The bank is checked (NaN/inf), centred and augmented for the kernel sums once
+(:class:`quests_torch.kde.PreparedReferences`) and reused by every call, so a call per MD step
+pays only for the new structure's descriptors and the tiles against the bank. The prepared
+state is rebuilt after :meth:`~UncertaintyBank.add`, ``load_state_dict``, ``.to()`` and any
+change of ``h`` or of the buffer (a new tensor, or an in-place change seen by its version
+counter; writes through ``.data`` or to an inference-mode tensor bypass that counter: call
+:meth:`~UncertaintyBank.invalidate` after them).
 """
 
 from __future__ import annotations
@@ -45,7 +53,7 @@ from .descriptors import (
     species_numbers,
 )
 from .io import DescriptorSet, is_descriptor_file, load_descriptors, read_structures
-from .kde import DEFAULT_BANDWIDTH
+from .kde import DEFAULT_BANDWIDTH, PreparedReferences
 from .metrics import delta_entropy
 from .structures import AtomsBatch, resolve_device, segment_sum
 
@@ -170,6 +178,7 @@ class UncertaintyBank(torch.nn.Module):
         dtype = _check_dtype(_dtype_of(descriptors) if dtype is None else dtype)
         dev = _device_of(descriptors) if device is None else resolve_device(device)
         self.register_buffer("descriptors", torch.zeros((0, self.width), dtype=dtype, device=dev))
+        self._prepared: tuple[tuple, PreparedReferences, torch.Tensor] | None = None
         if descriptors is not None:
             self.add(descriptors)
 
@@ -369,9 +378,48 @@ class UncertaintyBank(torch.nn.Module):
             self.descriptors = torch.empty(
                 incoming.shape, dtype=incoming.dtype, device=self.descriptors.device
             )
+        self.invalidate()
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+
+    # ------------------------------------------------------------------ prepared state
+    def invalidate(self) -> None:
+        """Drop the prepared kernel-sum state; the next call rebuilds it from ``descriptors``."""
+        self._prepared = None
+
+    def _apply(self, fn, recurse=True):
+        self.invalidate()  # .to(), .cuda(), .double(): the prepared block lives on the old one
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__().copy()
+        state["_prepared"] = None  # device tensors rebuilt on first use, never pickled
+        return state
+
+    def _state_key(self) -> tuple:
+        x = self.descriptors
+        # with the tensor itself (held by the cache): its storage, shape and version counter
+        # (in-place writes) and h; dtype and device go with the tensor
+        version = None if x.is_inference() else x._version
+        return (x.data_ptr(), tuple(x.shape), version, self.h)
+
+    def prepared(self) -> PreparedReferences:
+        """The bank checked, centred and augmented for kernel sums, built once and reused.
+
+        Rebuilt when the buffer (identity, storage, shape, version counter) or ``h`` changed
+        since the last call, and after :meth:`add`, ``load_state_dict`` and ``.to()``.
+
+        Raises:
+            ValueError: empty bank.
+        """
+        self._check_ready()
+        key = self._state_key()
+        cached = self._prepared
+        if cached is None or cached[0] != key or cached[2] is not self.descriptors:
+            prep = PreparedReferences(self.descriptors, self.h, dtype=self.dtype, name="x")
+            cached = self._prepared = (key, prep, self.descriptors)
+        return cached[1]
 
     # ------------------------------------------------------------------ growing the bank
     def add(self, data: object, *, budget: int | str | None = None) -> UncertaintyBank:
@@ -392,6 +440,7 @@ class UncertaintyBank(torch.nn.Module):
         if not bool(torch.isfinite(x).all()):
             raise ValueError("descriptors to add contain NaN or inf")
         self.descriptors = torch.cat([self.descriptors, x], dim=0)
+        self.invalidate()
         return self
 
     def _as_reference(self, data: object, budget) -> torch.Tensor:
@@ -529,6 +578,8 @@ class UncertaintyBank(torch.nn.Module):
             raise ValueError(
                 f"`y` is on {y.device} but the bank is on {self.device}: move one of them"
             )
+        if not options and not self.descriptors.requires_grad:
+            return -self.prepared().log_kernel_sum(y, name="y")
         options.setdefault("dtype", self.dtype)
         return delta_entropy(y, self.descriptors, self.h, **options)
 
@@ -556,9 +607,14 @@ class UncertaintyBank(torch.nn.Module):
         Raises:
             ValueError: empty bank, device mismatch, coincident atoms, bad shapes.
         """
-        self._check_ready()
+        if self.descriptors.requires_grad:  # gradients w.r.t. the bank: the general path
+            self._check_ready()
+            y = self.descriptors_of(positions, cell, pbc, system_idx, numbers)
+            return delta_entropy(y, self.descriptors, self.h, dtype=self.dtype)
+        bank = self.prepared()
         y = self.descriptors_of(positions, cell, pbc, system_idx, numbers)
-        return delta_entropy(y, self.descriptors, self.h, dtype=self.dtype)
+        # descriptors of validated (finite) positions are finite: no second NaN check
+        return -bank.log_kernel_sum(y, name="y", check_finite=False)
 
     def evaluate(
         self,

@@ -493,3 +493,61 @@ def test_bias_on_a_molecule_has_no_stress(bank):
     mol.calc = EntropyBiasCalculator(small, strength=0.1)
     assert mol.get_forces().shape == (9, 3)
     assert "stress" not in mol.calc.results
+
+
+# ------------------------------------------------------------------------- prepared bank
+
+
+def test_prepared_bank_is_reused_and_rebuilt_when_the_bank_changes(bank, tmp_path):
+    import copy
+    import pickle
+
+    x = bank.descriptors[:300].clone()
+    b = UncertaintyBank(x)
+    q = AtomsBatch.from_ase(_cu((2, 2, 2), 0.1, seed=4))
+
+    def fresh(m):  # what the general path gives for m's current state
+        y = m.descriptors_of(q.positions, q.cell, q.pbc)
+        return delta_entropy(y, m.descriptors.clone(), m.h)
+
+    def check(m):
+        assert torch.allclose(m(q.positions, q.cell, q.pbc), fresh(m), rtol=0, atol=1e-12)
+
+    check(b)
+    prep = b.prepared()
+    assert b.prepared() is prep  # reused while nothing changes
+    b.add(bank.descriptors[300:400])
+    assert b.prepared() is not prep and b.prepared().n_references == 400
+    check(b)
+    prep = b.prepared()
+    with torch.no_grad():
+        b.descriptors[:50] += 0.01  # in place: seen by the version counter
+    assert b.prepared() is not prep
+    check(b)
+    b.h = 0.03
+    check(b)
+    other = UncertaintyBank(bank.descriptors[:100], h=0.02)
+    b.load_state_dict(other.state_dict())
+    assert b.n_references == 100 and b.h == 0.02
+    check(b)
+    b.load_state_dict(UncertaintyBank(bank.descriptors[100:200], h=0.02).state_dict())
+    check(b)  # same shape: copied in place
+    b32 = b.to(torch.float32)
+    assert b32.prepared().log_kernel_sum(b32.descriptors[:2]).dtype == torch.float32
+    b.double()
+    for clone in (copy.deepcopy(b), pickle.loads(pickle.dumps(b))):
+        assert clone._prepared is None or clone._prepared[2] is clone.descriptors
+        check(clone)
+    torch.save(b.state_dict(), tmp_path / "bank.pt")
+    assert "_prepared" not in str(list(b.state_dict()))
+
+
+def test_prepared_bank_under_inference_mode_then_with_gradients(bank):
+    with torch.inference_mode():
+        b = UncertaintyBank(bank.descriptors[:200].clone())
+        q = AtomsBatch.from_ase(_cu((2, 2, 2), 0.1, seed=5))
+        dh = b(q.positions, q.cell, q.pbc)
+    pos = q.positions.clone().requires_grad_(True)
+    out = b(pos, q.cell, q.pbc)
+    (g,) = torch.autograd.grad(out.sum(), pos)
+    assert torch.allclose(out.detach(), dh, rtol=0, atol=1e-12) and torch.isfinite(g).all()
