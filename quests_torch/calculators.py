@@ -50,6 +50,7 @@ __all__ = [
     "EntropyBiasCalculator",
     "ExtrapolationError",
     "QuestsUncertaintyCalculator",
+    "check_bank",
     "check_bias_options",
     "entropy_bias_energy",
 ]
@@ -79,7 +80,8 @@ class ExtrapolationError(RuntimeError):
         )
 
 
-def _check_bank(bank: object) -> UncertaintyBank:
+def check_bank(bank: object) -> UncertaintyBank:
+    """``bank`` itself if it is a non-empty :class:`UncertaintyBank`; TypeError/ValueError else."""
     if not isinstance(bank, UncertaintyBank):
         raise TypeError(f"`bank` must be an UncertaintyBank, got {type(bank).__name__}")
     if bank.n_references == 0:
@@ -138,7 +140,7 @@ class QuestsUncertaintyCalculator(Calculator):
             threshold = float(threshold)
         super().__init__()
         self.calc = calc
-        self.bank = _check_bank(bank)
+        self.bank = check_bank(bank)
         self.threshold = threshold
         self.action = action
         self.every = every
@@ -366,7 +368,7 @@ class EntropyBiasCalculator(Calculator):
         saturation: float | None = None,
     ) -> None:
         super().__init__()
-        self.bank = _check_bank(bank)
+        self.bank = check_bank(bank)
         (
             self.strength,
             self.reduction,
