@@ -112,7 +112,7 @@ def test_forwards_the_wrapped_model_attributes(bank):
     assert wrapped.device == model.device and wrapped.dtype == model.dtype
     assert wrapped.compute_forces is True and wrapped.compute_stress is False
     assert wrapped.memory_scales_with == model.memory_scales_with
-    assert wrapped.sigma is model.sigma and wrapped.use_neighbor_list is True
+    assert wrapped.sigma is model.sigma and wrapped.per_atom_energies is False
     with pytest.raises(NotImplementedError):  # LJ refuses, as torch-sim models do
         wrapped.compute_stress = True
 
