@@ -42,7 +42,7 @@ from ase.calculators.calculator import (
 )
 
 from .metrics import entropy as _entropy
-from .structures import AtomsBatch
+from .structures import AtomsBatch, segment_sum
 from .uncertainty import UncertaintyBank
 
 __all__ = [
@@ -50,6 +50,9 @@ __all__ = [
     "EntropyBiasCalculator",
     "ExtrapolationError",
     "QuestsUncertaintyCalculator",
+    "check_bank",
+    "check_bias_options",
+    "entropy_bias_energy",
 ]
 
 
@@ -77,7 +80,8 @@ class ExtrapolationError(RuntimeError):
         )
 
 
-def _check_bank(bank: object) -> UncertaintyBank:
+def check_bank(bank: object) -> UncertaintyBank:
+    """``bank`` itself if it is a non-empty :class:`UncertaintyBank`; TypeError/ValueError else."""
     if not isinstance(bank, UncertaintyBank):
         raise TypeError(f"`bank` must be an UncertaintyBank, got {type(bank).__name__}")
     if bank.n_references == 0:
@@ -136,7 +140,7 @@ class QuestsUncertaintyCalculator(Calculator):
             threshold = float(threshold)
         super().__init__()
         self.calc = calc
-        self.bank = _check_bank(bank)
+        self.bank = check_bank(bank)
         self.threshold = threshold
         self.action = action
         self.every = every
@@ -213,6 +217,107 @@ class BiasTerms(NamedTuple):
     entropy: torch.Tensor | None
 
 
+def check_bias_options(
+    strength: float,
+    reduction: str = "mean",
+    beta: float = 1.0,
+    entropy_strength: float = 0.0,
+    saturation: float | None = None,
+) -> tuple[float, str, float, float, float | None]:
+    """Validate the options of the entropy bias; returns them as plain floats.
+
+    Shared by :class:`EntropyBiasCalculator` and the torch-sim ``EntropyBiasModel``.
+
+    Returns:
+        ``(strength, reduction, beta, entropy_strength, saturation)``.
+
+    Raises:
+        ValueError: a non-finite strength, an unknown reduction, ``beta <= 0``, or a
+            saturation that is not a positive float.
+    """
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"`reduction` must be one of {_REDUCTIONS}, got {reduction!r}")
+    for name, v in (("strength", strength), ("entropy_strength", entropy_strength)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+            raise ValueError(f"`{name}` must be a finite float, got {v!r}")
+    if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not beta > 0:
+        raise ValueError(f"`beta` must be a positive float, got {beta!r}")
+    if saturation is not None and (
+        isinstance(saturation, bool)
+        or not isinstance(saturation, numbers.Real)
+        or not 0 < saturation < math.inf
+    ):
+        raise ValueError(f"`saturation` must be a positive float or None, got {saturation!r}")
+    return (
+        float(strength),
+        reduction,
+        float(beta),
+        float(entropy_strength),
+        None if saturation is None else float(saturation),
+    )
+
+
+def entropy_bias_energy(
+    dh: torch.Tensor,
+    system_idx: torch.Tensor | None = None,
+    n_systems: int = 1,
+    *,
+    strength: float,
+    reduction: str = "mean",
+    beta: float = 1.0,
+    saturation: float | None = None,
+    entropy: torch.Tensor | None = None,
+    entropy_strength: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Entropy bias energy of each structure from its per-atom dH (pure, differentiable).
+
+    .. math::
+
+        v_i = c \tanh(\delta H_i / c) \text{ (or } \delta H_i \text{ without saturation)},\quad
+        f_s = \frac{1}{n_s}\sum_{i \in s} v_i \text{ (mean) or }
+        \frac{1}{\beta}\log\frac{1}{n_s}\sum_{i \in s} e^{\beta v_i} \text{ (softmax)},\quad
+        E_s = -\lambda f_s - \mu H_s.
+
+    The segmented sums are sorted segment sums (reproducible on CUDA); the softmax subtracts
+    each structure's (detached) maximum before the exponential. Options are validated by
+    :func:`check_bias_options`.
+
+    Args:
+        dh: ``[n_atoms]`` per-atom dH (nats).
+        system_idx: ``[n_atoms]`` structure index of each atom (default: one structure).
+        n_systems: number of structures (each holding at least one atom).
+        strength: ``lambda`` (eV/nat).
+        reduction: ``"mean"`` or ``"softmax"``.
+        beta: sharpness of the softmax (1/nat).
+        saturation: ``c`` (nats) or ``None``.
+        entropy: ``[n_systems]`` entropy ``H_s`` of each structure's own environments, or
+            ``None`` (no entropy term).
+        entropy_strength: ``mu`` (eV/nat).
+
+    Returns:
+        ``(energy, f)``, both ``[n_systems]`` in the dtype of ``dh`` (eV and nats).
+    """
+    if system_idx is None:
+        system_idx = torch.zeros(dh.shape[0], dtype=torch.int64, device=dh.device)
+    idx = system_idx.to(device=dh.device, dtype=torch.int64)
+    counts = torch.bincount(idx, minlength=n_systems).to(dh.dtype)
+    v = dh if saturation is None else saturation * torch.tanh(dh / saturation)
+    if reduction == "mean":
+        f = segment_sum(v, idx, n_systems) / counts
+    elif reduction == "softmax":
+        bv = beta * v
+        top = bv.detach().new_full((n_systems,), -math.inf)
+        top = top.scatter_reduce(0, idx, bv.detach(), reduce="amax", include_self=False)
+        sums = segment_sum(torch.exp(bv - top.index_select(0, idx)), idx, n_systems)
+        f = (top + torch.log(sums) - torch.log(counts)) / beta
+    else:
+        raise ValueError(f"`reduction` must be one of {_REDUCTIONS}, got {reduction!r}")
+    energy = -strength * f
+    if entropy is not None and entropy_strength != 0.0:
+        energy = energy - entropy_strength * entropy
+    return energy, f
+
+
 def _deform(x: torch.Tensor, deform: torch.Tensor) -> torch.Tensor:
     """``x @ deform`` for rows of 3-vectors, elementwise (no matmul, so no TF32 anywhere)."""
     return (x[..., :, None] * deform).sum(-2)
@@ -263,26 +368,15 @@ class EntropyBiasCalculator(Calculator):
         saturation: float | None = None,
     ) -> None:
         super().__init__()
-        self.bank = _check_bank(bank)
-        if reduction not in _REDUCTIONS:
-            raise ValueError(f"`reduction` must be one of {_REDUCTIONS}, got {reduction!r}")
-        for name, v in (("strength", strength), ("entropy_strength", entropy_strength)):
-            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
-                raise ValueError(f"`{name}` must be a finite float, got {v!r}")
-        if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not beta > 0:
-            raise ValueError(f"`beta` must be a positive float, got {beta!r}")
-        self.strength = float(strength)
-        self.reduction = reduction
-        self.beta = float(beta)
-        self.entropy_strength = float(entropy_strength)
+        self.bank = check_bank(bank)
+        (
+            self.strength,
+            self.reduction,
+            self.beta,
+            self.entropy_strength,
+            self.saturation,
+        ) = check_bias_options(strength, reduction, beta, entropy_strength, saturation)
         self.entropy_h = bank.h if entropy_h is None else float(entropy_h)
-        if saturation is not None and (
-            isinstance(saturation, bool)
-            or not isinstance(saturation, numbers.Real)
-            or not 0 < saturation < math.inf
-        ):
-            raise ValueError(f"`saturation` must be a positive float or None, got {saturation!r}")
-        self.saturation = None if saturation is None else float(saturation)
 
     def bias_terms(
         self, positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor, numbers=None
@@ -297,17 +391,19 @@ class EntropyBiasCalculator(Calculator):
         """
         y = self.bank.descriptors_of(positions, cell, pbc, None, numbers)
         dh = self.bank.delta_entropy(y)
-        v = dh if self.saturation is None else self.saturation * torch.tanh(dh / self.saturation)
-        if self.reduction == "mean":
-            f = v.mean()
-        else:
-            f = (torch.logsumexp(self.beta * v, 0) - math.log(v.shape[0])) / self.beta
-        energy = -self.strength * f
         h_struct = None
         if self.entropy_strength != 0.0:
             h_struct = _entropy(y, self.entropy_h, dtype=self.bank.dtype)
-            energy = energy - self.entropy_strength * h_struct
-        return BiasTerms(energy, f, dh, h_struct)
+        energy, f = entropy_bias_energy(
+            dh,
+            strength=self.strength,
+            reduction=self.reduction,
+            beta=self.beta,
+            saturation=self.saturation,
+            entropy=None if h_struct is None else h_struct[None],
+            entropy_strength=self.entropy_strength,
+        )
+        return BiasTerms(energy[0], f[0], dh, h_struct)
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
