@@ -38,4 +38,7 @@ def test_readme_python_examples_run():
     assert namespace["dH"].shape == (216,)
     assert namespace["res"].max_dH.shape == (2,)
     assert float(namespace["res"].max_dH[1]) > float(namespace["res"].max_dH[0])
+    # torch-sim example: the two hottest of four systems leave the bank at step 0
+    assert namespace["ts_run"].systems == [0, 1]
+    assert [d.system for d in namespace["ts_run"].dropped] == [2, 3]
     assert namespace["gen"].reached
