@@ -45,7 +45,10 @@ half of :func:`quests_torch._memory.memory_budget`, otherwise it is rebuilt per 
 source. Tiles: on CPU cache-sized (default 1024 x 1024, the fastest measured on a 2-core Zen 4
 with 1 MB L2 per core), on CUDA as large as the budget allows up to 8192 x 8192 (16384-wide
 tiles measured no faster on an H200); a smaller budget shrinks them. Results do not depend on
-the tile size beyond rounding (tested at 1e-12 relative).
+the tile size beyond rounding (tested at 1e-12 relative), so a sweep that raises
+``torch.OutOfMemoryError`` is redone with tiles halved in each direction (after
+``torch.cuda.empty_cache()``, with a ``RuntimeWarning``) down to 64 per side, below which a
+``torch.OutOfMemoryError`` with advice is raised.
 
 Autograd
 --------
@@ -62,6 +65,7 @@ from __future__ import annotations
 import copy
 import math
 import numbers
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
@@ -95,6 +99,7 @@ _CPU_TILE = (1024, 1024)
 _CUDA_TILE_CAP = 8192  # 512 MiB per float64 buffer; larger tiles measured no faster
 _FLOOR = {torch.float64: -700.0, torch.float32: -80.0}
 _CPU_RUNNING_TILE = 1 << 17  # elements of one RunningLogKernelSum tile on a CPU (1 MB f64)
+_OOM_MIN_SIDE = 64  # out-of-memory retries halve the tiles down to this side, then give up
 
 
 # --------------------------------------------------------------------------------------------
@@ -400,6 +405,18 @@ class _Problem:
             tn = tm  # the triangular sweep needs square tiles
         self.tm, self.tn = min(tm, self.n), min(tn, self.m)
 
+    def shrink(self) -> str | None:
+        """Halve the tiles (and the budget) after an out-of-memory error; ``None`` at the floor."""
+        if max(self.tm, self.tn) <= _OOM_MIN_SIDE:
+            return None
+        self.budget = max(1, self.budget // 4)
+        self.tm, self.tn = max(1, self.tm // 2), max(1, self.tn // 2)
+        if self.same:
+            self.tn = self.tm
+        if self.cols_resident is not None and self.cols_resident.nbytes > self.budget // 2:
+            self.cols_resident = None  # rebuilt per tile from the source from now on
+        return f"{self.tm} x {self.tn} tiles"
+
     def subset_rows(self, index: torch.Tensor) -> _Problem:
         """The same problem restricted to the query rows ``index`` (no top-k, no symmetry)."""
         sub = copy.copy(self)
@@ -512,6 +529,44 @@ def _view(storage: torch.Tensor | None, rows: int, cols: int) -> torch.Tensor | 
 
 
 # --------------------------------------------------------------------------------------------
+# out-of-memory retries
+# --------------------------------------------------------------------------------------------
+
+
+def _release_cached(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _retry_on_oom(run: Callable, shrink: Callable[[], str | None], device, what: str):
+    """``run()``; after a ``torch.OutOfMemoryError`` shrink the tiles and run it again.
+
+    ``shrink()`` halves the tiles (results do not depend on them) and describes the new
+    size, or returns ``None`` at the floor, where the error is re-raised with advice.
+    """
+    while True:
+        try:
+            return run()
+        except torch.OutOfMemoryError as err:
+            smaller = shrink()
+            if smaller is None:
+                raise torch.OutOfMemoryError(
+                    f"{what} ran out of memory on {device} even with the smallest tiles "
+                    f"({_OOM_MIN_SIDE} per side): free memory on the device (other processes, "
+                    f"tensors held by the caller) or compute on another device. "
+                    f"Original error: {err}"
+                ) from err
+        # the failed attempt's tiles are unreachable once the except block is left
+        _release_cached(torch.device(device))
+        warnings.warn(
+            f"{what}: out of memory on {device}; retrying with {smaller} "
+            "(results do not depend on the tile size)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+# --------------------------------------------------------------------------------------------
 # sweeps
 # --------------------------------------------------------------------------------------------
 
@@ -602,18 +657,26 @@ def _sweep_shifted(p: _Problem) -> torch.Tensor:
 
 
 def _forward(p: _Problem, progress: Progress) -> KernelSums:
-    """Plain sweep, then the shifted sweep for the rows whose sums are too small."""
+    """Plain sweep, then the shifted sweep for the rows whose sums are too small.
+
+    Each sweep is redone with smaller tiles after an out-of-memory error.
+    """
     callback, bar = _progress_callback(progress, p.n, "kernel sums")
     try:
         with full_precision(), torch.no_grad():
-            res = _sweep_plain(p, callback)
+            res = _retry_on_oom(
+                lambda: _sweep_plain(p, callback), p.shrink, p.device, "kernel sums"
+            )
             log_p = res.log_p
             if not p.want_sums:
                 return res
             threshold = p.floor + math.log(p.m) - math.log(p.eps)
             far = (log_p < threshold).any(1).nonzero().squeeze(1)  # the one host sync
             if far.numel() > 0:
-                log_p[far] = _sweep_shifted(p.subset_rows(far))
+                sub = p.subset_rows(far)
+                log_p[far] = _retry_on_oom(
+                    lambda: _sweep_shifted(sub), sub.shrink, p.device, "kernel sums (far rows)"
+                )
             log_p += p.lw_max
     finally:
         if bar is not None:
@@ -703,8 +766,11 @@ class _LogKernelSumFn(torch.autograd.Function):
     def backward(ctx, grad, *_ignored):
         (log_p,) = ctx.saved_tensors
         p: _Problem = ctx.problem
+        need = ctx.needs_input_grad[:3]
         with full_precision(), torch.no_grad():
-            gx, gy, gw = _backward(p, log_p, grad, ctx.needs_input_grad[:3])
+            gx, gy, gw = _retry_on_oom(
+                lambda: _backward(p, log_p, grad, need), p.shrink, p.device, "kernel-sum backward"
+            )
         return (
             None if gx is None else gx.to(p.xs.dtype),
             None if gy is None else gy.to(p.ys.dtype),
@@ -982,9 +1048,10 @@ def _first_match_within(
     limit = -0.5 * tol * tol
     dev = p.device
     big = p.m
-    first = torch.full((p.n,), big, dtype=torch.long, device=dev)
-    (storage,) = p.buffers(1)
-    with full_precision(), torch.no_grad():
+
+    def sweep() -> torch.Tensor:
+        first = torch.full((p.n,), big, dtype=torch.long, device=dev)
+        (storage,) = p.buffers(1)
         for i0 in range(0, p.n, p.tm):
             i1 = min(i0 + p.tm, p.n)
             xr, xraw = p.rows(i0, i1)
@@ -998,6 +1065,10 @@ def _first_match_within(
                     hit &= cols[None, :] < torch.arange(i0, i1, device=dev)[:, None]
                 cand = torch.where(hit, cols[None, :], big).amin(1)
                 torch.minimum(first[i0:i1], cand, out=first[i0:i1])
+        return first
+
+    with full_precision(), torch.no_grad():
+        first = _retry_on_oom(sweep, p.shrink, dev, "first_match_within")
     first[first == big] = -1
     return first
 
@@ -1124,25 +1195,40 @@ class RunningLogKernelSum:
             ],
             1,
         ).to(self.dtype)
-        n = self.x_aug_t.shape[1]
-        cols = self._cols_per_tile(y.shape[0])
-        cpu = self.device.type == "cpu"
+        m = y.shape[0]
+
+        def shrink() -> str | None:  # halve the columns per tile (and keep the budget)
+            cols = self._cols_per_tile(m)
+            if cols <= _OOM_MIN_SIDE:
+                return None
+            while self._cols_per_tile(m) > cols // 2 and self.budget > 1:
+                self.budget //= 2
+            return f"{self._cols_per_tile(m)}-column tiles"
+
         with full_precision():
-            for j0 in range(0, n, cols):
-                j1 = min(j0 + cols, n)
-                e = torch.mm(y_aug, self.x_aug_t[:, j0:j1]).clamp_(max=0.0)  # [m, cols] <= 0
-                e = e.to(torch.float64)
-                if not cpu:
-                    out[j0:j1] = torch.logsumexp(e, 0)
-                    continue
-                # CPU: exp and sum without the max shift (one pass fewer); the exponents are
-                # <= 0, so only columns whose every term underflows need the shifted form
-                sums = e.exp().sum(0)
-                out[j0:j1] = sums.log()
-                low = sums < 1e-290
-                if bool(low.any()):
-                    out[j0:j1][low] = torch.logsumexp(e[:, low], 0)
+            _retry_on_oom(
+                lambda: self._log_sum_tiles(y_aug, out), shrink, self.device, "running kernel sum"
+            )
         return out
+
+    def _log_sum_tiles(self, y_aug: torch.Tensor, out: torch.Tensor) -> None:
+        n = self.x_aug_t.shape[1]
+        cols = self._cols_per_tile(y_aug.shape[0])
+        cpu = self.device.type == "cpu"
+        for j0 in range(0, n, cols):
+            j1 = min(j0 + cols, n)
+            e = torch.mm(y_aug, self.x_aug_t[:, j0:j1]).clamp_(max=0.0)  # [m, cols] <= 0
+            e = e.to(torch.float64)
+            if not cpu:
+                out[j0:j1] = torch.logsumexp(e, 0)
+                continue
+            # CPU: exp and sum without the max shift (one pass fewer); the exponents are
+            # <= 0, so only columns whose every term underflows need the shifted form
+            sums = e.exp().sum(0)
+            out[j0:j1] = sums.log()
+            low = sums < 1e-290
+            if bool(low.any()):
+                out[j0:j1][low] = torch.logsumexp(e[:, low], 0)
 
     def add(self, y: torch.Tensor) -> None:
         """Fold the references ``y [m, d]`` into ``log_k``."""

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from quests_torch import kde
 from quests_torch.kde import (
+    RunningLogKernelSum,
     first_match_within,
     full_precision,
     kernel_pass,
@@ -378,3 +380,111 @@ def test_weighted_self_sums_far_fallback(cu):
     for tile in (None, 7):
         got = log_kernel_sum(x, x, 0.015, log_weights=log_w, tile_size=tile)
         assert (got - expected).abs().max() < 1e-9
+
+
+# ---------------------------------------------------------------------------- out of memory
+
+
+@pytest.fixture
+def inject_oom(monkeypatch):
+    """Make chosen calls of the tile GEMM (``_Problem.exponent``) raise an OOM error.
+
+    Returns a dict: ``fail`` (set of call numbers, or ``"always"``) and ``calls`` (count).
+    """
+    state = {"fail": {0}, "calls": 0}
+    original = kde._Problem.exponent
+
+    def exponent(self, *args, **kwargs):
+        n = state["calls"]
+        state["calls"] += 1
+        if state["fail"] == "always" or n in state["fail"]:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected by the test)")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(kde._Problem, "exponent", exponent)
+    return state
+
+
+def test_oom_is_constructible_on_cpu_builds():
+    assert issubclass(torch.OutOfMemoryError, RuntimeError)
+    assert "x" in str(torch.OutOfMemoryError("x"))
+
+
+@pytest.mark.parametrize("case", ["self", "cross_weights_multi_h", "nearest"])
+def test_oom_retry_halves_tiles_same_result(cu, inject_oom, case):
+    x = cu["all"]
+    log_w = torch.linspace(-2.0, 1.0, x.shape[0], dtype=torch.float64)
+
+    def run(**kw):
+        if case == "self":
+            return kernel_pass(x, x, **kw).log_p[:, None]
+        if case == "cross_weights_multi_h":
+            return kernel_pass(cu["query"], x, [0.01, 0.02], log_weights=log_w, **kw).log_p
+        res = kernel_pass(cu["query"], x, n_nearest=3, **kw)
+        return torch.cat([res.log_p[:, None], res.nearest_sq_dist, res.nearest_index], 1)
+
+    inject_oom["fail"] = set()
+    expected = run()  # default CPU tiles: 1024 x 1024
+    rows = min(1024, x.shape[0] if case == "self" else cu["query"].shape[0]) // 2
+    halved = run(tile_size=(rows, 512))
+    inject_oom["fail"], inject_oom["calls"] = {1}, 0  # fails mid-sweep, after partial sums
+    with pytest.warns(RuntimeWarning, match=f"out of memory.*retrying with {rows} x 512 tiles"):
+        got = run()
+    assert torch.equal(got, halved)  # the whole sweep was redone with the halved tiles
+    assert max_rel(got[:, 0], expected[:, 0]) < 1e-12
+    if case == "nearest":
+        assert max_rel(got[:, 1:4], expected[:, 1:4]) < 1e-12
+        assert torch.equal(got[:, 4:], expected[:, 4:])
+
+
+def test_oom_retry_in_backward(cu, inject_oom):
+    x = cu["query"][:60].clone().requires_grad_(True)
+    y = cu["all"][::4].clone().requires_grad_(True)
+    inject_oom["fail"] = set()
+    log_kernel_sum(x, y, tile_size=128).sum().backward()
+    expected = x.grad.clone(), y.grad.clone()
+    x.grad = y.grad = None
+    lp = log_kernel_sum(x, y, tile_size=128)
+    inject_oom["fail"], inject_oom["calls"] = {1}, 0  # the second tile of the backward
+    with pytest.warns(RuntimeWarning, match="kernel-sum backward.*30 x 64 tiles"):
+        lp.sum().backward()
+    for got, want in zip((x.grad, y.grad), expected, strict=True):  # tiny entries cancel
+        assert (got - want).abs().max() < 1e-12 * want.abs().max()
+
+
+def test_oom_retry_first_match_and_running_sum(cu, inject_oom, monkeypatch):
+    x = cu["solid"][:300]
+    dup = torch.cat([x, x[[5, 0]] + 1e-7])
+    inject_oom["fail"] = set()
+    expected = first_match_within(dup, tol=1e-5, tile_size=128)
+    inject_oom["fail"], inject_oom["calls"] = {3}, 0
+    with pytest.warns(RuntimeWarning, match="first_match_within"):
+        assert torch.equal(first_match_within(dup, tol=1e-5, tile_size=128), expected)
+
+    running = RunningLogKernelSum(cu["all"], 0.015)
+    reference = running.log_sum(x)
+    original = RunningLogKernelSum._log_sum_tiles
+    calls = []
+
+    def tiles(self, *args):
+        calls.append(self._cols_per_tile(x.shape[0]))
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("injected")
+        return original(self, *args)
+
+    monkeypatch.setattr(RunningLogKernelSum, "_log_sum_tiles", tiles)
+    with pytest.warns(RuntimeWarning, match="running kernel sum"):
+        got = running.log_sum(x)
+    assert calls[1] <= calls[0] // 2
+    assert max_rel(got, reference) < 1e-12
+
+
+def test_oom_gives_up_below_the_floor(cu, inject_oom):
+    inject_oom["fail"] = "always"
+    with (
+        pytest.warns(RuntimeWarning, match="retrying"),
+        pytest.raises(torch.OutOfMemoryError, match="even with the smallest tiles"),
+    ):
+        log_kernel_sum(cu["query"], cu["all"])
+    # 1024 -> 512 -> 256 -> 128 -> 64 tiles, then the clear error
+    assert inject_oom["calls"] == 5
