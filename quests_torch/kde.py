@@ -50,6 +50,10 @@ the tile size beyond rounding (tested at 1e-12 relative), so a sweep that raises
 ``torch.cuda.empty_cache()``, with a ``RuntimeWarning``) down to 64 per side, below which a
 ``torch.OutOfMemoryError`` with advice is raised.
 
+Nearest references (``n_nearest``, :func:`nearest_neighbors`): each tile keeps the blocks of
+128 columns with the ``n`` largest maxima and picks the top ``n`` among them (exact, see
+:func:`_tile_top`); equal exponents go to the lower reference index.
+
 Autograd
 --------
 :func:`log_kernel_sum` is differentiable with respect to ``x``, ``y`` and ``log_weights``
@@ -100,6 +104,7 @@ _CUDA_TILE_CAP = 8192  # 512 MiB per float64 buffer; larger tiles measured no fa
 _FLOOR = {torch.float64: -700.0, torch.float32: -80.0}
 _CPU_RUNNING_TILE = 1 << 17  # elements of one RunningLogKernelSum tile on a CPU (1 MB f64)
 _OOM_MIN_SIDE = 64  # out-of-memory retries halve the tiles down to this side, then give up
+_TOPK_BLOCK = 128  # columns per block of the block-maximum top-k pre-selection
 
 
 # --------------------------------------------------------------------------------------------
@@ -529,8 +534,52 @@ def _view(storage: torch.Tensor | None, rows: int, cols: int) -> torch.Tensor | 
 
 
 # --------------------------------------------------------------------------------------------
-# out-of-memory retries
+# block top-k, out-of-memory retries
 # --------------------------------------------------------------------------------------------
+
+
+def _tile_top(a: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest entries of every row of ``a`` ``[rows, L]`` and their columns.
+
+    Order: value descending, then column ascending (ties go to the lower column). Exact, by
+    a block pre-selection instead of a radix select over the whole tile: the row is cut into
+    blocks of ``B`` columns, the ``k`` blocks with the largest maxima (ties: lower block) are
+    kept and the answer is picked from their ``k B`` entries. Every top-``k`` entry lies in
+    those blocks: a block left out has ``k`` kept blocks whose maxima precede its own maximum,
+    hence ``k`` entries that precede each of its entries. Cost: one ``amax`` pass over the
+    tile plus sorts of ``[rows, L/B]`` and ``[rows, k B]``.
+    """
+    width = a.shape[1]
+    block = min(_TOPK_BLOCK, width // (4 * k))
+    if block < 8:  # narrow tile or large k: one stable sort of the whole tile
+        v, ix = torch.sort(a, dim=1, descending=True, stable=True)
+        return v[:, :k], ix[:, :k]
+    full = width // block
+    maxima = a[:, : full * block].unflatten(1, (full, block)).amax(2)
+    if full * block < width:
+        maxima = torch.cat([maxima, a[:, full * block :].amax(1, keepdim=True)], 1)
+    order = torch.sort(maxima, dim=1, descending=True, stable=True).indices[:, :k]
+    chosen = order.sort(dim=1).values  # ascending blocks: candidates in column order
+    cols = (chosen[:, :, None] * block + torch.arange(block, device=a.device)).flatten(1)
+    inside = cols < width  # the last block may be short
+    cand = a.gather(1, cols.clamp(max=width - 1)).masked_fill_(~inside, -math.inf)
+    v, sel = torch.sort(cand, dim=1, descending=True, stable=True)
+    return v[:, :k], cols.gather(1, sel[:, :k])
+
+
+def _merge_top(
+    best: torch.Tensor, best_idx: torch.Tensor, v: torch.Tensor, ix: torch.Tensor, k: int
+) -> None:
+    """Fold a tile's top entries ``(v, ix)`` into the running ``(best, best_idx)`` in place.
+
+    ``best`` holds earlier (lower) columns, so a stable sort of ``[best, v]`` keeps the
+    lower-column-first rule of :func:`_tile_top` across tiles.
+    """
+    v = torch.cat([best, v], 1)
+    ix = torch.cat([best_idx, ix], 1)
+    v, sel = torch.sort(v, dim=1, descending=True, stable=True)
+    best.copy_(v[:, :k])
+    best_idx.copy_(ix.gather(1, sel[:, :k]))
 
 
 def _release_cached(device: torch.device) -> None:
@@ -592,12 +641,8 @@ def _sweep_plain(p: _Problem, progress) -> KernelSums:
             tmp = _view(tmp_storage, i1 - i0, j1 - j0)
             p.exponent_tile(i0, i1, j0, j1, xr, xraw, p.cols(j0, j1), buf)
             if k_nn:
-                v, ix = torch.topk(buf, min(k_nn, j1 - j0), dim=1)
-                v = torch.cat([best[i0:i1], v], 1)
-                ix = torch.cat([best_idx[i0:i1], ix + j0], 1)
-                v, sel = torch.topk(v, k_nn, dim=1)
-                best[i0:i1] = v
-                best_idx[i0:i1] = ix.gather(1, sel)
+                v, ix = _tile_top(buf, min(k_nn, j1 - j0))
+                _merge_top(best[i0:i1], best_idx[i0:i1], v, ix.add_(j0), k_nn)
             if not p.want_sums:
                 continue
             mask = p.group_mask(i0, i1, j0, j1)
@@ -998,6 +1043,8 @@ def _nearest_neighbors(
     xt = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x)).to(dev)
     yg = _gather_rows(y, idx, dev, out_dtype)  # [n_x, n, d]
     dist = (xt.to(out_dtype)[:, None, :] - yg).square().sum(-1).sqrt()
+    idx, by_index = idx.sort(dim=1)  # exact ties in distance: lower index first
+    dist = dist.gather(1, by_index)
     order = dist.detach().argsort(dim=1, stable=True)
     return dist.gather(1, order), idx.gather(1, order)
 

@@ -488,3 +488,76 @@ def test_oom_gives_up_below_the_floor(cu, inject_oom):
         log_kernel_sum(cu["query"], cu["all"])
     # 1024 -> 512 -> 256 -> 128 -> 64 tiles, then the clear error
     assert inject_oom["calls"] == 5
+
+
+# ---------------------------------------------------------------------------- block top-k
+
+
+def _stable_top(a, k):
+    v, ix = torch.sort(a, dim=1, descending=True, stable=True)
+    return v[:, :k], ix[:, :k]
+
+
+@pytest.mark.parametrize("width", [1, 5, 37, 300, 1000, 1024, 4099])
+@pytest.mark.parametrize("k", [1, 3, 8, 40])
+def test_tile_top_is_exact_with_ties(width, k):
+    k = min(k, width)
+    gen = torch.Generator().manual_seed(width * 100 + k)
+    for levels, dtype in ((7, torch.float64), (200, torch.float64), (50, torch.float32)):
+        a = torch.randint(-levels, 1, (33, width), generator=gen).to(dtype)  # many ties
+        a[0] = 0.0  # a row that is one big tie
+        v, ix = kde._tile_top(a, k)
+        v_ref, ix_ref = _stable_top(a, k)
+        assert torch.equal(v, v_ref) and torch.equal(ix, ix_ref)
+        # a strided view of a wider buffer, as in the sweeps
+        wide = torch.zeros(33, width + 3, dtype=dtype)
+        wide[:, :width] = a
+        v2, ix2 = kde._tile_top(wide[:, :width], k)
+        assert torch.equal(v2, v_ref) and torch.equal(ix2, ix_ref)
+
+
+def _old_top_n(expo, k, tn):
+    """The implementation before the block pre-selection: torch.topk per tile, merged."""
+    best = torch.full((expo.shape[0], k), -torch.inf, dtype=expo.dtype)
+    best_idx = torch.full((expo.shape[0], k), -1)
+    for j0 in range(0, expo.shape[1], tn):
+        v, ix = torch.topk(expo[:, j0 : j0 + tn], min(k, expo.shape[1] - j0), dim=1)
+        v, sel = torch.topk(torch.cat([best, v], 1), k, dim=1)
+        best, best_idx = v, torch.cat([best_idx, ix + j0], 1).gather(1, sel)
+    return best, best_idx
+
+
+@pytest.mark.parametrize("tile", [None, 64, (50, 300), 1000])
+@pytest.mark.parametrize("k", [1, 3, 12])
+def test_nearest_exact_with_ties_against_previous_topk(tile, k):
+    """Dyadic data (every distance exact in float64): many exact ties, same values as the
+    previous torch.topk implementation, ties resolved to the lowest reference index."""
+    gen = torch.Generator().manual_seed(k)
+    grid = torch.randint(-8, 9, (40, 5), generator=gen).double() / 8
+    y = grid[torch.randint(0, 40, (2048,), generator=gen)]  # duplicated rows: exact ties
+    x = torch.randint(-8, 9, (300, 5), generator=gen).double() / 8
+    sq = (x[:, None, :] - y[None, :, :]).square().sum(-1)  # exact
+    res = kernel_pass(x, y, 0.5, n_nearest=k, tile_size=tile)
+    order = torch.sort(sq, dim=1, stable=True).indices[:, :k]  # (distance, index) order
+    assert torch.equal(res.nearest_index, order)
+    assert torch.equal(res.nearest_sq_dist, sq.gather(1, order))
+    old_v, old_i = _old_top_n(-sq / 2, k, 1024)
+    assert torch.equal(-2 * old_v, res.nearest_sq_dist)  # same values as before
+    assert torch.equal(sq.gather(1, old_i), res.nearest_sq_dist)  # ties: same distances
+    # nearest_neighbors uses h = 0.015 (inexact scale): ties between distinct rows are
+    # then decided by rounding, but the distances are the exact k smallest, ties in index order
+    dist, idx = nearest_neighbors(x, y, k, tile_size=tile)
+    assert torch.equal(dist, sq.gather(1, order).sqrt())
+    assert torch.equal(sq.gather(1, idx).sqrt(), dist)
+    tied = dist[:, 1:] == dist[:, :-1]
+    assert bool((idx[:, 1:][tied] > idx[:, :-1][tied]).all())
+
+
+def test_nearest_neighbors_random_unchanged(cu):
+    """No ties: identical indices to the previous implementation, block path included."""
+    x, y = cu["query"], torch.cat([cu["all"], cu["all"][:800] * 1.01])  # 1024-wide tiles
+    expo = -torch.cdist(x, y).square() / 2
+    for k in (1, 3, 30):
+        _, old_i = _old_top_n(expo, k, 1024)
+        res = kernel_pass(x, y, n_nearest=k)
+        assert torch.equal(res.nearest_index, old_i)
