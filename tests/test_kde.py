@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -36,6 +38,13 @@ def max_rel(a, b):
     a = torch.as_tensor(a, dtype=torch.float64)
     b = torch.as_tensor(b, dtype=torch.float64)
     return float(((a - b).abs() / b.abs()).max())
+
+
+def log_err(log_a, log_b):
+    """Error of log p: absolute where |log p| < 1 (relative error of p), else relative."""
+    a = torch.as_tensor(log_a, dtype=torch.float64)
+    b = torch.as_tensor(log_b, dtype=torch.float64)
+    return float(((a - b).abs() / b.abs().clamp(min=1.0)).max())
 
 
 # ---------------------------------------------------------------------------- parity
@@ -561,3 +570,124 @@ def test_nearest_neighbors_random_unchanged(cu):
         _, old_i = _old_top_n(expo, k, 1024)
         res = kernel_pass(x, y, n_nearest=k)
         assert torch.equal(res.nearest_index, old_i)
+
+
+# ---------------------------------------------------------------------------- tile epilogue
+
+
+@pytest.fixture
+def fresh_epilogue(monkeypatch):
+    """A clean compiled-epilogue state (restored after the test)."""
+    monkeypatch.setattr(kde._Epilogue, "fn", None)
+    monkeypatch.setattr(kde._Epilogue, "failed", False)
+    monkeypatch.delenv("QUESTS_TORCH_COMPILE", raising=False)
+
+
+def test_compile_switch(fresh_epilogue, monkeypatch):
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert kde._Epilogue.wanted(cuda) and not kde._Epilogue.wanted(cpu)
+    monkeypatch.setenv("QUESTS_TORCH_COMPILE", "0")
+    assert not kde._Epilogue.wanted(cuda) and not kde._Epilogue.wanted(cpu)
+    monkeypatch.setenv("QUESTS_TORCH_COMPILE", "1")
+    assert kde._Epilogue.wanted(cuda) and kde._Epilogue.wanted(cpu)
+
+
+@pytest.mark.parametrize("where", ["compile", "call"])
+def test_compile_failure_falls_back_to_eager(cu, fresh_epilogue, monkeypatch, where):
+    x = cu["all"][::2]
+    expected = log_kernel_sum(x, x, [0.015, 0.03])
+    monkeypatch.setenv("QUESTS_TORCH_COMPILE", "1")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("inductor: no working C++ compiler (simulated)")
+
+    if where == "compile":
+        monkeypatch.setattr(torch, "compile", broken)
+    else:
+        monkeypatch.setattr(torch, "compile", lambda fn, **kw: broken)
+    with pytest.warns(RuntimeWarning, match="eager path"):
+        got = log_kernel_sum(x, x, [0.015, 0.03])
+    assert torch.equal(got, expected)
+    assert kde._Epilogue.failed and not kde._Epilogue.wanted(torch.device("cuda"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning: eager from now on
+        assert torch.equal(log_kernel_sum(x, x, [0.015, 0.03]), expected)
+
+
+def test_unclamped_exp_matches_clamped(cu, monkeypatch):
+    """The CUDA path drops the clamp: same results to 1e-12, far rows and zero weights too."""
+    y = cu["solid"]
+    far = torch.cat([y[:3] + 0.5, y[3:6] + 10.0, y[6:8] + 0.05, cu["query"][:40]])
+    log_w = torch.randn(y.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    log_w[::5] = -torch.inf
+    xg = far.clone().requires_grad_(True)
+
+    def run():
+        out = [
+            log_kernel_sum(cu["all"], cu["all"]),
+            log_kernel_sum(far, y, [0.015, 0.5]),
+            log_kernel_sum(far, y, 0.02, log_weights=log_w),
+            log_kernel_sum(far.float(), y.float()).double(),
+        ]
+        xg.grad = None
+        log_kernel_sum(xg, y, [0.01, 0.03]).sum().backward()
+        return out, xg.grad.clone()
+
+    clamped, g_clamped = run()
+
+    class Unclamped(kde._Problem):  # built as on CUDA: no clamp at the floor before exp
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.clamp = False
+
+    monkeypatch.setattr(kde, "_Problem", Unclamped)
+    free, g_free = run()
+    for a, b, tol in zip(clamped, free, [1e-12, 1e-12, 1e-12, 1e-6], strict=True):
+        assert torch.isfinite(b).all()
+        assert log_err(b, a) < tol
+    assert max_rel(g_free, g_clamped) < 1e-12
+
+
+def _exp_sums_cases():
+    gen = torch.Generator().manual_seed(3)
+    a = -torch.rand(300, 170, dtype=torch.float64, generator=gen) * 900  # far tail included
+    lw = -torch.rand(170, dtype=torch.float64, generator=gen) * 5
+    mask = torch.rand(300, 170, generator=gen) < 0.3
+    scale = torch.tensor(0.7, dtype=torch.float64)
+    return a, [(None, None, None, True), (scale, lw, None, False), (None, None, mask, True)]
+
+
+@pytest.mark.slow
+def test_compiled_epilogue_matches_eager(cu, fresh_epilogue, monkeypatch):
+    """torch.compile of the tile epilogue on the CPU: same sums to 1e-12 (compiles in
+    ~15-90 s on the 2-core CPU, hence slow)."""
+    a, cases = _exp_sums_cases()
+    compiled = torch.compile(kde._exp_sums, fullgraph=True)
+    for scale, lw, mask, both in cases:
+        ref_row, ref_col = kde._exp_sums(a, scale, lw, mask, both)
+        row, col = compiled(a, scale, lw, mask, both)
+        assert max_rel(row, ref_row) < 1e-12
+        if both:
+            assert max_rel(col, ref_col) < 1e-12
+    x, y = cu["all"], cu["solid"]
+    far = torch.cat([y[:3] + 0.5, cu["query"]])
+    log_w = torch.linspace(-3.0, 0.0, y.shape[0], dtype=torch.float64)
+    runs = [
+        lambda: log_kernel_sum(x, x),
+        lambda: log_kernel_sum(far, y, [0.015, 0.5], log_weights=log_w),
+        lambda: log_kernel_sum(x.float(), x.float()).double(),
+    ]
+    eager = [r() for r in runs]
+    monkeypatch.setenv("QUESTS_TORCH_COMPILE", "1")
+    calls = []
+    original = kde._Epilogue.get
+
+    def counted():
+        fn = original()
+        return None if fn is None else (lambda *args: calls.append(1) or fn(*args))
+
+    monkeypatch.setattr(kde._Epilogue, "get", counted)
+    fused = [r() for r in runs]
+    assert calls and not kde._Epilogue.failed
+    for a_, b_, tol in zip(eager, fused, [1e-12, 1e-12, 1e-6], strict=True):
+        assert log_err(b_, a_) < tol
