@@ -1,10 +1,31 @@
 """Memory budgets for tiled work: how many bytes one tile/chunk may use on a device.
 
 Every O(N·M) or O(N·k²) computation in quests-torch is cut into pieces whose working set is
-bounded by :func:`memory_budget`. On CUDA the budget is a share of the *free* device memory
-(``torch.cuda.mem_get_info``); on CPU it is a share of the available RAM, capped so that
-tiles stay friendly to the caches and the allocator. ``QUESTS_TORCH_MEMORY_BUDGET`` (bytes,
-or with a suffix ``K``, ``M``, ``G``) overrides the automatic choice everywhere.
+bounded by :func:`memory_budget`. The automatic budget is a fraction of the memory that is
+available *now* on the compute device:
+
+* CUDA: ``available = free + (reserved - allocated)``, i.e. the device's free memory
+  (``torch.cuda.mem_get_info``) plus the blocks that PyTorch's caching allocator holds but
+  does not use (``memory_reserved - memory_allocated``), which ``mem_get_info`` counts as
+  used. Budget = ``fraction * available`` (default fraction 0.5), never below 256 MiB: near
+  a full GPU a tiny budget only makes launch-bound tiles, and an allocation that really
+  fails is retried with smaller tiles (see :mod:`quests_torch.kde`). The kernel-sum tiles are
+  further capped at 8192 x 8192 on CUDA (512 MiB per float64 buffer), beyond which they gain
+  nothing, so the kernel sums do not grow into whatever memory is free.
+* CPU: ``fraction * MemAvailable`` (default fraction 0.25), capped at 1 GiB (bigger chunks
+  only cost memory), never below 1 MiB.
+
+Sharing a GPU (e.g. with an MLIP in another process, which allocates lazily and may need
+memory later): cap quests-torch with one of
+
+* ``QUESTS_TORCH_MEMORY_BUDGET=2G`` (bytes, or with a suffix ``K``, ``M``, ``G``, ``T``): an
+  absolute budget that overrides the automatic choice everywhere (no floor, no fraction);
+* ``QUESTS_TORCH_MEMORY_FRACTION=0.2``: the fraction of the available memory (0 < f <= 1)
+  used by the automatic choice, on every device;
+* the ``budget=`` argument of the public functions (wins over both variables).
+
+Memory that PyTorch has cached stays reserved by this process after a call; call
+``torch.cuda.empty_cache()`` to hand it back to other processes.
 """
 
 from __future__ import annotations
@@ -13,11 +34,15 @@ import os
 
 import torch
 
-__all__ = ["available_memory", "memory_budget", "parse_bytes"]
+__all__ = ["available_memory", "memory_budget", "parse_bytes", "parse_fraction"]
 
 _ENV = "QUESTS_TORCH_MEMORY_BUDGET"
+_ENV_FRACTION = "QUESTS_TORCH_MEMORY_FRACTION"
 _CPU_CAP = 1 << 30  # 1 GiB: beyond this, bigger CPU chunks only cost memory
-_MIN_BUDGET = 1 << 20
+_CPU_FRACTION = 0.25
+_CUDA_FRACTION = 0.5
+_MIN_BUDGET = 1 << 20  # CPU floor
+_CUDA_MIN_BUDGET = 256 << 20  # below this, CUDA tiles become launch-bound
 
 
 def parse_bytes(value: str | int) -> int:
@@ -42,6 +67,20 @@ def parse_bytes(value: str | int) -> int:
     return n
 
 
+def parse_fraction(value: str | float) -> float:
+    """Parse a memory fraction ``0 < f <= 1`` (``"0.2"``, ``"20%"`` or a float)."""
+    text = str(value).strip()
+    try:
+        f = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise ValueError(
+            f"`{_ENV_FRACTION}` must be a fraction in (0, 1] such as 0.2, got {value!r}"
+        ) from None
+    if not 0.0 < f <= 1.0:
+        raise ValueError(f"`{_ENV_FRACTION}` must be a fraction in (0, 1], got {value!r}")
+    return f
+
+
 def _available_ram() -> int:
     try:
         with open("/proc/meminfo") as fh:
@@ -56,6 +95,13 @@ def _available_ram() -> int:
         return 4 << 30
 
 
+def _cuda_available_bytes(device: torch.device) -> int:
+    """Free device memory plus the caching allocator's reserved-but-unused blocks."""
+    free, _total = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return int(free) + max(0, int(cached))
+
+
 def memory_budget(device: torch.device | str | None = None, budget: int | str | None = None) -> int:
     """Bytes that one tile's temporaries may occupy on ``device``.
 
@@ -65,18 +111,23 @@ def memory_budget(device: torch.device | str | None = None, budget: int | str | 
 
     Returns:
         The budget in bytes: ``budget`` if given, else ``$QUESTS_TORCH_MEMORY_BUDGET``, else
-        half of the free CUDA memory, or on CPU a quarter of the available RAM capped at 1 GiB.
+        on CUDA ``max(256 MiB, f * (free + reserved - allocated))`` with ``f`` =
+        ``$QUESTS_TORCH_MEMORY_FRACTION`` or 0.5, on CPU ``min(1 GiB, f * MemAvailable)``
+        with ``f`` = ``$QUESTS_TORCH_MEMORY_FRACTION`` or 0.25 (see the module docstring).
     """
     if budget is not None:
         return parse_bytes(budget)
     env = os.environ.get(_ENV)
     if env:
         return parse_bytes(env)
+    env_fraction = os.environ.get(_ENV_FRACTION)
+    fraction = parse_fraction(env_fraction) if env_fraction else None
     device = torch.device("cpu" if device is None else device)
     if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return max(_MIN_BUDGET, free // 2)
-    return max(_MIN_BUDGET, min(_CPU_CAP, _available_ram() // 4))
+        f = _CUDA_FRACTION if fraction is None else fraction
+        return max(_CUDA_MIN_BUDGET, int(f * _cuda_available_bytes(device)))
+    f = _CPU_FRACTION if fraction is None else fraction
+    return max(_MIN_BUDGET, min(_CPU_CAP, int(f * _available_ram())))
 
 
 def available_memory(device: torch.device | str | None = None) -> int:
@@ -87,6 +138,5 @@ def available_memory(device: torch.device | str | None = None) -> int:
     """
     device = torch.device("cpu" if device is None else device)
     if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return int(free)
+        return int(_cuda_available_bytes(device))
     return int(_available_ram())

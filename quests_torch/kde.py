@@ -16,13 +16,19 @@ Numerics
   on the mean of the reference set. Centring keeps the cancellation error of the expansion at
   the scale of the data spread instead of its norm. ``distance="direct"`` uses explicit
   differences instead (exact, ~6x slower).
-* Log-sum-exp: every exponent is ``<= 0`` (up to rounding), and it is clamped from below at
-  ``-700`` (float64) or ``-80`` (float32) so that ``exp`` never enters its slow denormal path;
-  the clamp changes a sum by at most ``m * e^floor``. Rows whose sum is too small for that
-  bound to be negligible (``log p < floor + log m + log(1/eps)``, i.e. queries with dH above
-  ~650 nats in float64 or ~50 nats in float32) are recomputed with the fully
-  shifted online log-sum-exp (running row maximum, rescaled running sum), so ``log p`` stays
-  finite and accurate for arbitrarily distant outliers. The check costs one host sync per call.
+* Log-sum-exp: every exponent is ``<= 0`` (up to rounding). On CPUs it is clamped from below
+  at ``-700`` (float64) or ``-80`` (float32) so that ``exp`` never enters its slow denormal
+  path; the clamp changes a sum by at most ``m * e^floor``. CUDA's ``exp`` has no slow path,
+  so there the clamp is skipped (one pass fewer per tile); both differ by at most that bound.
+  Rows whose sum is too small for that bound to be negligible
+  (``log p < floor + log m + log(1/eps)``, i.e. queries with dH above ~650 nats in float64 or
+  ~50 nats in float32) are recomputed with the fully shifted online log-sum-exp (running
+  row maximum, rescaled running sum), so ``log p`` stays finite and accurate for arbitrarily
+  distant outliers. The check costs one host sync per call.
+* Tile epilogue: on CUDA, ``exp`` and the row/column sums of a tile run as one
+  ``torch.compile``-d function (:func:`_exp_sums`, one pass over the tile instead of 3-5);
+  ``QUESTS_TORCH_COMPILE=0`` disables it, ``=1`` enables it on every device. If compilation
+  fails, a warning is issued and the eager path is used (same results to ~1e-15).
 * When ``y`` is ``x`` (a dataset against itself, entropy/diversity) only the upper triangle of
   tiles is evaluated and each tile contributes to both its rows and its columns.
 * float32 mode (``dtype=torch.float32`` or float32 inputs): tiles in float32, centring and all
@@ -43,8 +49,16 @@ error) or numpy arrays, including ``np.memmap``, which are streamed to the compu
 by tile. The prepared (centred, augmented) reference set is kept on the device when it fits in
 half of :func:`quests_torch._memory.memory_budget`, otherwise it is rebuilt per tile from the
 source. Tiles: on CPU cache-sized (default 1024 x 1024, the fastest measured on a 2-core Zen 4
-with 1 MB L2 per core), on CUDA as large as the budget allows; a smaller budget shrinks them.
-Results do not depend on the tile size beyond rounding (tested at 1e-12 relative).
+with 1 MB L2 per core), on CUDA as large as the budget allows up to 8192 x 8192 (16384-wide
+tiles measured no faster on an H200); a smaller budget shrinks them. Results do not depend on
+the tile size beyond rounding (tested at 1e-12 relative), so a sweep that raises
+``torch.OutOfMemoryError`` is redone with tiles halved in each direction (after
+``torch.cuda.empty_cache()``, with a ``RuntimeWarning``) down to 64 per side, below which a
+``torch.OutOfMemoryError`` with advice is raised.
+
+Nearest references (``n_nearest``, :func:`nearest_neighbors`): each tile keeps the blocks of
+128 columns with the ``n`` largest maxima and picks the top ``n`` among them (exact, see
+:func:`_tile_top`); equal exponents go to the lower reference index.
 
 Autograd
 --------
@@ -61,6 +75,8 @@ from __future__ import annotations
 import copy
 import math
 import numbers
+import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
@@ -93,9 +109,13 @@ Bandwidth = float | Sequence[float] | torch.Tensor | np.ndarray
 Progress = bool | Callable[[int, int], None] | None
 
 _CPU_TILE = (1024, 1024)
-_CUDA_TILE_CAP = 16384
+_CUDA_TILE_CAP = 8192  # 512 MiB per float64 buffer; larger tiles measured no faster
 _FLOOR = {torch.float64: -700.0, torch.float32: -80.0}
 _CPU_RUNNING_TILE = 1 << 17  # elements of one RunningLogKernelSum tile on a CPU (1 MB f64)
+_OOM_MIN_SIDE = 64  # out-of-memory retries halve the tiles down to this side, then give up
+_TOPK_BLOCK = 128  # columns per block of the block-maximum top-k pre-selection
+_TOPK_ROUNDS = 8  # up to this k, k rounds of max beat a sort in the top-k selections
+_COMPILE_ENV = "QUESTS_TORCH_COMPILE"
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,6 +314,26 @@ class _Groups(NamedTuple):
     hi: np.ndarray  # [n] one past the last column of each row's group
 
 
+def _auto_tiles(device_type: str, budget: int, itemsize: int) -> tuple[int, int]:
+    """Default tile ``(rows, cols)`` for a memory budget in bytes.
+
+    CPU: cache-sized :data:`_CPU_TILE`. CUDA: square, ``budget / 8`` bytes per tile (up to 4
+    tile buffers live in a multi-bandwidth backward), capped at :data:`_CUDA_TILE_CAP` per
+    side. Either way a small budget halves the tiles until 4 buffers fit in it.
+    """
+    if device_type == "cuda":
+        side = int(math.sqrt(budget / (8 * itemsize)))
+        tm = tn = max(64, min(_CUDA_TILE_CAP, side))
+    else:
+        tm, tn = _CPU_TILE
+    while tm * tn * itemsize * 4 > budget and (tm > 1 or tn > 1):
+        if tn >= tm:
+            tn = max(1, tn // 2)
+        else:
+            tm = max(1, tm // 2)
+    return tm, tn
+
+
 class _Problem:
     """Everything a tiled sweep needs: sources, prepared blocks, tile sizes and scales."""
 
@@ -338,12 +378,20 @@ class _Problem:
             raise TypeError(f"`dtype` must be torch.float32 or torch.float64, got {self.dtype}")
         self.acc = torch.float64
         self.floor = _FLOOR[self.dtype]
+        # the clamp at the floor only avoids the slow denormal path of CPU exp(); CUDA has none
+        self.clamp = self.device.type != "cuda"
+        self.fused = _Epilogue.wanted(self.device)
         self.eps = torch.finfo(self.dtype).eps
         self.hs = hs
         self.multi = len(hs) > 1
         # single h: the GEMM yields -d^2/(2h^2) directly; several h: -d^2/2, scaled per h
         self.c0 = 1.0 if self.multi else 1.0 / hs[0] ** 2
         self.scales = [1.0 / h**2 for h in hs] if self.multi else [1.0]
+        self.scale_tensors = (
+            [torch.tensor(s, dtype=self.dtype, device=self.device) for s in self.scales]
+            if self.multi
+            else [None]
+        )
         self.direct = distance == "direct"
         self.n_nearest = n_nearest
         self.groups = groups
@@ -398,19 +446,8 @@ class _Problem:
 
     # tiles ----------------------------------------------------------------------------------
     def _set_tiles(self, tile_size) -> None:
-        elt = self.dtype.itemsize
         if tile_size is None:
-            if self.device.type == "cuda":
-                side = int(math.sqrt(self.budget / (8 * elt)))
-                tm = tn = max(64, min(_CUDA_TILE_CAP, side))
-            else:
-                tm, tn = _CPU_TILE
-            # a small budget shrinks the tiles (up to 4 tile buffers live in the backward)
-            while tm * tn * elt * 4 > self.budget and (tm > 1 or tn > 1):
-                if tn >= tm:
-                    tn = max(1, tn // 2)
-                else:
-                    tm = max(1, tm // 2)
+            tm, tn = _auto_tiles(self.device.type, self.budget, self.dtype.itemsize)
         elif isinstance(tile_size, int) and not isinstance(tile_size, bool):
             tm = tn = tile_size
         elif isinstance(tile_size, Sequence) and len(tile_size) == 2:
@@ -422,6 +459,18 @@ class _Problem:
         if self.same:
             tn = tm  # the triangular sweep needs square tiles
         self.tm, self.tn = min(tm, self.n), min(tn, self.m)
+
+    def shrink(self) -> str | None:
+        """Halve the tiles (and the budget) after an out-of-memory error; ``None`` at the floor."""
+        if max(self.tm, self.tn) <= _OOM_MIN_SIDE:
+            return None
+        self.budget = max(1, self.budget // 4)
+        self.tm, self.tn = max(1, self.tm // 2), max(1, self.tn // 2)
+        if self.same:
+            self.tn = self.tm
+        if self.cols_resident is not None and self.cols_resident.nbytes > self.budget // 2:
+            self.cols_resident = None  # rebuilt per tile from the source from now on
+        return f"{self.tm} x {self.tn} tiles"
 
     def subset_rows(self, index: torch.Tensor) -> _Problem:
         """The same problem restricted to the query rows ``index`` (no top-k, no symmetry)."""
@@ -535,12 +584,210 @@ def _view(storage: torch.Tensor | None, rows: int, cols: int) -> torch.Tensor | 
 
 
 # --------------------------------------------------------------------------------------------
+# tile epilogue (exp + sums), block top-k, out-of-memory retries
+# --------------------------------------------------------------------------------------------
+
+
+def _exp_sums(
+    a: torch.Tensor,
+    scale: torch.Tensor | None,
+    lw: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    both: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Row (and column) sums of ``exp(a * scale + lw)`` over one tile, masked pairs dropped.
+
+    The epilogue of a kernel-sum tile written as one function so that ``torch.compile``
+    fuses it into a single pass over the tile (the eager path makes 3-5 passes). No clamp:
+    it is used where ``exp`` has no slow denormal path (CUDA) or where the caller accepts it.
+    """
+    t = a if scale is None else a * scale
+    if lw is not None:
+        t = t + lw
+    e = t.exp()
+    if mask is not None:
+        e = e.masked_fill(mask, 0.0)
+    return e.sum(1), (e.sum(0) if both else None)
+
+
+class _Epilogue:
+    """The compiled :func:`_exp_sums`, built on first use; eager forever after a failure."""
+
+    fn: Callable | None = None
+    failed: bool = False
+
+    @classmethod
+    def wanted(cls, device: torch.device) -> bool:
+        """``$QUESTS_TORCH_COMPILE``: ``0`` never, ``1`` on every device, else CUDA only."""
+        mode = os.environ.get(_COMPILE_ENV, "auto").strip().lower()
+        if cls.failed or mode in ("0", "false", "off", "no"):
+            return False
+        return mode in ("1", "true", "on", "yes") or device.type == "cuda"
+
+    @classmethod
+    def get(cls) -> Callable | None:
+        if cls.failed:
+            return None
+        if cls.fn is None:
+            try:
+                cls.fn = torch.compile(_exp_sums, fullgraph=True)
+            except Exception as err:  # torch.compile unavailable (e.g. unsupported Python)
+                cls.disable(err)
+                return None
+        return cls.fn
+
+    @classmethod
+    def disable(cls, err: BaseException) -> None:
+        cls.failed = True
+        warnings.warn(
+            f"torch.compile of the kernel-sum tile epilogue failed ({type(err).__name__}: "
+            f"{str(err).strip()[:200]}); using the eager path (same results, slower on GPUs). "
+            f"Set {_COMPILE_ENV}=0 to skip the attempt.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
+def _top_first(a: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest entries of every row of ``a`` and their columns, in the order value
+    descending then column ascending (ties go to the lower column).
+
+    Small ``k``: ``k`` rounds of ``max`` (which returns the first maximal column) on a copy,
+    each removing its pick. Larger ``k``: ``topk`` finds the ``k``-th value ``v``; the entries
+    above ``v`` and the first ones equal to it are kept in column order, then sorted stably.
+    """
+    if k > _TOPK_ROUNDS:
+        rows, width = a.shape
+        kth = torch.topk(a, k, dim=1, sorted=False).values.amin(1, keepdim=True)
+        above, tied = a > kth, a == kth
+        need = k - above.sum(1, keepdim=True)
+        keep = above | (tied & (tied.cumsum(1) <= need))  # exactly k per row
+        slot = torch.where(keep, keep.cumsum(1) - 1, k)  # the rest lands in a spare slot k
+        every = torch.arange(width, device=a.device).expand(rows, width)
+        cols = torch.zeros(rows, k + 1, dtype=torch.long, device=a.device)
+        cols = cols.scatter_(1, slot, every)[:, :k]
+        v, order = torch.sort(a.gather(1, cols), dim=1, descending=True, stable=True)
+        return v, cols.gather(1, order)
+    work = a.clone()
+    values, cols = [], []
+    for _ in range(k):
+        v, j = work.max(1, keepdim=True)
+        values.append(v)
+        cols.append(j)
+        work.scatter_(1, j, -math.inf)
+    return torch.cat(values, 1), torch.cat(cols, 1)
+
+
+def _tile_top(a: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest entries of every row of ``a`` ``[rows, L]`` and their columns.
+
+    Order: value descending, then column ascending (ties go to the lower column). Exact, by
+    a block pre-selection instead of a selection over the whole tile: the row is cut into
+    blocks of ``B ~ sqrt(L/k)`` (8 to 128) columns, the ``k`` blocks with the largest maxima
+    (ties: lower block) are kept and the answer is picked from their ``k B`` entries. Every
+    top-``k`` entry lies in those blocks: a block left out has ``k`` kept blocks whose maxima
+    precede its own maximum, hence ``k`` entries that precede each of its entries. Cost: one
+    ``amax`` pass over the tile plus selections on ``[rows, L/B]`` and ``[rows, k B]``.
+    """
+    width = a.shape[1]
+    # the selections cost ~ k (L/B + k B) per row: B ~ sqrt(L/k), fewer than L/4 candidates
+    block = min(_TOPK_BLOCK, width // (4 * k), max(8, math.isqrt(width // k)))
+    if block < 8:  # narrow tile or large k: select on the whole tile
+        return _top_first(a, k)
+    full = width // block
+    maxima = a[:, : full * block].unflatten(1, (full, block)).amax(2)
+    if full * block < width:
+        maxima = torch.cat([maxima, a[:, full * block :].amax(1, keepdim=True)], 1)
+    chosen = _top_first(maxima, k)[1].sort(dim=1).values  # ascending: candidates in order
+    cols = (chosen[:, :, None] * block + torch.arange(block, device=a.device)).flatten(1)
+    inside = cols < width  # the last block may be short
+    cand = a.gather(1, cols.clamp(max=width - 1)).masked_fill_(~inside, -math.inf)
+    v, sel = _top_first(cand, k)
+    return v, cols.gather(1, sel)
+
+
+def _merge_top(
+    best: torch.Tensor, best_idx: torch.Tensor, v: torch.Tensor, ix: torch.Tensor, k: int
+) -> None:
+    """Fold a tile's top entries ``(v, ix)`` into the running ``(best, best_idx)`` in place.
+
+    ``best`` holds earlier (lower) columns, so a stable sort of ``[best, v]`` keeps the
+    lower-column-first rule of :func:`_tile_top` across tiles.
+    """
+    v = torch.cat([best, v], 1)
+    ix = torch.cat([best_idx, ix], 1)
+    v, sel = torch.sort(v, dim=1, descending=True, stable=True)
+    best.copy_(v[:, :k])
+    best_idx.copy_(ix.gather(1, sel[:, :k]))
+
+
+def _release_cached(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _retry_on_oom(run: Callable, shrink: Callable[[], str | None], device, what: str):
+    """``run()``; after a ``torch.OutOfMemoryError`` shrink the tiles and run it again.
+
+    ``shrink()`` halves the tiles (results do not depend on them) and describes the new
+    size, or returns ``None`` at the floor, where the error is re-raised with advice.
+    """
+    while True:
+        try:
+            return run()
+        except torch.OutOfMemoryError as err:
+            smaller = shrink()
+            if smaller is None:
+                raise torch.OutOfMemoryError(
+                    f"{what} ran out of memory on {device} even with the smallest tiles "
+                    f"({_OOM_MIN_SIDE} per side): free memory on the device (other processes, "
+                    f"tensors held by the caller) or compute on another device. "
+                    f"Original error: {err}"
+                ) from err
+        # the failed attempt's tiles are unreachable once the except block is left
+        _release_cached(torch.device(device))
+        warnings.warn(
+            f"{what}: out of memory on {device}; retrying with {smaller} "
+            "(results do not depend on the tile size)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+# --------------------------------------------------------------------------------------------
 # sweeps
 # --------------------------------------------------------------------------------------------
 
 
+def _tile_sums(p: _Problem, buf, tmp, j0: int, j1: int, k: int, mask, both: bool):
+    """Row (and, for ``both``, column) sums of ``exp`` of one tile's exponents for ``h_k``.
+
+    Compiled (one fused pass, no clamp) when :class:`_Epilogue` is wanted and works, else
+    eager in place in ``buf``/``tmp`` (clamped at the floor off CUDA). Both agree to ~1e-15.
+    """
+    if p.fused:
+        fn = _Epilogue.get()
+        if fn is not None:
+            lw = p.lw[j0:j1] if p.lw is not None and not p.fold_lw else None
+            try:
+                return fn(buf, p.scale_tensors[k], lw, mask, both)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as err:  # compilation failed: eager from now on
+                _Epilogue.disable(err)
+                p.fused = False
+    t = p.terms(buf, tmp, j0, j1, k)
+    if p.clamp:
+        t.clamp_(min=p.floor)
+    t.exp_()
+    if mask is not None:
+        t.masked_fill_(mask, 0.0)
+    return t.sum(1), (t.sum(0) if both else None)
+
+
 def _sweep_plain(p: _Problem, progress) -> KernelSums:
-    """Unshifted, floor-clamped sums; optional exact top-k; triangular when ``x is y``."""
+    """Unshifted sums (clamped at the floor off CUDA); optional exact top-k; triangular
+    when ``x is y``."""
     n_h = len(p.hs)
     dev = p.device
     sums = torch.zeros(p.n, n_h, dtype=p.acc, device=dev)
@@ -560,25 +807,18 @@ def _sweep_plain(p: _Problem, progress) -> KernelSums:
             tmp = _view(tmp_storage, i1 - i0, j1 - j0)
             p.exponent_tile(i0, i1, j0, j1, xr, xraw, p.cols(j0, j1), buf)
             if k_nn:
-                v, ix = torch.topk(buf, min(k_nn, j1 - j0), dim=1)
-                v = torch.cat([best[i0:i1], v], 1)
-                ix = torch.cat([best_idx[i0:i1], ix + j0], 1)
-                v, sel = torch.topk(v, k_nn, dim=1)
-                best[i0:i1] = v
-                best_idx[i0:i1] = ix.gather(1, sel)
+                v, ix = _tile_top(buf, min(k_nn, j1 - j0))
+                _merge_top(best[i0:i1], best_idx[i0:i1], v, ix.add_(j0), k_nn)
             if not p.want_sums:
                 continue
             mask = p.group_mask(i0, i1, j0, j1)
             both = p.same and j0 != i0  # off-diagonal tile of a symmetric sweep
             row_parts, col_parts = [], []
             for k in range(n_h):
-                t = p.terms(buf, tmp, j0, j1, k)
-                t.clamp_(min=p.floor).exp_()
-                if mask is not None:
-                    t.masked_fill_(mask, 0.0)
-                row_parts.append(t.sum(1))
+                row, col = _tile_sums(p, buf, tmp, j0, j1, k, mask, both)
+                row_parts.append(row)
                 if both:
-                    col_parts.append(t.sum(0))
+                    col_parts.append(col)
             sums[i0:i1] += torch.stack(row_parts, 1)
             if both:
                 sums[j0:j1] += torch.stack(col_parts, 1)
@@ -614,7 +854,10 @@ def _sweep_shifted(p: _Problem) -> torch.Tensor:
                 if mask is not None:
                     t.masked_fill_(mask, lowest)  # finite: keeps the rescale factors NaN-free
                 new_max = torch.maximum(run_max[:, k], t.amax(1))
-                t.sub_(new_max[:, None]).clamp_(min=p.floor).exp_()
+                t.sub_(new_max[:, None])
+                if p.clamp:
+                    t.clamp_(min=p.floor)
+                t.exp_()
                 if mask is not None:
                     t.masked_fill_(mask, 0.0)
                 rescale = torch.exp((run_max[:, k] - new_max).to(p.acc))
@@ -625,18 +868,26 @@ def _sweep_shifted(p: _Problem) -> torch.Tensor:
 
 
 def _forward(p: _Problem, progress: Progress) -> KernelSums:
-    """Plain sweep, then the shifted sweep for the rows whose sums are too small."""
+    """Plain sweep, then the shifted sweep for the rows whose sums are too small.
+
+    Each sweep is redone with smaller tiles after an out-of-memory error.
+    """
     callback, bar = _progress_callback(progress, p.n, "kernel sums")
     try:
         with full_precision(), torch.no_grad():
-            res = _sweep_plain(p, callback)
+            res = _retry_on_oom(
+                lambda: _sweep_plain(p, callback), p.shrink, p.device, "kernel sums"
+            )
             log_p = res.log_p
             if not p.want_sums:
                 return res
             threshold = p.floor + math.log(p.m) - math.log(p.eps)
             far = (log_p < threshold).any(1).nonzero().squeeze(1)  # the one host sync
             if far.numel() > 0:
-                log_p[far] = _sweep_shifted(p.subset_rows(far))
+                sub = p.subset_rows(far)
+                log_p[far] = _retry_on_oom(
+                    lambda: _sweep_shifted(sub), sub.shrink, p.device, "kernel sums (far rows)"
+                )
             log_p += p.lw_max
     finally:
         if bar is not None:
@@ -679,7 +930,10 @@ def _backward(p: _Problem, log_p: torch.Tensor, grad: torch.Tensor, need: Sequen
             mask = p.group_mask(i0, i1, j0, j1)
             if not p.multi:
                 t = p.terms(buf, tmp, j0, j1, 0)
-                t.sub_(lp[i0:i1, :1]).clamp_(min=p.floor).exp_()
+                t.sub_(lp[i0:i1, :1])
+                if p.clamp:
+                    t.clamp_(min=p.floor)
+                t.exp_()
                 if mask is not None:
                     t.masked_fill_(mask, 0.0)
                 v = w = t.mul_(g[i0:i1, :1])  # V = grad * P, W = c0 * V
@@ -689,7 +943,10 @@ def _backward(p: _Problem, log_p: torch.Tensor, grad: torch.Tensor, need: Sequen
                 v = _view(v_storage, i1 - i0, j1 - j0).zero_() if need_w else None
                 for k in range(n_h):
                     t = p.terms(buf, tmp, j0, j1, k)
-                    t.sub_(lp[i0:i1, k : k + 1]).clamp_(min=p.floor).exp_()
+                    t.sub_(lp[i0:i1, k : k + 1])
+                    if p.clamp:
+                        t.clamp_(min=p.floor)
+                    t.exp_()
                     if mask is not None:
                         t.masked_fill_(mask, 0.0)
                     t.mul_(g[i0:i1, k : k + 1])
@@ -726,8 +983,11 @@ class _LogKernelSumFn(torch.autograd.Function):
     def backward(ctx, grad, *_ignored):
         (log_p,) = ctx.saved_tensors
         p: _Problem = ctx.problem
+        need = ctx.needs_input_grad[:3]
         with full_precision(), torch.no_grad():
-            gx, gy, gw = _backward(p, log_p, grad, ctx.needs_input_grad[:3])
+            gx, gy, gw = _retry_on_oom(
+                lambda: _backward(p, log_p, grad, need), p.shrink, p.device, "kernel-sum backward"
+            )
         return (
             None if gx is None else gx.to(p.xs.dtype),
             None if gy is None else gy.to(p.ys.dtype),
@@ -955,6 +1215,8 @@ def _nearest_neighbors(
     xt = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x)).to(dev)
     yg = _gather_rows(y, idx, dev, out_dtype)  # [n_x, n, d]
     dist = (xt.to(out_dtype)[:, None, :] - yg).square().sum(-1).sqrt()
+    idx, by_index = idx.sort(dim=1)  # exact ties in distance: lower index first
+    dist = dist.gather(1, by_index)
     order = dist.detach().argsort(dim=1, stable=True)
     return dist.gather(1, order), idx.gather(1, order)
 
@@ -1005,9 +1267,10 @@ def _first_match_within(
     limit = -0.5 * tol * tol
     dev = p.device
     big = p.m
-    first = torch.full((p.n,), big, dtype=torch.long, device=dev)
-    (storage,) = p.buffers(1)
-    with full_precision(), torch.no_grad():
+
+    def sweep() -> torch.Tensor:
+        first = torch.full((p.n,), big, dtype=torch.long, device=dev)
+        (storage,) = p.buffers(1)
         for i0 in range(0, p.n, p.tm):
             i1 = min(i0 + p.tm, p.n)
             xr, xraw = p.rows(i0, i1)
@@ -1021,6 +1284,10 @@ def _first_match_within(
                     hit &= cols[None, :] < torch.arange(i0, i1, device=dev)[:, None]
                 cand = torch.where(hit, cols[None, :], big).amin(1)
                 torch.minimum(first[i0:i1], cand, out=first[i0:i1])
+        return first
+
+    with full_precision(), torch.no_grad():
+        first = _retry_on_oom(sweep, p.shrink, dev, "first_match_within")
     first[first == big] = -1
     return first
 
@@ -1482,25 +1749,40 @@ class RunningLogKernelSum:
             ],
             1,
         ).to(self.dtype)
-        n = self.x_aug_t.shape[1]
-        cols = self._cols_per_tile(y.shape[0])
-        cpu = self.device.type == "cpu"
+        m = y.shape[0]
+
+        def shrink() -> str | None:  # halve the columns per tile (and keep the budget)
+            cols = self._cols_per_tile(m)
+            if cols <= _OOM_MIN_SIDE:
+                return None
+            while self._cols_per_tile(m) > cols // 2 and self.budget > 1:
+                self.budget //= 2
+            return f"{self._cols_per_tile(m)}-column tiles"
+
         with full_precision():
-            for j0 in range(0, n, cols):
-                j1 = min(j0 + cols, n)
-                e = torch.mm(y_aug, self.x_aug_t[:, j0:j1]).clamp_(max=0.0)  # [m, cols] <= 0
-                e = e.to(torch.float64)
-                if not cpu:
-                    out[j0:j1] = torch.logsumexp(e, 0)
-                    continue
-                # CPU: exp and sum without the max shift (one pass fewer); the exponents are
-                # <= 0, so only columns whose every term underflows need the shifted form
-                sums = e.exp().sum(0)
-                out[j0:j1] = sums.log()
-                low = sums < 1e-290
-                if bool(low.any()):
-                    out[j0:j1][low] = torch.logsumexp(e[:, low], 0)
+            _retry_on_oom(
+                lambda: self._log_sum_tiles(y_aug, out), shrink, self.device, "running kernel sum"
+            )
         return out
+
+    def _log_sum_tiles(self, y_aug: torch.Tensor, out: torch.Tensor) -> None:
+        n = self.x_aug_t.shape[1]
+        cols = self._cols_per_tile(y_aug.shape[0])
+        cpu = self.device.type == "cpu"
+        for j0 in range(0, n, cols):
+            j1 = min(j0 + cols, n)
+            e = torch.mm(y_aug, self.x_aug_t[:, j0:j1]).clamp_(max=0.0)  # [m, cols] <= 0
+            e = e.to(torch.float64)
+            if not cpu:
+                out[j0:j1] = torch.logsumexp(e, 0)
+                continue
+            # CPU: exp and sum without the max shift (one pass fewer); the exponents are
+            # <= 0, so only columns whose every term underflows need the shifted form
+            sums = e.exp().sum(0)
+            out[j0:j1] = sums.log()
+            low = sums < 1e-290
+            if bool(low.any()):
+                out[j0:j1][low] = torch.logsumexp(e[:, low], 0)
 
     def add(self, y: torch.Tensor) -> None:
         """Fold the references ``y [m, d]`` into ``log_k``."""

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
 
+from quests_torch import kde
 from quests_torch.kde import (
+    RunningLogKernelSum,
     first_match_within,
     full_precision,
     kernel_pass,
@@ -34,6 +38,13 @@ def max_rel(a, b):
     a = torch.as_tensor(a, dtype=torch.float64)
     b = torch.as_tensor(b, dtype=torch.float64)
     return float(((a - b).abs() / b.abs()).max())
+
+
+def log_err(log_a, log_b):
+    """Error of log p: absolute where |log p| < 1 (relative error of p), else relative."""
+    a = torch.as_tensor(log_a, dtype=torch.float64)
+    b = torch.as_tensor(log_b, dtype=torch.float64)
+    return float(((a - b).abs() / b.abs().clamp(min=1.0)).max())
 
 
 # ---------------------------------------------------------------------------- parity
@@ -378,3 +389,305 @@ def test_weighted_self_sums_far_fallback(cu):
     for tile in (None, 7):
         got = log_kernel_sum(x, x, 0.015, log_weights=log_w, tile_size=tile)
         assert (got - expected).abs().max() < 1e-9
+
+
+# ---------------------------------------------------------------------------- out of memory
+
+
+@pytest.fixture
+def inject_oom(monkeypatch):
+    """Make chosen calls of the tile GEMM (``_Problem.exponent``) raise an OOM error.
+
+    Returns a dict: ``fail`` (set of call numbers, or ``"always"``) and ``calls`` (count).
+    """
+    state = {"fail": {0}, "calls": 0}
+    original = kde._Problem.exponent
+
+    def exponent(self, *args, **kwargs):
+        n = state["calls"]
+        state["calls"] += 1
+        if state["fail"] == "always" or n in state["fail"]:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected by the test)")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(kde._Problem, "exponent", exponent)
+    return state
+
+
+def test_oom_is_constructible_on_cpu_builds():
+    assert issubclass(torch.OutOfMemoryError, RuntimeError)
+    assert "x" in str(torch.OutOfMemoryError("x"))
+
+
+@pytest.mark.parametrize("case", ["self", "cross_weights_multi_h", "nearest"])
+def test_oom_retry_halves_tiles_same_result(cu, inject_oom, case):
+    x = cu["all"]
+    log_w = torch.linspace(-2.0, 1.0, x.shape[0], dtype=torch.float64)
+
+    def run(**kw):
+        if case == "self":
+            return kernel_pass(x, x, **kw).log_p[:, None]
+        if case == "cross_weights_multi_h":
+            return kernel_pass(cu["query"], x, [0.01, 0.02], log_weights=log_w, **kw).log_p
+        res = kernel_pass(cu["query"], x, n_nearest=3, **kw)
+        return torch.cat([res.log_p[:, None], res.nearest_sq_dist, res.nearest_index], 1)
+
+    inject_oom["fail"] = set()
+    expected = run()  # default CPU tiles: 1024 x 1024
+    rows = min(1024, x.shape[0] if case == "self" else cu["query"].shape[0]) // 2
+    halved = run(tile_size=(rows, 512))
+    inject_oom["fail"], inject_oom["calls"] = {1}, 0  # fails mid-sweep, after partial sums
+    with pytest.warns(RuntimeWarning, match=f"out of memory.*retrying with {rows} x 512 tiles"):
+        got = run()
+    assert torch.equal(got, halved)  # the whole sweep was redone with the halved tiles
+    assert max_rel(got[:, 0], expected[:, 0]) < 1e-12
+    if case == "nearest":
+        assert max_rel(got[:, 1:4], expected[:, 1:4]) < 1e-12
+        assert torch.equal(got[:, 4:], expected[:, 4:])
+
+
+def test_oom_retry_in_backward(cu, inject_oom):
+    x = cu["query"][:60].clone().requires_grad_(True)
+    y = cu["all"][::4].clone().requires_grad_(True)
+    inject_oom["fail"] = set()
+    log_kernel_sum(x, y, tile_size=128).sum().backward()
+    expected = x.grad.clone(), y.grad.clone()
+    x.grad = y.grad = None
+    lp = log_kernel_sum(x, y, tile_size=128)
+    inject_oom["fail"], inject_oom["calls"] = {1}, 0  # the second tile of the backward
+    with pytest.warns(RuntimeWarning, match="kernel-sum backward.*30 x 64 tiles"):
+        lp.sum().backward()
+    for got, want in zip((x.grad, y.grad), expected, strict=True):  # tiny entries cancel
+        assert (got - want).abs().max() < 1e-12 * want.abs().max()
+
+
+def test_oom_retry_first_match_and_running_sum(cu, inject_oom, monkeypatch):
+    x = cu["solid"][:300]
+    dup = torch.cat([x, x[[5, 0]] + 1e-7])
+    inject_oom["fail"] = set()
+    expected = first_match_within(dup, tol=1e-5, tile_size=128)
+    inject_oom["fail"], inject_oom["calls"] = {3}, 0
+    with pytest.warns(RuntimeWarning, match="first_match_within"):
+        assert torch.equal(first_match_within(dup, tol=1e-5, tile_size=128), expected)
+
+    running = RunningLogKernelSum(cu["all"], 0.015)
+    reference = running.log_sum(x)
+    original = RunningLogKernelSum._log_sum_tiles
+    calls = []
+
+    def tiles(self, *args):
+        calls.append(self._cols_per_tile(x.shape[0]))
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("injected")
+        return original(self, *args)
+
+    monkeypatch.setattr(RunningLogKernelSum, "_log_sum_tiles", tiles)
+    with pytest.warns(RuntimeWarning, match="running kernel sum"):
+        got = running.log_sum(x)
+    assert calls[1] <= calls[0] // 2
+    assert max_rel(got, reference) < 1e-12
+
+
+def test_oom_gives_up_below_the_floor(cu, inject_oom):
+    inject_oom["fail"] = "always"
+    with (
+        pytest.warns(RuntimeWarning, match="retrying"),
+        pytest.raises(torch.OutOfMemoryError, match="even with the smallest tiles"),
+    ):
+        log_kernel_sum(cu["query"], cu["all"])
+    # 1024 -> 512 -> 256 -> 128 -> 64 tiles, then the clear error
+    assert inject_oom["calls"] == 5
+
+
+# ---------------------------------------------------------------------------- block top-k
+
+
+def _stable_top(a, k):
+    v, ix = torch.sort(a, dim=1, descending=True, stable=True)
+    return v[:, :k], ix[:, :k]
+
+
+@pytest.mark.parametrize("width", [1, 5, 37, 300, 1000, 1024, 4099])
+@pytest.mark.parametrize("k", [1, 3, 8, 40])
+def test_tile_top_is_exact_with_ties(width, k, device):
+    k = min(k, width)
+    gen = torch.Generator().manual_seed(width * 100 + k)
+    for levels, dtype in ((7, torch.float64), (200, torch.float64), (50, torch.float32)):
+        a = torch.randint(-levels, 1, (33, width), generator=gen).to(dtype)  # many ties
+        a[0] = 0.0  # a row that is one big tie
+        v_ref, ix_ref = _stable_top(a, k)
+        v, ix = kde._tile_top(a.to(device), k)
+        assert torch.equal(v.cpu(), v_ref) and torch.equal(ix.cpu(), ix_ref)
+        # a strided view of a wider buffer, as in the sweeps
+        wide = torch.zeros(33, width + 3, dtype=dtype, device=device)
+        wide[:, :width] = a.to(device)
+        v2, ix2 = kde._tile_top(wide[:, :width], k)
+        assert torch.equal(v2.cpu(), v_ref) and torch.equal(ix2.cpu(), ix_ref)
+
+
+def _old_top_n(expo, k, tn):
+    """The implementation before the block pre-selection: torch.topk per tile, merged."""
+    best = torch.full((expo.shape[0], k), -torch.inf, dtype=expo.dtype)
+    best_idx = torch.full((expo.shape[0], k), -1)
+    for j0 in range(0, expo.shape[1], tn):
+        v, ix = torch.topk(expo[:, j0 : j0 + tn], min(k, expo.shape[1] - j0), dim=1)
+        v, sel = torch.topk(torch.cat([best, v], 1), k, dim=1)
+        best, best_idx = v, torch.cat([best_idx, ix + j0], 1).gather(1, sel)
+    return best, best_idx
+
+
+@pytest.mark.parametrize("tile", [None, 64, (50, 300), 1000])
+@pytest.mark.parametrize("k", [1, 3, 12])
+def test_nearest_exact_with_ties_against_previous_topk(tile, k):
+    """Dyadic data (every distance exact in float64): many exact ties, same values as the
+    previous torch.topk implementation, ties resolved to the lowest reference index."""
+    gen = torch.Generator().manual_seed(k)
+    grid = torch.randint(-8, 9, (40, 5), generator=gen).double() / 8
+    y = grid[torch.randint(0, 40, (2048,), generator=gen)]  # duplicated rows: exact ties
+    x = torch.randint(-8, 9, (300, 5), generator=gen).double() / 8
+    sq = (x[:, None, :] - y[None, :, :]).square().sum(-1)  # exact
+    res = kernel_pass(x, y, 0.5, n_nearest=k, tile_size=tile)
+    order = torch.sort(sq, dim=1, stable=True).indices[:, :k]  # (distance, index) order
+    assert torch.equal(res.nearest_index, order)
+    assert torch.equal(res.nearest_sq_dist, sq.gather(1, order))
+    old_v, old_i = _old_top_n(-sq / 2, k, 1024)
+    assert torch.equal(-2 * old_v, res.nearest_sq_dist)  # same values as before
+    assert torch.equal(sq.gather(1, old_i), res.nearest_sq_dist)  # ties: same distances
+    # nearest_neighbors uses h = 0.015 (inexact scale): ties between distinct rows are
+    # then decided by rounding, but the distances are the exact k smallest, ties in index order
+    dist, idx = nearest_neighbors(x, y, k, tile_size=tile)
+    assert torch.equal(dist, sq.gather(1, order).sqrt())
+    assert torch.equal(sq.gather(1, idx).sqrt(), dist)
+    tied = dist[:, 1:] == dist[:, :-1]
+    assert bool((idx[:, 1:][tied] > idx[:, :-1][tied]).all())
+
+
+def test_nearest_neighbors_random_unchanged(cu):
+    """No ties: identical indices to the previous implementation, block path included."""
+    x, y = cu["query"], torch.cat([cu["all"], cu["all"][:800] * 1.01])  # 1024-wide tiles
+    expo = -torch.cdist(x, y).square() / 2
+    for k in (1, 3, 30):
+        _, old_i = _old_top_n(expo, k, 1024)
+        res = kernel_pass(x, y, n_nearest=k)
+        assert torch.equal(res.nearest_index, old_i)
+
+
+# ---------------------------------------------------------------------------- tile epilogue
+
+
+@pytest.fixture
+def fresh_epilogue(monkeypatch):
+    """A clean compiled-epilogue state (restored after the test)."""
+    monkeypatch.setattr(kde._Epilogue, "fn", None)
+    monkeypatch.setattr(kde._Epilogue, "failed", False)
+    monkeypatch.delenv("QUESTS_TORCH_COMPILE", raising=False)
+
+
+def test_compile_switch(fresh_epilogue, monkeypatch):
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert kde._Epilogue.wanted(cuda) and not kde._Epilogue.wanted(cpu)
+    monkeypatch.setenv("QUESTS_TORCH_COMPILE", "0")
+    assert not kde._Epilogue.wanted(cuda) and not kde._Epilogue.wanted(cpu)
+    monkeypatch.setenv("QUESTS_TORCH_COMPILE", "1")
+    assert kde._Epilogue.wanted(cuda) and kde._Epilogue.wanted(cpu)
+
+
+@pytest.mark.parametrize("where", ["compile", "call"])
+def test_compile_failure_falls_back_to_eager(cu, fresh_epilogue, monkeypatch, where):
+    x = cu["all"][::2]
+    expected = log_kernel_sum(x, x, [0.015, 0.03])
+    monkeypatch.setenv("QUESTS_TORCH_COMPILE", "1")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("inductor: no working C++ compiler (simulated)")
+
+    if where == "compile":
+        monkeypatch.setattr(torch, "compile", broken)
+    else:
+        monkeypatch.setattr(torch, "compile", lambda fn, **kw: broken)
+    with pytest.warns(RuntimeWarning, match="eager path"):
+        got = log_kernel_sum(x, x, [0.015, 0.03])
+    assert torch.equal(got, expected)
+    assert kde._Epilogue.failed and not kde._Epilogue.wanted(torch.device("cuda"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning: eager from now on
+        assert torch.equal(log_kernel_sum(x, x, [0.015, 0.03]), expected)
+
+
+def test_unclamped_exp_matches_clamped(cu, monkeypatch):
+    """The CUDA path drops the clamp: same results to 1e-12, far rows and zero weights too."""
+    y = cu["solid"]
+    far = torch.cat([y[:3] + 0.5, y[3:6] + 10.0, y[6:8] + 0.05, cu["query"][:40]])
+    log_w = torch.randn(y.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    log_w[::5] = -torch.inf
+    xg = far.clone().requires_grad_(True)
+
+    def run():
+        out = [
+            log_kernel_sum(cu["all"], cu["all"]),
+            log_kernel_sum(far, y, [0.015, 0.5]),
+            log_kernel_sum(far, y, 0.02, log_weights=log_w),
+            log_kernel_sum(far.float(), y.float()).double(),
+        ]
+        xg.grad = None
+        log_kernel_sum(xg, y, [0.01, 0.03]).sum().backward()
+        return out, xg.grad.clone()
+
+    clamped, g_clamped = run()
+
+    class Unclamped(kde._Problem):  # built as on CUDA: no clamp at the floor before exp
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.clamp = False
+
+    monkeypatch.setattr(kde, "_Problem", Unclamped)
+    free, g_free = run()
+    for a, b, tol in zip(clamped, free, [1e-12, 1e-12, 1e-12, 1e-6], strict=True):
+        assert torch.isfinite(b).all()
+        assert log_err(b, a) < tol
+    assert max_rel(g_free, g_clamped) < 1e-12
+
+
+def _exp_sums_cases():
+    gen = torch.Generator().manual_seed(3)
+    a = -torch.rand(300, 170, dtype=torch.float64, generator=gen) * 900  # far tail included
+    lw = -torch.rand(170, dtype=torch.float64, generator=gen) * 5
+    mask = torch.rand(300, 170, generator=gen) < 0.3
+    scale = torch.tensor(0.7, dtype=torch.float64)
+    return a, [(None, None, None, True), (scale, lw, None, False), (None, None, mask, True)]
+
+
+@pytest.mark.slow
+def test_compiled_epilogue_matches_eager(cu, fresh_epilogue, monkeypatch):
+    """torch.compile of the tile epilogue on the CPU: same sums to 1e-12 (compiles in
+    ~15-90 s on the 2-core CPU, hence slow)."""
+    a, cases = _exp_sums_cases()
+    compiled = torch.compile(kde._exp_sums, fullgraph=True)
+    for scale, lw, mask, both in cases:
+        ref_row, ref_col = kde._exp_sums(a, scale, lw, mask, both)
+        row, col = compiled(a, scale, lw, mask, both)
+        assert max_rel(row, ref_row) < 1e-12
+        if both:
+            assert max_rel(col, ref_col) < 1e-12
+    x, y = cu["all"], cu["solid"]
+    far = torch.cat([y[:3] + 0.5, cu["query"]])
+    log_w = torch.linspace(-3.0, 0.0, y.shape[0], dtype=torch.float64)
+    runs = [
+        lambda: log_kernel_sum(x, x),
+        lambda: log_kernel_sum(far, y, [0.015, 0.5], log_weights=log_w),
+        lambda: log_kernel_sum(x.float(), x.float()).double(),
+    ]
+    eager = [r() for r in runs]
+    monkeypatch.setenv("QUESTS_TORCH_COMPILE", "1")
+    calls = []
+    original = kde._Epilogue.get
+
+    def counted():
+        fn = original()
+        return None if fn is None else (lambda *args: calls.append(1) or fn(*args))
+
+    monkeypatch.setattr(kde._Epilogue, "get", counted)
+    fused = [r() for r in runs]
+    assert calls and not kde._Epilogue.failed
+    for a_, b_, tol in zip(eager, fused, [1e-12, 1e-12, 1e-6], strict=True):
+        assert log_err(b_, a_) < tol
