@@ -491,6 +491,17 @@ def timings(rep: Report, peak: dict, scale: int) -> None:
         b = AtomsBatch.from_ase(md, device=DEV)
         t, _ = timed(lambda: bank(b.positions, b.cell, b.pbc), repeats=50, warmup=5)
         rec["md_step_256_atoms_vs_5120_ms"] = round(t * 1e3, 3)
+        t, y = timed(lambda: bank.descriptors_of(b.positions, b.cell, b.pbc), repeats=50, warmup=5)
+        rec["md_step_descriptors_only_ms"] = round(t * 1e3, 3)
+        t, _ = timed(lambda: bank.prepared().log_kernel_sum(y, check_finite=False), repeats=50)
+        rec["md_step_dh_prepared_only_ms"] = round(t * 1e3, 3)
+        t, _ = timed(lambda: metrics.delta_entropy(y, bank.descriptors, bank.h), repeats=50)
+        rec["md_step_dh_general_path_ms"] = round(t * 1e3, 3)
+        idx = torch.arange(100, device=DEV).repeat_interleave(32)
+        t, _ = timed(
+            lambda: metrics.entropy_per_structure(bank.descriptors[:3200], idx), repeats=20
+        )
+        rec["entropy_per_structure_100x32_ms"] = round(t * 1e3, 3)
         s = max(3, round(29 / scale ** (1 / 3)))
         big = fcc((s, s, s), stdev=0.1, seed=12)  # 97,556 atoms at scale 1
         bb = AtomsBatch.from_ase(big, device=DEV)
@@ -507,6 +518,51 @@ def timings(rep: Report, peak: dict, scale: int) -> None:
             warmup=1,
         )
         rec["batch_vs_100k_with_forces_seconds"] = round(t, 4)
+
+
+def epilogue(rep: Report, peak: dict, scale: int) -> None:
+    """Eager vs torch.compile'd tile epilogue, tile caps, block top-n vs torch.topk."""
+    from quests_torch import kde
+
+    g = torch.Generator(DEV).manual_seed(0)
+    n = 500_000 // scale
+    centres = 0.02 * torch.randn(1000, D, dtype=torch.float64, device=DEV, generator=g)
+    pick = torch.randint(0, 1000, (n,), device=DEV, generator=g)
+    x = centres[pick] + 1e-3 * torch.randn(n, D, dtype=torch.float64, device=DEV, generator=g)
+    with rep.section("kernel_epilogue") as rec:
+        rec["n"] = n
+        values = {}
+        for mode in ("0", "1"):
+            os.environ["QUESTS_TORCH_COMPILE"] = mode
+            t0 = time.perf_counter()
+            kde.log_kernel_sum(x[:20000], x[:20000])
+            sync()
+            rec[f"first_call_compile{mode}_s"] = round(time.perf_counter() - t0, 2)
+            for dtype in (torch.float64, torch.float32):
+                tag = f"compile{mode}_{str(dtype)[6:]}"
+                t, v = timed(lambda dtype=dtype: kde.log_kernel_sum(x, x, dtype=dtype), warmup=1)
+                rec[f"entropy_{tag}_s"] = round(t, 3)
+                rec[f"entropy_{tag}_gemm_fraction"] = round(
+                    n * n / 2 * 2 * (D + 2) / t / peak[str(dtype)], 4
+                )
+                values[(mode, dtype)] = v
+        for dtype in (torch.float64, torch.float32):
+            diff = (values[("0", dtype)] - values[("1", dtype)]).abs().max()
+            rec[f"max_dlogp_compiled_vs_eager_{str(dtype)[6:]}"] = float(diff)
+        rec["epilogue_failed"] = str(kde._Epilogue.failed) if hasattr(kde, "_Epilogue") else None
+        os.environ.pop("QUESTS_TORCH_COMPILE", None)
+        t, _ = timed(lambda: kde.log_kernel_sum(x, x, tile_size=16384), warmup=1)
+        rec["entropy_f64_tile16384_s"] = round(t, 3)
+        tile = -100 * torch.rand(8192, 8192, dtype=torch.float64, device=DEV, generator=g)
+        for k in (3, 8):
+            t, ref = timed(lambda k=k: torch.topk(tile, k, dim=1), repeats=5, warmup=1)
+            rec[f"topk_8192sq_k{k}_ms"] = round(t * 1e3, 3)
+            t, got = timed(lambda k=k: kde._tile_top(tile, k), repeats=5, warmup=1)
+            rec[f"tile_top_8192sq_k{k}_ms"] = round(t * 1e3, 3)
+            rec[f"tile_top_equal_k{k}"] = bool(torch.equal(got[0], ref.values))
+        q = x[: 2_000_000 // scale // 4].repeat(4, 1)
+        t, _ = timed(lambda: kde.nearest_neighbors(q, x[: 100_000 // scale], 3), warmup=1)
+        rec["nearest_2m_vs_100k_n3_s"] = round(t, 3)
 
 
 def main(argv=None) -> int:
@@ -554,6 +610,7 @@ def main(argv=None) -> int:
         run_tests(rep, min(args.test_timeout, max(30.0, rep.left() - 240)))
     if not args.skip_timings and peak:
         timings(rep, peak, args.scale)
+        epilogue(rep, peak, args.scale)
     rep.save()
     bad = [k for k, v in rep.data["sections"].items() if v.get("status") in ("error", "failed")]
     print(f"gpu_check: {len(rep.data['sections'])} sections, problems: {bad or 'none'}")
