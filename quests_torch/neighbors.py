@@ -364,6 +364,7 @@ def find_neighbor_pairs(
         else:
             dense = cost <= DENSE_MAX_CANDIDATES
         vesin = ~dense
+        dense = dense & (counts > 0)  # a structure may have no atoms in a sub-batch
         if skip is not None:
             dense = dense & ~skip
             vesin = vesin & ~skip
