@@ -266,7 +266,7 @@ def plan_grids(
         full, pbc = full[which], pbc[which]
     # from here structures are positions in `chosen`
     pos = positions.detach()[atoms].to(torch.float64)
-    inv = torch.linalg.inv(full)
+    inv = torch.linalg.inv_ex(full).inverse  # checked non-singular: no error-check sync
     frac = torch.einsum("ni,nij->nj", pos, inv[loc])  # pos = frac @ full
     wrap = torch.where(pbc[loc], torch.floor(frac), torch.zeros_like(frac))
     frac = frac - wrap
