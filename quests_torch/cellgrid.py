@@ -55,8 +55,7 @@ MAX_PADDING = 3.0
 #: selection work per bin grows as the square of the padded occupancy)
 GROUP_OCCUPANCY_RATIO = 1.25
 _FAR = 1e6  # Å: where padding slots sit (farther than any real atom plus the cutoff)
-_OFFSETS = torch.cartesian_prod(*[torch.tensor([-1, 0, 1])] * 3)  # [27, 3], zero at index 13
-_ZERO_OFFSET = 13
+_ZERO_OFFSET = 13  # of the 27 offsets of a bin's neighbours, the bin itself
 _PACK = torch.tensor([float(1 << 22), float(1 << 11), 1.0], dtype=torch.float64)
 _EMPTY_KEY = torch.iinfo(torch.int64).max
 
@@ -394,7 +393,9 @@ def _group_grid(plan: _Plan, members: np.ndarray) -> Grid:
         ],
         dim=1,
     )  # [c, 3]
-    u = cb[:, None, :] + _OFFSETS.to(device)[None]  # [c, 27, 3]
+    # the offsets -1, 0, 1 per direction, made on the device (a copy of a CPU constant syncs)
+    offsets = torch.cartesian_prod(*[torch.arange(-1, 2, device=device)] * 3)  # [27, 3]
+    u = cb[:, None, :] + offsets[None]  # [c, 27, 3]
     nbt = nb_c[:, None, :]
     per = plan.pbc[owner_d][:, None, :]
     img = torch.where(per, torch.div(u, nbt, rounding_mode="floor"), torch.zeros_like(u))
@@ -497,8 +498,10 @@ def select_block(grid: Grid, bins: slice, k: int, cutoff: float) -> Selection:
     rhs[:, 3] = 1.0
     rhs[:, 4] = sq_norm3(cand_t, dim=1).mul_(scale).add_(0.5)
     v = torch.bmm(lhs, rhs)  # [c, P, W]
-    diag = torch.arange(P, device=v.device)
-    v[:, diag, _ZERO_OFFSET * P + diag] = limit  # an atom is not its own neighbour
+    # an atom is not its own neighbour (fill_: an index_put of a Python number copies it to
+    # the device, a sync)
+    own_bin = v[:, :, _ZERO_OFFSET * P : (_ZERO_OFFSET + 1) * P]
+    own_bin.diagonal(dim1=1, dim2=2).fill_(limit)
     # keys: the quantised level (floor of s d2 + 1/2; the cutoff and beyond share one level),
     # then the candidate slot, all distinct, which topk handles much faster than runs of equal
     # values. Built in place on the float64 bits: for 0 <= x the bit patterns order like the

@@ -144,12 +144,19 @@ class AtomsBatch:
         pbc = np.stack([np.asarray(a.pbc, dtype=bool) for a in structures])
         system_idx = np.repeat(np.arange(len(structures), dtype=np.int64), counts)
         dev = resolve_device(device)
+
+        def put(values: np.ndarray, dt: torch.dtype | None = None) -> torch.Tensor:
+            t = torch.as_tensor(values, dtype=dt)
+            if dev.type == "cuda":  # from pinned memory: no synchronising pageable copy
+                return t.pin_memory().to(dev, non_blocking=True)
+            return t.to(dev)
+
         return cls(
-            positions=torch.as_tensor(positions, dtype=dtype, device=dev),
-            cell=torch.as_tensor(cell, dtype=dtype, device=dev),
-            pbc=torch.as_tensor(pbc, device=dev),
-            system_idx=torch.as_tensor(system_idx, device=dev),
-            numbers=torch.as_tensor(numbers, dtype=torch.int64, device=dev),
+            positions=put(positions, dtype),
+            cell=put(cell, dtype),
+            pbc=put(pbc),
+            system_idx=put(system_idx),
+            numbers=put(numbers, torch.int64),
         )
 
     def to_ase(self) -> list:
