@@ -27,8 +27,13 @@ or vesin-torch) and a per-atom top-k over it. Larger structures use the fused ce
 selection of :mod:`quests_torch.cellgrid`, which picks the k nearest straight from blocks of
 bins without building the pair list.
 
+The grid path is batched: every gridded structure of a batch is binned at once (bins keyed
+by structure and bin, structures grouped by fullest bin), so a batch of many mid-size cells
+costs a fixed number of tensor ops and host syncs, not a number per structure.
+
 Everything here is differentiable with respect to positions and cell; atoms are processed in
-chunks sized from a memory budget.
+chunks sized from a memory budget. A chunk that raises ``torch.OutOfMemoryError`` is redone in
+halves (results do not depend on the chunk size) down to :data:`OOM_FLOOR` bytes.
 """
 
 from __future__ import annotations
