@@ -25,8 +25,10 @@ falls back to the pair list.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .neighbors import _stable_argsort
@@ -38,6 +40,7 @@ __all__ = [
     "d2_levels",
     "full_keys",
     "plan_grid",
+    "plan_grids",
     "select_block",
     "sq_norm3",
 ]
@@ -48,9 +51,11 @@ D2_BITS = 29
 C_LEVELS = 2047
 #: padded slots (bins x largest occupancy) may exceed the atom count by at most this factor
 MAX_PADDING = 3.0
+#: structures batched in one grid have fullest bins within this factor of each other (the
+#: selection work per bin grows as the square of the padded occupancy)
+GROUP_OCCUPANCY_RATIO = 1.25
 _FAR = 1e6  # Å: where padding slots sit (farther than any real atom plus the cutoff)
-_OFFSETS = torch.cartesian_prod(*[torch.tensor([-1, 0, 1])] * 3)  # [27, 3], zero at index 13
-_ZERO_OFFSET = 13
+_ZERO_OFFSET = 13  # of the 27 offsets of a bin's neighbours, the bin itself
 _PACK = torch.tensor([float(1 << 22), float(1 << 11), 1.0], dtype=torch.float64)
 _EMPTY_KEY = torch.iinfo(torch.int64).max
 
@@ -91,21 +96,29 @@ def full_keys(levels: torch.Tensor, vec: torch.Tensor, cutoff: float) -> torch.T
 
 @dataclass
 class Grid:
-    """Atoms of one structure sorted into bins at least ``cutoff`` thick.
+    """Atoms of one or several structures sorted into bins at least ``cutoff`` thick.
+
+    Bins are keyed by (structure, bin): every structure of the group owns a consecutive range
+    of bins (its own grid, x-major), so one set of tensor ops serves all of them. Atom indices
+    are rows of the ``positions`` given to :func:`plan_grids` (the whole batch).
 
     Attributes:
         binned: ``[n_bins + 1, P, 3]`` float64 wrapped Cartesian positions per bin slot, padding
             slots (and the extra empty bin ``n_bins``) far away.
-        atom: ``[n_bins + 1, P]`` int64 atom index (within the structure) of each slot, -1 for
-            padding.
+        atom: ``[n_bins + 1, P]`` int64 atom index of each slot, -1 for padding.
         wrap: ``[n_atoms, 3]`` int64 lattice translations removed by wrapping
-            (``wrapped = positions - wrap @ cell``).
+            (``wrapped = positions - wrap @ cell``; zero for atoms outside the group).
         centers: ``[n_centers]`` int64 the non-empty bins.
         neighbors: ``[n_centers, 27]`` int64 the bins around each centre bin (``n_bins`` where
             a non-periodic direction ends).
         images: ``[n_centers, 27, 3]`` int64 lattice translation of each of those bins.
-        cell: ``[3, 3]`` float64 the (completed) cell.
+        cell: ``[n_centers, 3, 3]`` float64 the (completed) cell of each centre bin's structure.
         occupancy: ``P``, the largest number of atoms in one bin.
+        rows: host ``[n_centers + 1]`` cumulative atom counts of the centre bins: the atoms of
+            centre bins ``c0:c1`` are entries ``rows[c0]:rows[c1]`` of ``row_center``.
+        row_center: ``[n_group_atoms]`` centre rank of every atom of the group, in bin order.
+        row_slot: ``[n_group_atoms]`` slot of every atom in its bin, in bin order.
+        structures: host list of the structures (batch indices) in the group.
     """
 
     binned: torch.Tensor
@@ -116,6 +129,10 @@ class Grid:
     images: torch.Tensor
     cell: torch.Tensor
     occupancy: int
+    rows: np.ndarray
+    row_center: torch.Tensor
+    row_slot: torch.Tensor
+    structures: list[int]
 
 
 def plan_grid(
@@ -129,104 +146,276 @@ def plan_grid(
         pbc: ``[3]`` bool.
         cutoff: radius in Å.
 
-    Returns ``None`` when a periodic direction is thinner than ``cutoff`` (more than one image
-    of a bin would be needed) or when the bins are so unevenly filled that padding to the
-    fullest would exceed :data:`MAX_PADDING` times the atom count (or, absurdly, when the
-    structure spans ~10^5 Å, where the far-away padding slots would come within reach).
+    The one-structure form of :func:`plan_grids`, which gives the rules.
+    """
+    n = positions.shape[0]
+    system_idx = torch.zeros(n, dtype=torch.int64, device=positions.device)
+    groups = plan_grids(positions, full[None], pbc[None], system_idx, cutoff, [0], [n])
+    return groups[0] if groups else None
+
+
+def _upload(device: torch.device, *arrays: np.ndarray) -> list[torch.Tensor]:
+    """Small host planning arrays on ``device`` in one copy (from pinned memory on CUDA),
+    cast to the first one's dtype and split back to their shapes."""
+    dtype = np.asarray(arrays[0]).dtype
+    flat = [np.asarray(a, dtype=dtype) for a in arrays]
+    t = torch.from_numpy(np.concatenate([a.ravel() for a in flat]))
+    if device.type == "cuda":
+        t = t.pin_memory().to(device, non_blocking=True)
+    else:
+        t = t.to(device)
+    return [p.reshape(a.shape) for p, a in zip(t.split([a.size for a in flat]), flat, strict=True)]
+
+
+def _ranges(starts: torch.Tensor, counts: torch.Tensor, total: int) -> torch.Tensor:
+    """``cat([arange(a, a + c) for a, c in zip(starts, counts)])`` with no host sync
+    (``total = sum(counts)``, known on the host)."""
+    first = torch.cumsum(counts, 0) - counts
+    out = torch.arange(total, device=starts.device)
+    return out + torch.repeat_interleave(starts - first, counts, output_size=total)
+
+
+def _bin_shapes(
+    stats: np.ndarray, n_atoms: np.ndarray, cutoff: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Grid shape of each structure (host arithmetic, vectorised over structures).
+
+    Periodic directions get ``floor(thickness / cutoff)`` bins spanning the cell; open ones
+    ``max(1, floor(span / cutoff))`` over the atoms' extent; sparse structures (clusters in
+    vacuum) have their bins merged so that there are at most ~2 per atom.
+
+    Args:
+        stats: ``[S, 12]`` interplanar spacings (Å), lowest fractional coordinate and extent
+            (after wrapping), pbc (0/1), per structure.
+        n_atoms: ``[S]`` atoms per structure.
+
+    Returns:
+        ``(n_bins [S, 3] int64, origin [S, 3], width [S, 3], applies [S] bool)``: bins per
+        direction, fractional origin and bin width; ``applies`` is False where a periodic
+        direction is thinner than ``cutoff``.
+    """
+    thick, lo, extent, pbc = stats[:, 0:3], stats[:, 3:6], stats[:, 6:9], stats[:, 9:12] > 0.5
+    periodic = np.floor(thick / cutoff)
+    applies = ~(pbc & (periodic < 1)).any(axis=1)
+    nb = np.where(
+        pbc, np.maximum(periodic, 1.0), np.maximum(1.0, np.floor(extent * thick / cutoff))
+    )
+    origin = np.where(pbc, 0.0, lo)
+    width = np.where(pbc, 1.0 / nb, np.maximum(extent / nb, 1e-300))
+    most = 2.0 * n_atoms + 8
+    sparse = (nb.prod(axis=1) > most)[:, None]
+    f = (np.where(sparse[:, 0], nb.prod(axis=1) / most, 1.0) ** (1 / 3))[:, None]
+    merged = np.maximum(1.0, np.floor(nb / f))
+    width = np.where(sparse, np.where(pbc, 1.0 / merged, width * (nb / merged)), width)
+    nb = np.where(sparse, merged, nb)
+    return nb.astype(np.int64), origin, width, applies
+
+
+def plan_grids(
+    positions: torch.Tensor,
+    full: torch.Tensor,
+    pbc: torch.Tensor,
+    system_idx: torch.Tensor,
+    cutoff: float,
+    structures: Sequence[int] | np.ndarray,
+    counts: Sequence[int] | np.ndarray,
+    group_ratio: float = GROUP_OCCUPANCY_RATIO,
+) -> list[Grid]:
+    """Bin the atoms of some structures of a batch into cell grids, all structures at once.
+
+    Args:
+        positions: ``[n_atoms, 3]`` Cartesian positions of the whole batch.
+        full: ``[n_systems, 3, 3]`` completed cells (see
+            :func:`quests_torch.neighbors.complete_cell`).
+        pbc: ``[n_systems, 3]`` bool.
+        system_idx: ``[n_atoms]`` sorted structure index of each atom.
+        cutoff: radius in Å.
+        structures: host list of the structures to bin (ascending, each with atoms).
+        counts: host ``[n_systems]`` atoms per structure.
+        group_ratio: structures whose fullest bins differ by more than this factor go to
+            different groups (a group pads every bin to its fullest one).
+
+    Returns:
+        Groups of structures, each one :class:`Grid`. A structure is left out (for the pair
+        list) when a periodic direction is thinner than ``cutoff`` (more than one image of a
+        bin would be needed), when its bins are so unevenly filled that padding to its fullest
+        would exceed :data:`MAX_PADDING` times its atom count, or, absurdly, when it spans
+        ~10^5 Å (the far-away padding slots would come within reach).
+
+    The tensor work does not depend on the number of structures: two small device-to-host
+    transfers (extents, bin counts) and one host-to-device copy per group.
     """
     device = positions.device
-    n = positions.shape[0]
-    pos = positions.detach().to(torch.float64)
+    counts_h = np.asarray(counts, dtype=np.int64)
+    chosen = np.asarray(structures, dtype=np.int64)
+    if chosen.size == 0:
+        return []
+    sel = counts_h[chosen]
+    n_sel = int(sel.sum())
     full = full.detach().to(torch.float64)
-    inv = torch.linalg.inv(full)
-    frac = pos @ inv  # pos = frac @ full
-    thick = 1.0 / inv.norm(dim=0)  # interplanar spacings (Å)
-    pbc_h = [bool(p) for p in pbc.tolist()]
-    thick_h = thick.tolist()
-    wrap = torch.where(pbc.to(device), torch.floor(frac), torch.zeros_like(frac))
+    if chosen.size == counts_h.size:  # every structure: `chosen` is the identity
+        atoms = torch.arange(n_sel, device=device)
+        loc = system_idx
+    else:
+        starts_h = np.cumsum(counts_h) - counts_h
+        which, first, n = _upload(device, chosen, starts_h[chosen], sel)
+        atoms = _ranges(first, n, n_sel)
+        loc = torch.repeat_interleave(torch.arange(chosen.size, device=device), n,
+                                      output_size=n_sel)  # fmt: skip
+        full, pbc = full[which], pbc[which]
+    # from here structures are positions in `chosen`
+    pos = positions.detach()[atoms].to(torch.float64)
+    inv = torch.linalg.inv_ex(full).inverse  # checked non-singular: no error-check sync
+    frac = torch.einsum("ni,nij->nj", pos, inv[loc])  # pos = frac @ full
+    wrap = torch.where(pbc[loc], torch.floor(frac), torch.zeros_like(frac))
     frac = frac - wrap
-    lo = frac.amin(dim=0)
-    extent = frac.amax(dim=0) - lo
-    n_bins = []
-    origin = []
-    width = []  # fractional width of one bin
-    extent_h = extent.tolist()
-    lo_h = lo.tolist()
-    for d in range(3):
-        if pbc_h[d]:
-            nb = math.floor(thick_h[d] / cutoff)
-            if nb < 1:
-                return None
-            n_bins.append(nb)
-            origin.append(0.0)
-            width.append(1.0 / nb)
-        else:
-            span = extent_h[d] * thick_h[d]  # Å
-            nb = max(1, math.floor(span / cutoff))
-            n_bins.append(nb)
-            origin.append(lo_h[d])
-            width.append(max(extent_h[d] / nb, 1e-300))
-    # sparse structures (clusters in vacuum): merge bins so there are at most ~2 per atom
-    total = math.prod(n_bins)
-    if total > 2 * n + 8:
-        f = (total / (2 * n + 8)) ** (1 / 3)
-        for d in range(3):
-            nb = max(1, int(n_bins[d] / f))
-            if not pbc_h[d]:
-                width[d] *= n_bins[d] / nb
-            else:
-                width[d] = 1.0 / nb
-            n_bins[d] = nb
-    nbt = torch.tensor(n_bins, device=device)
-    rel = (frac - torch.tensor(origin, dtype=torch.float64, device=device)) / torch.tensor(
-        width, dtype=torch.float64, device=device
+    idx3 = loc[:, None].expand(-1, 3)
+    lo = torch.full((chosen.size, 3), math.inf, dtype=torch.float64, device=device)
+    lo = lo.scatter_reduce(0, idx3, frac, "amin")
+    hi = torch.full_like(lo, -math.inf).scatter_reduce(0, idx3, frac, "amax")
+    thick = 1.0 / inv.norm(dim=1)  # interplanar spacings (Å): 1 / |reciprocal vectors|
+    stats = torch.cat([thick, lo, hi - lo, pbc.to(torch.float64)], dim=1).cpu().numpy()
+    n_bins, origin, width, applies = _bin_shapes(stats, sel, cutoff)
+    n_total = np.where(applies, n_bins.prod(axis=1), 0)
+    offset = np.cumsum(n_total) - n_total
+    n_all = int(n_total.sum())
+
+    # bin of every atom (structures the grid does not apply to: the sink bin n_all, ignored)
+    (geo,) = _upload(device, np.concatenate([origin, width, n_bins, offset[:, None],
+                                             applies[:, None]], axis=1))  # fmt: skip
+    g = geo[loc]
+    rel = (frac - g[:, 0:3]) / g[:, 3:6]
+    nb = g[:, 6:9].to(torch.int64)
+    b3 = torch.minimum(torch.floor(rel).to(torch.int64).clamp_min_(0), nb - 1)
+    bin_id = g[:, 9].to(torch.int64) + (b3[:, 0] * nb[:, 1] + b3[:, 1]) * nb[:, 2] + b3[:, 2]
+    bin_id = torch.where(g[:, 10] > 0.5, bin_id, n_all)
+    bin_counts = torch.zeros(n_all + 1, dtype=torch.int64, device=device)
+    bin_counts.index_add_(0, bin_id, torch.ones_like(bin_id))
+    wrapped = pos - torch.einsum("ni,nij->nj", wrap, full[loc])
+    reach = torch.zeros(chosen.size, dtype=torch.float64, device=device)
+    reach = reach.scatter_reduce(0, loc, wrapped.abs().amax(dim=1), "amax")
+    host = torch.cat([bin_counts[:n_all].to(torch.float64), reach]).cpu().numpy()
+    bin_counts_h, reach_h = host[:n_all].astype(np.int64), host[n_all:]
+
+    # per structure: fullest bin and non-empty bins; refuse uneven filling, absurd extents
+    occ = np.zeros(chosen.size, dtype=np.int64)
+    n_centres = np.zeros(chosen.size, dtype=np.int64)
+    live = n_total > 0
+    if live.any():
+        occ[live] = np.maximum.reduceat(bin_counts_h, offset[live])
+        n_centres[live] = np.add.reduceat(bin_counts_h > 0, offset[live])
+    ok = applies & (reach_h + 3 * cutoff < _FAR / 2) & (n_centres * occ <= MAX_PADDING * sel + 64)
+    plan = _Plan(chosen, sel, n_bins, n_total, offset, bin_counts_h, occ, atoms, bin_id,
+                 wrapped, wrap.to(torch.int64), full, pbc, positions.shape[0])  # fmt: skip
+    return [_group_grid(plan, m) for m in _occupancy_groups(occ, ok, group_ratio)]
+
+
+@dataclass
+class _Plan:
+    """What :func:`plan_grids` knows about its structures (positions in ``chosen``)."""
+
+    chosen: np.ndarray  # [S'] batch index of each structure
+    n_atoms: np.ndarray  # [S'] atoms per structure
+    n_bins: np.ndarray  # [S', 3] bins per direction
+    n_total: np.ndarray  # [S'] bins per structure
+    offset: np.ndarray  # [S'] first bin of each structure
+    bin_counts: np.ndarray  # [sum n_total] atoms per bin
+    occupancy: np.ndarray  # [S'] fullest bin per structure
+    atoms: torch.Tensor  # [n'] batch index of the atoms of the structures (by structure)
+    bin_id: torch.Tensor  # [n'] bin of each
+    wrapped: torch.Tensor  # [n', 3] their wrapped positions (float64)
+    wrap: torch.Tensor  # [n', 3] int64 translations removed by wrapping
+    full: torch.Tensor  # [S', 3, 3] completed cells (float64)
+    pbc: torch.Tensor  # [S', 3]
+    n_batch_atoms: int
+
+
+def _occupancy_groups(occ: np.ndarray, ok: np.ndarray, ratio: float) -> list[np.ndarray]:
+    """Structures (positions in ``occ``) grouped greedily from the fullest bins down: a group
+    takes every structure whose fullest bin is within a factor ``ratio`` of the group's."""
+    order = np.argsort(-occ, kind="stable")
+    order = order[ok[order]]
+    groups = []
+    while order.size:
+        take = occ[order] * ratio >= occ[order[0]]
+        groups.append(np.sort(order[take]))
+        order = order[~take]
+    return groups
+
+
+def _group_grid(plan: _Plan, members: np.ndarray) -> Grid:
+    """The :class:`Grid` of the structures ``members`` (ascending positions in ``chosen``)."""
+    device = plan.wrapped.device
+    P = int(plan.occupancy[members].max())
+    # the group's bins: every member's own, renumbered consecutively
+    g_total = plan.n_total[members]
+    g_offset = np.cumsum(g_total) - g_total
+    n_g = int(g_total.sum())
+    counts = np.concatenate(
+        [plan.bin_counts[o : o + t] for o, t in zip(plan.offset[members], g_total, strict=True)]
     )
-    b3 = torch.minimum(torch.floor(rel).to(torch.int64).clamp_min_(0), nbt - 1)  # [n, 3]
-    bin_id = (b3[:, 0] * n_bins[1] + b3[:, 1]) * n_bins[2] + b3[:, 2]
-    n_total = math.prod(n_bins)
-    counts = torch.bincount(bin_id, minlength=n_total)
-    occupancy = int(counts.max())
-    centers = torch.nonzero(counts)[:, 0]
-    if centers.numel() * occupancy > MAX_PADDING * n + 64:
-        return None
+    centres = np.flatnonzero(counts)
+    rank = np.repeat(np.arange(members.size), g_total)[centres]  # member rank per centre
+    owner = members[rank]
+    first = np.cumsum(plan.n_atoms) - plan.n_atoms  # of each structure, in plan.atoms
+    n_atoms = int(plan.n_atoms[members].sum())
+    counts_d, centers, owner_d, local, nb_c, first_d, n_d, shift_d = _upload(
+        device, counts, centres, owner, centres - g_offset[rank], plan.n_bins[owner],
+        first[members], plan.n_atoms[members], plan.offset[members] - g_offset,
+    )  # fmt: skip
+    if n_atoms == plan.atoms.shape[0]:  # the group is every structure: nothing to gather
+        atoms, bin_id, wrapped, wrap = plan.atoms, plan.bin_id, plan.wrapped, plan.wrap
+    else:
+        pick = _ranges(first_d, n_d, n_atoms)
+        of = torch.repeat_interleave(torch.arange(members.size, device=device), n_d,
+                                     output_size=n_atoms)  # fmt: skip
+        atoms, wrapped, wrap = plan.atoms[pick], plan.wrapped[pick], plan.wrap[pick]
+        bin_id = plan.bin_id[pick] - shift_d[of]
     order = _stable_argsort(bin_id)
-    start = torch.cumsum(counts, 0) - counts
     sorted_bin = bin_id[order]
-    slot = torch.arange(n, device=device) - start[sorted_bin]
-    wrapped = pos - wrap @ full
-    if float(wrapped.abs().max()) + 3 * cutoff >= _FAR / 2:  # padding must lie beyond reach
-        return None
-    binned = torch.full((n_total + 1, occupancy, 3), _FAR, dtype=torch.float64, device=device)
-    binned[:, :, 0] += _FAR * torch.arange(occupancy, device=device)  # distinct far points
+    start = torch.cumsum(counts_d, 0) - counts_d
+    slot = torch.arange(n_atoms, device=device) - start[sorted_bin]
+    binned = torch.full((n_g + 1, P, 3), _FAR, dtype=torch.float64, device=device)
+    binned[:, :, 0] += _FAR * torch.arange(P, device=device)  # distinct far points
     binned[sorted_bin, slot] = wrapped[order]
-    atom = torch.full((n_total + 1, occupancy), -1, dtype=torch.int64, device=device)
-    atom[sorted_bin, slot] = order
+    atom = torch.full((n_g + 1, P), -1, dtype=torch.int64, device=device)
+    atom[sorted_bin, slot] = atoms[order]
+    wrap_all = torch.zeros((plan.n_batch_atoms, 3), dtype=torch.int64, device=device)
+    wrap_all[atoms] = wrap
+    rank_of_bin = torch.cumsum(counts_d > 0, 0) - 1
 
     # the 27 bins around each non-empty bin, with their lattice translations
     cb = torch.stack(
         [
-            centers // (n_bins[1] * n_bins[2]),
-            (centers // n_bins[2]) % n_bins[1],
-            centers % n_bins[2],
+            local // (nb_c[:, 1] * nb_c[:, 2]),
+            (local // nb_c[:, 2]) % nb_c[:, 1],
+            local % nb_c[:, 2],
         ],
         dim=1,
     )  # [c, 3]
-    u = cb[:, None, :] + _OFFSETS.to(device)[None]  # [c, 27, 3]
-    per = pbc.to(device)[None, None, :]
+    # the offsets -1, 0, 1 per direction, made on the device (a copy of a CPU constant syncs)
+    offsets = torch.cartesian_prod(*[torch.arange(-1, 2, device=device)] * 3)  # [27, 3]
+    u = cb[:, None, :] + offsets[None]  # [c, 27, 3]
+    nbt = nb_c[:, None, :]
+    per = plan.pbc[owner_d][:, None, :]
     img = torch.where(per, torch.div(u, nbt, rounding_mode="floor"), torch.zeros_like(u))
     nbr3 = torch.where(per, u - img * nbt, u)
     inside = ((nbr3 >= 0) & (nbr3 < nbt)).all(dim=2)
-    nbr = (nbr3[..., 0] * n_bins[1] + nbr3[..., 1]) * n_bins[2] + nbr3[..., 2]
-    nbr = torch.where(inside, nbr, torch.full_like(nbr, n_total))
+    nbr = (nbr3[..., 0] * nbt[..., 1] + nbr3[..., 1]) * nbt[..., 2] + nbr3[..., 2]
+    nbr = torch.where(inside, nbr + (centers - local)[:, None], n_g)
     return Grid(
         binned=binned,
         atom=atom,
-        wrap=wrap.to(torch.int64),
+        wrap=wrap_all,
         centers=centers,
         neighbors=nbr,
         images=img,
-        cell=full,
-        occupancy=occupancy,
+        cell=plan.full[owner_d],
+        occupancy=P,
+        rows=np.concatenate([[0], np.cumsum(counts[centres])]),
+        row_center=rank_of_bin[sorted_bin],
+        row_slot=slot,
+        structures=plan.chosen[members].tolist(),
     )
 
 
@@ -239,12 +428,15 @@ class Selection:
         index: ``[r, m]`` candidate slot of each selected neighbour (``m = min(k, 27 P)``).
         valid: ``[r, m]`` bool, False where fewer than ``m`` neighbours are within the cutoff.
         level: ``[r]`` int64 smallest quantised squared distance of the row (coincidence check).
+        close: host bool, whether some row's nearest neighbour is at level 0 (closer than
+            ~1.5e-4 Å: check it for coincident atoms).
     """
 
     center: torch.Tensor
     index: torch.Tensor
     valid: torch.Tensor
     level: torch.Tensor
+    close: bool
     #: (candidate coordinates [c, W, 3], centre coordinates [c, P, 3], row bin, row slot,
     #: neighbour bins [c, 27], their translations [c, 27, 3])
     block: tuple[torch.Tensor, ...]
@@ -274,14 +466,20 @@ class Selection:
 
 
 def select_block(grid: Grid, bins: slice, k: int, cutoff: float) -> Selection:
-    """The k nearest neighbours within ``cutoff`` of every atom of the centre bins ``bins``."""
+    """The k nearest neighbours within ``cutoff`` of every atom of the centre bins ``bins``.
+
+    One host transfer (whether any row is tied at the k-th distance or has a neighbour closer
+    than the coincidence level), plus the tie-break's own on perfect crystals.
+    """
+    c0, c1, _ = bins.indices(grid.centers.shape[0])
     P = grid.occupancy
-    centers = grid.centers[bins]
+    centers = grid.centers[c0:c1]
     c = centers.shape[0]
     W = 27 * P
-    nbr = grid.neighbors[bins]  # [c, 27]
-    img = grid.images[bins]  # [c, 27, 3]
-    tvec = img.to(torch.float64) @ grid.cell  # [c, 27, 3]
+    nbr = grid.neighbors[c0:c1]  # [c, 27]
+    img = grid.images[c0:c1]  # [c, 27, 3]
+    # integer translations times each bin's cell (elementwise: the same on every device)
+    tvec = (img.to(torch.float64)[..., :, None] * grid.cell[c0:c1, None]).sum(dim=-2)
     own = grid.binned[centers]  # [c, P, 3]
     ref = own[:, :1, :]
     a = own - ref
@@ -300,8 +498,10 @@ def select_block(grid: Grid, bins: slice, k: int, cutoff: float) -> Selection:
     rhs[:, 3] = 1.0
     rhs[:, 4] = sq_norm3(cand_t, dim=1).mul_(scale).add_(0.5)
     v = torch.bmm(lhs, rhs)  # [c, P, W]
-    diag = torch.arange(P, device=v.device)
-    v[:, diag, _ZERO_OFFSET * P + diag] = limit  # an atom is not its own neighbour
+    # an atom is not its own neighbour (fill_: an index_put of a Python number copies it to
+    # the device, a sync)
+    own_bin = v[:, :, _ZERO_OFFSET * P : (_ZERO_OFFSET + 1) * P]
+    own_bin.diagonal(dim1=1, dim2=2).fill_(limit)
     # keys: the quantised level (floor of s d2 + 1/2; the cutoff and beyond share one level),
     # then the candidate slot, all distinct, which topk handles much faster than runs of equal
     # values. Built in place on the float64 bits: for 0 <= x the bit patterns order like the
@@ -328,7 +528,10 @@ def select_block(grid: Grid, bins: slice, k: int, cutoff: float) -> Selection:
     real = grid.atom[centers] >= 0  # [c, P]
     kth = lv.amax(dim=2)
     tied = ((out_key & ~slot_mask).view(torch.float64) == kth) & (kth < limit) & real
-    if bool(tied.any()):
+    # the nearest level is the same before and after the tie-break below
+    nearest = lv.amin(dim=2)
+    any_tied, close = torch.stack([tied.any(), ((nearest == 0) & real).any()]).tolist()
+    if any_tied:
         # perfect crystals: the k-th distance is shared with a candidate left out; break the
         # tie by the neighbour vectors' components (the documented rule)
         tc, tp = torch.nonzero(tied, as_tuple=True)
@@ -338,12 +541,14 @@ def select_block(grid: Grid, bins: slice, k: int, cutoff: float) -> Selection:
         tk = torch.topk(full, m, dim=1, largest=False, sorted=False).indices
         idx[tc, tp] = tk
         lv[tc, tp] = torch.gather(tl, 1, tk)
-    rc, rp = torch.nonzero(real, as_tuple=True)
-    lv_r = lv[rc, rp]
+    # the real rows, bin by bin (what nonzero(real) gives, known from the plan: no sync)
+    r0, r1 = int(grid.rows[c0]), int(grid.rows[c1])
+    rc, rp = grid.row_center[r0:r1] - c0, grid.row_slot[r0:r1]
     return Selection(
         center=grid.atom[centers[rc], rp],
         index=idx[rc, rp],
-        valid=lv_r < limit,
-        level=lv_r.amin(dim=1),
+        valid=lv[rc, rp] < limit,
+        level=nearest[rc, rp],
+        close=bool(close),
         block=(cand, a, rc, rp, nbr, img),
     )

@@ -27,8 +27,13 @@ or vesin-torch) and a per-atom top-k over it. Larger structures use the fused ce
 selection of :mod:`quests_torch.cellgrid`, which picks the k nearest straight from blocks of
 bins without building the pair list.
 
+The grid path is batched: every gridded structure of a batch is binned at once (bins keyed
+by structure and bin, structures grouped by fullest bin), so a batch of many mid-size cells
+costs a fixed number of tensor ops and host syncs, not a number per structure.
+
 Everything here is differentiable with respect to positions and cell; atoms are processed in
-chunks sized from a memory budget.
+chunks sized from a memory budget. A chunk that raises ``torch.OutOfMemoryError`` is redone in
+halves (results do not depend on the chunk size) down to :data:`OOM_FLOOR` bytes.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import numbers
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -49,7 +55,7 @@ from .cellgrid import (
     Selection,
     component_keys,
     d2_levels,
-    plan_grid,
+    plan_grids,
     select_block,
     sq_norm3,
 )
@@ -88,6 +94,10 @@ _CPU_SELECT_ROWS = 4096
 #: structures with more candidate pairs than this (atoms^2 x periodic images within reach) use
 #: the fused cell-grid search where it applies; smaller ones the batched dense pair search
 GRID_MIN_CANDIDATES = DENSE_MAX_CANDIDATES
+#: after out-of-memory errors chunk budgets are halved down to this many bytes, then it gives up
+OOM_FLOOR = 1 << 20
+
+T = TypeVar("T")
 
 
 def descriptor_width(k: int = DEFAULT_K, n_species: int = 0) -> int:
@@ -263,18 +273,15 @@ def _descriptors_from_pairs(
     m = min(k, c_max)
     # memory per atom: candidate arrays (c slots) + ~10 m x m temporaries
     per_atom = 8 * (c_max * 8 + m * m * 10) + 64
-    chunk = max(1, min(n_atoms, memory_budget(device, budget) // per_atom))
+    size = max(1, min(n_atoms, memory_budget(device, budget) // per_atom))
     if device.type == "cpu":
-        chunk = min(chunk, _CPU_CHUNK)  # cache-sized blocks are faster than big ones on CPU
-    # chunk boundaries and their widest candidate list, in one host transfer
-    starts = list(range(0, n_atoms, chunk))
-    ends = [min(n_atoms, a0 + chunk) for a0 in starts]
+        size = min(size, _CPU_CHUNK)  # cache-sized blocks are faster than big ones on CPU
+    # candidate-list bounds on the host, in one transfer
     bounds_h = torch.cat([bounds.new_zeros(1), bounds]).cpu().numpy()
-    counts_h = counts.cpu().numpy()
-    widths = np.maximum.reduceat(counts_h, starts) if n_atoms else np.zeros(0, dtype=np.int64)
+    counts_h = np.diff(bounds_h)
 
-    def one_chunk(c: int) -> torch.Tensor:
-        a0, a1, width = starts[c], ends[c], int(widths[c])
+    def one_chunk(a0: int, a1: int) -> torch.Tensor:
+        width = int(counts_h[a0:a1].max())
         p0, p1 = int(bounds_h[a0]), int(bounds_h[a1])
         if width == 0:
             return positions.new_zeros((a1 - a0, 2 * k - 1))
@@ -299,48 +306,112 @@ def _descriptors_from_pairs(
         return _environment_descriptors(sel_vec, valid, k, cutoff)
 
     if need_grad:
-        return torch.cat([one_chunk(c) for c in range(len(starts))], dim=0)
+        return torch.cat(_run_chunks(one_chunk, n_atoms, size, per_atom, device, False), dim=0)
     out = positions.new_empty((n_atoms, 2 * k - 1))
 
-    def fill(c: int) -> None:
-        out[starts[c] : ends[c]] = one_chunk(c)
+    def fill(a0: int, a1: int) -> None:
+        out[a0:a1] = one_chunk(a0, a1)
 
-    _run_chunks(fill, len(starts), device)
+    _run_chunks(fill, n_atoms, size, per_atom, device)
     return out
 
 
-def _run_chunks(fill: Callable[[int], None], n_chunks: int, device: torch.device) -> None:
-    """Call ``fill(c)`` for every chunk; on CPU, chunk-parallel over the torch thread count."""
-    if device.type == "cpu" and torch.get_num_threads() > 1 and n_chunks > 1:
+def _run_chunks(
+    run: Callable[[int, int], T],
+    n_items: int,
+    size: int,
+    item_bytes: int,
+    device: torch.device,
+    parallel: bool = True,
+) -> list[T]:
+    """``run(a0, a1)`` over consecutive ranges of ``size`` items covering ``range(n_items)``;
+    the results in order.
+
+    On CPU (``parallel``) the ranges run chunk-parallel over the torch thread count. A range
+    that runs out of memory is redone in halves (the CUDA cache emptied first), and the
+    halved size is kept for the ranges after it; results do not depend on the chunk size.
+    Below :data:`OOM_FLOOR` bytes (``size * item_bytes``) or one item the error is re-raised
+    with the sizes reached.
+    """
+    ranges = [(a, min(n_items, a + size)) for a in range(0, n_items, size)]
+    if parallel and device.type == "cpu" and torch.get_num_threads() > 1 and len(ranges) > 1:
         # every worker runs whole chunks single-threaded (torch ops and NumPy sorts release
         # the GIL): beats intra-op threading on these cache-sized blocks
         pool = _pool()  # sized from the thread count: before it is lowered below
+
+        def attempt(r: tuple[int, int]) -> tuple[bool, T | None]:
+            try:
+                return True, run(*r)
+            except torch.OutOfMemoryError:
+                return False, None
+
         with _torch_threads(1):
-            list(pool.map(fill, range(n_chunks)))
-    else:
-        for c in range(n_chunks):
-            fill(c)
+            done = list(pool.map(attempt, ranges))
+        out: list[T] = []
+        for (a0, a1), (ok, res) in zip(ranges, done, strict=True):
+            if ok:
+                out.append(res)  # type: ignore[arg-type]
+            else:  # redo it alone (the other workers' memory is free now), halving if need be
+                out += _halving_chunks(run, a0, a1, a1 - a0, item_bytes, device)
+        return out
+    return _halving_chunks(run, 0, n_items, size, item_bytes, device)
+
+
+def _halving_chunks(
+    run: Callable[[int, int], T],
+    a0: int,
+    a1: int,
+    size: int,
+    item_bytes: int,
+    device: torch.device,
+) -> list[T]:
+    """``run`` over ``a0:a1`` in ranges of ``size``, halving it after an out-of-memory error."""
+    out: list[T] = []
+    while a0 < a1:
+        b = min(a1, a0 + size)
+        failure = None
+        try:
+            out.append(run(a0, b))
+        except torch.OutOfMemoryError as err:
+            failure = str(err)  # the chunk's tensors are freed with `err` when this block ends
+        if failure is None:
+            a0 = b
+            continue
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        size = (b - a0) // 2
+        if size < 1 or size * item_bytes < OOM_FLOOR:
+            raise torch.OutOfMemoryError(
+                f"descriptors ran out of memory on {device} even with chunks of {b - a0} "
+                f"item(s) (~{(b - a0) * item_bytes / 2**20:.1f} MiB; halving stops below "
+                f"{OOM_FLOOR / 2**20:g} MiB): free memory or pass a smaller `budget`. "
+                f"Last error: {failure}"
+            )
+    return out
 
 
 def _grid_descriptors(
     positions: torch.Tensor,
     cell: torch.Tensor,
+    system_idx: torch.Tensor,
     grid: Grid,
     k: int,
     cutoff: float,
     budget: int | str | None,
-    system: int,
     out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Descriptors of the atoms of one structure binned in ``grid`` (fused search, see
-    :mod:`quests_torch.cellgrid`).
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Descriptors of the atoms binned in ``grid`` (fused search, see
+    :mod:`quests_torch.cellgrid`), whatever the number of structures in it.
 
     Args:
-        positions: ``[n, 3]`` the structure's positions; cell: ``[3, 3]``.
-        system: the structure's index, for error messages.
-        out: ``[n, 2k - 1]`` where to write them (no autograd).
+        positions: ``[n_atoms, 3]`` the batch's positions; cell: ``[n_systems, 3, 3]``;
+            system_idx: ``[n_atoms]``.
+        out: ``[n_atoms, 2k - 1]`` where to write the rows of the grid's atoms (no autograd).
+
+    Returns:
+        With autograd, ``(rows, descriptors)``: the grid's atoms and their ``[r, 2k - 1]``
+        descriptors; otherwise None (written into ``out``).
     """
-    n = positions.shape[0]
     device = positions.device
     need_grad = torch.is_grad_enabled() and (positions.requires_grad or cell.requires_grad)
     P = grid.occupancy
@@ -354,42 +425,40 @@ def _grid_descriptors(
         # the GIL serialises between workers); descriptor blocks of _CPU_CHUNK atoms (cache)
         bins_per = min(bins_per, max(1, _CPU_SELECT_ROWS // P))
     n_centers = grid.centers.numel()
-    chunks = [slice(c0, min(n_centers, c0 + bins_per)) for c0 in range(0, n_centers, bins_per)]
 
     def check(sel: Selection, vec: torch.Tensor) -> None:
         # level 0: closer than ~1.5e-4 Å; the exact test is on the vectors (rare: host sync ok)
-        if bool((sel.level == 0).any()):
+        if sel.close:
             d2 = torch.where(sel.valid, (vec.detach() * vec.detach()).sum(dim=2), math.inf)
             if float(d2.min()) < COINCIDENT_TOL**2:
                 r, j = (int(v) for v in torch.nonzero(d2 == d2.min())[0])
                 i = int(sel.center[r])
                 nb, _ = sel.pairs(grid)
-                _raise_coincident(system, i, int(nb[r, j]), math.sqrt(float(d2[r, j])))
+                s = int(system_idx[i])
+                first = int(torch.searchsorted(system_idx, system_idx[i : i + 1]))
+                _raise_coincident(s, i - first, int(nb[r, j]) - first, math.sqrt(float(d2[r, j])))
 
     if need_grad:
-        rows, descs = [], []
-        for ch in chunks:
+
+        def rows(c0: int, c1: int) -> tuple[torch.Tensor, torch.Tensor]:
             with torch.no_grad():
-                sel = select_block(grid, ch, k, cutoff)
+                sel = select_block(grid, slice(c0, c1), k, cutoff)
                 nb, shift = sel.pairs(grid)
             # shift . cell elementwise: a matmul's backward would run outside full_precision
-            image = (shift.to(cell.dtype)[..., :, None] * cell).sum(-2)
+            cell_r = cell[system_idx[sel.center]]  # [r, 3, 3]
+            image = (shift.to(cell.dtype)[..., :, None] * cell_r[:, None]).sum(-2)
             vec = positions[nb] - positions[sel.center][:, None, :] + image
             check(sel, vec)
-            rows.append(sel.center)
-            descs.append(_environment_descriptors(vec, sel.valid, k, cutoff))
-        order = torch.cat(rows)
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(n, device=device)
-        return torch.cat(descs)[inverse]
+            return sel.center, _environment_descriptors(vec, sel.valid, k, cutoff)
 
-    if out is None:
-        out = positions.new_empty((n, 2 * k - 1))
+        parts = _run_chunks(rows, n_centers, bins_per, per_bin, device, parallel=False)
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
-    sub = _CPU_CHUNK if device.type == "cpu" else n
+    assert out is not None
+    sub = _CPU_CHUNK if device.type == "cpu" else positions.shape[0]
 
-    def fill(c: int) -> None:
-        sel = select_block(grid, chunks[c], k, cutoff)
+    def fill(c0: int, c1: int) -> None:
+        sel = select_block(grid, slice(c0, c1), k, cutoff)
         vec = sel.vectors().to(positions.dtype)
         check(sel, vec)
         for r0 in range(0, vec.shape[0], sub):
@@ -397,8 +466,8 @@ def _grid_descriptors(
             out[sel.center[rows]] = _environment_descriptors(vec[rows], sel.valid[rows], k, cutoff)
 
     with torch.no_grad():
-        _run_chunks(fill, len(chunks), device)
-    return out
+        _run_chunks(fill, n_centers, bins_per, per_bin, device)
+    return None
 
 
 def _sorted_species(species: Sequence[int]) -> list[int]:
@@ -520,35 +589,82 @@ def descriptors_from_tensors(
     # float32 matmuls (pair search, wrapping, distance blocks) in IEEE precision whatever the
     # caller's TF32/bf16 flags: a rounded distance can swap neighbours at the cutoff
     with full_precision():
-        grids = _plan_grids(positions, cell, pbc, system_idx, cutoff, threshold)
-        out = None
-        if sum(a1 - a0 for _, a0, a1, _ in grids) < positions.shape[0]:
-            # the structures not on the grid: pair lists (rows of the others stay zero)
-            skip = torch.zeros(cell.shape[0], dtype=torch.bool, device=positions.device)
-            skip[[s for s, _, _, _ in grids]] = True
-            out = _pair_list_descriptors(
-                positions, cell, pbc, system_idx, k, cutoff, budget, numbers, spec, skip
-            )
-        if not grids:
-            return out
-        need_grad = torch.is_grad_enabled() and (positions.requires_grad or cell.requires_grad)
-        width = (2 * k - 1) * (len(spec) + 1 if len(spec) > 1 else 1)
-        if out is None and not need_grad:
-            out = positions.new_empty((positions.shape[0], width))
-        pieces, prev = [], 0  # with autograd: row blocks concatenated, out of place
-        for s, a0, a1, grid in grids:
-            rows = _gridded_structure(
-                positions, cell, pbc, numbers, spec, s, a0, a1, grid, k, cutoff, budget,
-                threshold, out=None if need_grad else out[a0:a1],
+        return _routed_descriptors(
+            positions, cell, pbc, system_idx, k, cutoff, budget, threshold, numbers, spec
+        )
+
+
+def _routed_descriptors(
+    positions: torch.Tensor,
+    cell: torch.Tensor,
+    pbc: torch.Tensor,
+    system_idx: torch.Tensor,
+    k: int,
+    cutoff: float,
+    budget: int | str | None,
+    threshold: float,
+    numbers: torch.Tensor | None,
+    spec: list[int],
+    skip: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Descriptors (multicomponent blocks too) of every atom: the batched cell grid for the
+    structures it suits, pair lists for the others; zero rows for structures in ``skip``.
+
+    The species blocks of gridded structures are the same routing applied to the sub-batch
+    of each species' atoms (one call per species, not per structure).
+    """
+    n = positions.shape[0]
+    device = positions.device
+    need_grad = torch.is_grad_enabled() and (positions.requires_grad or cell.requires_grad)
+    base = 2 * k - 1
+    width = base * (len(spec) + 1 if len(spec) > 1 else 1)
+    grids, pending = _plan_grids(positions, cell, pbc, system_idx, cutoff, threshold, skip)
+    out = None
+    if pending is None or pending.size:
+        # the structures not on the grid: pair lists (rows of the others stay zero)
+        if pending is None:
+            rest = skip
+        else:
+            rest = torch.ones(cell.shape[0], dtype=torch.bool, device=device)
+            rest[torch.from_numpy(pending).to(device)] = False
+        out = _pair_list_descriptors(
+            positions, cell, pbc, system_idx, k, cutoff, budget, numbers, spec, rest
+        )
+    if not grids:
+        return out if out is not None else positions.new_zeros((n, width))
+    if out is None:  # every row is on a grid; species blocks have zero rows
+        if need_grad or len(spec) > 1:
+            out = positions.new_zeros((n, width))
+        else:
+            out = positions.new_empty((n, width))
+    pieces: list[tuple[torch.Tensor, int, torch.Tensor]] = []  # (rows, first column, values)
+    for grid in grids:
+        got = _grid_descriptors(
+            positions, cell, system_idx, grid, k, cutoff, budget,
+            out=None if need_grad else out[:, :base],
+        )  # fmt: skip
+        if got is not None:
+            pieces.append((got[0], 0, got[1]))
+    if len(spec) > 1:
+        assert numbers is not None
+        in_grid = torch.zeros(cell.shape[0], dtype=torch.bool, device=device)
+        in_grid[[s for g in grids for s in g.structures]] = True
+        for j, z in enumerate(spec):
+            idx = torch.nonzero((numbers == z) & in_grid[system_idx])[:, 0]
+            if idx.numel() == 0:
+                continue
+            sub = _routed_descriptors(
+                positions[idx], cell, pbc, system_idx[idx], k, cutoff, budget, threshold,
+                None, [], skip=~in_grid,
             )  # fmt: skip
             if need_grad:
-                pieces += [out[prev:a0], rows] if out is not None else [rows]
-                prev = a1
-        if not need_grad:
-            return out
-        if out is not None:
-            pieces.append(out[prev:])
-        return torch.cat(pieces, dim=0)
+                pieces.append((idx, base * (j + 1), sub))
+            else:
+                out[idx, base * (j + 1) : base * (j + 2)] = sub
+    for rows, col, values in pieces:
+        cols = torch.arange(col, col + values.shape[1], device=device)
+        out = out.index_put((rows[:, None], cols[None, :]), values)
+    return out
 
 
 def _pair_list_descriptors(
@@ -577,41 +693,6 @@ def _pair_list_descriptors(
     return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
 
 
-def _gridded_structure(
-    positions: torch.Tensor,
-    cell: torch.Tensor,
-    pbc: torch.Tensor,
-    numbers: torch.Tensor | None,
-    spec: list[int],
-    s: int,
-    a0: int,
-    a1: int,
-    grid: Grid,
-    k: int,
-    cutoff: float,
-    budget: int | str | None,
-    threshold: float,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Rows ``a0:a1`` (structure ``s``, binned in ``grid``): the plain descriptor and, for
-    several species, one block per species; written into ``out`` when given (no autograd)."""
-    pos_s, cell_s = positions[a0:a1], cell[s]
-    dest = None if out is None else out[:, : 2 * k - 1]
-    cols = [_grid_descriptors(pos_s, cell_s, grid, k, cutoff, budget, s, dest)]
-    if len(spec) > 1:
-        assert numbers is not None
-        for z in spec:
-            mask = numbers[a0:a1] == z
-            cols.append(
-                _species_block(pos_s, cell_s, pbc[s], mask, k, cutoff, budget, s, threshold)
-            )
-    if out is None:
-        return cols[0] if len(cols) == 1 else torch.cat(cols, dim=1)
-    if len(cols) > 1:
-        out[:, 2 * k - 1 :] = torch.cat(cols[1:], dim=1)
-    return out
-
-
 def _grid_threshold(search: str) -> float:
     """Structures with more candidate pairs than this take the grid (``inf``: none)."""
     if search == "auto":
@@ -630,30 +711,34 @@ def _plan_grids(
     system_idx: torch.Tensor,
     cutoff: float,
     threshold: float,
-) -> list[tuple[int, int, int, Grid]]:
-    """``(structure, first atom, end, grid)`` of the structures for the fused grid search:
-    more than ``threshold`` candidate pairs and a grid that applies (see
-    :func:`quests_torch.cellgrid.plan_grid`)."""
+    skip: torch.Tensor | None = None,
+) -> tuple[list[Grid], np.ndarray | None]:
+    """The cell grids (see :func:`quests_torch.cellgrid.plan_grids`) of the structures with
+    more than ``threshold`` candidate pairs where a grid applies, all structures at once.
+
+    Returns:
+        ``(grids, pending)``: the grids, and the structures (host, ascending) left for the
+        pair list: those with atoms, not in ``skip`` and on no grid (None: all but ``skip``,
+        when no grid is tried).
+    """
     if threshold == math.inf:
-        return []
-    counts = torch.bincount(system_idx, minlength=cell.shape[0])
+        return [], None
     with torch.no_grad():
         full = complete_cell(cell.detach(), pbc)
         _check_cells(full, cell.detach(), pbc)
-        big = torch.nonzero(_candidates(counts, full, pbc, cutoff) > threshold)
-        big = big[:, 0].tolist()
-        if not big:
-            return []
-        ends = torch.cumsum(counts, 0).tolist()
-        counts_h = counts.tolist()
-        out = []
-        for s in big:
-            a1 = ends[s]
-            a0 = a1 - counts_h[s]
-            grid = plan_grid(positions[a0:a1], full[s], pbc[s], cutoff)
-            if grid is not None:
-                out.append((s, a0, a1, grid))
-    return out
+        n_sys = cell.shape[0]
+        counts = torch.zeros(n_sys, dtype=torch.int64, device=positions.device)
+        counts.index_add_(0, system_idx, torch.ones_like(system_idx))
+        big = (_candidates(counts, full, pbc, cutoff) > threshold) & (counts > 0)
+        if skip is None:
+            skip = torch.zeros_like(big)
+        counts_h, big_h, skip_h = torch.stack([counts, big & ~skip, skip]).cpu().numpy()
+        grids = plan_grids(positions, full, pbc, system_idx, cutoff, np.flatnonzero(big_h),
+                           counts_h)  # fmt: skip
+    left = (counts_h > 0) & (skip_h == 0)
+    for g in grids:
+        left[g.structures] = False
+    return grids, np.flatnonzero(left)
 
 
 def _candidates(
@@ -661,39 +746,6 @@ def _candidates(
 ) -> torch.Tensor:
     """Candidate pairs of a brute-force search per structure: atoms^2 x images within reach."""
     return counts * counts * (2 * _image_ranges(full, pbc, cutoff) + 1).prod(dim=1)
-
-
-def _species_block(
-    positions: torch.Tensor,
-    cell: torch.Tensor,
-    pbc: torch.Tensor,
-    mask: torch.Tensor,
-    k: int,
-    cutoff: float,
-    budget: int | str | None,
-    system: int,
-    threshold: float,
-) -> torch.Tensor:
-    """``[n, 2k - 1]`` descriptors of one structure's sub-structure ``mask`` (one species);
-    zero rows for the other atoms."""
-    idx = torch.nonzero(mask)[:, 0]
-    out = positions.new_zeros((positions.shape[0], 2 * k - 1))
-    if idx.numel() == 0:
-        return out
-    sub = positions[idx]
-    grid = None
-    with torch.no_grad():
-        full = complete_cell(cell.detach()[None], pbc[None])
-        n = torch.tensor([idx.numel()], device=positions.device)
-        if int(_candidates(n, full, pbc[None], cutoff)[0]) > threshold:
-            grid = plan_grid(sub, full[0], pbc, cutoff)
-    if grid is not None:
-        desc = _grid_descriptors(sub, cell, grid, k, cutoff, budget, system)
-    else:
-        zeros = torch.zeros(idx.numel(), dtype=torch.int64, device=positions.device)
-        pairs = find_neighbor_pairs(sub, cell[None], pbc[None], zeros, cutoff, budget=budget)
-        desc = _descriptors_from_pairs(sub, cell[None], zeros, pairs, k, cutoff, budget)
-    return out.index_copy(0, idx, desc)
 
 
 def get_descriptors(

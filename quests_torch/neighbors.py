@@ -125,55 +125,46 @@ def complete_cell(cell: torch.Tensor, pbc: torch.Tensor) -> torch.Tensor:
     Returns:
         ``[n_systems, 3, 3]``: periodic rows unchanged, the others orthonormal to them.
     """
-    out = cell.clone()
-    n_per = pbc.sum(dim=1)
+    # every case computed for every structure, then picked with `where`: no host sync
+    n_per = pbc.sum(dim=1)[:, None, None]
+    rows = torch.arange(cell.shape[0], device=cell.device)
     eye = torch.eye(3, dtype=cell.dtype, device=cell.device)
-    # no periodic direction: identity
-    none = n_per == 0
-    out[none] = eye
     # one periodic direction a: two unit vectors orthogonal to it
-    one = n_per == 1
-    if bool(one.any()):
-        a_idx = pbc[one].to(torch.int64).argmax(dim=1)
-        a = cell[one][torch.arange(a_idx.numel(), device=cell.device), a_idx]
-        ahat = a / a.norm(dim=1, keepdim=True).clamp_min(1e-300)
-        e = eye[ahat.abs().argmin(dim=1)]
-        u = torch.linalg.cross(ahat, e)
-        u = u / u.norm(dim=1, keepdim=True)
-        v = torch.linalg.cross(ahat, u)
-        sub = out[one]
-        rows = torch.arange(a_idx.numel(), device=cell.device)
-        others = torch.stack([(a_idx + 1) % 3, (a_idx + 2) % 3], dim=1)
-        sub[rows, others[:, 0]] = u
-        sub[rows, others[:, 1]] = v
-        out[one] = sub
+    a_idx = pbc.to(torch.int64).argmax(dim=1)
+    a = cell[rows, a_idx]
+    ahat = a / a.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    u = torch.linalg.cross(ahat, eye[ahat.abs().argmin(dim=1)])
+    u = u / u.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    v = torch.linalg.cross(ahat, u)
+    one = cell.clone()
+    one[rows, (a_idx + 1) % 3] = u
+    one[rows, (a_idx + 2) % 3] = v
     # two periodic directions a, b: their unit normal
-    two = n_per == 2
-    if bool(two.any()):
-        c_idx = (~pbc[two]).to(torch.int64).argmax(dim=1)
-        sub = out[two]
-        rows = torch.arange(c_idx.numel(), device=cell.device)
-        a = sub[rows, (c_idx + 1) % 3]
-        b = sub[rows, (c_idx + 2) % 3]
-        n = torch.linalg.cross(a, b)
-        sub[rows, c_idx] = n / n.norm(dim=1, keepdim=True).clamp_min(1e-300)
-        out[two] = sub
-    return out
+    c_idx = (~pbc).to(torch.int64).argmax(dim=1)
+    normal = torch.linalg.cross(cell[rows, (c_idx + 1) % 3], cell[rows, (c_idx + 2) % 3])
+    two = cell.clone()
+    two[rows, c_idx] = normal / normal.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    # no periodic direction: identity
+    out = torch.where(n_per == 2, two, cell)
+    out = torch.where(n_per == 1, one, out)
+    return torch.where(n_per == 0, eye, out)
 
 
 def _check_cells(full: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor) -> None:
     """Periodic lattice vectors must be non-zero and span a non-degenerate lattice."""
     lengths = cell.norm(dim=2)  # [S, 3]
     zero_periodic = pbc & (lengths < 1e-8)
+    full_len = full.norm(dim=2).prod(dim=1)
+    det = torch.linalg.det(full).abs()
+    bad = det < 1e-8 * full_len
+    if not bool(zero_periodic.any() | bad.any()):  # one host sync; the details on failure
+        return
     if bool(zero_periodic.any()):
         s, d = (int(v) for v in torch.nonzero(zero_periodic)[0])
         raise ValueError(
             f"`cell` of structure {s} is singular: lattice vector {d} is zero "
             f"but the structure is periodic along it (pbc[{d}] = True)"
         )
-    full_len = full.norm(dim=2).prod(dim=1)
-    det = torch.linalg.det(full).abs()
-    bad = det < 1e-8 * full_len
     if bool(bad.any()):
         s = int(torch.nonzero(bad)[0, 0])
         raise ValueError(
@@ -185,7 +176,7 @@ def _check_cells(full: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor) -> N
 def _image_ranges(full: torch.Tensor, pbc: torch.Tensor, cutoff: float) -> torch.Tensor:
     """``[S, 3]`` largest |n| of lattice translations that can bring wrapped atoms within cutoff."""
     # interplanar spacing h_a = 1 / |a*|, a* the reciprocal vectors (columns of inv(cell))
-    inv = torch.linalg.inv(full)
+    inv = torch.linalg.inv_ex(full).inverse  # checked non-singular: no error-check sync
     recip_norm = inv.norm(dim=1)  # norms of columns -> [S, 3]
     n = torch.floor(cutoff * recip_norm).to(torch.int64) + 1
     return torch.where(pbc, n, torch.zeros_like(n))
@@ -271,12 +262,20 @@ def _size_bucket(n: torch.Tensor) -> torch.Tensor:
     )
 
 
+#: candidate pairs of one dense group stay below 2^31: ``nonzero`` (and int32-indexed CUDA
+#: kernels) refuse or split tensors with more elements, and a 2^31-element group is already
+#: ~17 GB of float64 distances, far past the point where larger groups pay off
+DENSE_MAX_GROUP = (1 << 31) - 1
+
+
 def _dense_limit(device: torch.device, budget: int | str | None, itemsize: int) -> int:
-    """Candidate pairs per dense group: from the memory budget, cache-sized on CPU."""
+    """Candidate pairs per dense group: from the memory budget (~3 values and a mask byte or
+    two per candidate), cache-sized on CPU, below :data:`DENSE_MAX_GROUP` everywhere (a half of
+    an H200's free memory is ~70 GB: budget / 26 would pass 2^31)."""
     limit = memory_budget(device, budget) // (3 * itemsize + 2)
     if device.type == "cpu":
         limit = min(limit, 1 << 21)
-    return max(1, limit)
+    return max(1, min(limit, DENSE_MAX_GROUP))
 
 
 def _vesin_pairs(
@@ -364,6 +363,7 @@ def find_neighbor_pairs(
         else:
             dense = cost <= DENSE_MAX_CANDIDATES
         vesin = ~dense
+        dense = dense & (counts > 0)  # a structure may have no atoms in a sub-batch
         if skip is not None:
             dense = dense & ~skip
             vesin = vesin & ~skip

@@ -144,12 +144,19 @@ class AtomsBatch:
         pbc = np.stack([np.asarray(a.pbc, dtype=bool) for a in structures])
         system_idx = np.repeat(np.arange(len(structures), dtype=np.int64), counts)
         dev = resolve_device(device)
+
+        def put(values: np.ndarray, dt: torch.dtype | None = None) -> torch.Tensor:
+            t = torch.as_tensor(values, dtype=dt)
+            if dev.type == "cuda":  # from pinned memory: no synchronising pageable copy
+                return t.pin_memory().to(dev, non_blocking=True)
+            return t.to(dev)
+
         return cls(
-            positions=torch.as_tensor(positions, dtype=dtype, device=dev),
-            cell=torch.as_tensor(cell, dtype=dtype, device=dev),
-            pbc=torch.as_tensor(pbc, device=dev),
-            system_idx=torch.as_tensor(system_idx, device=dev),
-            numbers=torch.as_tensor(numbers, dtype=torch.int64, device=dev),
+            positions=put(positions, dtype),
+            cell=put(cell, dtype),
+            pbc=put(pbc),
+            system_idx=put(system_idx),
+            numbers=put(numbers, torch.int64),
         )
 
     def to_ase(self) -> list:
@@ -267,25 +274,39 @@ def validate_batch(
         raise ValueError(
             f"`positions`, `cell`, `pbc`, `system_idx` must be on one device, got {devices}"
         )
-    # value checks (one host sync each, at the public boundary only)
-    if not bool(torch.isfinite(positions).all()):
+    # value checks: one host transfer for all of them; the details only on failure
+    idx = system_idx.long()
+    in_range = (idx.min() >= 0) & (idx.max() < n_sys)
+    counts = torch.zeros(n_sys, dtype=torch.int64, device=idx.device)
+    counts.index_add_(0, idx.clamp(0, n_sys - 1), torch.ones_like(idx))
+    flags = torch.stack(
+        [
+            torch.isfinite(positions).all(),
+            torch.isfinite(cell).all(),
+            in_range,
+            (idx[1:] >= idx[:-1]).all(),
+            (counts > 0).all(),
+        ]
+    ).tolist()
+    if all(flags):
+        return
+    finite_pos, finite_cell, ok_range, ok_sorted, _ = flags
+    if not finite_pos:
         bad = torch.nonzero(~torch.isfinite(positions).all(dim=1))[:, 0]
         atom = int(bad[0])
         raise ValueError(
             f"`positions` contains NaN or inf (atom {atom} of structure {int(system_idx[atom])}; "
             f"{bad.numel()} atoms affected)"
         )
-    if not bool(torch.isfinite(cell).all()):
+    if not finite_cell:
         bad = torch.nonzero(~torch.isfinite(cell).reshape(n_sys, -1).all(dim=1))[:, 0]
         raise ValueError(f"`cell` contains NaN or inf (structure {int(bad[0])})")
-    if system_idx.numel() and (int(system_idx.min()) < 0 or int(system_idx.max()) >= n_sys):
+    if not ok_range:
         raise ValueError(
             f"`system_idx` values must lie in [0, {n_sys}), got range "
             f"[{int(system_idx.min())}, {int(system_idx.max())}]"
         )
-    if system_idx.numel() > 1 and bool((system_idx[1:] < system_idx[:-1]).any()):
+    if not ok_sorted:
         raise ValueError("`system_idx` must be sorted (atoms of each structure contiguous)")
-    counts = torch.bincount(system_idx.long(), minlength=n_sys)
-    if bool((counts == 0).any()):
-        s = int(torch.nonzero(counts == 0)[0, 0])
-        raise ValueError(f"structure {s} is empty: `system_idx` assigns it no atoms")
+    s = int(torch.nonzero(counts == 0)[0, 0])
+    raise ValueError(f"structure {s} is empty: `system_idx` assigns it no atoms")

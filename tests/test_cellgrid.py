@@ -66,8 +66,12 @@ def test_batched_dataset_mixed_paths(monkeypatch):
     sizes = sorted(len(a) for a in structures)
     monkeypatch.setattr(D, "GRID_MIN_CANDIDATES", sizes[len(sizes) // 2] ** 2)
     b = AtomsBatch.from_ase(structures)
-    grids = D._plan_grids(b.positions, b.cell, b.pbc, b.system_idx, 5.0, D.GRID_MIN_CANDIDATES)
-    assert 0 < len(grids) < len(structures) - 1
+    grids, pending = D._plan_grids(
+        b.positions, b.cell, b.pbc, b.system_idx, 5.0, D.GRID_MIN_CANDIDATES
+    )
+    gridded = [s for g in grids for s in g.structures]
+    assert 0 < len(gridded) < len(structures) - 1
+    assert sorted(gridded + pending.tolist()) == list(range(len(structures)))
     x = get_descriptors(structures).numpy()
     assert np.abs(x - np.concatenate([REF[n] for n in names])).max() <= 1e-10
 
