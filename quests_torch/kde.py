@@ -25,10 +25,11 @@ Numerics
   ~50 nats in float32) are recomputed with the fully shifted online log-sum-exp (running
   row maximum, rescaled running sum), so ``log p`` stays finite and accurate for arbitrarily
   distant outliers. The check costs one host sync per call.
-* Tile epilogue: on CUDA, ``exp`` and the row/column sums of a tile run as one
-  ``torch.compile``-d function (:func:`_exp_sums`, one pass over the tile instead of 3-5);
-  ``QUESTS_TORCH_COMPILE=0`` disables it, ``=1`` enables it on every device. If compilation
-  fails, a warning is issued and the eager path is used (same results to ~1e-15).
+* Tile epilogue: with ``QUESTS_TORCH_COMPILE=1``, ``exp`` and the row/column sums of a tile
+  run as one ``torch.compile``-d function (:func:`_exp_sums`, one pass over the tile instead
+  of 3-5), on every device. Off by default until a GPU run measures it (compiling costs tens
+  of seconds on the first call). If compilation fails, a warning is issued and the eager
+  path is used (same results to ~1e-15).
 * When ``y`` is ``x`` (a dataset against itself, entropy/diversity) only the upper triangle of
   tiles is evaluated and each tile contributes to both its rows and its columns.
 * float32 mode (``dtype=torch.float32`` or float32 inputs): tiles in float32, centring and all
@@ -618,11 +619,16 @@ class _Epilogue:
 
     @classmethod
     def wanted(cls, device: torch.device) -> bool:
-        """``$QUESTS_TORCH_COMPILE``: ``0`` never, ``1`` on every device, else CUDA only."""
-        mode = os.environ.get(_COMPILE_ENV, "auto").strip().lower()
-        if cls.failed or mode in ("0", "false", "off", "no"):
+        """``$QUESTS_TORCH_COMPILE``: ``1`` on every device, anything else (default) never.
+
+        Opt-in until a GPU run of ``benchmarks/gpu_check.py`` shows the gain: compiling costs
+        tens of seconds on the first call (86 s cold on a 2-core CPU), which a one-off
+        entropy or the first MD step would pay, and no GPU has timed the result yet.
+        """
+        mode = os.environ.get(_COMPILE_ENV, "0").strip().lower()
+        if cls.failed:
             return False
-        return mode in ("1", "true", "on", "yes") or device.type == "cuda"
+        return mode in ("1", "true", "on", "yes")
 
     @classmethod
     def get(cls) -> Callable | None:
