@@ -114,7 +114,9 @@ def split_means(error: np.ndarray, dh: np.ndarray) -> dict:
     }
 
 
-def per_atom_data(model_path=tm.MODEL_PATH, train_path=tm.TRAIN_PATH, heldout_path=HELDOUT_PATH):
+def per_atom_data(
+    model_path=tm.MODEL_PATH, train_path=tm.TRAIN_PATH, heldout_path=HELDOUT_PATH, threads=1
+):
     """Per-atom dH, force error and set name of every held-out atom, per-structure index.
 
     Returns:
@@ -184,14 +186,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULT_PATH)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
     if args.regenerate:
         import ase.io
 
         HELDOUT_PATH.parent.mkdir(parents=True, exist_ok=True)
         ase.io.write(HELDOUT_PATH, heldout_configurations(), format="extxyz")
     t0 = time.perf_counter()
-    result = summarise(per_atom_data())
+    result = summarise(per_atom_data(threads=args.threads))
     result["seconds"] = time.perf_counter() - t0
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")
