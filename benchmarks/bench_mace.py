@@ -1,0 +1,164 @@
+"""Benchmark the cost of dH next to a real MLIP: UncertaintyModel(MaceModel) vs MaceModel.
+
+The question a MACE user asks: how much does monitoring every force call with dH cost?
+Cases, on the same batch, in one process:
+
+* ``mace``: torch-sim's ``MaceModel`` energy + forces (no stress) of the batch, with the
+  committed test-fixture model of ``benchmarks/train_mace_cu.py`` (2 interactions,
+  16x0e, max_L 0, r_max 5 Å): the reference cost.
+* ``uncertainty_model``: ``UncertaintyModel(mace, bank)``: the same plus per-atom dH and the
+  per-system max/mean/fraction (what a monitored MD step costs).
+* ``dh_only``: ``bank.evaluate`` on the batch without autograd (the added part alone).
+
+Batches (``--batches``): ``1x256`` (one 4x4x4 conventional FCC Cu cell, 256 atoms) and
+``32x108`` (32 cells of 108 atoms), rattled with N(0, 0.05 Å); dtypes ``float64`` and
+``float32`` (model, bank and state in the same dtype). Bank: the model's training set
+(``benchmarks/models/mace_cu_emt_train.extxyz``, 4,800 environments, k = 32, r_c = 5 Å,
+h = 0.015).
+
+Note: MACE sets ``requires_grad`` on the state's positions in place (it differentiates the
+energy with respect to them), so after the first call ``UncertaintyModel`` computes dH with an
+autograd graph, as it does inside ``torch_sim.integrate``; the ``uncertainty_model`` case
+measures that real path, ``dh_only`` the graph-free one.
+
+One warm-up per case, then ``--repeats`` rounds that time every case once (round-robin); the
+median per case. One JSON line per case and a summary line per batch and dtype with
+``uncertainty_model / mace``.
+
+Usage::
+
+    python benchmarks/bench_mace.py
+    python benchmarks/bench_mace.py --batches 1x256 --dtypes float32 --repeats 5 --threads 2
+
+Threads default to 1: on a shared 2-core machine two intra-op threads per process made MACE
+several times slower (thread oversubscription); ``--threads 2`` measures the other case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+
+def _cases(mace, wrapped, bank, state, t) -> dict:
+    def dh_only():
+        with torch.no_grad():
+            return bank.evaluate(t.positions.detach(), t.cell, t.pbc, t.system_idx)
+
+    return {
+        "mace": lambda: mace(state),
+        "uncertainty_model": lambda: wrapped(state),
+        "dh_only": dh_only,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batches", default="1x256,32x108")
+    parser.add_argument("--dtypes", default="float64,float32")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", type=Path, default=None, help="also append the JSON lines here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    import ase.io
+    import torch_sim as ts
+    import train_mace_cu as tm
+    from ase.build import bulk
+    from torch_sim.models.mace import MaceModel
+
+    from quests_torch import UncertaintyBank
+    from quests_torch.integrations.torch_sim import UncertaintyModel, state_tensors
+
+    device = torch.device(args.device)
+    train = ase.io.read(tm.TRAIN_PATH, ":")
+    lines = []
+
+    def emit(record):
+        line = json.dumps(record)
+        print(line, flush=True)
+        lines.append(line)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for dtype_name in args.dtypes.split(","):
+        dtype = getattr(torch, dtype_name)
+        bank = UncertaintyBank.from_atoms(train, dtype=dtype, device=device)
+        mace = MaceModel(
+            tm.load_mace(dtype=dtype, device=device),
+            device=device,
+            dtype=dtype,
+            compute_forces=True,
+            compute_stress=False,
+        )
+        wrapped = UncertaintyModel(mace, bank)
+        for spec in args.batches.split(","):
+            n_sys, n_atoms = (int(v) for v in spec.split("x"))
+            rep = round((n_atoms / 4) ** (1 / 3))
+            cells = []
+            for i in range(n_sys):
+                a = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(rep)
+                a.rattle(0.05, seed=i)
+                cells.append(a)
+            state = ts.io.atoms_to_state(cells, device, dtype)
+            t = state_tensors(state)
+
+            cases = _cases(mace, wrapped, bank, state, t)
+            times: dict[str, list[float]] = {c: [] for c in cases}
+            for c in cases:  # warm-up
+                cases[c]()
+            for _ in range(args.repeats):
+                for c in cases:
+                    sync()
+                    t0 = time.perf_counter()
+                    cases[c]()
+                    sync()
+                    times[c].append(time.perf_counter() - t0)
+            med = {c: statistics.median(v) for c, v in times.items()}
+            meta = {
+                "batch": spec,
+                "atoms": int(state.n_atoms),
+                "dtype": dtype_name,
+                "bank": bank.n_references,
+                "threads": args.threads,
+                "device": str(device),
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+            }
+            for c in cases:
+                emit({"case": c, "median_s": round(med[c], 5), **meta})
+            emit(
+                {
+                    "summary": {
+                        "batch": spec,
+                        "dtype": dtype_name,
+                        "mace_s": round(med["mace"], 5),
+                        "uncertainty_model_s": round(med["uncertainty_model"], 5),
+                        "dh_only_s": round(med["dh_only"], 5),
+                        "overhead": round(med["uncertainty_model"] / med["mace"] - 1, 3),
+                    }
+                }
+            )
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with args.out.open("a") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
