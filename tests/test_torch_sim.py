@@ -457,3 +457,16 @@ def test_missing_torch_sim_gives_an_install_hint(monkeypatch):
     monkeypatch.delitem(sys.modules, "quests_torch.integrations.torch_sim")
     with pytest.raises(ImportError, match=r"pip install quests-torch\[mlip\]"):
         importlib.import_module("quests_torch.integrations.torch_sim")
+
+
+def test_dh_has_no_graph_unless_asked(bank, state):
+    """An MLIP switches requires_grad on for the positions (forces): the monitor must not
+    build a graph through the descriptors, unless differentiable=True."""
+    state.positions.requires_grad_(True)
+    out = UncertaintyModel(lj(), bank)(state)
+    assert not out["dH"].requires_grad
+    diff = UncertaintyModel(lj(), bank, differentiable=True)(state)
+    assert diff["dH"].requires_grad
+    (g,) = torch.autograd.grad(diff["dH"].sum(), state.positions)
+    assert torch.isfinite(g).all()
+    assert torch.allclose(out["dH"], diff["dH"].detach(), rtol=0, atol=1e-10)
