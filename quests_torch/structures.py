@@ -33,11 +33,20 @@ def canonical_device(device: torch.device | str) -> torch.device:
     return torch.device(device.type, 0)
 
 
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return mps is not None and bool(mps.is_available())
+
+
 def resolve_device(device: torch.device | str | None) -> torch.device:
-    """``"auto"``/``None`` -> CUDA when available, else CPU; anything else as given, indexed
-    (:func:`canonical_device`)."""
+    """``"auto"``/``None`` -> CUDA when available, else MPS (Apple silicon) when available,
+    else CPU; anything else as given, indexed (:func:`canonical_device`). On MPS everything
+    runs in float32 (see :func:`quests_torch._precision.float64_enabled`)."""
     if device is None or (isinstance(device, str) and device == "auto"):
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        if torch.cuda.is_available():
+            device = "cuda"
+        else:
+            device = "mps" if _mps_available() else "cpu"
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"`device` is {device} but CUDA is not available in this torch build")
