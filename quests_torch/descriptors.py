@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from ._memory import available_memory, memory_budget
-from ._precision import full_precision
+from ._precision import compute_dtype, float64_enabled, full_precision
 from .cellgrid import (
     Grid,
     Selection,
@@ -561,6 +561,8 @@ def descriptors_from_tensors(
         pbc = pbc.to(torch.bool)
     validate_batch(positions, cell, pbc, system_idx)
     system_idx = system_idx.to(torch.int64)
+    if compute_dtype(positions.device, positions.dtype) != positions.dtype:  # float32-only
+        positions, cell = positions.float(), cell.float()
     threshold = _grid_threshold(search)
 
     spec: list[int] = []
@@ -767,8 +769,10 @@ def get_descriptors(
         k: number of nearest neighbours (default 32, at most :data:`MAX_K` = 1024; see
             :func:`descriptors_from_tensors` for the memory check).
         cutoff: cutoff radius in Å (default 5.0).
-        dtype: ``torch.float64`` (default) or ``torch.float32``.
-        device: where to compute (``"auto"``: CUDA when available).
+        dtype: ``torch.float64`` (default) or ``torch.float32``; float32 wherever float64 is
+            off (:func:`quests_torch._precision.float64_enabled`: MPS, slow-float64 CUDA cards,
+            ``QUESTS_TORCH_FLOAT64=0``).
+        device: where to compute (``"auto"``: CUDA, else MPS, else CPU).
         multicomponent: append one descriptor block per species (SPEC section 1).
         species: element symbols or atomic numbers for the multicomponent blocks (default:
             every element present); blocks are ordered by chemical symbol.
@@ -782,9 +786,12 @@ def get_descriptors(
     """
     _check_params(k, cutoff)  # before the structures are converted
     dev = resolve_device(device)
+    dtype = compute_dtype(dev, dtype)
     if isinstance(structures, AtomsBatch):
         batch = structures.to(dev, dtype)
     else:
+        if not float64_enabled(dev):
+            structures = _centred_copies(structures)
         batch = AtomsBatch.from_ase(structures, device=dev, dtype=dtype)
     spec: list[int] | None = species_numbers(species)
     if multicomponent and spec is None:
@@ -801,3 +808,24 @@ def get_descriptors(
         budget=budget,
         search=search,
     )
+
+
+def _centred_copies(structures: object) -> object:
+    """float32-only mode: copies of the ``ase.Atoms`` with each structure's positions centred
+    on their mean (in float64, on the host) before the cast to float32, so that the float32
+    positions keep ~1e-7 relative precision of the interatomic vectors however far from the
+    origin the structure sits. Descriptors are translation invariant (periodic or not)."""
+    from ase import Atoms
+
+    if isinstance(structures, Atoms):
+        structures = [structures]
+    elif not isinstance(structures, Sequence):
+        return structures  # an iterator: from_ase reports what it is
+    out = []
+    for a in structures:
+        if not isinstance(a, Atoms) or len(a) == 0:
+            return structures  # from_ase raises with the right message
+        c = Atoms(numbers=a.numbers, positions=a.positions - a.positions.mean(0),
+                  cell=a.cell, pbc=a.pbc)  # fmt: skip
+        out.append(c)
+    return out

@@ -154,6 +154,9 @@ class AtomsBatch:
         system_idx = np.repeat(np.arange(len(structures), dtype=np.int64), counts)
         dev = resolve_device(device)
 
+        if dtype == torch.float32:  # cast on the host: no float64 tensor on the device
+            positions, cell = positions.astype(np.float32), cell.astype(np.float32)
+
         def put(values: np.ndarray, dt: torch.dtype | None = None) -> torch.Tensor:
             t = torch.as_tensor(values, dtype=dt)
             if dev.type == "cuda":  # from pinned memory: no synchronising pageable copy
