@@ -31,6 +31,16 @@ The grid path is batched: every gridded structure of a batch is binned at once (
 by structure and bin, structures grouped by fullest bin), so a batch of many mid-size cells
 costs a fixed number of tensor ops and host syncs, not a number per structure.
 
+**float32-only mode** (MPS, CUDA cards without full-rate float64, ``QUESTS_TORCH_FLOAT64=0``;
+:func:`quests_torch._precision.float64_enabled`): positions and cells are cast to float32
+(ASE structures after centring each on its mean in float64 on the host), the cell grid bins
+and selects in float32 (selection keys on float32 bits), the component keys are packed as
+integers, and the pair list uses the dense search instead of vesin-torch (float64 inside) up
+to :data:`quests_torch.neighbors.DENSE_MAX_CANDIDATES_FLOAT32` candidates. Measured against
+float64 (max error over max |descriptor|): rattled FCC Cu 5e-7 (32 atoms), 9.7e-7 (256
+atoms, grid and pair list), ethanol 6.8e-8, also 1,000 Å from the origin (3.6e-5 without
+the centring).
+
 Everything here is differentiable with respect to positions and cell; atoms are processed in
 chunks sized from a memory budget. A chunk that raises ``torch.OutOfMemoryError`` is redone in
 halves (results do not depend on the chunk size) down to :data:`OOM_FLOOR` bytes.
@@ -70,7 +80,7 @@ from .neighbors import (
     find_neighbor_pairs,
     pair_vectors,
 )
-from .structures import AtomsBatch, resolve_device, validate_batch
+from .structures import AtomsBatch, centred_copies, resolve_device, validate_batch
 
 __all__ = [
     "DEFAULT_CUTOFF",
@@ -791,7 +801,7 @@ def get_descriptors(
         batch = structures.to(dev, dtype)
     else:
         if not float64_enabled(dev):
-            structures = _centred_copies(structures)
+            structures = centred_copies(structures)
         batch = AtomsBatch.from_ase(structures, device=dev, dtype=dtype)
     spec: list[int] | None = species_numbers(species)
     if multicomponent and spec is None:
@@ -808,24 +818,3 @@ def get_descriptors(
         budget=budget,
         search=search,
     )
-
-
-def _centred_copies(structures: object) -> object:
-    """float32-only mode: copies of the ``ase.Atoms`` with each structure's positions centred
-    on their mean (in float64, on the host) before the cast to float32, so that the float32
-    positions keep ~1e-7 relative precision of the interatomic vectors however far from the
-    origin the structure sits. Descriptors are translation invariant (periodic or not)."""
-    from ase import Atoms
-
-    if isinstance(structures, Atoms):
-        structures = [structures]
-    elif not isinstance(structures, Sequence):
-        return structures  # an iterator: from_ase reports what it is
-    out = []
-    for a in structures:
-        if not isinstance(a, Atoms) or len(a) == 0:
-            return structures  # from_ase raises with the right message
-        c = Atoms(numbers=a.numbers, positions=a.positions - a.positions.mean(0),
-                  cell=a.cell, pbc=a.pbc)  # fmt: skip
-        out.append(c)
-    return out

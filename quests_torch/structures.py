@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["AtomsBatch", "canonical_device", "resolve_device", "segment_sum"]
+__all__ = ["AtomsBatch", "canonical_device", "centred_copies", "resolve_device", "segment_sum"]
 
 
 def canonical_device(device: torch.device | str) -> torch.device:
@@ -51,6 +51,30 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"`device` is {device} but CUDA is not available in this torch build")
     return canonical_device(device)
+
+
+def centred_copies(structures: object) -> object:
+    """Copies of ``ase.Atoms`` with each structure's positions centred on their mean.
+
+    Used in float32-only mode (:func:`quests_torch._precision.float64_enabled`) before the
+    positions are cast to float32: centring in float64 on the host keeps ~1e-7 relative
+    precision of the interatomic vectors however far from the origin a structure sits
+    (descriptors, dH and clusters are translation invariant, periodic or not). Anything else
+    (an iterator, non-Atoms items) is returned as is.
+    """
+    from ase import Atoms
+
+    if isinstance(structures, Atoms):
+        structures = [structures]
+    elif not isinstance(structures, Sequence):
+        return structures
+    out = []
+    for a in structures:
+        if not isinstance(a, Atoms) or len(a) == 0:
+            return structures  # AtomsBatch.from_ase raises with the right message
+        pos = a.positions - a.positions.mean(0)
+        out.append(Atoms(numbers=a.numbers, positions=pos, cell=a.cell, pbc=a.pbc))
+    return out
 
 
 def segment_sum(

@@ -42,7 +42,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from ._precision import full_precision
+from ._precision import compute_dtype, full_precision
 from .descriptors import (
     DEFAULT_CUTOFF,
     DEFAULT_K,
@@ -146,7 +146,9 @@ class UncertaintyBank(torch.nn.Module):
         cutoff: cutoff radius of the descriptor (Å, default 5.0).
         h: bandwidth (1/Å, default 0.015).
         dtype: storage and compute dtype of the kernel sums (float64 default; float32 tiles are
-            accumulated in float64). Default: that of ``descriptors``, else float64.
+            accumulated in float64). Default: that of ``descriptors``, else float64. Always
+            float32 where float64 is off (:func:`quests_torch._precision.float64_enabled`:
+            MPS, slow-float64 CUDA cards, ``QUESTS_TORCH_FLOAT64=0``).
         device: where the bank lives (``"auto"``: CUDA when available). Default: that of
             ``descriptors``, else CPU.
         species: element symbols or atomic numbers for a multicomponent bank (the descriptor
@@ -177,6 +179,7 @@ class UncertaintyBank(torch.nn.Module):
         self.species = species_numbers(species)
         dtype = _check_dtype(_dtype_of(descriptors) if dtype is None else dtype)
         dev = _device_of(descriptors) if device is None else resolve_device(device)
+        dtype = compute_dtype(dev, dtype)  # float32 where float64 is off (MPS, ...)
         self.register_buffer("descriptors", torch.zeros((0, self.width), dtype=dtype, device=dev))
         self._prepared: tuple[tuple, PreparedReferences, torch.Tensor] | None = None
         if descriptors is not None:

@@ -191,3 +191,52 @@ def test_descriptors_from_tensors_float32_only(monkeypatch):
         d = descriptors_from_tensors(pos, cell, b.pbc, b.system_idx, search="grid")
     assert d.dtype == torch.float32
     assert float((d.double() - ref).abs().max() / ref.abs().max()) < 5e-6
+
+
+# ---------------------------------------------------------------------------- bank, screening
+
+
+def _bank_data():
+    from conftest import rattled_fcc
+
+    refs = [rattled_fcc((2, 2, 2), seed=s) for s in range(3)]
+    query = [rattled_fcc((2, 2, 2), seed=10, stdev=0.1), rattled_fcc((2, 2, 2), seed=11)]
+    return refs, query
+
+
+def test_uncertainty_bank_float32_only(monkeypatch):
+    from quests_torch import AtomsBatch, UncertaintyBank
+
+    refs, query = _bank_data()
+    b = AtomsBatch.from_ase(query)
+    dh64 = UncertaintyBank.from_atoms(refs)(b.positions, b.cell, b.pbc, b.system_idx)
+    monkeypatch.setenv("QUESTS_TORCH_FLOAT64", "0")
+    b32 = AtomsBatch.from_ase(query, dtype=torch.float32)
+    pos = b32.positions.clone().requires_grad_(True)
+    with NoFloat64():
+        bank = UncertaintyBank.from_atoms(refs)  # asks for float64: gets float32
+        dh = bank(pos, b32.cell, b32.pbc, b32.system_idx)
+        (grad,) = torch.autograd.grad(dh.sum(), pos)
+    assert bank.descriptors.dtype == torch.float32 and dh.dtype == torch.float32
+    assert grad.dtype == torch.float32 and torch.isfinite(grad).all()
+    err = (dh.detach().double() - dh64.detach()).abs() / dh64.detach().abs().clamp(min=1.0)
+    assert float(err.max()) < 1e-4, float(err.max())
+
+
+def test_screen_frames_float32_only(monkeypatch):
+    from quests_torch import get_descriptors, screen_frames
+
+    refs, query = _bank_data()
+    x_ref = get_descriptors(refs)
+    ref64 = list(screen_frames(query, x_ref))
+    monkeypatch.setenv("QUESTS_TORCH_FLOAT64", "0")
+    x32 = x_ref.float()
+    with NoFloat64():
+        got = list(screen_frames(query, x32))
+    for a, b in zip(got, ref64, strict=True):
+        assert a.dh.dtype == torch.float32
+        scale = max(1.0, abs(b.dH_max))
+        assert abs(a.dH_max - b.dH_max) < 1e-4 * scale
+        assert abs(a.dH_mean - b.dH_mean) < 1e-4 * max(1.0, abs(b.dH_mean))
+        assert a.novel_fraction == b.novel_fraction
+        assert a.largest_cluster == b.largest_cluster
