@@ -356,6 +356,8 @@ class UncertaintyBank(torch.nn.Module):
             )
         self.k, self.cutoff, self.h, self.species = k, cutoff, h, species
         dtype = {"float64": torch.float64, "float32": torch.float32}.get(state.get("dtype", ""))
+        if dtype is not None:  # a float64 bank loads as float32 where float64 is off
+            dtype = compute_dtype(self.descriptors.device, dtype)
         if dtype is not None and dtype != self.descriptors.dtype:
             self.descriptors = self.descriptors.to(dtype)
 
@@ -372,14 +374,17 @@ class UncertaintyBank(torch.nn.Module):
                 )
             if not bool(torch.isfinite(incoming).all()):
                 raise ValueError(f"`{key}` contains NaN or inf: not a usable reference bank")
+        want = None
+        if isinstance(incoming, torch.Tensor):  # float32 where float64 is off (MPS, ...)
+            want = compute_dtype(self.descriptors.device, incoming.dtype)
         if isinstance(incoming, torch.Tensor) and (
-            incoming.shape != self.descriptors.shape or incoming.dtype != self.descriptors.dtype
+            incoming.shape != self.descriptors.shape or want != self.descriptors.dtype
         ):
             if incoming.ndim != 2:
                 error_msgs.append(f"`{key}` must be 2-D [n, d], got shape {tuple(incoming.shape)}")
                 return
             self.descriptors = torch.empty(
-                incoming.shape, dtype=incoming.dtype, device=self.descriptors.device
+                incoming.shape, dtype=want, device=self.descriptors.device
             )
         self.invalidate()
         super()._load_from_state_dict(

@@ -240,3 +240,16 @@ def test_screen_frames_float32_only(monkeypatch):
         assert abs(a.dH_mean - b.dH_mean) < 1e-4 * max(1.0, abs(b.dH_mean))
         assert a.novel_fraction == b.novel_fraction
         assert a.largest_cluster == b.largest_cluster
+
+
+def test_float64_bank_state_loads_as_float32(monkeypatch):
+    from quests_torch import UncertaintyBank
+
+    refs, _ = _bank_data()
+    state = UncertaintyBank.from_atoms(refs).state_dict()
+    assert state["descriptors"].dtype == torch.float64
+    monkeypatch.setenv("QUESTS_TORCH_FLOAT64", "0")
+    bank = UncertaintyBank()
+    bank.load_state_dict(state)
+    assert bank.descriptors.dtype == torch.float32
+    assert torch.equal(bank.descriptors, state["descriptors"].float())
