@@ -1158,7 +1158,9 @@ def kernel_pass(
         log_weights: optional ``[m]`` log weights ``log w_j`` (``-inf`` drops a reference).
         n_nearest: number of nearest references to return (0: none).
         dtype: compute dtype; default the promoted input dtype. ``torch.float32`` tiles are
-            accumulated in float64 (relative error of ``p`` ~1e-6 on thermal Cu data).
+            accumulated in float64 (relative error of ``p`` ~1e-6 on thermal Cu data), or in
+            compensated float32 where float64 is off (MPS, slow-float64 CUDA cards,
+            ``QUESTS_TORCH_FLOAT64=0``: float32 results, see the module notes).
         centre: subtract the mean of ``y`` from both sets before the GEMM expansion
             (recommended, essential in float32).
         distance: ``"matmul"`` (GEMM expansion, fast) or ``"direct"`` (explicit differences).
