@@ -11,6 +11,7 @@ generation to a target dH) and ``quests_torch.distributed`` (torchrun).
 """
 
 from . import compression, distributed, kde, metrics
+from ._precision import float64_is_fast
 from ._version import __version__
 from .calculators import EntropyBiasCalculator, ExtrapolationError, QuestsUncertaintyCalculator
 from .clusters import largest_cluster
@@ -60,6 +61,7 @@ __all__ = [
     "diversity",
     "entropy",
     "entropy_learning_curve",
+    "float64_is_fast",
     "generate_to_target",
     "generation_report",
     "get_descriptors",

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ._precision import compute_dtype
 from .neighbors import _stable_argsort
 
 __all__ = [
@@ -66,10 +67,19 @@ def sq_norm3(x: torch.Tensor, dim: int) -> torch.Tensor:
     return x0 * x0 + x1 * x1 + x2 * x2
 
 
+def grid_dtype(device: torch.device) -> torch.dtype:
+    """float64, or float32 in float32-only mode (:func:`float64_enabled` is ``False``)."""
+    return compute_dtype(device, torch.float64)
+
+
 def d2_levels(d2: torch.Tensor, cutoff: float) -> torch.Tensor:
     """Squared distances quantised to integer levels, ``floor(d2 / step + 1/2)`` with
-    ``step = cutoff^2 / 2^D2_BITS`` (float64, exact integers): the primary sort key."""
-    return (d2.to(torch.float64) * ((1 << D2_BITS) / (cutoff * cutoff)) + 0.5).floor_()
+    ``step = cutoff^2 / 2^D2_BITS`` (float64, exact integers): the primary sort key.
+
+    float32-only mode: float32 (levels above 2^24 rounded to float32, i.e. ties within
+    ~eps_32 d2, the resolution of float32 squared distances anyway)."""
+    dt = grid_dtype(d2.device)
+    return (d2.to(dt) * ((1 << D2_BITS) / (cutoff * cutoff)) + 0.5).floor_()
 
 
 def component_keys(vec: torch.Tensor, cutoff: float) -> torch.Tensor:
@@ -78,8 +88,12 @@ def component_keys(vec: torch.Tensor, cutoff: float) -> torch.Tensor:
     Packed with one float64 product (integers below 2^33: exact), ~2.5x faster than shifting
     three int64 columns.
     """
-    cq = (vec.to(torch.float64) + cutoff).mul_(C_LEVELS / (2 * cutoff)).round_()
+    dt = grid_dtype(vec.device)
+    cq = (vec.to(dt) + cutoff).mul_(C_LEVELS / (2 * cutoff)).round_()
     cq = cq.clamp_(0, C_LEVELS)
+    if dt != torch.float64:  # float32-only: pack as integers (levels < 2^11 are exact)
+        c = cq.to(torch.int64)
+        return (c[..., 0] << 22) | (c[..., 1] << 11) | c[..., 2]
     return (cq @ _PACK.to(cq.device)).to(torch.int64)
 
 
@@ -167,6 +181,18 @@ def _upload(device: torch.device, *arrays: np.ndarray) -> list[torch.Tensor]:
     return [p.reshape(a.shape) for p, a in zip(t.split([a.size for a in flat]), flat, strict=True)]
 
 
+def _upload_typed(device: torch.device, *arrays: np.ndarray) -> list[torch.Tensor]:
+    """:func:`_upload` of each array in its own dtype (one copy each)."""
+    return [_upload(device, a)[0] for a in arrays]
+
+
+def _key_levels(high: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The levels of selection keys whose slot bits are cleared (see :func:`select_block`)."""
+    if dtype == torch.float64:
+        return high.view(torch.float64)
+    return high.bitwise_right_shift(32).to(torch.int32).view(torch.float32)
+
+
 def _ranges(starts: torch.Tensor, counts: torch.Tensor, total: int) -> torch.Tensor:
     """``cat([arange(a, a + c) for a, c in zip(starts, counts)])`` with no host sync
     (``total = sum(counts)``, known on the host)."""
@@ -252,7 +278,8 @@ def plan_grids(
         return []
     sel = counts_h[chosen]
     n_sel = int(sel.sum())
-    full = full.detach().to(torch.float64)
+    gd = grid_dtype(device)  # float64, float32 in float32-only mode
+    full = full.detach().to(gd)
     if chosen.size == counts_h.size:  # every structure: `chosen` is the identity
         atoms = torch.arange(n_sel, device=device)
         loc = system_idx
@@ -264,37 +291,46 @@ def plan_grids(
                                       output_size=n_sel)  # fmt: skip
         full, pbc = full[which], pbc[which]
     # from here structures are positions in `chosen`
-    pos = positions.detach()[atoms].to(torch.float64)
+    pos = positions.detach()[atoms].to(gd)
     inv = torch.linalg.inv_ex(full).inverse  # checked non-singular: no error-check sync
     frac = torch.einsum("ni,nij->nj", pos, inv[loc])  # pos = frac @ full
     wrap = torch.where(pbc[loc], torch.floor(frac), torch.zeros_like(frac))
     frac = frac - wrap
     idx3 = loc[:, None].expand(-1, 3)
-    lo = torch.full((chosen.size, 3), math.inf, dtype=torch.float64, device=device)
+    lo = torch.full((chosen.size, 3), math.inf, dtype=gd, device=device)
     lo = lo.scatter_reduce(0, idx3, frac, "amin")
     hi = torch.full_like(lo, -math.inf).scatter_reduce(0, idx3, frac, "amax")
     thick = 1.0 / inv.norm(dim=1)  # interplanar spacings (Å): 1 / |reciprocal vectors|
-    stats = torch.cat([thick, lo, hi - lo, pbc.to(torch.float64)], dim=1).cpu().numpy()
+    stats = torch.cat([thick, lo, hi - lo, pbc.to(gd)], dim=1).cpu().numpy().astype(np.float64)
     n_bins, origin, width, applies = _bin_shapes(stats, sel, cutoff)
     n_total = np.where(applies, n_bins.prod(axis=1), 0)
     offset = np.cumsum(n_total) - n_total
     n_all = int(n_total.sum())
 
     # bin of every atom (structures the grid does not apply to: the sink bin n_all, ignored)
-    (geo,) = _upload(device, np.concatenate([origin, width, n_bins, offset[:, None],
-                                             applies[:, None]], axis=1))  # fmt: skip
-    g = geo[loc]
+    geo_h = np.concatenate([origin, width, n_bins, offset[:, None], applies[:, None]], axis=1)
+    if gd == torch.float64:
+        (geo,) = _upload(device, geo_h)
+        g = geo[loc]
+        gi = g[:, 6:11].to(torch.int64)
+    else:  # float32-only: the integer columns travel as int64 (bin offsets past 2^24)
+        geo, geo_i = _upload_typed(device, geo_h[:, :6].astype(np.float32),
+                                   geo_h[:, 6:11].astype(np.int64))  # fmt: skip
+        g, gi = geo[loc], geo_i[loc]
     rel = (frac - g[:, 0:3]) / g[:, 3:6]
-    nb = g[:, 6:9].to(torch.int64)
+    nb = gi[:, 0:3]
     b3 = torch.minimum(torch.floor(rel).to(torch.int64).clamp_min_(0), nb - 1)
-    bin_id = g[:, 9].to(torch.int64) + (b3[:, 0] * nb[:, 1] + b3[:, 1]) * nb[:, 2] + b3[:, 2]
-    bin_id = torch.where(g[:, 10] > 0.5, bin_id, n_all)
+    bin_id = gi[:, 3] + (b3[:, 0] * nb[:, 1] + b3[:, 1]) * nb[:, 2] + b3[:, 2]
+    bin_id = torch.where(gi[:, 4] > 0, bin_id, n_all)
     bin_counts = torch.zeros(n_all + 1, dtype=torch.int64, device=device)
     bin_counts.index_add_(0, bin_id, torch.ones_like(bin_id))
     wrapped = pos - torch.einsum("ni,nij->nj", wrap, full[loc])
-    reach = torch.zeros(chosen.size, dtype=torch.float64, device=device)
+    reach = torch.zeros(chosen.size, dtype=gd, device=device)
     reach = reach.scatter_reduce(0, loc, wrapped.abs().amax(dim=1), "amax")
-    host = torch.cat([bin_counts[:n_all].to(torch.float64), reach]).cpu().numpy()
+    if gd == torch.float64:
+        host = torch.cat([bin_counts[:n_all].to(torch.float64), reach]).cpu().numpy()
+    else:  # float32-only: counts stay integers, one transfer each
+        host = np.concatenate([bin_counts[:n_all].cpu().numpy(), reach.cpu().numpy()])
     bin_counts_h, reach_h = host[:n_all].astype(np.int64), host[n_all:]
 
     # per structure: fullest bin and non-empty bins; refuse uneven filling, absurd extents
@@ -375,7 +411,7 @@ def _group_grid(plan: _Plan, members: np.ndarray) -> Grid:
     sorted_bin = bin_id[order]
     start = torch.cumsum(counts_d, 0) - counts_d
     slot = torch.arange(n_atoms, device=device) - start[sorted_bin]
-    binned = torch.full((n_g + 1, P, 3), _FAR, dtype=torch.float64, device=device)
+    binned = torch.full((n_g + 1, P, 3), _FAR, dtype=plan.wrapped.dtype, device=device)
     binned[:, :, 0] += _FAR * torch.arange(P, device=device)  # distinct far points
     binned[sorted_bin, slot] = wrapped[order]
     atom = torch.full((n_g + 1, P), -1, dtype=torch.int64, device=device)
@@ -479,7 +515,7 @@ def select_block(grid: Grid, bins: slice, k: int, cutoff: float) -> Selection:
     nbr = grid.neighbors[c0:c1]  # [c, 27]
     img = grid.images[c0:c1]  # [c, 27, 3]
     # integer translations times each bin's cell (elementwise: the same on every device)
-    tvec = (img.to(torch.float64)[..., :, None] * grid.cell[c0:c1, None]).sum(dim=-2)
+    tvec = (img.to(grid.cell.dtype)[..., :, None] * grid.cell[c0:c1, None]).sum(dim=-2)
     own = grid.binned[centers]  # [c, P, 3]
     ref = own[:, :1, :]
     a = own - ref
@@ -506,12 +542,18 @@ def select_block(grid: Grid, bins: slice, k: int, cutoff: float) -> Selection:
     # then the candidate slot, all distinct, which topk handles much faster than runs of equal
     # values. Built in place on the float64 bits: for 0 <= x the bit patterns order like the
     # values, and an integer below 2^29 leaves the low 23 mantissa bits zero for the slot.
-    v.floor_().clamp_(max=limit)
-    slot_mask = (1 << max(1, (W - 1).bit_length())) - 1
-    if slot_mask >= 1 << 23:
-        raise ValueError(f"cell grid: {W} candidates per atom exceed the key space")
-    keys = v.view(torch.int64)
-    keys |= torch.arange(W, device=v.device)
+    if v.dtype == torch.float64:
+        v.floor_().clamp_(max=limit)
+        slot_mask = (1 << max(1, (W - 1).bit_length())) - 1
+        if slot_mask >= 1 << 23:
+            raise ValueError(f"cell grid: {W} candidates per atom exceed the key space")
+        keys = v.view(torch.int64)
+        keys |= torch.arange(W, device=v.device)
+    else:  # float32-only: the float32 bits (>= 0: ordered) in the high half, the slot below
+        v.floor_().clamp_(min=0, max=limit).add_(0.0)  # + 0.0: no -0.0 (a negative key)
+        slot_mask = (1 << 32) - 1
+        keys = v.view(torch.int32).to(torch.int64).bitwise_left_shift_(32)
+        keys |= torch.arange(W, device=v.device)
     m = min(k, W)
     if W > m:
         # one more than needed: the (m+1)-th smallest tells whether the m-th is tied with a
@@ -524,10 +566,10 @@ def select_block(grid: Grid, bins: slice, k: int, cutoff: float) -> Selection:
     else:
         sel, out_key = keys, torch.full_like(keys[..., 0], _EMPTY_KEY)
     idx = sel & slot_mask
-    lv = (sel - idx).view(torch.float64)  # the levels
+    lv = _key_levels(sel - idx, v.dtype)  # the levels
     real = grid.atom[centers] >= 0  # [c, P]
     kth = lv.amax(dim=2)
-    tied = ((out_key & ~slot_mask).view(torch.float64) == kth) & (kth < limit) & real
+    tied = (_key_levels(out_key & ~slot_mask, v.dtype) == kth) & (kth < limit) & real
     # the nearest level is the same before and after the tie-break below
     nearest = lv.amin(dim=2)
     any_tied, close = torch.stack([tied.any(), ((nearest == 0) & real).any()]).tolist()
@@ -536,7 +578,7 @@ def select_block(grid: Grid, bins: slice, k: int, cutoff: float) -> Selection:
         # tie by the neighbour vectors' components (the documented rule)
         tc, tp = torch.nonzero(tied, as_tuple=True)
         vec = cand[tc] - a[tc, tp][:, None, :]  # [t, W, 3]
-        tl = (keys[tc, tp] & ~slot_mask).view(torch.float64)
+        tl = _key_levels(keys[tc, tp] & ~slot_mask, v.dtype)
         full = full_keys(torch.where(tl < limit, tl, math.inf), vec, cutoff)
         tk = torch.topk(full, m, dim=1, largest=False, sorted=False).indices
         idx[tc, tp] = tk

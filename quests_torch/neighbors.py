@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ._memory import memory_budget
-from ._precision import full_precision
+from ._precision import float64_enabled, full_precision
 
 __all__ = ["NeighborPairs", "complete_cell", "find_neighbor_pairs", "pair_vectors"]
 
@@ -32,6 +32,9 @@ __all__ = ["NeighborPairs", "complete_cell", "find_neighbor_pairs", "pair_vector
 COINCIDENT_TOL = 1e-6
 #: structures with at most this many candidate pairs (atoms² x images) use the dense path
 DENSE_MAX_CANDIDATES = 200_000
+#: float32-only mode: the dense search up to here, since vesin-torch computes in float64 (larger
+#: structures the cell grid refuses still go to vesin: float64 inside vesin, float32 results)
+DENSE_MAX_CANDIDATES_FLOAT32 = 64 * DENSE_MAX_CANDIDATES
 
 
 class NeighborPairs:
@@ -360,8 +363,10 @@ def find_neighbor_pairs(
             dense = torch.ones_like(counts, dtype=torch.bool)
         elif backend == "vesin":
             dense = torch.zeros_like(counts, dtype=torch.bool)
-        else:
+        elif float64_enabled(device):
             dense = cost <= DENSE_MAX_CANDIDATES
+        else:  # float32-only: vesin computes in float64, so dense further (~180 MB float32)
+            dense = cost <= DENSE_MAX_CANDIDATES_FLOAT32
         vesin = ~dense
         dense = dense & (counts > 0)  # a structure may have no atoms in a sub-batch
         if skip is not None:

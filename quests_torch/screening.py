@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 from ._memory import memory_budget
+from ._precision import compute_dtype, float64_enabled
 from .clusters import DEFAULT_CLUSTER_CUTOFF, largest_cluster
 from .descriptors import DEFAULT_CUTOFF, DEFAULT_K, descriptors_from_tensors
 from .io import atomic_write, check_index, count_frames, iter_structures
@@ -67,7 +68,7 @@ from .resume import (
     write_state,
 )
 from .resume import trajectory_key as _content_key
-from .structures import AtomsBatch, resolve_device, segment_sum
+from .structures import AtomsBatch, centred_copies, resolve_device, segment_sum
 
 __all__ = [
     "FRAME_COLUMNS",
@@ -95,7 +96,8 @@ class FrameScreen:
     Attributes:
         frame: position of the frame in the screened selection (0-based).
         atoms: the ``ase.Atoms`` of the frame.
-        dh: ``[n_atoms]`` per-atom dH (nats, CPU, float64).
+        dh: ``[n_atoms]`` per-atom dH (nats, CPU, float64; float32 in float32-only mode,
+            see :func:`quests_torch._precision.float64_enabled`).
         cluster: ``[n_atoms]`` int64 cluster of each covered atom (smallest atom index of
             its cluster, within the frame), ``-1`` for novel atoms.
         dH_max: largest dH in the frame.
@@ -247,7 +249,10 @@ def _screen_batch(
 ) -> list[FrameScreen]:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
-    batch = AtomsBatch.from_ase(frames, device=device, dtype=dtype)
+    f64 = float64_enabled(device)
+    acc = torch.float64 if f64 else torch.float32  # of the per-frame summaries on the device
+    batch = AtomsBatch.from_ase(frames if f64 else centred_copies(frames), device=device,
+                                dtype=dtype)  # fmt: skip
     x = descriptors_from_tensors(
         batch.positions, batch.cell, batch.pbc, batch.system_idx, k=k, cutoff=cutoff
     )
@@ -265,8 +270,8 @@ def _screen_batch(
     sidx = batch.system_idx
     counts = torch.bincount(sidx, minlength=n_sys)
     starts = torch.cumsum(counts, 0) - counts
-    dh64 = dh.to(torch.float64)
-    dmax = torch.full((n_sys,), -math.inf, dtype=torch.float64, device=device)
+    dh64 = dh.to(acc)
+    dmax = torch.full((n_sys,), -math.inf, dtype=acc, device=device)
     dmax.scatter_reduce_(0, sidx, dh64, reduce="amax", include_self=True)
     # deterministic on CUDA: a sorted segment sum (no float atomics), and novel atoms counted
     # as the odd bins of 2*sidx + novel (bincount with float weights refuses deterministic mode)
@@ -343,6 +348,7 @@ def _screen_batches(
 ) -> Iterator[list[FrameScreen]]:
     _check_screen_params(h, threshold, k, cutoff, cluster_cutoff, batch_atoms)
     device = resolve_device(device)
+    dtype = compute_dtype(device, dtype)  # float32 where float64 is off (MPS, ...)
     ref = _prepare_reference(reference, device, dtype)
     if ref.shape[1] != 2 * k - 1:
         raise ValueError(
@@ -419,8 +425,10 @@ def screen_frames(
         k: neighbours of the descriptors (must match the reference's).
         cutoff: descriptor cutoff (Å, must match the reference's).
         cluster_cutoff: largest edge of the cluster graph (Å).
-        dtype: compute dtype of descriptors and kernel sums.
-        device: where to compute (``"auto"``: CUDA when available).
+        dtype: compute dtype of descriptors and kernel sums (float32 wherever float64 is off:
+            MPS, slow-float64 CUDA cards, ``QUESTS_TORCH_FLOAT64=0``; the per-frame summaries
+            are then float32 sums on the device, returned as Python floats).
+        device: where to compute (``"auto"``: CUDA, else MPS, else CPU).
         batch_atoms: atoms per batch (default :func:`default_batch_atoms`).
         timings: accumulates the seconds spent per stage when given.
 

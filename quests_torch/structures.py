@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["AtomsBatch", "canonical_device", "resolve_device", "segment_sum"]
+__all__ = ["AtomsBatch", "canonical_device", "centred_copies", "resolve_device", "segment_sum"]
 
 
 def canonical_device(device: torch.device | str) -> torch.device:
@@ -33,15 +33,48 @@ def canonical_device(device: torch.device | str) -> torch.device:
     return torch.device(device.type, 0)
 
 
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return mps is not None and bool(mps.is_available())
+
+
 def resolve_device(device: torch.device | str | None) -> torch.device:
-    """``"auto"``/``None`` -> CUDA when available, else CPU; anything else as given, indexed
-    (:func:`canonical_device`)."""
+    """``"auto"``/``None`` -> CUDA when available, else MPS (Apple silicon) when available,
+    else CPU; anything else as given, indexed (:func:`canonical_device`). On MPS everything
+    runs in float32 (see :func:`quests_torch._precision.float64_enabled`)."""
     if device is None or (isinstance(device, str) and device == "auto"):
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        if torch.cuda.is_available():
+            device = "cuda"
+        else:
+            device = "mps" if _mps_available() else "cpu"
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"`device` is {device} but CUDA is not available in this torch build")
     return canonical_device(device)
+
+
+def centred_copies(structures: object) -> object:
+    """Copies of ``ase.Atoms`` with each structure's positions centred on their mean.
+
+    Used in float32-only mode (:func:`quests_torch._precision.float64_enabled`) before the
+    positions are cast to float32: centring in float64 on the host keeps ~1e-7 relative
+    precision of the interatomic vectors however far from the origin a structure sits
+    (descriptors, dH and clusters are translation invariant, periodic or not). Anything else
+    (an iterator, non-Atoms items) is returned as is.
+    """
+    from ase import Atoms
+
+    if isinstance(structures, Atoms):
+        structures = [structures]
+    elif not isinstance(structures, Sequence):
+        return structures
+    out = []
+    for a in structures:
+        if not isinstance(a, Atoms) or len(a) == 0:
+            return structures  # AtomsBatch.from_ase raises with the right message
+        pos = a.positions - a.positions.mean(0)
+        out.append(Atoms(numbers=a.numbers, positions=pos, cell=a.cell, pbc=a.pbc))
+    return out
 
 
 def segment_sum(
@@ -144,6 +177,9 @@ class AtomsBatch:
         pbc = np.stack([np.asarray(a.pbc, dtype=bool) for a in structures])
         system_idx = np.repeat(np.arange(len(structures), dtype=np.int64), counts)
         dev = resolve_device(device)
+
+        if dtype == torch.float32:  # cast on the host: no float64 tensor on the device
+            positions, cell = positions.astype(np.float32), cell.astype(np.float32)
 
         def put(values: np.ndarray, dt: torch.dtype | None = None) -> torch.Tensor:
             t = torch.as_tensor(values, dtype=dt)

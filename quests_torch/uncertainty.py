@@ -42,7 +42,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from ._precision import full_precision
+from ._precision import compute_dtype, full_precision
 from .descriptors import (
     DEFAULT_CUTOFF,
     DEFAULT_K,
@@ -146,7 +146,9 @@ class UncertaintyBank(torch.nn.Module):
         cutoff: cutoff radius of the descriptor (Å, default 5.0).
         h: bandwidth (1/Å, default 0.015).
         dtype: storage and compute dtype of the kernel sums (float64 default; float32 tiles are
-            accumulated in float64). Default: that of ``descriptors``, else float64.
+            accumulated in float64). Default: that of ``descriptors``, else float64. Always
+            float32 where float64 is off (:func:`quests_torch._precision.float64_enabled`:
+            MPS, slow-float64 CUDA cards, ``QUESTS_TORCH_FLOAT64=0``).
         device: where the bank lives (``"auto"``: CUDA when available). Default: that of
             ``descriptors``, else CPU.
         species: element symbols or atomic numbers for a multicomponent bank (the descriptor
@@ -177,6 +179,7 @@ class UncertaintyBank(torch.nn.Module):
         self.species = species_numbers(species)
         dtype = _check_dtype(_dtype_of(descriptors) if dtype is None else dtype)
         dev = _device_of(descriptors) if device is None else resolve_device(device)
+        dtype = compute_dtype(dev, dtype)  # float32 where float64 is off (MPS, ...)
         self.register_buffer("descriptors", torch.zeros((0, self.width), dtype=dtype, device=dev))
         self._prepared: tuple[tuple, PreparedReferences, torch.Tensor] | None = None
         if descriptors is not None:
@@ -353,6 +356,8 @@ class UncertaintyBank(torch.nn.Module):
             )
         self.k, self.cutoff, self.h, self.species = k, cutoff, h, species
         dtype = {"float64": torch.float64, "float32": torch.float32}.get(state.get("dtype", ""))
+        if dtype is not None:  # a float64 bank loads as float32 where float64 is off
+            dtype = compute_dtype(self.descriptors.device, dtype)
         if dtype is not None and dtype != self.descriptors.dtype:
             self.descriptors = self.descriptors.to(dtype)
 
@@ -369,14 +374,17 @@ class UncertaintyBank(torch.nn.Module):
                 )
             if not bool(torch.isfinite(incoming).all()):
                 raise ValueError(f"`{key}` contains NaN or inf: not a usable reference bank")
+        want = None
+        if isinstance(incoming, torch.Tensor):  # float32 where float64 is off (MPS, ...)
+            want = compute_dtype(self.descriptors.device, incoming.dtype)
         if isinstance(incoming, torch.Tensor) and (
-            incoming.shape != self.descriptors.shape or incoming.dtype != self.descriptors.dtype
+            incoming.shape != self.descriptors.shape or want != self.descriptors.dtype
         ):
             if incoming.ndim != 2:
                 error_msgs.append(f"`{key}` must be 2-D [n, d], got shape {tuple(incoming.shape)}")
                 return
             self.descriptors = torch.empty(
-                incoming.shape, dtype=incoming.dtype, device=self.descriptors.device
+                incoming.shape, dtype=want, device=self.descriptors.device
             )
         self.invalidate()
         super()._load_from_state_dict(
