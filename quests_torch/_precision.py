@@ -26,7 +26,7 @@ __all__ = ["FLOAT64_ENV", "compute_dtype", "float64_enabled", "float64_is_fast",
 
 FLOAT64_ENV = "QUESTS_TORCH_FLOAT64"
 #: compute capabilities of the data-centre parts with full-rate (1/2 of float32) float64
-_FAST_FP64_CAPABILITIES = frozenset({(6, 0), (7, 0), (8, 0), (9, 0)})
+_FAST_FP64_CAPABILITIES = frozenset({(6, 0), (7, 0), (8, 0), (9, 0), (10, 0)})
 #: export variants of those capabilities whose float64 was cut (H20, H800: ~1 TFLOP/s)
 _SLOW_FP64_NAMES = re.compile(r"\bH(20|800)\b", re.IGNORECASE)
 
@@ -43,10 +43,11 @@ def float64_is_fast(device: torch.device | str) -> bool:
 
     The rule: CPUs yes; MPS no (Apple GPUs have no float64 at all); CUDA only the data-centre
     parts with compute capability exactly sm_60 (P100), sm_70 (V100, Titan V), sm_80 (A100,
-    A30) or sm_90 (H100, H200), and not the export variants H20/H800 whose float64 was cut
-    (matched on ``torch.cuda.get_device_name``). Every other CUDA capability (sm_61, sm_75,
-    sm_86, sm_89, sm_120: GeForce/RTX/workstation cards and L4/L40/A10/T4) runs float64 at
-    1/32-1/64 of the float32 rate. Other device types: no.
+    A30), sm_90 (H100, H200) or sm_100 (B200, GB200: float64 at half the float32 rate), and
+    not the export variants H20/H800 whose float64 was cut (matched on
+    ``torch.cuda.get_device_name``). Every other CUDA capability (sm_61, sm_75, sm_86, sm_89,
+    sm_103 (B300, float64 cut), sm_120: GeForce/RTX/workstation cards and L4/L40/A10/T4) runs
+    float64 at 1/32-1/64 of the float32 rate or less. Other device types: no.
     """
     device = torch.device(device)
     if device.type == "cpu":

@@ -60,6 +60,8 @@ def test_switch_and_rule(monkeypatch):
         ((8, 9), "NVIDIA L40S", False),
         ((7, 5), "Tesla T4", False),
         ((12, 0), "NVIDIA GeForce RTX 5090", False),
+        ((10, 0), "NVIDIA B200", True),
+        ((10, 3), "NVIDIA B300 SXM6 AC", False),
     ],
 )
 def test_float64_is_fast_cuda_rule(monkeypatch, capability, name, fast):
