@@ -10,7 +10,7 @@ inference, ASE wrappers, entropy-biased sampling), ``quests_torch.sampling`` (st
 generation to a target dH) and ``quests_torch.distributed`` (torchrun).
 """
 
-from . import compression, distributed, kde, metrics
+from . import compression, distributed, estimates, kde, metrics
 from ._version import __version__
 from .calculators import EntropyBiasCalculator, ExtrapolationError, QuestsUncertaintyCalculator
 from .clusters import largest_cluster
@@ -22,6 +22,7 @@ from .descriptors import (
     descriptors_from_tensors,
     get_descriptors,
 )
+from .estimates import Estimate
 from .kde import DEFAULT_BANDWIDTH, log_kernel_sum
 from .metrics import (
     dataset_summary,
@@ -29,6 +30,9 @@ from .metrics import (
     diversity,
     entropy,
     entropy_learning_curve,
+    estimate_diversity,
+    estimate_entropy,
+    estimate_overlap,
     novelty,
     overlap,
 )
@@ -43,6 +47,7 @@ __all__ = [
     "DEFAULT_K",
     "AtomsBatch",
     "EntropyBiasCalculator",
+    "Estimate",
     "ExtrapolationError",
     "GenerationResult",
     "QuestsUncertaintyCalculator",
@@ -60,6 +65,10 @@ __all__ = [
     "diversity",
     "entropy",
     "entropy_learning_curve",
+    "estimate_diversity",
+    "estimate_entropy",
+    "estimate_overlap",
+    "estimates",
     "generate_to_target",
     "generation_report",
     "get_descriptors",
