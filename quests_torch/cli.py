@@ -327,12 +327,13 @@ def _auto_rows(
     seconds = pairs / rate
     if seconds <= _EXACT_SECONDS:
         return None, None
+    rows = AUTO_ROWS if n is None else min(AUTO_ROWS, n)
     message = (
         f"{what}: the exact sums ({pairs:.2g} pairs) would take ~{seconds / 3600:.1f} h at "
-        f"~{rate:.0e} pairs/s on {device.type}; estimating from {AUTO_ROWS:,} sampled rows "
+        f"~{rate:.0e} pairs/s on {device.type}; estimating from {rows:,} sampled rows "
         "(--rows all: exact, --rows N: N rows)"
     )
-    return AUTO_ROWS, message
+    return rows, message
 
 
 def _say(args: argparse.Namespace, message: str | None) -> None:
@@ -341,13 +342,20 @@ def _say(args: argparse.Namespace, message: str | None) -> None:
         print(message, flush=True)
 
 
-def _estimate_text(name: str, est, unit: str = " nats", scale: float = 1.0) -> str:
-    """``H = 8.201 +- 0.004 nats (95 %: 8.193-8.209; 20,000 of 10,240,000 rows)``."""
+def _estimate_text(
+    name: str, est, unit: str = " nats", scale: float = 1.0, decimals: int = 3
+) -> str:
+    """``H = 8.201 +- 0.004 nats (95 %: 8.193-8.209; 20,000 of 10,240,000 rows)``.
+
+    At least ``decimals`` decimals, more when the error bar needs them to show its leading
+    digit; ``name`` empty: no ``name =``.
+    """
     se = est.stderr * scale
-    dec = 3 if se <= 0 else min(8, max(3, -math.floor(math.log10(se))))
+    dec = decimals if se <= 0 else min(8, max(decimals, -math.floor(math.log10(se))))
     low, high = (v * scale for v in est.interval(0.95))
+    lead = f"{name} = " if name else ""
     return (
-        f"{name} = {est.value * scale:.{dec}f} +- {se:.{dec}f}{unit} "
+        f"{lead}{est.value * scale:.{dec}f} +- {se:.{dec}f}{unit} "
         f"(95 %: {low:.{dec}f}-{high:.{dec}f}; {est.rows:,} of {est.n:,} rows)"
     )
 
@@ -525,13 +533,19 @@ def cmd_entropy(args: argparse.Namespace):
     return result, lines
 
 
-def _dh_against(args: argparse.Namespace):
-    from .distributed import delta_entropy
-
+def _load_pair(args: argparse.Namespace):
+    """``(k, cutoff, stored, timings, test, reference)`` of a test-vs-reference command."""
     k, cutoff, stored = _params(args, [args.input, args.reference])
     timings: dict = {}
     test = _load(args.input, args.index, k, cutoff, args, stored, timings, "test")
     ref = _load(args.reference, args.reference_index, k, cutoff, args, stored, timings, "reference")
+    return k, cutoff, stored, timings, test, ref
+
+
+def _dh_against(args: argparse.Namespace, loaded=None):
+    from .distributed import delta_entropy
+
+    k, cutoff, stored, timings, test, ref = loaded or _load_pair(args)
     t0 = time.perf_counter()
     pairs = test.x.shape[0] * ref.x.shape[0]
     dh = delta_entropy(test.x, ref.x, args.bandwidth, progress=_progress(args, pairs))
@@ -626,7 +640,15 @@ def _dh_params(args: argparse.Namespace, k: int, cutoff: float) -> dict:
 def cmd_overlap(args: argparse.Namespace):
     from .distributed import delta_entropy
 
-    k, cutoff, _stored, timings, test, ref, dh = _dh_against(args)
+    loaded = _load_pair(args)
+    test, ref = loaded[4], loaded[5]
+    n_test, n_ref = int(test.x.shape[0]), int(ref.x.shape[0])
+    pairs = 2.0 * n_test * n_ref
+    rows, message = _auto_rows(args, pairs, test.x.device, f"{args.input} vs {args.reference}")
+    _say(args, message)
+    if rows is not None:
+        return _overlap_estimates(args, loaded, rows, message)
+    k, cutoff, _stored, timings, test, ref, dh = _dh_against(args, loaded)
     t0 = time.perf_counter()
     back = delta_entropy(ref.x, test.x, args.bandwidth)
     timings["kernel"] = round(timings["kernel"] + time.perf_counter() - t0, 4)
@@ -635,8 +657,8 @@ def cmd_overlap(args: argparse.Namespace):
     res = {
         "overlap": ov,
         "overlap_reverse": ov_back,
-        "n_test": int(test.x.shape[0]),
-        "n_reference": int(ref.x.shape[0]),
+        "n_test": n_test,
+        "n_reference": n_ref,
     }
     result = _envelope(
         args,
@@ -651,6 +673,56 @@ def cmd_overlap(args: argparse.Namespace):
         f"  {args.input} covered by {args.reference}: {100 * ov:.2f} % of {res['n_test']}",
         f"  {args.reference} covered by {args.input}: {100 * ov_back:.2f} % of "
         f"{res['n_reference']}",
+    ]
+    return result, lines
+
+
+def _overlap_estimates(args: argparse.Namespace, loaded, rows: int, message: str | None):
+    """``overlap --rows``: both directions from at most ``rows`` sampled rows of each set
+    (each sample drawn with ``--seed``).
+
+    Under torchrun every rank computes the same estimates (same seed): ``m n`` pairs each.
+    """
+    from .metrics import estimate_overlap
+
+    k, cutoff, _stored, timings, test, ref = loaded
+    t0 = time.perf_counter()
+    est, back = (
+        estimate_overlap(
+            a.x,
+            b.x,
+            args.bandwidth,
+            args.threshold,
+            rows=min(rows, a.x.shape[0]),
+            generator=args.seed,
+            progress=_progress(args, min(rows, a.x.shape[0]) * b.x.shape[0]),
+        )
+        for a, b in ((test, ref), (ref, test))
+    )
+    timings["kernel"] = round(time.perf_counter() - t0, 4)
+    res = {
+        "overlap": est.value,
+        "overlap_reverse": back.value,
+        "n_test": est.n,
+        "n_reference": back.n,
+        "overlap_estimate": est.as_dict(),
+        "overlap_reverse_estimate": back.as_dict(),
+    }
+    if message:
+        res["rows_rule"] = message
+    result = _envelope(
+        args,
+        {**_dh_params(args, k, cutoff), "rows": args.rows, "seed": args.seed},
+        inputs={"test": _input_info(test), "reference": _input_info(ref)},
+        timings=timings,
+        results=res,
+        device=str(test.x.device),
+    )
+    lines = [
+        f"overlap (fraction with dH <= {args.threshold:g}), h={args.bandwidth:g}, "
+        "from sampled rows:",
+        f"  {args.input} covered by {args.reference}: {_estimate_text('', est, ' %', 100.0, 2)}",
+        f"  {args.reference} covered by {args.input}: {_estimate_text('', back, ' %', 100.0, 2)}",
     ]
     return result, lines
 

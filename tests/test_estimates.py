@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
 import torch
 
-from quests_torch import metrics
+from quests_torch import cli, metrics
 from quests_torch.estimates import (
     AUTO_ROWS,
     EXACT_MAX_ROWS,
@@ -24,6 +25,7 @@ from quests_torch.estimates import (
     resolve_rows,
     sample_rows,
 )
+from quests_torch.io import save_descriptors
 from quests_torch.kde import log_kernel_sum
 
 #: 2000 seeds, not 200: with 200 the binomial spread of an exactly calibrated 95 % coverage is
@@ -220,3 +222,83 @@ def test_learning_curve_rows(exact):
     assert abs(float(est.values[3, 0]) - exact["H"]) < 5 * float(est.stderr[3, 0])
     with pytest.raises(ValueError, match="`rows`"):
         metrics.entropy_learning_curve(x, sizes=sizes, rows=n + 1)
+
+
+# --------------------------------------------------------------------------------------------
+# command line
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def files(cu, tmp_path_factory):
+    d = tmp_path_factory.mktemp("estimates")
+    save_descriptors(d / "all.npz", cu["all"], [32] * 48, k=32, cutoff=5.0, dtype="float64")
+    save_descriptors(d / "solid.npz", cu["solid"], [32] * 24, k=32, cutoff=5.0, dtype="float64")
+    return d
+
+
+LINE = re.compile(
+    r"H = (\d+\.\d{3,}) \+- (\d+\.\d{3,}) nats \(95 %: (\d+\.\d+)-(\d+\.\d+); 300 of 1,536 rows\)"
+)
+
+
+def test_cli_entropy_rows(files, cu, capsys):
+    out = files / "e.json"
+    assert cli.main(["entropy", str(files / "all.npz"), "--rows", "300", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    match = LINE.search(text)
+    assert match, text
+    assert "D = " in text and "+-" in text.split("diversity")[1]
+    want = metrics.estimate_entropy(cu["all"], rows=300, generator=0)
+    res = json.loads(out.read_text())["results"]
+    assert res["entropy_estimate"] == want.as_dict()
+    assert res["entropy"] == want.value and res["rows"] == 300 and res["n"] == 1536
+    d_want = metrics.estimate_diversity(cu["all"], rows=300, generator=0)
+    assert res["diversity_estimate"]["value"] == d_want.value
+    assert float(match.group(1)) == pytest.approx(want.value, abs=1e-3)
+    assert float(match.group(3)) == pytest.approx(want.low, abs=1e-3)
+    # small set, default --rows auto: the exact numbers and the old output
+    assert cli.main(["entropy", str(files / "all.npz"), "-o", str(out)]) == 0
+    res = json.loads(out.read_text())["results"]
+    assert "entropy_estimate" not in res and "+-" not in capsys.readouterr().out
+    assert res["entropy"] == float(metrics.entropy(cu["all"]))
+
+
+def test_cli_auto_rows_message(files, monkeypatch, capsys):
+    """``--rows auto`` samples when the exact sums would exceed an hour at the pair rate."""
+    monkeypatch.setattr(cli, "_PAIR_RATE", {"cpu": 100.0, "cuda": 100.0})
+    monkeypatch.setattr("quests_torch.estimates.AUTO_ROWS", 300)
+    out = files / "auto.json"
+    assert cli.main(["entropy", str(files / "all.npz"), "--device", "cpu", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "would take ~3.3 h" in text and "estimating from 300 sampled rows" in text
+    assert LINE.search(text), text
+    res = json.loads(out.read_text())["results"]
+    assert res["rows"] == 300 and "rows_rule" in res
+    assert cli.main(["entropy", str(files / "all.npz"), "--rows", "all", "-o", str(out)]) == 0
+    assert "entropy_estimate" not in json.loads(out.read_text())["results"]
+
+
+def test_cli_overlap_rows(files, cu, capsys):
+    out = files / "o.json"
+    argv = ["overlap", str(files / "all.npz"), "-r", str(files / "solid.npz"), "--rows", "300"]
+    assert cli.main([*argv, "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert re.search(
+        r"covered by .*solid.npz: \d+\.\d\d \+- \d+\.\d\d % \(95 %: .*300 of 1,536", text
+    )
+    res = json.loads(out.read_text())["results"]
+    want = metrics.estimate_overlap(cu["all"], cu["solid"], rows=300, generator=0)
+    assert res["overlap_estimate"] == want.as_dict()
+    assert res["overlap_reverse_estimate"]["rows"] == 300  # of the 768 reference rows
+
+
+@pytest.mark.parametrize("rows", ["0", "-3", "2.5", "abc", "1", "1537"])
+def test_cli_bad_rows(files, rows, capsys):
+    try:  # argparse errors exit (2) from the parser, the others return 2
+        code = cli.main(["entropy", str(files / "all.npz"), "--rows", rows])
+    except SystemExit as exc:
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and "--rows" in err and "Traceback" not in err, err
