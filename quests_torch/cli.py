@@ -14,12 +14,14 @@ exit code 2, never a traceback (``QUESTS_TORCH_DEBUG=1`` re-raises for debugging
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import platform
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -342,6 +344,21 @@ def _say(args: argparse.Namespace, message: str | None) -> None:
         print(message, flush=True)
 
 
+@contextlib.contextmanager
+def _estimate_notes():
+    """Collect :class:`quests_torch.estimates.EstimateWarning` texts as summary notes."""
+    from .estimates import EstimateWarning
+
+    notes: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", EstimateWarning)
+        yield notes
+    notes += [str(w.message) for w in caught if issubclass(w.category, EstimateWarning)]
+    for w in caught:  # anything else is shown as it would have been
+        if not issubclass(w.category, EstimateWarning):
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+
+
 def _estimate_text(
     name: str, est, unit: str = " nats", scale: float = 1.0, decimals: int = 3
 ) -> str:
@@ -492,9 +509,10 @@ def cmd_entropy(args: argparse.Namespace):
     rows, message = _auto_rows(args, n * n / 2, ds.x.device, args.input, n)
     _say(args, message)
     pairs = n * n / 2 if rows is None else min(rows, n) * n
-    summary = dataset_summary(
-        ds.x, args.bandwidth, progress=_progress(args, pairs), rows=rows, generator=args.seed
-    )
+    with _estimate_notes() as notes:
+        summary = dataset_summary(
+            ds.x, args.bandwidth, progress=_progress(args, pairs), rows=rows, generator=args.seed
+        )
     h_val, d_val = float(summary.entropy), float(summary.diversity)
     timings["kernel"] = round(time.perf_counter() - t0, 4)
     res = {"n": n, "entropy": h_val, "log_n": math.log(n), "diversity": d_val}
@@ -507,6 +525,8 @@ def cmd_entropy(args: argparse.Namespace):
         parameters.update(rows=args.rows, seed=args.seed)
         if message:
             res["rows_rule"] = message
+        if notes:
+            res["notes"] = notes
     result = _envelope(
         args,
         parameters,
@@ -530,6 +550,7 @@ def cmd_entropy(args: argparse.Namespace):
             f"(max log n = {math.log(n):.4f})",
             f"  diversity {_estimate_text('D', summary.estimates['diversity'])}",
         ]
+        lines += [f"  note: {t}" for t in notes]
     return result, lines
 
 
@@ -687,18 +708,19 @@ def _overlap_estimates(args: argparse.Namespace, loaded, rows: int, message: str
 
     k, cutoff, _stored, timings, test, ref = loaded
     t0 = time.perf_counter()
-    est, back = (
-        estimate_overlap(
-            a.x,
-            b.x,
-            args.bandwidth,
-            args.threshold,
-            rows=min(rows, a.x.shape[0]),
-            generator=args.seed,
-            progress=_progress(args, min(rows, a.x.shape[0]) * b.x.shape[0]),
-        )
-        for a, b in ((test, ref), (ref, test))
-    )
+    with _estimate_notes() as notes:
+        est, back = [
+            estimate_overlap(
+                a.x,
+                b.x,
+                args.bandwidth,
+                args.threshold,
+                rows=min(rows, a.x.shape[0]),
+                generator=args.seed,
+                progress=_progress(args, min(rows, a.x.shape[0]) * b.x.shape[0]),
+            )
+            for a, b in ((test, ref), (ref, test))
+        ]
     timings["kernel"] = round(time.perf_counter() - t0, 4)
     res = {
         "overlap": est.value,
@@ -710,6 +732,8 @@ def _overlap_estimates(args: argparse.Namespace, loaded, rows: int, message: str
     }
     if message:
         res["rows_rule"] = message
+    if notes:
+        res["notes"] = notes
     result = _envelope(
         args,
         {**_dh_params(args, k, cutoff), "rows": args.rows, "seed": args.seed},
@@ -724,6 +748,7 @@ def _overlap_estimates(args: argparse.Namespace, loaded, rows: int, message: str
         f"  {args.input} covered by {args.reference}: {_estimate_text('', est, ' %', 100.0, 2)}",
         f"  {args.reference} covered by {args.input}: {_estimate_text('', back, ' %', 100.0, 2)}",
     ]
+    lines += [f"  note: {t}" for t in notes]
     return result, lines
 
 

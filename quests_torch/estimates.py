@@ -13,12 +13,21 @@ central-limit error bar. For per-row values ``v_i`` (population of ``n``, sample
 standard deviation). At ``m = n`` the sample is the population and ``SE = 0``. The 95 %
 interval is ``value +- 1.96 SE``. The pure functions here take the sampled values; the kernel
 sums and the metric formulas stay in :mod:`quests_torch.metrics`.
+
+The normal interval needs the sample mean to be near normal. Cochran's rule for sampling
+without replacement (*Sampling Techniques*, 1977, sec. 2.15) asks for ``m > 25 g1^2`` with
+``g1`` the skewness of the values; an :class:`EstimateWarning` says when the sample's own
+skewness breaks it (or when every sampled value is equal, so that ``SE = 0`` says nothing).
+This matters for the diversity: ``u = 1/p`` of a thermal crystal is dominated by a few
+isolated environments (skewness ~13 in the 300 K Cu test set, where ``m = 300`` of 768 rows
+covers ``D`` in only ~86 % of samples, and the warning fires in 99 % of them).
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from statistics import NormalDist
 from typing import NamedTuple
 
@@ -29,6 +38,7 @@ __all__ = [
     "AUTO_ROWS",
     "EXACT_MAX_ROWS",
     "Estimate",
+    "EstimateWarning",
     "check_rows",
     "log_mean_exp_estimate",
     "mean_estimate",
@@ -143,6 +153,36 @@ def take_rows(x, index: torch.Tensor):
     return np.ascontiguousarray(x[index.numpy()])
 
 
+class EstimateWarning(UserWarning):
+    """A sampled estimate whose normal 95 % interval is not to be trusted (see module doc)."""
+
+
+def _check_normal(v: torch.Tensor, n: int, what: str) -> None:
+    """Warn when ``m < n`` and Cochran's ``m > 25 g1^2`` fails for the sample ``v``."""
+    m = v.shape[0]
+    if m >= n:
+        return
+    d = v - v.mean()
+    var = float(d.square().mean())
+    if var <= 0.0:
+        warnings.warn(
+            f"{what}: all {m} sampled values are equal, so the standard error is 0; for a "
+            f"fraction, the other outcome is below 3/m = {3 / m:.2g} at 95 % (rule of three)",
+            EstimateWarning,
+            stacklevel=3,
+        )
+        return
+    g1 = float(d.pow(3).mean()) / var**1.5
+    if m < 25.0 * g1 * g1:
+        warnings.warn(
+            f"{what}: the sampled values are skewed (g1 = {g1:.1f}), the 95 % interval from "
+            f"{m:,} rows may undercover; Cochran's rule asks for more than 25 g1^2 = "
+            f"{math.ceil(25.0 * g1 * g1):,} rows",
+            EstimateWarning,
+            stacklevel=3,
+        )
+
+
 def _fpc_stderr(values: torch.Tensor, n: int) -> float:
     m = values.shape[0]
     if m >= n:
@@ -151,7 +191,7 @@ def _fpc_stderr(values: torch.Tensor, n: int) -> float:
     return s / math.sqrt(m) * math.sqrt((n - m) / n)
 
 
-def mean_estimate(values: torch.Tensor, n: int) -> tuple[float, float]:
+def mean_estimate(values: torch.Tensor, n: int, what: str = "estimate") -> tuple[float, float]:
     """Population mean of ``v`` from a sample without replacement: ``(v_S, SE)``.
 
     ``SE = (s / sqrt(m)) sqrt((n - m) / n)`` (module docstring); for 0/1 values this is the
@@ -160,12 +200,16 @@ def mean_estimate(values: torch.Tensor, n: int) -> tuple[float, float]:
     Args:
         values: ``[m]`` sampled per-row values (computed in float64).
         n: population size ``>= m``.
+        what: the name in an :class:`EstimateWarning`.
     """
     v = values.detach().to(torch.float64).flatten()
+    _check_normal(v, n, what)
     return float(v.mean()), _fpc_stderr(v, n)
 
 
-def log_mean_exp_estimate(values: torch.Tensor, n: int) -> tuple[float, float]:
+def log_mean_exp_estimate(
+    values: torch.Tensor, n: int, what: str = "estimate"
+) -> tuple[float, float]:
     """``log((1/n) sum_i exp(v_i))`` from a sample, by the delta method: ``(value, SE)``.
 
     With ``u_i = exp(v_i - c)`` (``c = max_S v``, for range; it cancels), ``u_S`` estimates
@@ -181,9 +225,11 @@ def log_mean_exp_estimate(values: torch.Tensor, n: int) -> tuple[float, float]:
     Args:
         values: ``[m]`` sampled per-row values ``v_i``.
         n: population size ``>= m``.
+        what: the name in an :class:`EstimateWarning` (checked on ``u``).
     """
     v = values.detach().to(torch.float64).flatten()
     c = float(v.max())
     u = torch.exp(v - c)
+    _check_normal(u, n, what)
     u_mean = float(u.mean())
     return math.log(u_mean) + c, _fpc_stderr(u, n) / u_mean

@@ -265,13 +265,13 @@ def _sampled_self_log_p(
 
 def _entropy_estimate(log_p: torch.Tensor, n: int) -> Estimate:
     """``H = log n - mean_i log p_i`` from sampled ``log p_i`` (population ``n``)."""
-    mean, se = mean_estimate(log_p, n)
+    mean, se = mean_estimate(log_p, n, "entropy (log p)")
     return Estimate(math.log(n) - mean, se, int(log_p.shape[0]), n)
 
 
 def _diversity_estimate(log_p: torch.Tensor, n: int) -> Estimate:
     """``D = log sum_i 1 / p_i = log n + log mean_i exp(-log p_i)`` from sampled ``log p_i``."""
-    value, se = log_mean_exp_estimate(-log_p, n)
+    value, se = log_mean_exp_estimate(-log_p, n, "diversity (1/p)")
     return Estimate(math.log(n) + value, se, int(log_p.shape[0]), n)
 
 
@@ -325,10 +325,11 @@ def estimate_diversity(
         SE(D_S) = SE(u_S) / u_S = s_u / (u_S sqrt(m)) * sqrt((n - m) / n)
 
     (computed with ``u_i`` scaled by ``exp(-max_S(-log p))``, which cancels). ``D_S`` is
-    biased low by ``~SE^2 / 2``, negligible next to ``SE``; the normal interval needs
-    ``m`` large enough that ``u_S`` is near normal: a few rare, isolated environments
-    (``u_i`` near 1 among many near 0) make ``u`` skewed and need more rows. ``m = n`` gives
-    the exact value with ``stderr = 0``.
+    biased low by ``~SE^2 / 2``, negligible next to ``SE``. The normal interval needs
+    ``u_S`` near normal: a few isolated environments (``u_i`` near 1 among many near 0, as
+    in a thermal crystal) make ``u`` skewed and the interval undercovers until ``m > 25
+    g1(u)^2`` (Cochran); an :class:`~quests_torch.estimates.EstimateWarning` says so.
+    ``m = n`` gives the exact value with ``stderr = 0``.
 
     Args: as :func:`estimate_entropy`.
 
@@ -375,7 +376,7 @@ def estimate_novelty(
     sub = y if m == n else take_rows(y, sample_rows(n, m, _generator(generator)))
     with torch.no_grad():
         dh = -_kernel_pass(sub, x, h, names=("y", "x"), **options).log_p
-    value, se = mean_estimate(dh > threshold, n)
+    value, se = mean_estimate(dh > threshold, n, "novelty/overlap")
     return Estimate(value, se, m, n)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from quests_torch.estimates import (
     AUTO_ROWS,
     EXACT_MAX_ROWS,
     Estimate,
+    EstimateWarning,
     log_mean_exp_estimate,
     mean_estimate,
     resolve_rows,
@@ -82,6 +84,35 @@ def test_coverage_of_the_95_percent_interval(exact):
             f"95 % interval of {key} covered the exact value in {100 * c:.1f} % of {SEEDS} "
             f"seeds (m = {ROWS} of n = {exact['n']}); all: {coverage}"
         )
+
+
+def test_skewed_diversity_undercovers_and_warns(cu):
+    """The principled limit: ``u = 1/p`` of the 300 K solid alone is very skewed (a few
+    isolated environments), so at m = 300 of 768 the normal interval of D covers in ~86 %
+    of samples, not 95 %; the Cochran warning (m > 25 g1^2) fires for almost all of them."""
+    x = cu["solid"]
+    n, m, seeds = x.shape[0], ROWS, 500
+    log_p = log_kernel_sum(x, x)
+    d_exact = float(metrics.diversity(x))
+    hits = warned = 0
+    for seed in range(seeds):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", EstimateWarning)
+            lme, se = log_mean_exp_estimate(-log_p[sample_rows(n, m, _gen(seed))], n)
+        est = Estimate(math.log(n) + lme, se, m, n)
+        hits += est.low <= d_exact <= est.high
+        warned += any(issubclass(w.category, EstimateWarning) for w in caught)
+    coverage = hits / seeds
+    assert 0.80 < coverage < 0.92, f"D of the solid covered in {100 * coverage:.1f} %"
+    assert warned / seeds > 0.95, f"warned for {warned} of {seeds} samples"
+    with pytest.warns(EstimateWarning, match="diversity.*skewed.*Cochran"):
+        metrics.estimate_diversity(x, rows=m, generator=0)
+
+
+def test_constant_sample_warns(cu):
+    with pytest.warns(EstimateWarning, match="all 300 sampled values are equal.*rule of three"):
+        est = metrics.estimate_overlap(cu["solid"], cu["all"], rows=300, generator=0)
+    assert est.value == 1.0 and est.stderr == 0.0
 
 
 def test_estimates_are_unbiased_and_stderr_matches_spread(exact):
