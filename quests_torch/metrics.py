@@ -15,6 +15,12 @@ differentiable w.r.t. tensor descriptors (first derivatives). A vector of bandwi
 result per bandwidth from a single pass over the distances (a trailing ``[n_h]`` dimension).
 Extra keyword ``options`` (``dtype``, ``tile_size``, ``budget``, ``device``, ``progress``,
 ``centre``, ``distance``) are forwarded to :func:`quests_torch.kde.kernel_pass`.
+
+Large sets: ``estimate_entropy``, ``estimate_diversity``, ``estimate_overlap`` and
+``estimate_novelty`` (and ``rows=`` in ``dataset_summary`` / ``entropy_learning_curve``) take
+``m`` uniformly sampled rows, each with its exact ``log p`` against all ``n`` (cost ``m n``
+instead of ``n^2 / 2``), and return an :class:`~quests_torch.estimates.Estimate` with a
+finite-population-corrected standard error (the statistics: :mod:`quests_torch.estimates`).
 """
 
 from __future__ import annotations
