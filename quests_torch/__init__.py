@@ -10,7 +10,7 @@ inference, ASE wrappers, entropy-biased sampling), ``quests_torch.sampling`` (st
 generation to a target dH) and ``quests_torch.distributed`` (torchrun).
 """
 
-from . import compression, distributed, kde, metrics
+from . import compression, distributed, estimates, kde, metrics
 from ._precision import float64_is_fast
 from ._version import __version__
 from .calculators import EntropyBiasCalculator, ExtrapolationError, QuestsUncertaintyCalculator
@@ -23,6 +23,7 @@ from .descriptors import (
     descriptors_from_tensors,
     get_descriptors,
 )
+from .estimates import Estimate
 from .kde import DEFAULT_BANDWIDTH, log_kernel_sum
 from .metrics import (
     dataset_summary,
@@ -30,6 +31,9 @@ from .metrics import (
     diversity,
     entropy,
     entropy_learning_curve,
+    estimate_diversity,
+    estimate_entropy,
+    estimate_overlap,
     novelty,
     overlap,
 )
@@ -44,6 +48,7 @@ __all__ = [
     "DEFAULT_K",
     "AtomsBatch",
     "EntropyBiasCalculator",
+    "Estimate",
     "ExtrapolationError",
     "GenerationResult",
     "QuestsUncertaintyCalculator",
@@ -61,6 +66,10 @@ __all__ = [
     "diversity",
     "entropy",
     "entropy_learning_curve",
+    "estimate_diversity",
+    "estimate_entropy",
+    "estimate_overlap",
+    "estimates",
     "float64_is_fast",
     "generate_to_target",
     "generation_report",

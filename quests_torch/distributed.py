@@ -75,6 +75,7 @@ from ._memory import memory_budget
 from .clusters import DEFAULT_CLUSTER_CUTOFF
 from .descriptors import DEFAULT_CUTOFF, DEFAULT_K
 from .descriptors import get_descriptors as _get_descriptors
+from .estimates import resolve_rows
 from .io import atomic_write, check_index, count_frames, iter_structures
 from .kde import (
     DEFAULT_BANDWIDTH,
@@ -565,6 +566,13 @@ def log_kernel_sum(
     return _sharded_log_p(x, y, h, names=("x", "y"), log_weights=log_weights, **options)
 
 
+def _same_seed(generator):
+    """``generator`` itself, or for ``None`` a seed drawn on rank 0 and broadcast."""
+    if generator is None:
+        return int(_broadcast_object(int(torch.randint(0, 2**62, (1,)).item())))
+    return generator
+
+
 def _self_log_p(x: ArrayLike, h: Bandwidth, options: dict) -> torch.Tensor:
     return _sharded_log_p(x, x, h, names=("x", "x"), **options)
 
@@ -651,10 +659,20 @@ def dataset_summary(
     **options,
 ) -> DatasetSummary:
     """:func:`quests_torch.metrics.dataset_summary` (size, ``H``, ``log n``, ``D``, overlaps),
-    all ranks together; ``H`` and ``D`` share one sharded kernel pass."""
+    all ranks together; ``H`` and ``D`` share one sharded kernel pass.
+
+    With ``rows`` (sampled estimates, ``m n`` pairs) every rank computes the same estimates
+    from the same sampled rows (an int seed, or with ``generator=None`` a seed drawn on rank 0
+    and broadcast); the exact path is sharded."""
     if not is_distributed():
         _check_shard(options.pop("shard", "auto"))
         return _metrics.dataset_summary(x, h, other, threshold, **options)
+    rows, generator = options.pop("rows", None), options.pop("generator", None)
+    if resolve_rows(rows, _Source(x, "x").n) < _Source(x, "x").n:
+        options.pop("shard", None)
+        return _metrics.dataset_summary(
+            x, h, other, threshold, rows=rows, generator=_same_seed(generator), **options
+        )
     threshold = _check_threshold(threshold)
     _, vector = _bandwidths(h)
     if vector:
@@ -707,6 +725,12 @@ def entropy_learning_curve(
     if not is_distributed():
         _check_shard(options.pop("shard", "auto"))
         return _metrics.entropy_learning_curve(x, h, sizes, repeats, generator, **options)
+    rows = options.pop("rows", None)
+    if rows is not None:  # sampled estimates: every rank computes the same
+        options.pop("shard", None)
+        return _metrics.entropy_learning_curve(
+            x, h, sizes, repeats, _same_seed(generator), rows=rows, **options
+        )
     src = _Source(x, "x")
     n = src.n
     sizes_t = _curve_sizes(n, sizes)

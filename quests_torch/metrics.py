@@ -15,6 +15,12 @@ differentiable w.r.t. tensor descriptors (first derivatives). A vector of bandwi
 result per bandwidth from a single pass over the distances (a trailing ``[n_h]`` dimension).
 Extra keyword ``options`` (``dtype``, ``tile_size``, ``budget``, ``device``, ``progress``,
 ``centre``, ``distance``) are forwarded to :func:`quests_torch.kde.kernel_pass`.
+
+Large sets: ``estimate_entropy``, ``estimate_diversity``, ``estimate_overlap`` and
+``estimate_novelty`` (and ``rows=`` in ``dataset_summary`` / ``entropy_learning_curve``) take
+``m`` uniformly sampled rows, each with its exact ``log p`` against all ``n`` (cost ``m n``
+instead of ``n^2 / 2``), and return an :class:`~quests_torch.estimates.Estimate` with a
+finite-population-corrected standard error (the statistics: :mod:`quests_torch.estimates`).
 """
 
 from __future__ import annotations
@@ -27,6 +33,14 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from .estimates import (
+    Estimate,
+    log_mean_exp_estimate,
+    mean_estimate,
+    resolve_rows,
+    sample_rows,
+    take_rows,
+)
 from .kde import (
     DEFAULT_BANDWIDTH,
     ArrayLike,
@@ -44,6 +58,7 @@ __all__ = [
     "AsymptoteFit",
     "DatasetSummary",
     "Duplicates",
+    "Estimate",
     "LearningCurve",
     "approx_delta_entropy",
     "bandwidth",
@@ -53,6 +68,10 @@ __all__ = [
     "entropy",
     "entropy_learning_curve",
     "entropy_per_structure",
+    "estimate_diversity",
+    "estimate_entropy",
+    "estimate_novelty",
+    "estimate_overlap",
     "find_duplicates",
     "fit_entropy_asymptote",
     "information_gap",
@@ -222,6 +241,166 @@ def approx_delta_entropy(
     expo = -dist.square()[:, :, None] / (2.0 * h_t**2)  # [n_y, n, n_h]
     dh = -torch.logsumexp(expo, dim=1)
     return dh if vector else dh[:, 0]
+
+
+# --------------------------------------------------------------------------------------------
+# sampled estimates with error bars (the statistics: quests_torch.estimates)
+# --------------------------------------------------------------------------------------------
+
+
+def _scalar_h(h: Bandwidth, what: str) -> None:
+    if _bandwidths(h)[1]:
+        raise ValueError(f"`h` must be a single bandwidth for {what}")
+
+
+def _sampled_self_log_p(
+    x: ArrayLike, h: Bandwidth, rows, generator, options
+) -> tuple[torch.Tensor, int]:
+    """Exact ``log p(x_i | X)`` of ``m`` uniformly sampled rows against all ``n``: ``([m], n)``.
+
+    ``m = n`` takes the symmetric exact pass (``n^2 / 2`` pairs, the rows in order).
+    """
+    n = _Source(x, "x").n
+    m = resolve_rows(rows, n)
+    with torch.no_grad():
+        if m == n:
+            return _self_log_p(x, h, "x", options), n
+        pick = sample_rows(n, m, _generator(generator))
+        return _kernel_pass(take_rows(x, pick), x, h, names=("x", "x"), **options).log_p, n
+
+
+def _entropy_estimate(log_p: torch.Tensor, n: int) -> Estimate:
+    """``H = log n - mean_i log p_i`` from sampled ``log p_i`` (population ``n``)."""
+    mean, se = mean_estimate(log_p, n, "entropy (log p)")
+    return Estimate(math.log(n) - mean, se, int(log_p.shape[0]), n)
+
+
+def _diversity_estimate(log_p: torch.Tensor, n: int) -> Estimate:
+    """``D = log sum_i 1 / p_i = log n + log mean_i exp(-log p_i)`` from sampled ``log p_i``."""
+    value, se = log_mean_exp_estimate(-log_p, n, "diversity (1/p)")
+    return Estimate(math.log(n) + value, se, int(log_p.shape[0]), n)
+
+
+def estimate_entropy(
+    x: ArrayLike,
+    h: float = DEFAULT_BANDWIDTH,
+    rows: int | str | None = "auto",
+    generator: torch.Generator | int | None = None,
+    **options,
+) -> Estimate:
+    """Entropy from ``m`` uniformly sampled rows, each with its exact ``log p`` against all ``n``.
+
+    ``H_S = log n - (1/m) sum_{i in S} log p(x_i | X)`` is unbiased for
+    :func:`entropy`; its standard error is ``SE = (s / sqrt(m)) sqrt((n - m) / n)`` with ``s``
+    the sample standard deviation of ``log p_i`` over ``S`` (sampling without replacement:
+    the finite-population correction, equivalently ``sigma / sqrt(m) sqrt((n-m)/(n-1))``).
+    Cost ``m n`` kernel evaluations instead of ``n^2 / 2``. ``m = n`` gives the exact value
+    with ``stderr = 0``.
+
+    Args:
+        x: descriptors ``[n, d]`` (tensor, numpy array or memmap: only the sampled rows and
+            the tiles of ``x`` are read).
+        h: a single bandwidth (1/Å).
+        rows: ``m`` in ``[2, n]`` (or ``n``); ``"auto"``: exact up to
+            :data:`quests_torch.estimates.EXACT_MAX_ROWS` environments, else
+            :data:`~quests_torch.estimates.AUTO_ROWS` rows; ``None``: exact.
+        generator: CPU ``torch.Generator`` or int seed of the sample (``None``: random).
+        **options: forwarded to :func:`quests_torch.kde.kernel_pass`.
+
+    Returns:
+        :class:`~quests_torch.estimates.Estimate` (nats); not differentiable.
+    """
+    _scalar_h(h, "estimate_entropy")
+    return _entropy_estimate(*_sampled_self_log_p(x, h, rows, generator, options))
+
+
+def estimate_diversity(
+    x: ArrayLike,
+    h: float = DEFAULT_BANDWIDTH,
+    rows: int | str | None = "auto",
+    generator: torch.Generator | int | None = None,
+    **options,
+) -> Estimate:
+    """Diversity from ``m`` sampled rows (exact ``log p`` against all ``n``), delta method.
+
+    ``D = log sum_i 1/p_i = log n + log u_bar`` with ``u_i = 1 / p(x_i | X)`` in ``(0, 1]``
+    (``p_i >= 1``: the self term). The sample mean ``u_S`` is unbiased for ``u_bar`` with
+    ``SE(u_S) = (s_u / sqrt(m)) sqrt((n - m) / n)``; ``D_S = log n + log u_S`` and, by the
+    delta method (``d log u = du / u``)::
+
+        SE(D_S) = SE(u_S) / u_S = s_u / (u_S sqrt(m)) * sqrt((n - m) / n)
+
+    (computed with ``u_i`` scaled by ``exp(-max_S(-log p))``, which cancels). ``D_S`` is
+    biased low by ``~SE^2 / 2``, negligible next to ``SE``. The normal interval needs
+    ``u_S`` near normal: a few isolated environments (``u_i`` near 1 among many near 0, as
+    in a thermal crystal) make ``u`` skewed and the interval undercovers until ``m > 25
+    g1(u)^2`` (Cochran); an :class:`~quests_torch.estimates.EstimateWarning` says so.
+    ``m = n`` gives the exact value with ``stderr = 0``.
+
+    Args: as :func:`estimate_entropy`.
+
+    Returns:
+        :class:`~quests_torch.estimates.Estimate` (nats); not differentiable.
+    """
+    _scalar_h(h, "estimate_diversity")
+    return _diversity_estimate(*_sampled_self_log_p(x, h, rows, generator, options))
+
+
+def estimate_novelty(
+    y: ArrayLike,
+    x: ArrayLike,
+    h: float = DEFAULT_BANDWIDTH,
+    threshold: float = 0.0,
+    rows: int | str | None = "auto",
+    generator: torch.Generator | int | None = None,
+    **options,
+) -> Estimate:
+    """Novel fraction of ``y`` w.r.t. ``x`` from ``m`` sampled rows of ``y`` (exact dH).
+
+    The fraction ``q_S`` of sampled ``y_i`` with ``dH(y_i | X) > threshold`` estimates
+    :func:`novelty` without bias; binomial standard error with the finite-population
+    correction, ``SE = sqrt(q_S (1 - q_S) / (m - 1)) sqrt((n_y - m) / n_y)``. Cost ``m n_x``.
+    When no (or every) sampled row is novel ``SE = 0``: then ``3 / m`` (the rule of three)
+    bounds the rarer fraction at 95 %.
+
+    Args:
+        y: test descriptors ``[n_y, d]`` (the rows sampled).
+        x: reference descriptors ``[n_x, d]`` (all used).
+        h: a single bandwidth (1/Å).
+        threshold: dH above which an environment is novel (nats).
+        rows: ``m`` (see :func:`estimate_entropy`; counted on ``y``).
+        generator: CPU ``torch.Generator`` or int seed (``None``: random).
+        **options: forwarded to :func:`quests_torch.kde.kernel_pass`.
+
+    Returns:
+        :class:`~quests_torch.estimates.Estimate` (a fraction).
+    """
+    _scalar_h(h, "estimate_novelty")
+    threshold = _check_threshold(threshold)
+    n = _Source(y, "y").n
+    m = resolve_rows(rows, n)
+    sub = y if m == n else take_rows(y, sample_rows(n, m, _generator(generator)))
+    with torch.no_grad():
+        dh = -_kernel_pass(sub, x, h, names=("y", "x"), **options).log_p
+    value, se = mean_estimate(dh > threshold, n, "novelty/overlap")
+    return Estimate(value, se, m, n)
+
+
+def estimate_overlap(
+    y: ArrayLike,
+    x: ArrayLike,
+    h: float = DEFAULT_BANDWIDTH,
+    threshold: float = 0.0,
+    rows: int | str | None = "auto",
+    generator: torch.Generator | int | None = None,
+    **options,
+) -> Estimate:
+    """Covered fraction of ``y`` by ``x``: ``1 - estimate_novelty`` (same error bar).
+
+    Arguments as :func:`estimate_novelty`.
+    """
+    est = estimate_novelty(y, x, h, threshold, rows, generator, **options)
+    return est._replace(value=1.0 - est.value)
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,12 +576,15 @@ class LearningCurve(NamedTuple):
         mean: ``[m]`` mean entropy over the repeats (``[m, n_h]`` for a vector ``h``).
         std: ``[m]`` standard deviation over the repeats (population, ``ddof = 0``).
         values: ``[m, repeats]`` every entropy (``[m, repeats, n_h]``).
+        stderr: ``None`` when every entropy is exact; else ``[m, repeats]`` float64 standard
+            errors of the sampled estimates (0 for the exact ones).
     """
 
     sizes: torch.Tensor
     mean: torch.Tensor
     std: torch.Tensor
     values: torch.Tensor
+    stderr: torch.Tensor | None = None
 
 
 def _generator(generator: torch.Generator | int | None) -> torch.Generator:
@@ -420,18 +602,33 @@ def _generator(generator: torch.Generator | int | None) -> torch.Generator:
     return gen
 
 
+def _subset_rows(rows, s: int):
+    """``rows`` for a subset of ``s`` rows: an int is capped at ``s`` (checked on ``n``)."""
+    if isinstance(rows, numbers.Integral) and not isinstance(rows, bool):
+        return min(int(rows), s)
+    return rows
+
+
 def entropy_learning_curve(
     x: ArrayLike,
     h: Bandwidth = DEFAULT_BANDWIDTH,
     sizes: Sequence[int] | torch.Tensor | None = None,
     repeats: int = 3,
     generator: torch.Generator | int | None = None,
+    rows: int | str | None = None,
     **options,
 ) -> LearningCurve:
     """Entropy of random subsets (without replacement) of growing size.
 
     For each size ``s`` and repeat ``r``, ``H(X[perm_r[:s]])``; a subset of the full size is
-    the whole set (entropy is permutation invariant), computed once.
+    the whole set (entropy is permutation invariant), computed once. Exact by default
+    (``rows=None``); with ``rows`` (an int ``m``: subsets larger than ``m`` are estimated from
+    ``m`` sampled rows; ``"auto"``: subsets above
+    :data:`quests_torch.estimates.EXACT_MAX_ROWS` from
+    :data:`~quests_torch.estimates.AUTO_ROWS` rows) large subsets cost ``m s`` instead of
+    ``s^2 / 2`` (:func:`estimate_entropy`; scalar ``h`` only) and ``stderr`` holds their
+    standard errors. Smaller subsets, and all subsets with ``rows=None``, are exact and
+    identical to a run without ``rows``.
 
     Args:
         x: descriptors ``[n, d]``.
@@ -440,6 +637,7 @@ def entropy_learning_curve(
             ``n``.
         repeats: random subsets per size.
         generator: a CPU ``torch.Generator`` or an int seed (``None``: random seed).
+        rows: ``None`` (exact), an int in ``[2, n]`` or ``"auto"``.
         **options: forwarded to :func:`quests_torch.kde.kernel_pass`.
 
     Returns:
@@ -460,28 +658,38 @@ def entropy_learning_curve(
             )
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"`repeats` must be a positive int, got {repeats!r}")
+    resolve_rows(rows, n)  # checks `rows` once, against the whole set
     gen = _generator(generator)
-    rows = []
+
+    def value(sub: ArrayLike, s: int) -> tuple[torch.Tensor, float]:
+        if resolve_rows(_subset_rows(rows, s), s) == s:
+            return entropy(sub, h, **options), 0.0
+        _scalar_h(h, "entropy_learning_curve with sampled rows")
+        est = _entropy_estimate(*_sampled_self_log_p(sub, h, _subset_rows(rows, s), gen, options))
+        return torch.tensor(est.value, dtype=src.dtype), est.stderr
+
+    out, errs = [], []
     full = None
     for s in sizes_t.tolist():
         if s == n:
             if full is None:
-                full = entropy(x, h, **options)
-            rows.append(torch.stack([full] * repeats))
+                full = value(x, n)
+            out.append(torch.stack([full[0]] * repeats))
+            errs.append([full[1]] * repeats)
             continue
-        values = []
+        values, se = [], []
         for _ in range(repeats):
-            pick = torch.randperm(n, generator=gen)[:s].sort().values
-            if isinstance(x, torch.Tensor):
-                sub = x.index_select(0, pick.to(x.device))
-            else:
-                sub = np.ascontiguousarray(x[pick.numpy()])
-            values.append(entropy(sub, h, **options))
-        rows.append(torch.stack(values))
-    values = torch.stack(rows)  # [m, repeats(, n_h)]
+            pick = sample_rows(n, s, gen)
+            v, e = value(take_rows(x, pick), s)
+            values.append(v)
+            se.append(e)
+        out.append(torch.stack([v.to(values[0].device) for v in values]))
+        errs.append(se)
+    values = torch.stack([v.to(out[0].device) for v in out])  # [m, repeats(, n_h)]
     mean = values.mean(1)
     std = values.std(1, correction=0)
-    return LearningCurve(sizes_t, mean, std, values)
+    stderr = torch.tensor(errs, dtype=torch.float64)
+    return LearningCurve(sizes_t, mean, std, values, stderr if bool(stderr.any()) else None)
 
 
 class AsymptoteFit(NamedTuple):
@@ -614,12 +822,15 @@ class DatasetSummary(NamedTuple):
 
     Attributes:
         n: number of environments.
-        entropy: ``H`` (nats), 0-d tensor.
+        entropy: ``H`` (nats), 0-d tensor (the estimate's value when sampled).
         log_n: ``log n``, the maximum entropy (nats).
         diversity: ``D`` (nats), 0-d tensor.
         overlap: fraction of ``x`` covered by ``other`` (``dH(x | other) <= threshold``) or
             ``None``.
         overlap_other: fraction of ``other`` covered by ``x``, or ``None``.
+        estimates: ``None`` when exact; when rows were sampled, the
+            :class:`~quests_torch.estimates.Estimate` of each sampled metric by name
+            (``"entropy"``, ``"diversity"``, ``"overlap"``, ``"overlap_other"``).
     """
 
     n: int
@@ -628,6 +839,14 @@ class DatasetSummary(NamedTuple):
     diversity: torch.Tensor
     overlap: torch.Tensor | None
     overlap_other: torch.Tensor | None
+    estimates: dict[str, Estimate] | None = None
+
+
+def _other_rows(rows, n_other: int):
+    """``rows`` for the second set of a summary: an int is capped at its size."""
+    if isinstance(rows, numbers.Integral) and not isinstance(rows, bool):
+        return min(int(rows), n_other)
+    return rows
 
 
 def dataset_summary(
@@ -635,17 +854,27 @@ def dataset_summary(
     h: float = DEFAULT_BANDWIDTH,
     other: ArrayLike | None = None,
     threshold: float = 0.0,
+    rows: int | str | None = None,
+    generator: torch.Generator | int | None = None,
     **options,
 ) -> DatasetSummary:
     """Size, entropy, ``log n`` and diversity of ``x`` and, with ``other``, overlaps both ways.
 
-    ``H`` and ``D`` share one kernel pass.
+    ``H`` and ``D`` share one kernel pass. Exact by default (``rows=None``). With ``rows``
+    (an int, or ``"auto"``: exact up to :data:`quests_torch.estimates.EXACT_MAX_ROWS`
+    environments, :data:`~quests_torch.estimates.AUTO_ROWS` sampled rows above), ``H``, ``D``
+    and the overlaps are estimated from sampled rows as in :func:`estimate_entropy`,
+    :func:`estimate_diversity` and :func:`estimate_overlap` (``H`` and ``D`` from the same
+    rows; an int ``rows`` is capped at the size of ``other`` for ``overlap_other``) and
+    ``estimates`` holds their error bars; ``rows = n`` is exact.
 
     Args:
         x: descriptors ``[n, d]``.
         h: bandwidth (1/Å).
         other: optional second dataset ``[m, d]``.
         threshold: dH threshold of the overlaps (see :func:`novelty`).
+        rows: ``None`` (exact), an int or ``"auto"``.
+        generator: CPU ``torch.Generator`` or int seed of the samples (``None``: random).
         **options: forwarded to :func:`quests_torch.kde.kernel_pass`.
 
     Returns:
@@ -655,8 +884,33 @@ def dataset_summary(
     _, vector = _bandwidths(h)
     if vector:
         raise ValueError("`h` must be a single bandwidth for dataset_summary")
+    n = _Source(x, "x").n
+    if resolve_rows(rows, n) < n:
+        gen = _generator(generator)
+        log_p, _ = _sampled_self_log_p(x, h, rows, gen, options)
+        est = {"entropy": _entropy_estimate(log_p, n), "diversity": _diversity_estimate(log_p, n)}
+        if other is not None:
+            n_other = _Source(other, "other").n
+            est["overlap"] = estimate_overlap(x, other, h, threshold, rows, gen, **options)
+            est["overlap_other"] = estimate_overlap(
+                other, x, h, threshold, _other_rows(rows, n_other), gen, **options
+            )
+
+        def t(name: str) -> torch.Tensor | None:
+            if name not in est:
+                return None
+            return torch.tensor(est[name].value, dtype=log_p.dtype, device=log_p.device)
+
+        return DatasetSummary(
+            n,
+            t("entropy"),
+            math.log(n),
+            t("diversity"),
+            t("overlap"),
+            t("overlap_other"),
+            est,
+        )
     log_p = _self_log_p(x, h, "x", options)
-    n = int(log_p.shape[0])
     ov = ov_other = None
     if other is not None:
         ov = overlap(x, other, h, threshold, **options)

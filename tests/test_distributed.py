@@ -91,6 +91,15 @@ def _run_all(folder: Path, out: dict) -> None:
     out["summary"] = torch.stack([s.entropy, s.diversity, s.overlap, s.overlap_other])
     curve = qd.entropy_learning_curve(xt, H, sizes=[10, 50, 200, 400, 768], generator=3)
     out["curve_values"] = curve.values
+    # sampled estimates (issue 16): every rank draws the same rows
+    s = qd.dataset_summary(xt, H, other=yt, rows=200, generator=5)
+    out["summary_rows"] = torch.tensor(
+        [v for e in s.estimates.values() for v in (e.value, e.stderr)], dtype=torch.float64
+    )
+    s = qd.dataset_summary(xt, H, rows=200)  # no seed: rank 0's seed, broadcast
+    out["summary_rows_unseeded"] = torch.tensor([s.estimates["entropy"].value])
+    curve = qd.entropy_learning_curve(xt, H, sizes=[50, 400, 768], generator=3, rows=100)
+    out["curve_rows"] = torch.cat([curve.values.flatten(), curve.stderr.flatten()])
     frames = ase.io.read(folder / "structures.extxyz", ":")
     out["descriptors"] = qd.get_descriptors(frames)
     out["descriptors_mc"] = qd.get_descriptors(frames, multicomponent=True)
@@ -254,6 +263,8 @@ METRICS = [
     "lks_weights_cols",
     "lks_self_weights",
     "summary",
+    "summary_rows",
+    "curve_rows",
 ]
 
 
@@ -276,6 +287,11 @@ def test_two_ranks_float32_overlap_and_learning_curve(runs):
     # far rows really took the exact shifted path and stay finite
     assert torch.isfinite(single["dh"]).all() and single["dh"].max() > 1e4
     assert 0.0 < float(single["overlap"]) < 1.0
+
+
+def test_two_ranks_sample_the_same_rows_without_a_seed(runs):
+    _, got, _ = runs
+    assert torch.equal(got[0]["summary_rows_unseeded"], got[1]["summary_rows_unseeded"])
 
 
 def test_two_ranks_descriptors_in_order(runs):
