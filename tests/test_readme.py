@@ -38,6 +38,10 @@ def test_readme_python_examples_run():
     assert namespace["dH"].shape == (216,)
     assert namespace["res"].max_dH.shape == (2,)
     assert float(namespace["res"].max_dH[1]) > float(namespace["res"].max_dH[0])
+    # estimates: the sampled entropy's interval holds the exact value here
+    est, exact = namespace["est"], namespace["summary"].entropy
+    assert est.rows == 300 and est.n == 864
+    assert abs(float(est) - float(exact)) < 5 * est.stderr
     # torch-sim example: the two hottest of four systems leave the bank at step 0
     assert namespace["ts_run"].systems == [0, 1]
     assert [d.system for d in namespace["ts_run"].dropped] == [2, 3]
