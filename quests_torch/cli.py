@@ -597,10 +597,53 @@ def _dh_stats(dh: np.ndarray, threshold: float) -> dict:
     }
 
 
+def _approx_dh(args: argparse.Namespace):
+    """``dh --approx N``: dH from the N nearest references, timed beside the exact dH.
+
+    Returns what :func:`_dh_against` returns, with the approximate dH in place of the exact
+    one, plus a dict of the comparison (``None`` with ``--no-exact``).
+    """
+    from .metrics import approx_delta_entropy
+
+    loaded = _load_pair(args)
+    k, cutoff, stored, timings, test, ref = loaded
+    n_ref = int(ref.x.shape[0])
+    if args.approx > n_ref:
+        raise CLIError(f"--approx {args.approx}: the reference has only {n_ref} environments")
+    t0 = time.perf_counter()
+    pairs = test.x.shape[0] * n_ref
+    dh = approx_delta_entropy(
+        test.x, ref.x, args.bandwidth, n=args.approx, progress=_progress(args, pairs)
+    )
+    seconds = time.perf_counter() - t0
+    timings["seconds_approx"] = round(seconds, 4)
+    if args.no_exact:
+        return k, cutoff, stored, timings, test, ref, dh, None
+    exact = _dh_against(args, loaded)[-1]
+    timings["seconds_exact"] = timings.pop("kernel")
+    diff = (dh - exact).detach().cpu().double().numpy()
+    compare = {
+        "dH_approx_minus_exact_max": float(diff.max()),
+        "dH_approx_minus_exact_mean": float(diff.mean()),
+        "novelty_exact": float((exact.detach().cpu().double().numpy() > args.threshold).mean()),
+    }
+    return k, cutoff, stored, timings, test, ref, dh, compare
+
+
 def cmd_dh(args: argparse.Namespace):
-    k, cutoff, _stored, timings, test, ref, dh = _dh_against(args)
+    if args.no_exact and args.approx is None:
+        raise CLIError("--no-exact only applies with --approx N")
+    compare = None
+    if args.approx is None:
+        k, cutoff, _stored, timings, test, ref, dh = _dh_against(args)
+    else:
+        k, cutoff, _stored, timings, test, ref, dh, compare = _approx_dh(args)
     dh_np = dh.detach().cpu().double().numpy()
     stats = _dh_stats(dh_np, args.threshold)
+    if args.approx is not None:
+        stats["approx"] = args.approx
+        if compare is not None:
+            stats.update(compare)
     order = np.argsort(-dh_np, kind="stable")[: args.top]
     bounds = np.concatenate([[0], np.cumsum(test.n_atoms)])
     struct = np.searchsorted(bounds, order, side="right") - 1
@@ -632,17 +675,21 @@ def cmd_dh(args: argparse.Namespace):
         files.append(
             str(plot_dh_histogram(_plot_path(args.plot, "dh-histogram"), dh_np, args.threshold))
         )
+    params = _dh_params(args, k, cutoff)
+    if args.approx is not None:
+        params.update(approx=args.approx, exact_timed=not args.no_exact)
     result = _envelope(
         args,
-        _dh_params(args, k, cutoff),
+        params,
         inputs={"test": _input_info(test), "reference": _input_info(ref)},
         timings=timings,
         results=stats,
         files=files,
         device=str(dh.device),
     )
+    what = "dH" if args.approx is None else f"approximate dH ({args.approx} nearest references)"
     lines = [
-        f"dH of {args.input} ({stats['n']} environments) against {args.reference} "
+        f"{what} of {args.input} ({stats['n']} environments) against {args.reference} "
         f"({ref.x.shape[0]} environments), h={args.bandwidth:g}",
         f"  dH min {stats['dH_min']:.3f}  median {stats['dH_median']:.3f}  mean "
         f"{stats['dH_mean']:.3f}  p95 {stats['dH_p95']:.3f}  max {stats['dH_max']:.3f} nats",
@@ -650,6 +697,15 @@ def cmd_dh(args: argparse.Namespace):
     ]
     for t in stats["top"][: min(3, len(stats["top"]))]:
         lines.append(f"    structure {t['structure']} atom {t['atom']}: dH = {t['dH']:.3f}")
+    if args.approx is not None:
+        line = f"  time: approximate {timings['seconds_approx']:.3f} s"
+        if compare is not None:
+            line += (
+                f", exact {timings['seconds_exact']:.3f} s; approximate - exact: max "
+                f"{compare['dH_approx_minus_exact_max']:.3g}, mean "
+                f"{compare['dH_approx_minus_exact_mean']:.3g} nats (never negative)"
+            )
+        lines.append(line)
     lines += [f"  wrote {f}" for f in files]
     return result, lines
 
@@ -1284,6 +1340,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=_finite_float, default=0.0, help="novel if dH > this")
     p.add_argument("--top", type=_positive_int, default=10, help="report the N largest dH")
     p.add_argument("--save", default=None, help="write every dH to .npy or text")
+    p.add_argument(
+        "--approx",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="dH from the N nearest references only (exact top-N, an upper bound of dH; "
+        "upstream approx_dH); the exact dH is also computed, to record both times and the "
+        "difference in the -o JSON (seconds_approx, seconds_exact); not sharded under "
+        "torchrun (every rank computes it, rank 0 writes)",
+    )
+    p.add_argument(
+        "--no-exact",
+        action="store_true",
+        help="with --approx: skip the exact dH (for inputs too large to time it)",
+    )
     _add_plot(p)
     _add_common(p)
     p.set_defaults(func=cmd_dh)
