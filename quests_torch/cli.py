@@ -16,6 +16,15 @@ with exact kernel sums against the whole set give estimates with error bars
 (``n^2 / 2`` pairs for ``entropy``, ``2 n_test n_ref`` for ``overlap``) would take over an
 hour at the documented float64 pair rate (:data:`_PAIR_RATE`: 3e8 pairs/s on a CPU, 5e10 on a
 GPU), then samples 20,000 rows and says so.
+
+Upstream ``quests`` parity: ``dh --approx N`` (upstream ``approx_dH``) is dH from the ``N``
+nearest references (:func:`quests_torch.metrics.approx_delta_entropy`, an upper bound of the
+exact dH), timed beside the exact dH (``seconds_approx``, ``seconds_exact``; ``--no-exact``
+skips the exact one); it is not sharded under ``torchrun`` (every rank computes it, rank 0
+writes). ``entropy --per-environment FILE`` (upstream ``metrics``) writes every environment's
+``dH_self_i = -log p(x_i | X)`` against its own dataset, self included, so that
+``H = log n + mean_i dH_self_i``, as ``.npy``, ``.csv`` or (structure input) extxyz with a
+per-atom ``dH_self`` array (8 decimals).
 """
 
 from __future__ import annotations
@@ -456,6 +465,7 @@ def _check_outputs(args: argparse.Namespace) -> None:
             ("save", "--save"),
             ("extxyz", "--extxyz"),
             ("checkpoint", "--checkpoint"),
+            ("per_environment", "--per-environment"),
         )
     ]
     files += [(out, "-o") for out in getattr(args, "outputs", None) or []]
@@ -505,14 +515,84 @@ def cmd_descriptors(args: argparse.Namespace):
     return result, lines
 
 
+_PER_ENV_SUFFIXES = (".npy", ".csv", ".extxyz", ".xyz")
+
+
+def _per_environment_kind(args: argparse.Namespace, stored: dict) -> str | None:
+    """``entropy --per-environment FILE``: ``"npy"``, ``"csv"``, ``"extxyz"`` or ``None``."""
+    path = args.per_environment
+    if path is None:
+        return None
+    suffix = Path(path).suffix.lower()
+    if suffix not in _PER_ENV_SUFFIXES:
+        raise CLIError(
+            f"--per-environment {path}: write .npy, .csv or .extxyz/.xyz (structures with a "
+            "per-atom dH_self array)"
+        )
+    if suffix in (".extxyz", ".xyz") and args.input in stored:
+        raise CLIError(
+            f"--per-environment {path}: structures can be written only when the input is a "
+            "structure file; write .npy or .csv for a descriptor file"
+        )
+    if isinstance(args.rows, int):
+        raise CLIError(
+            f"--rows {args.rows}: --per-environment needs every environment's log p; "
+            "drop --rows (it is exact then)"
+        )
+    return {".npy": "npy", ".csv": "csv"}.get(suffix, "extxyz")
+
+
+def _write_per_environment(path: Path, kind: str, dh_self: np.ndarray, ds, frames) -> None:
+    """Write ``dH_self`` (``[n]``, rows in input order) atomically as .npy, .csv or extxyz."""
+    if kind == "npy":
+
+        def write(p: Path) -> None:
+            with open(p, "wb") as fh:
+                np.save(fh, dh_self)
+
+    elif kind == "csv":
+        counts = np.asarray(ds.n_atoms, dtype=np.int64)
+        struct = np.repeat(np.arange(len(counts)), counts)
+        atom = np.arange(dh_self.size) - np.repeat(np.cumsum(counts) - counts, counts)
+
+        def write(p: Path) -> None:
+            with open(p, "w") as fh:
+                fh.write("environment,structure,atom,dH_self\n")
+                for i, (s_, a_, v) in enumerate(zip(struct, atom, dh_self, strict=True)):
+                    fh.write(f"{i},{s_},{a_},{v:.17g}\n")
+
+    else:
+        import ase.io
+
+        out, start = [], 0
+        for atoms in frames:
+            a = atoms.copy()
+            a.calc = atoms.calc  # keep stored energies/forces
+            a.arrays["dH_self"] = dh_self[start : start + len(a)].copy()
+            start += len(a)
+            out.append(a)
+
+        def write(p: Path) -> None:
+            ase.io.write(p, out, format="extxyz")
+
+    atomic_write(path, write)
+
+
 def cmd_entropy(args: argparse.Namespace):
-    from .distributed import dataset_summary
+    from .distributed import dataset_summary, delta_entropy
 
     k, cutoff, stored = _params(args, [args.input])
+    per_env = _per_environment_kind(args, stored)
     timings: dict = {}
-    ds = _load(args.input, args.index, k, cutoff, args, stored, timings, "input")
+    frames = None
+    if per_env == "extxyz":
+        frames, ds = _from_structures(args.input, args.index, k, cutoff, args, timings, "input")
+    else:
+        ds = _load(args.input, args.index, k, cutoff, args, stored, timings, "input")
     t0 = time.perf_counter()
     n = ds.x.shape[0]
+    if per_env is not None:
+        args.rows = "all"  # every environment's log p is needed: exact
     rows, message = _auto_rows(args, n * n / 2, ds.x.device, args.input, n)
     _say(args, message)
     pairs = n * n / 2 if rows is None else min(rows, n) * n
@@ -523,6 +603,25 @@ def cmd_entropy(args: argparse.Namespace):
     h_val, d_val = float(summary.entropy), float(summary.diversity)
     timings["kernel"] = round(time.perf_counter() - t0, 4)
     res = {"n": n, "entropy": h_val, "log_n": math.log(n), "diversity": d_val}
+    files = []
+    if per_env is not None:
+        # dH_self_i = dH(x_i | X) = -log p(x_i | X), self included: H = log n + mean dH_self
+        t0 = time.perf_counter()
+        dh_self = delta_entropy(ds.x, ds.x, args.bandwidth, progress=_progress(args, n * n / 2))
+        dh_np = dh_self.detach().cpu().double().numpy()
+        timings["per_environment"] = round(time.perf_counter() - t0, 4)
+        if _dist().rank() == 0:
+            _write_per_environment(Path(args.per_environment), per_env, dh_np, ds, frames)
+        files.append(str(args.per_environment))
+        order = np.argsort(-dh_np, kind="stable")[:5]
+        res["per_environment"] = {
+            "path": str(args.per_environment),
+            "quantity": "dH_self = -log p(x_i | X), self included; H = log n + mean dH_self",
+            "dH_self_min": float(dh_np.min()),
+            "dH_self_mean": float(dh_np.mean()),
+            "dH_self_max": float(dh_np.max()),
+            "top": [{"environment": int(i), "dH_self": float(dh_np[i])} for i in order],
+        }
     parameters = {"k": k, "cutoff": cutoff, "bandwidth": args.bandwidth, "dtype": args.dtype}
     if summary.estimates is not None:
         est = summary.estimates
@@ -540,6 +639,7 @@ def cmd_entropy(args: argparse.Namespace):
         inputs={"input": _input_info(ds)},
         timings=timings,
         results=res,
+        files=files,
         device=str(ds.x.device),
     )
     lines = [
@@ -558,6 +658,14 @@ def cmd_entropy(args: argparse.Namespace):
             f"  diversity {_estimate_text('D', summary.estimates['diversity'])}",
         ]
         lines += [f"  note: {t}" for t in notes]
+    if per_env is not None:
+        pe = res["per_environment"]
+        lines.append(
+            f"  per environment: dH_self = -log p(x_i | X) min {pe['dH_self_min']:.3f}  mean "
+            f"{pe['dH_self_mean']:.3f}  max {pe['dH_self_max']:.3f} nats "
+            "(H = log n + mean dH_self)"
+        )
+        lines += [f"  wrote {f}" for f in files]
     return result, lines
 
 
@@ -1330,6 +1438,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("entropy", help="information entropy H and diversity D of a dataset")
     p.add_argument("input", help="structures or descriptor file")
+    p.add_argument(
+        "--per-environment",
+        metavar="FILE",
+        default=None,
+        help="write each environment's dH_self = -log p(x_i | X) against its own dataset (self "
+        "included; H = log n + mean dH_self; upstream metrics) to .npy, .csv "
+        "(environment,structure,atom,dH_self) or, for a structure input, .extxyz/.xyz with a "
+        "per-atom dH_self array (OVITO); exact (one more kernel pass of the same cost)",
+    )
     _add_rows(p)
     _add_common(p)
     p.set_defaults(func=cmd_entropy)

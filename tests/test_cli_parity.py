@@ -101,3 +101,57 @@ def test_dh_approx_errors(data, args, message):
     proc = cli("dh", "test.extxyz", "-r", "ref.extxyz", *args, cwd=d, check=False)
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# entropy --per-environment FILE
+# --------------------------------------------------------------------------------------------
+
+
+def test_entropy_per_environment_npy_csv_extxyz(data):
+    d, read = data
+    x = qt.get_descriptors(read["ref"])
+    dh_self = metrics.delta_entropy(x, x).numpy()
+    h = float(metrics.entropy(x))
+    assert h == pytest.approx(np.log(len(dh_self)) + dh_self.mean(), rel=1e-12)
+    proc = cli("entropy", "ref.extxyz", "--per-environment", "pe.npy", "-o", "pe.json", cwd=d)
+    np.testing.assert_allclose(np.load(d / "pe.npy"), dh_self, rtol=1e-12, atol=1e-12)
+    res = _json(d / "pe.json")["results"]
+    assert res["entropy"] == pytest.approx(h, rel=1e-12)
+    pe = res["per_environment"]
+    assert pe["dH_self_mean"] == pytest.approx(res["entropy"] - res["log_n"], rel=1e-10)
+    assert pe["top"][0]["dH_self"] == pytest.approx(float(dh_self.max()), rel=1e-12)
+    assert "dH_self = -log p(x_i | X)" in proc.stdout and "wrote pe.npy" in proc.stdout
+    cli("descriptors", "ref.extxyz", "-o", "ref.npz", "-q", cwd=d)
+    cli("entropy", "ref.npz", "--per-environment", "sub/pe.csv", "-q", cwd=d)
+    table = np.genfromtxt(d / "sub/pe.csv", delimiter=",", names=True)
+    assert table.dtype.names == ("environment", "structure", "atom", "dH_self")
+    np.testing.assert_allclose(table["dH_self"], dh_self, rtol=1e-12, atol=1e-12)
+    assert table["structure"][40] == 1 and table["atom"][40] == 8
+    cli("entropy", "ref.extxyz", "--per-environment", "pe.extxyz", "-q", cwd=d)
+    frames = ase.io.read(d / "pe.extxyz", ":")
+    assert len(frames) == 3
+    got = np.concatenate([a.arrays["dH_self"] for a in frames])
+    np.testing.assert_allclose(got, dh_self, rtol=0, atol=1e-7)  # extxyz: 8 decimals
+    np.testing.assert_allclose(frames[1].positions, read["ref"][1].positions)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["ref.npz", "--per-environment", "pe.extxyz"], "only when the input is a structure file"),
+        (["ref.extxyz", "--per-environment", "pe.txt"], "write .npy, .csv or .extxyz/.xyz"),
+        (["ref.extxyz", "--per-environment", "pe.npy", "--rows", "10"], "needs every"),
+        (["ref.extxyz", "--per-environment", "ref.extxyz/x.npy"], "--per-environment ref.extxyz"),
+        (["ref.extxyz", "--per-environment", "."], "is a folder"),
+    ],
+)
+def test_entropy_per_environment_errors(data, args, message):
+    d, _ = data
+    if not (d / "ref.npz").exists():
+        cli("descriptors", "ref.extxyz", "-o", "ref.npz", "-q", cwd=d)
+    before = sorted(p.name for p in d.iterdir())
+    proc = cli("entropy", *args, cwd=d, check=False)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert sorted(p.name for p in d.iterdir()) == before
