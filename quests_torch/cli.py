@@ -1,14 +1,14 @@
 """The ``quests-torch`` command line: thin wrappers that parse, call the API and write results.
 
 Subcommands: ``descriptors``, ``entropy``, ``dh``, ``overlap``, ``learning-curve``,
-``bandwidth``, ``screen``, ``compress``, ``generations`` and ``demo``. Inputs are any file
-ASE can read (with ``-i`` an ASE index/slice) or a descriptor file (``.npz``/``.pt`` written
-by ``descriptors``, which records ``k`` and the cutoff: comparing descriptors made with
-different parameters is an
-error). Every command prints a readable summary (``--quiet``: none), writes
-machine-readable JSON with ``-o`` (parameters, versions, timings, results; atomically) and,
-where a picture helps, PNG figures with ``--plot PREFIX``. Errors are one line on stderr and
-exit code 2, never a traceback (``QUESTS_TORCH_DEBUG=1`` re-raises for debugging).
+``bandwidth``, ``screen``, ``compress``, ``generations``, ``generate`` and ``demo``. Inputs
+are any file ASE can read (with ``-i`` an ASE index/slice) or a descriptor file
+(``.npz``/``.pt`` written by ``descriptors``, which records ``k`` and the cutoff: comparing
+descriptors made with different parameters is an error). Every command prints a readable
+summary (``--quiet``: none), writes machine-readable JSON with ``-o`` (parameters, versions,
+timings, results; atomically) and, where a picture helps, PNG figures with ``--plot PREFIX``.
+Errors are one line on stderr and exit code 2, never a traceback (``QUESTS_TORCH_DEBUG=1``
+re-raises for debugging).
 
 ``entropy`` and ``overlap`` take ``--rows N|auto|all`` (and ``--seed``): ``N`` sampled rows
 with exact kernel sums against the whole set give estimates with error bars
@@ -24,7 +24,12 @@ skips the exact one); it is not sharded under ``torchrun`` (every rank computes 
 writes). ``entropy --per-environment FILE`` (upstream ``metrics``) writes every environment's
 ``dH_self_i = -log p(x_i | X)`` against its own dataset, self included, so that
 ``H = log n + mean_i dH_self_i``, as ``.npy``, ``.csv`` or (structure input) extxyz with a
-per-atom ``dH_self`` array (8 decimals).
+per-atom ``dH_self`` array (8 decimals). ``generate`` (upstream ``mcmc``) moves a structure
+of a dataset until the max or mean of its per-atom dH against the dataset reaches ``--target``
+(:func:`quests_torch.sampling.generate_to_target` or
+:func:`~quests_torch.sampling.random_walk_to_target`); a target not reached within ``--steps``
+evaluations is an error (exit 2, nothing written) unless ``--best-effort``; it is not
+distributed (under ``torchrun`` every rank runs it, rank 0 writes).
 """
 
 from __future__ import annotations
@@ -466,6 +471,7 @@ def _check_outputs(args: argparse.Namespace) -> None:
             ("extxyz", "--extxyz"),
             ("checkpoint", "--checkpoint"),
             ("per_environment", "--per-environment"),
+            ("write", "--write"),
         )
     ]
     files += [(out, "-o") for out in getattr(args, "outputs", None) or []]
@@ -1414,6 +1420,180 @@ def cmd_generations(args: argparse.Namespace):
     return result, lines
 
 
+def _write_format(path: str, option: str) -> str:
+    """The ASE format of an output file, from its name; unknown names are refused."""
+    from ase.io.formats import filetype, ioformats
+
+    try:
+        fmt = filetype(path, read=False)
+    except (ValueError, OSError) as exc:
+        raise CLIError(f"{option} {path}: {exc}") from None
+    if fmt not in ioformats or not ioformats[fmt].can_write:
+        raise CLIError(f"{option} {path}: ASE cannot write format {fmt!r} (try .extxyz)")
+    return fmt
+
+
+def _generation_starts(args: argparse.Namespace, n_frames: int) -> list[int]:
+    """Start structure of each of the ``-n`` runs: ``-i`` for all, or drawn with ``--seed``."""
+    if args.start is not None:
+        start = args.start + n_frames if args.start < 0 else args.start
+        if not 0 <= start < n_frames:
+            raise CLIError(f"-i {args.start}: the dataset has {n_frames} structures")
+        return [start] * args.count
+    rng = np.random.default_rng(args.seed)
+    return [int(i) for i in rng.integers(0, n_frames, size=args.count)]
+
+
+def cmd_generate(args: argparse.Namespace):
+    from .sampling import generate_to_target, random_walk_to_target
+    from .uncertainty import UncertaintyBank
+
+    fmt = _write_format(args.write, "--write")
+    if is_descriptor_file(args.input):
+        raise CLIError(f"{args.input}: generate needs structures to start from, not descriptors")
+    k, cutoff = args.k or DEFAULT_K, args.cutoff or DEFAULT_CUTOFF
+    timings: dict = {}
+    frames, ds = _from_structures(args.input, ":", k, cutoff, args, timings, "input")
+    starts = _generation_starts(args, len(frames))
+    bank = UncertaintyBank(ds.x, k=k, cutoff=cutoff, h=args.bandwidth)
+    common = {
+        "statistic": args.statistic,
+        "tolerance": args.tolerance,
+        "max_step": args.max_step,
+        "min_distance": args.min_distance,
+    }
+    if args.method == "gradient":
+        steps = args.steps or 100
+    else:
+        steps = args.steps or 2000
+    t0 = time.perf_counter()
+    runs = []
+    bar = None
+    if not args.quiet:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(starts), desc="generate", unit="structure", file=sys.stderr)
+    try:
+        for j, start in enumerate(starts):
+            if args.method == "gradient":
+                r = generate_to_target(
+                    frames[start], bank, args.target, max_evaluations=steps, **common
+                )
+            else:
+                r = random_walk_to_target(
+                    frames[start],
+                    bank,
+                    args.target,
+                    max_evaluations=steps,
+                    step_std=args.step_std,
+                    kT=args.kT,
+                    seed=args.seed + j,
+                    **common,
+                )
+            runs.append((start, args.seed + j, r))
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(dH=f"{r.value:.3f}", reached=r.reached)
+    finally:
+        if bar is not None:
+            bar.close()
+    timings["generate"] = round(time.perf_counter() - t0, 4)
+    missed = [(j, r) for j, (_s, _seed, r) in enumerate(runs) if not r.reached]
+    if missed and not args.best_effort:
+        j, r = missed[0]
+        raise CLIError(
+            f"--target {args.target:g} not reached within {steps} evaluations "
+            f"({len(missed)} of {len(runs)} structures; structure {j} from dataset structure "
+            f"{runs[j][0]}: best {args.statistic} dH {r.value:.3f}, tolerance "
+            f"{args.tolerance:g}); raise --steps or --max-step, or --best-effort to write the "
+            "best structures anyway"
+        )
+    out = []
+    for j, (start, _seed, r) in enumerate(runs):
+        info = {
+            "generate_index": j,
+            "generate_start": start,
+            "generate_target": r.target,
+            "generate_statistic": args.statistic,
+            "generate_dH": r.value,
+            "generate_reached": r.reached,
+        }
+        if args.compare:
+            first = frames[start].copy()
+            first.calc = None
+            first.info.update({**info, "generate_role": "start", "generate_dH": r.history[0]})
+            out.append(first)
+            info["generate_role"] = "result"
+        a = r.atoms
+        a.info.update(info)
+        out.append(a)
+    if _dist().rank() == 0:
+        import ase.io
+
+        atomic_write(Path(args.write), lambda p: ase.io.write(p, out, format=fmt))
+    structures = [
+        {
+            "index": j,
+            "start": start,
+            "seed": seed if args.method == "random-walk" else None,
+            "reached": r.reached,
+            "dH_start": r.history[0],
+            "dH": r.value,
+            "history": r.history,
+            "n_evaluations": r.n_evaluations,
+            "n_backward": r.n_backward,
+            "n_accepted": r.n_accepted,
+            "n_rejected_geometry": r.n_rejected_geometry,
+            "max_displacement": max(r.max_displacements, default=0.0),
+            "min_distance": min(r.min_distances),
+            "seconds": round(r.wall_time, 4),
+        }
+        for j, (start, seed, r) in enumerate(runs)
+    ]
+    results = {
+        "n_structures": len(runs),
+        "n_reached": sum(r.reached for *_, r in runs),
+        "n_evaluations": sum(r.n_evaluations for *_, r in runs),
+        "structures": structures,
+    }
+    result = _envelope(
+        args,
+        {
+            "k": k,
+            "cutoff": cutoff,
+            "bandwidth": args.bandwidth,
+            "dtype": args.dtype,
+            "method": args.method,
+            "target": args.target,
+            "statistic": args.statistic,
+            "tolerance": args.tolerance,
+            "steps": steps,
+            "max_step": args.max_step,
+            "min_distance": args.min_distance,
+            "seed": args.seed,
+            "best_effort": args.best_effort,
+        },
+        inputs={"input": _input_info(ds)},
+        timings=timings,
+        results=results,
+        files=[args.write],
+        device=str(ds.x.device),
+    )
+    lines = [
+        f"generate ({args.method}): {len(runs)} structure(s) from {args.input} "
+        f"({len(frames)} structures, {ds.x.shape[0]} environments), target {args.statistic} "
+        f"dH = {args.target:g} +- {args.tolerance:g} nats, h={args.bandwidth:g}",
+    ]
+    for s_ in structures:
+        lines.append(
+            f"  {s_['index']}: from structure {s_['start']}: dH {s_['dH_start']:.3f} -> "
+            f"{s_['dH']:.3f} in {s_['n_evaluations']} evaluations"
+            + ("" if s_["reached"] else " (target NOT reached: best effort)")
+        )
+    lines.append(f"  wrote {args.write}" + (" (start and result of each)" if args.compare else ""))
+    return result, lines
+
+
 # --------------------------------------------------------------------------------------------
 # parser and entry point
 # --------------------------------------------------------------------------------------------
@@ -1606,6 +1786,99 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plot(p)
     _add_common(p)
     p.set_defaults(func=cmd_generations)
+
+    p = sub.add_parser(
+        "generate",
+        help="move a structure of a dataset until its dH against the dataset reaches a target",
+        description="Start from a structure of the dataset (-i, or one drawn with --seed) and "
+        "move its atoms until the max or mean per-atom dH against the whole dataset reaches "
+        "--target (upstream mcmc). A target not reached within --steps evaluations is an "
+        "error (exit 2) unless --best-effort. Not distributed: under torchrun every rank runs "
+        "the same generation and rank 0 alone writes.",
+    )
+    p.add_argument("input", help="the dataset: any ASE-readable structure file")
+    p.add_argument(
+        "-i",
+        "--start",
+        type=int,
+        default=None,
+        help="index of the start structure in the dataset (default: drawn with --seed)",
+    )
+    p.add_argument(
+        "-n",
+        "--count",
+        type=_positive_int,
+        default=1,
+        help="structures to generate, each from its own start (drawn) or seed (default 1)",
+    )
+    p.add_argument("--target", type=_finite_float, required=True, help="target dH (nats)")
+    p.add_argument("--statistic", choices=["max", "mean"], default="max", help="of per-atom dH")
+    p.add_argument(
+        "--tolerance",
+        type=_positive_float,
+        default=0.25,
+        help="reached when |dH - target| <= this (default 0.25 nats)",
+    )
+    p.add_argument(
+        "-m",
+        "--method",
+        choices=["gradient", "random-walk"],
+        default="gradient",
+        help="trust-region gradient steps (default) or random-walk Metropolis",
+    )
+    p.add_argument(
+        "--steps",
+        type=_positive_int,
+        default=None,
+        help="descriptor evaluations per structure (default 100 gradient, 2000 random-walk)",
+    )
+    p.add_argument(
+        "--max-step", type=_positive_float, default=0.05, help="largest move of an atom, Å"
+    )
+    p.add_argument(
+        "--min-distance",
+        type=_finite_float,
+        default=1.5,
+        help="smallest interatomic distance allowed, Å (default 1.5)",
+    )
+    p.add_argument(
+        "--step-std", type=_positive_float, default=0.02, help="random-walk: displacement std, Å"
+    )
+    p.add_argument(
+        "--kT", type=_positive_float, default=0.1, help="random-walk: Metropolis temperature"
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="start structures and random-walk seed (default 0)"
+    )
+    p.add_argument(
+        "-w",
+        "--write",
+        required=True,
+        help="generated structures, any format ASE writes (.extxyz keeps dH in atoms.info)",
+    )
+    p.add_argument(
+        "--compare", action="store_true", help="write each start structure before its result"
+    )
+    p.add_argument(
+        "--best-effort",
+        action="store_true",
+        help="write the best structures and exit 0 even when the target is not reached",
+    )
+    g = p.add_argument_group("common options")
+    g.add_argument("-k", type=_k_option, default=None, help=f"default {DEFAULT_K}")
+    g.add_argument("-c", "--cutoff", type=_positive_float, default=None, help="Å (default 5)")
+    g.add_argument(
+        "-b",
+        "--bandwidth",
+        type=_positive_float,
+        default=DEFAULT_BANDWIDTH,
+        help=f"kernel bandwidth h in 1/Å (default {DEFAULT_BANDWIDTH})",
+    )
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default auto)")
+    g.add_argument("--dtype", choices=["float64", "float32"], default="float64")
+    g.add_argument("-o", "--output", default=None, help="write results as JSON here")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("demo", help="the built-in example: EMT Cu solid reference, heated to melt")
     p.add_argument("--outdir", default="demo-output", help="results folder (default demo-output)")

@@ -92,7 +92,6 @@ def test_dh_approx_matches_library_and_times_both(data):
     "args, message",
     [
         (["--approx", "1000"], "--approx 1000: the reference has only 96 environments"),
-        (["--approx", "0"], "expected a positive integer"),
         (["--no-exact"], "--no-exact only applies with --approx"),
     ],
 )
@@ -142,7 +141,6 @@ def test_entropy_per_environment_npy_csv_extxyz(data):
         (["ref.npz", "--per-environment", "pe.extxyz"], "only when the input is a structure file"),
         (["ref.extxyz", "--per-environment", "pe.txt"], "write .npy, .csv or .extxyz/.xyz"),
         (["ref.extxyz", "--per-environment", "pe.npy", "--rows", "10"], "needs every"),
-        (["ref.extxyz", "--per-environment", "ref.extxyz/x.npy"], "--per-environment ref.extxyz"),
         (["ref.extxyz", "--per-environment", "."], "is a folder"),
     ],
 )
@@ -155,3 +153,86 @@ def test_entropy_per_environment_errors(data, args, message):
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert sorted(p.name for p in d.iterdir()) == before
+
+
+# --------------------------------------------------------------------------------------------
+# generate
+# --------------------------------------------------------------------------------------------
+
+
+def _bank(read):
+    from quests_torch.uncertainty import UncertaintyBank
+
+    return UncertaintyBank(qt.get_descriptors(read["ref"]))
+
+
+def test_generate_gradient_and_random_walk_match_library(data):
+    from quests_torch.sampling import generate_to_target, random_walk_to_target
+
+    d, read = data
+    bank = _bank(read)
+    proc = cli("generate", "ref.extxyz", "-i", "0", "--target", "2", "-w", "g.extxyz",
+               "-o", "g.json", cwd=d)  # fmt: skip
+    lib = generate_to_target(read["ref"][0], bank, 2.0)
+    res = _json(d / "g.json")
+    s = res["results"]["structures"][0]
+    assert s["reached"] and s["start"] == 0
+    np.testing.assert_allclose(s["history"], lib.history, rtol=1e-10)
+    assert s["n_evaluations"] == lib.n_evaluations == res["results"]["n_evaluations"]
+    (out,) = ase.io.read(d / "g.extxyz", ":")
+    np.testing.assert_allclose(out.positions, lib.atoms.positions, atol=1e-6)
+    assert out.info["generate_dH"] == pytest.approx(lib.value)
+    assert f"dH {lib.history[0]:.3f} -> {lib.value:.3f} in {lib.n_evaluations}" in proc.stdout
+    # random walk, two structures from starts drawn with --seed, start and result written
+    cli("generate", "ref.extxyz", "-n", "2", "--seed", "4", "-m", "random-walk", "--target",
+        "0", "--steps", "300", "--statistic", "mean", "--tolerance", "0.5", "-w", "r.extxyz",
+        "--compare", "-o", "r.json", "-q", cwd=d)  # fmt: skip
+    res = _json(d / "r.json")["results"]
+    starts = np.random.default_rng(4).integers(0, 3, size=2).tolist()
+    assert [s["start"] for s in res["structures"]] == starts
+    frames = ase.io.read(d / "r.extxyz", ":")
+    assert [a.info["generate_role"] for a in frames] == ["start", "result"] * 2
+    for j, start in enumerate(starts):
+        lib = random_walk_to_target(
+            read["ref"][start], bank, 0.0, statistic="mean", tolerance=0.5,
+            max_evaluations=300, seed=4 + j,
+        )  # fmt: skip
+        s = res["structures"][j]
+        assert s["reached"] == lib.reached and s["n_evaluations"] == lib.n_evaluations
+        np.testing.assert_allclose(s["history"], lib.history, rtol=1e-10)
+        np.testing.assert_allclose(frames[2 * j].positions, read["ref"][start].positions)
+        np.testing.assert_allclose(frames[2 * j + 1].positions, lib.atoms.positions, atol=1e-6)
+
+
+def test_generate_unreachable_target_refused_unless_best_effort(data):
+    d, _ = data
+    args = ["generate", "ref.extxyz", "-i", "1", "--target", "40", "--steps", "3",
+            "--max-step", "0.01", "-w", "u.extxyz", "-o", "u.json"]  # fmt: skip
+    proc = cli(*args, cwd=d, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "--target 40 not reached within 3 evaluations" in proc.stderr
+    assert "--best-effort" in proc.stderr
+    assert not (d / "u.extxyz").exists() and not (d / "u.json").exists()
+    proc = cli(*args, "--best-effort", cwd=d)
+    assert "target NOT reached" in proc.stdout
+    res = _json(d / "u.json")["results"]
+    assert res["n_reached"] == 0 and res["structures"][0]["n_evaluations"] == 3
+    (out,) = ase.io.read(d / "u.extxyz", ":")
+    assert out.info["generate_reached"] is False
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["-i", "7"], "-i 7: the dataset has 3 structures"),
+        (["-w", "out.nosuchformat"], "ASE cannot write format"),
+        (["--min-distance", "3"], "violates `min_distance`"),
+    ],
+)
+def test_generate_errors(data, args, message):
+    d, _ = data
+    base = ["generate", "ref.extxyz", "--target", "1", "-w", "e.extxyz"]
+    proc = cli(*base, *args, cwd=d, check=False)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (d / "e.extxyz").exists()
