@@ -645,7 +645,7 @@ def cmd_entropy(args: argparse.Namespace):
         inputs={"input": _input_info(ds)},
         timings=timings,
         results=res,
-        files=files,
+        **({"files": files} if files else {}),
         device=str(ds.x.device),
     )
     lines = [
