@@ -817,7 +817,7 @@ def cmd_dh(args: argparse.Namespace):
             line += (
                 f", exact {timings['seconds_exact']:.3f} s; approximate - exact: max "
                 f"{compare['dH_approx_minus_exact_max']:.3g}, mean "
-                f"{compare['dH_approx_minus_exact_mean']:.3g} nats (never negative)"
+                f"{compare['dH_approx_minus_exact_mean']:.3g} nats"
             )
         lines.append(line)
     lines += [f"  wrote {f}" for f in files]
@@ -1469,7 +1469,7 @@ def cmd_generate(args: argparse.Namespace):
     t0 = time.perf_counter()
     runs = []
     bar = None
-    if not args.quiet:
+    if not args.quiet and len(starts) > 1:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(starts), desc="generate", unit="structure", file=sys.stderr)
@@ -1493,7 +1493,7 @@ def cmd_generate(args: argparse.Namespace):
             runs.append((start, args.seed + j, r))
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(dH=f"{r.value:.3f}", reached=r.reached)
+                bar.set_postfix(dH=f"{r.value:.3f}", reached="yes" if r.reached else "no")
     finally:
         if bar is not None:
             bar.close()
@@ -1809,7 +1809,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--count",
         type=_positive_int,
         default=1,
-        help="structures to generate, each from its own start (drawn) or seed (default 1)",
+        help="structures to generate, each from its own start (drawn) or seed (default 1; "
+        "a progress bar on stderr when more than one)",
     )
     p.add_argument("--target", type=_finite_float, required=True, help="target dH (nats)")
     p.add_argument("--statistic", choices=["max", "mean"], default="max", help="of per-atom dH")
