@@ -1,14 +1,14 @@
 """The ``quests-torch`` command line: thin wrappers that parse, call the API and write results.
 
 Subcommands: ``descriptors``, ``entropy``, ``dh``, ``overlap``, ``learning-curve``,
-``bandwidth``, ``screen``, ``compress``, ``generations`` and ``demo``. Inputs are any file
-ASE can read (with ``-i`` an ASE index/slice) or a descriptor file (``.npz``/``.pt`` written
-by ``descriptors``, which records ``k`` and the cutoff: comparing descriptors made with
-different parameters is an
-error). Every command prints a readable summary (``--quiet``: none), writes
-machine-readable JSON with ``-o`` (parameters, versions, timings, results; atomically) and,
-where a picture helps, PNG figures with ``--plot PREFIX``. Errors are one line on stderr and
-exit code 2, never a traceback (``QUESTS_TORCH_DEBUG=1`` re-raises for debugging).
+``bandwidth``, ``screen``, ``compress``, ``generations``, ``generate`` and ``demo``. Inputs
+are any file ASE can read (with ``-i`` an ASE index/slice) or a descriptor file
+(``.npz``/``.pt`` written by ``descriptors``, which records ``k`` and the cutoff: comparing
+descriptors made with different parameters is an error). Every command prints a readable
+summary (``--quiet``: none), writes machine-readable JSON with ``-o`` (parameters, versions,
+timings, results; atomically) and, where a picture helps, PNG figures with ``--plot PREFIX``.
+Errors are one line on stderr and exit code 2, never a traceback (``QUESTS_TORCH_DEBUG=1``
+re-raises for debugging).
 
 ``entropy`` and ``overlap`` take ``--rows N|auto|all`` (and ``--seed``): ``N`` sampled rows
 with exact kernel sums against the whole set give estimates with error bars
@@ -16,6 +16,20 @@ with exact kernel sums against the whole set give estimates with error bars
 (``n^2 / 2`` pairs for ``entropy``, ``2 n_test n_ref`` for ``overlap``) would take over an
 hour at the documented float64 pair rate (:data:`_PAIR_RATE`: 3e8 pairs/s on a CPU, 5e10 on a
 GPU), then samples 20,000 rows and says so.
+
+Upstream ``quests`` parity: ``dh --approx N`` (upstream ``approx_dH``) is dH from the ``N``
+nearest references (:func:`quests_torch.metrics.approx_delta_entropy`, an upper bound of the
+exact dH), timed beside the exact dH (``seconds_approx``, ``seconds_exact``; ``--no-exact``
+skips the exact one); it is not sharded under ``torchrun`` (every rank computes it, rank 0
+writes). ``entropy --per-environment FILE`` (upstream ``metrics``) writes every environment's
+``dH_self_i = -log p(x_i | X)`` against its own dataset, self included, so that
+``H = log n + mean_i dH_self_i``, as ``.npy``, ``.csv`` or (structure input) extxyz with a
+per-atom ``dH_self`` array (8 decimals). ``generate`` (upstream ``mcmc``) moves a structure
+of a dataset until the max or mean of its per-atom dH against the dataset reaches ``--target``
+(:func:`quests_torch.sampling.generate_to_target` or
+:func:`~quests_torch.sampling.random_walk_to_target`); a target not reached within ``--steps``
+evaluations is an error (exit 2, nothing written) unless ``--best-effort``; it is not
+distributed (under ``torchrun`` every rank runs it, rank 0 writes).
 """
 
 from __future__ import annotations
@@ -456,6 +470,8 @@ def _check_outputs(args: argparse.Namespace) -> None:
             ("save", "--save"),
             ("extxyz", "--extxyz"),
             ("checkpoint", "--checkpoint"),
+            ("per_environment", "--per-environment"),
+            ("write", "--write"),
         )
     ]
     files += [(out, "-o") for out in getattr(args, "outputs", None) or []]
@@ -505,14 +521,84 @@ def cmd_descriptors(args: argparse.Namespace):
     return result, lines
 
 
+_PER_ENV_SUFFIXES = (".npy", ".csv", ".extxyz", ".xyz")
+
+
+def _per_environment_kind(args: argparse.Namespace, stored: dict) -> str | None:
+    """``entropy --per-environment FILE``: ``"npy"``, ``"csv"``, ``"extxyz"`` or ``None``."""
+    path = args.per_environment
+    if path is None:
+        return None
+    suffix = Path(path).suffix.lower()
+    if suffix not in _PER_ENV_SUFFIXES:
+        raise CLIError(
+            f"--per-environment {path}: write .npy, .csv or .extxyz/.xyz (structures with a "
+            "per-atom dH_self array)"
+        )
+    if suffix in (".extxyz", ".xyz") and args.input in stored:
+        raise CLIError(
+            f"--per-environment {path}: structures can be written only when the input is a "
+            "structure file; write .npy or .csv for a descriptor file"
+        )
+    if isinstance(args.rows, int):
+        raise CLIError(
+            f"--rows {args.rows}: --per-environment needs every environment's log p; "
+            "drop --rows (it is exact then)"
+        )
+    return {".npy": "npy", ".csv": "csv"}.get(suffix, "extxyz")
+
+
+def _write_per_environment(path: Path, kind: str, dh_self: np.ndarray, ds, frames) -> None:
+    """Write ``dH_self`` (``[n]``, rows in input order) atomically as .npy, .csv or extxyz."""
+    if kind == "npy":
+
+        def write(p: Path) -> None:
+            with open(p, "wb") as fh:
+                np.save(fh, dh_self)
+
+    elif kind == "csv":
+        counts = np.asarray(ds.n_atoms, dtype=np.int64)
+        struct = np.repeat(np.arange(len(counts)), counts)
+        atom = np.arange(dh_self.size) - np.repeat(np.cumsum(counts) - counts, counts)
+
+        def write(p: Path) -> None:
+            with open(p, "w") as fh:
+                fh.write("environment,structure,atom,dH_self\n")
+                for i, (s_, a_, v) in enumerate(zip(struct, atom, dh_self, strict=True)):
+                    fh.write(f"{i},{s_},{a_},{v:.17g}\n")
+
+    else:
+        import ase.io
+
+        out, start = [], 0
+        for atoms in frames:
+            a = atoms.copy()
+            a.calc = atoms.calc  # keep stored energies/forces
+            a.arrays["dH_self"] = dh_self[start : start + len(a)].copy()
+            start += len(a)
+            out.append(a)
+
+        def write(p: Path) -> None:
+            ase.io.write(p, out, format="extxyz")
+
+    atomic_write(path, write)
+
+
 def cmd_entropy(args: argparse.Namespace):
-    from .distributed import dataset_summary
+    from .distributed import dataset_summary, delta_entropy
 
     k, cutoff, stored = _params(args, [args.input])
+    per_env = _per_environment_kind(args, stored)
     timings: dict = {}
-    ds = _load(args.input, args.index, k, cutoff, args, stored, timings, "input")
+    frames = None
+    if per_env == "extxyz":
+        frames, ds = _from_structures(args.input, args.index, k, cutoff, args, timings, "input")
+    else:
+        ds = _load(args.input, args.index, k, cutoff, args, stored, timings, "input")
     t0 = time.perf_counter()
     n = ds.x.shape[0]
+    if per_env is not None:
+        args.rows = "all"  # every environment's log p is needed: exact
     rows, message = _auto_rows(args, n * n / 2, ds.x.device, args.input, n)
     _say(args, message)
     pairs = n * n / 2 if rows is None else min(rows, n) * n
@@ -523,6 +609,25 @@ def cmd_entropy(args: argparse.Namespace):
     h_val, d_val = float(summary.entropy), float(summary.diversity)
     timings["kernel"] = round(time.perf_counter() - t0, 4)
     res = {"n": n, "entropy": h_val, "log_n": math.log(n), "diversity": d_val}
+    files = []
+    if per_env is not None:
+        # dH_self_i = dH(x_i | X) = -log p(x_i | X), self included: H = log n + mean dH_self
+        t0 = time.perf_counter()
+        dh_self = delta_entropy(ds.x, ds.x, args.bandwidth, progress=_progress(args, n * n / 2))
+        dh_np = dh_self.detach().cpu().double().numpy()
+        timings["per_environment"] = round(time.perf_counter() - t0, 4)
+        if _dist().rank() == 0:
+            _write_per_environment(Path(args.per_environment), per_env, dh_np, ds, frames)
+        files.append(str(args.per_environment))
+        order = np.argsort(-dh_np, kind="stable")[:5]
+        res["per_environment"] = {
+            "path": str(args.per_environment),
+            "quantity": "dH_self = -log p(x_i | X), self included; H = log n + mean dH_self",
+            "dH_self_min": float(dh_np.min()),
+            "dH_self_mean": float(dh_np.mean()),
+            "dH_self_max": float(dh_np.max()),
+            "top": [{"environment": int(i), "dH_self": float(dh_np[i])} for i in order],
+        }
     parameters = {"k": k, "cutoff": cutoff, "bandwidth": args.bandwidth, "dtype": args.dtype}
     if summary.estimates is not None:
         est = summary.estimates
@@ -540,6 +645,7 @@ def cmd_entropy(args: argparse.Namespace):
         inputs={"input": _input_info(ds)},
         timings=timings,
         results=res,
+        **({"files": files} if files else {}),
         device=str(ds.x.device),
     )
     lines = [
@@ -558,6 +664,14 @@ def cmd_entropy(args: argparse.Namespace):
             f"  diversity {_estimate_text('D', summary.estimates['diversity'])}",
         ]
         lines += [f"  note: {t}" for t in notes]
+    if per_env is not None:
+        pe = res["per_environment"]
+        lines.append(
+            f"  per environment: dH_self = -log p(x_i | X) min {pe['dH_self_min']:.3f}  mean "
+            f"{pe['dH_self_mean']:.3f}  max {pe['dH_self_max']:.3f} nats "
+            "(H = log n + mean dH_self)"
+        )
+        lines += [f"  wrote {f}" for f in files]
     return result, lines
 
 
@@ -597,10 +711,53 @@ def _dh_stats(dh: np.ndarray, threshold: float) -> dict:
     }
 
 
+def _approx_dh(args: argparse.Namespace):
+    """``dh --approx N``: dH from the N nearest references, timed beside the exact dH.
+
+    Returns what :func:`_dh_against` returns, with the approximate dH in place of the exact
+    one, plus a dict of the comparison (``None`` with ``--no-exact``).
+    """
+    from .metrics import approx_delta_entropy
+
+    loaded = _load_pair(args)
+    k, cutoff, stored, timings, test, ref = loaded
+    n_ref = int(ref.x.shape[0])
+    if args.approx > n_ref:
+        raise CLIError(f"--approx {args.approx}: the reference has only {n_ref} environments")
+    t0 = time.perf_counter()
+    pairs = test.x.shape[0] * n_ref
+    dh = approx_delta_entropy(
+        test.x, ref.x, args.bandwidth, n=args.approx, progress=_progress(args, pairs)
+    )
+    seconds = time.perf_counter() - t0
+    timings["seconds_approx"] = round(seconds, 4)
+    if args.no_exact:
+        return k, cutoff, stored, timings, test, ref, dh, None
+    exact = _dh_against(args, loaded)[-1]
+    timings["seconds_exact"] = timings.pop("kernel")
+    diff = (dh - exact).detach().cpu().double().numpy()
+    compare = {
+        "dH_approx_minus_exact_max": float(diff.max()),
+        "dH_approx_minus_exact_mean": float(diff.mean()),
+        "novelty_exact": float((exact.detach().cpu().double().numpy() > args.threshold).mean()),
+    }
+    return k, cutoff, stored, timings, test, ref, dh, compare
+
+
 def cmd_dh(args: argparse.Namespace):
-    k, cutoff, _stored, timings, test, ref, dh = _dh_against(args)
+    if args.no_exact and args.approx is None:
+        raise CLIError("--no-exact only applies with --approx N")
+    compare = None
+    if args.approx is None:
+        k, cutoff, _stored, timings, test, ref, dh = _dh_against(args)
+    else:
+        k, cutoff, _stored, timings, test, ref, dh, compare = _approx_dh(args)
     dh_np = dh.detach().cpu().double().numpy()
     stats = _dh_stats(dh_np, args.threshold)
+    if args.approx is not None:
+        stats["approx"] = args.approx
+        if compare is not None:
+            stats.update(compare)
     order = np.argsort(-dh_np, kind="stable")[: args.top]
     bounds = np.concatenate([[0], np.cumsum(test.n_atoms)])
     struct = np.searchsorted(bounds, order, side="right") - 1
@@ -632,17 +789,21 @@ def cmd_dh(args: argparse.Namespace):
         files.append(
             str(plot_dh_histogram(_plot_path(args.plot, "dh-histogram"), dh_np, args.threshold))
         )
+    params = _dh_params(args, k, cutoff)
+    if args.approx is not None:
+        params.update(approx=args.approx, exact_timed=not args.no_exact)
     result = _envelope(
         args,
-        _dh_params(args, k, cutoff),
+        params,
         inputs={"test": _input_info(test), "reference": _input_info(ref)},
         timings=timings,
         results=stats,
         files=files,
         device=str(dh.device),
     )
+    what = "dH" if args.approx is None else f"approximate dH ({args.approx} nearest references)"
     lines = [
-        f"dH of {args.input} ({stats['n']} environments) against {args.reference} "
+        f"{what} of {args.input} ({stats['n']} environments) against {args.reference} "
         f"({ref.x.shape[0]} environments), h={args.bandwidth:g}",
         f"  dH min {stats['dH_min']:.3f}  median {stats['dH_median']:.3f}  mean "
         f"{stats['dH_mean']:.3f}  p95 {stats['dH_p95']:.3f}  max {stats['dH_max']:.3f} nats",
@@ -650,6 +811,15 @@ def cmd_dh(args: argparse.Namespace):
     ]
     for t in stats["top"][: min(3, len(stats["top"]))]:
         lines.append(f"    structure {t['structure']} atom {t['atom']}: dH = {t['dH']:.3f}")
+    if args.approx is not None:
+        line = f"  time: approximate {timings['seconds_approx']:.3f} s"
+        if compare is not None:
+            line += (
+                f", exact {timings['seconds_exact']:.3f} s; approximate - exact: max "
+                f"{compare['dH_approx_minus_exact_max']:.3g}, mean "
+                f"{compare['dH_approx_minus_exact_mean']:.3g} nats"
+            )
+        lines.append(line)
     lines += [f"  wrote {f}" for f in files]
     return result, lines
 
@@ -1250,6 +1420,180 @@ def cmd_generations(args: argparse.Namespace):
     return result, lines
 
 
+def _write_format(path: str, option: str) -> str:
+    """The ASE format of an output file, from its name; unknown names are refused."""
+    from ase.io.formats import filetype, ioformats
+
+    try:
+        fmt = filetype(path, read=False)
+    except (ValueError, OSError) as exc:
+        raise CLIError(f"{option} {path}: {exc}") from None
+    if fmt not in ioformats or not ioformats[fmt].can_write:
+        raise CLIError(f"{option} {path}: ASE cannot write format {fmt!r} (try .extxyz)")
+    return fmt
+
+
+def _generation_starts(args: argparse.Namespace, n_frames: int) -> list[int]:
+    """Start structure of each of the ``-n`` runs: ``-i`` for all, or drawn with ``--seed``."""
+    if args.start is not None:
+        start = args.start + n_frames if args.start < 0 else args.start
+        if not 0 <= start < n_frames:
+            raise CLIError(f"-i {args.start}: the dataset has {n_frames} structures")
+        return [start] * args.count
+    rng = np.random.default_rng(args.seed)
+    return [int(i) for i in rng.integers(0, n_frames, size=args.count)]
+
+
+def cmd_generate(args: argparse.Namespace):
+    from .sampling import generate_to_target, random_walk_to_target
+    from .uncertainty import UncertaintyBank
+
+    fmt = _write_format(args.write, "--write")
+    if is_descriptor_file(args.input):
+        raise CLIError(f"{args.input}: generate needs structures to start from, not descriptors")
+    k, cutoff = args.k or DEFAULT_K, args.cutoff or DEFAULT_CUTOFF
+    timings: dict = {}
+    frames, ds = _from_structures(args.input, ":", k, cutoff, args, timings, "input")
+    starts = _generation_starts(args, len(frames))
+    bank = UncertaintyBank(ds.x, k=k, cutoff=cutoff, h=args.bandwidth)
+    common = {
+        "statistic": args.statistic,
+        "tolerance": args.tolerance,
+        "max_step": args.max_step,
+        "min_distance": args.min_distance,
+    }
+    if args.method == "gradient":
+        steps = args.steps or 100
+    else:
+        steps = args.steps or 2000
+    t0 = time.perf_counter()
+    runs = []
+    bar = None
+    if not args.quiet and len(starts) > 1:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(starts), desc="generate", unit="structure", file=sys.stderr)
+    try:
+        for j, start in enumerate(starts):
+            if args.method == "gradient":
+                r = generate_to_target(
+                    frames[start], bank, args.target, max_evaluations=steps, **common
+                )
+            else:
+                r = random_walk_to_target(
+                    frames[start],
+                    bank,
+                    args.target,
+                    max_evaluations=steps,
+                    step_std=args.step_std,
+                    kT=args.kT,
+                    seed=args.seed + j,
+                    **common,
+                )
+            runs.append((start, args.seed + j, r))
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(dH=f"{r.value:.3f}", reached="yes" if r.reached else "no")
+    finally:
+        if bar is not None:
+            bar.close()
+    timings["generate"] = round(time.perf_counter() - t0, 4)
+    missed = [(j, r) for j, (_s, _seed, r) in enumerate(runs) if not r.reached]
+    if missed and not args.best_effort:
+        j, r = missed[0]
+        raise CLIError(
+            f"--target {args.target:g} not reached within {steps} evaluations "
+            f"({len(missed)} of {len(runs)} structures; structure {j} from dataset structure "
+            f"{runs[j][0]}: best {args.statistic} dH {r.value:.3f}, tolerance "
+            f"{args.tolerance:g}); raise --steps or --max-step, or --best-effort to write the "
+            "best structures anyway"
+        )
+    out = []
+    for j, (start, _seed, r) in enumerate(runs):
+        info = {
+            "generate_index": j,
+            "generate_start": start,
+            "generate_target": r.target,
+            "generate_statistic": args.statistic,
+            "generate_dH": r.value,
+            "generate_reached": r.reached,
+        }
+        if args.compare:
+            first = frames[start].copy()
+            first.calc = None
+            first.info.update({**info, "generate_role": "start", "generate_dH": r.history[0]})
+            out.append(first)
+            info["generate_role"] = "result"
+        a = r.atoms
+        a.info.update(info)
+        out.append(a)
+    if _dist().rank() == 0:
+        import ase.io
+
+        atomic_write(Path(args.write), lambda p: ase.io.write(p, out, format=fmt))
+    structures = [
+        {
+            "index": j,
+            "start": start,
+            "seed": seed if args.method == "random-walk" else None,
+            "reached": r.reached,
+            "dH_start": r.history[0],
+            "dH": r.value,
+            "history": r.history,
+            "n_evaluations": r.n_evaluations,
+            "n_backward": r.n_backward,
+            "n_accepted": r.n_accepted,
+            "n_rejected_geometry": r.n_rejected_geometry,
+            "max_displacement": max(r.max_displacements, default=0.0),
+            "min_distance": min(r.min_distances),
+            "seconds": round(r.wall_time, 4),
+        }
+        for j, (start, seed, r) in enumerate(runs)
+    ]
+    results = {
+        "n_structures": len(runs),
+        "n_reached": sum(r.reached for *_, r in runs),
+        "n_evaluations": sum(r.n_evaluations for *_, r in runs),
+        "structures": structures,
+    }
+    result = _envelope(
+        args,
+        {
+            "k": k,
+            "cutoff": cutoff,
+            "bandwidth": args.bandwidth,
+            "dtype": args.dtype,
+            "method": args.method,
+            "target": args.target,
+            "statistic": args.statistic,
+            "tolerance": args.tolerance,
+            "steps": steps,
+            "max_step": args.max_step,
+            "min_distance": args.min_distance,
+            "seed": args.seed,
+            "best_effort": args.best_effort,
+        },
+        inputs={"input": _input_info(ds)},
+        timings=timings,
+        results=results,
+        files=[args.write],
+        device=str(ds.x.device),
+    )
+    lines = [
+        f"generate ({args.method}): {len(runs)} structure(s) from {args.input} "
+        f"({len(frames)} structures, {ds.x.shape[0]} environments), target {args.statistic} "
+        f"dH = {args.target:g} +- {args.tolerance:g} nats, h={args.bandwidth:g}",
+    ]
+    for s_ in structures:
+        lines.append(
+            f"  {s_['index']}: from structure {s_['start']}: dH {s_['dH_start']:.3f} -> "
+            f"{s_['dH']:.3f} in {s_['n_evaluations']} evaluations"
+            + ("" if s_["reached"] else " (target NOT reached: best effort)")
+        )
+    lines.append(f"  wrote {args.write}" + (" (start and result of each)" if args.compare else ""))
+    return result, lines
+
+
 # --------------------------------------------------------------------------------------------
 # parser and entry point
 # --------------------------------------------------------------------------------------------
@@ -1274,6 +1618,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("entropy", help="information entropy H and diversity D of a dataset")
     p.add_argument("input", help="structures or descriptor file")
+    p.add_argument(
+        "--per-environment",
+        metavar="FILE",
+        default=None,
+        help="write each environment's dH_self = -log p(x_i | X) against its own dataset (self "
+        "included; H = log n + mean dH_self; upstream metrics) to .npy, .csv "
+        "(environment,structure,atom,dH_self) or, for a structure input, .extxyz/.xyz with a "
+        "per-atom dH_self array (OVITO); exact (one more kernel pass of the same cost)",
+    )
     _add_rows(p)
     _add_common(p)
     p.set_defaults(func=cmd_entropy)
@@ -1284,6 +1637,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=_finite_float, default=0.0, help="novel if dH > this")
     p.add_argument("--top", type=_positive_int, default=10, help="report the N largest dH")
     p.add_argument("--save", default=None, help="write every dH to .npy or text")
+    p.add_argument(
+        "--approx",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="dH from the N nearest references only (exact top-N, an upper bound of dH; "
+        "upstream approx_dH); the exact dH is also computed, to record both times and the "
+        "difference in the -o JSON (seconds_approx, seconds_exact); not sharded under "
+        "torchrun (every rank computes it, rank 0 writes)",
+    )
+    p.add_argument(
+        "--no-exact",
+        action="store_true",
+        help="with --approx: skip the exact dH (for inputs too large to time it)",
+    )
     _add_plot(p)
     _add_common(p)
     p.set_defaults(func=cmd_dh)
@@ -1418,6 +1786,100 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plot(p)
     _add_common(p)
     p.set_defaults(func=cmd_generations)
+
+    p = sub.add_parser(
+        "generate",
+        help="move a structure of a dataset until its dH against the dataset reaches a target",
+        description="Start from a structure of the dataset (-i, or one drawn with --seed) and "
+        "move its atoms until the max or mean per-atom dH against the whole dataset reaches "
+        "--target (upstream mcmc). A target not reached within --steps evaluations is an "
+        "error (exit 2) unless --best-effort. Not distributed: under torchrun every rank runs "
+        "the same generation and rank 0 alone writes.",
+    )
+    p.add_argument("input", help="the dataset: any ASE-readable structure file")
+    p.add_argument(
+        "-i",
+        "--start",
+        type=int,
+        default=None,
+        help="index of the start structure in the dataset (default: drawn with --seed)",
+    )
+    p.add_argument(
+        "-n",
+        "--count",
+        type=_positive_int,
+        default=1,
+        help="structures to generate, each from its own start (drawn) or seed (default 1; "
+        "a progress bar on stderr when more than one)",
+    )
+    p.add_argument("--target", type=_finite_float, required=True, help="target dH (nats)")
+    p.add_argument("--statistic", choices=["max", "mean"], default="max", help="of per-atom dH")
+    p.add_argument(
+        "--tolerance",
+        type=_positive_float,
+        default=0.25,
+        help="reached when |dH - target| <= this (default 0.25 nats)",
+    )
+    p.add_argument(
+        "-m",
+        "--method",
+        choices=["gradient", "random-walk"],
+        default="gradient",
+        help="trust-region gradient steps (default) or random-walk Metropolis",
+    )
+    p.add_argument(
+        "--steps",
+        type=_positive_int,
+        default=None,
+        help="descriptor evaluations per structure (default 100 gradient, 2000 random-walk)",
+    )
+    p.add_argument(
+        "--max-step", type=_positive_float, default=0.05, help="largest move of an atom, Å"
+    )
+    p.add_argument(
+        "--min-distance",
+        type=_finite_float,
+        default=1.5,
+        help="smallest interatomic distance allowed, Å (default 1.5)",
+    )
+    p.add_argument(
+        "--step-std", type=_positive_float, default=0.02, help="random-walk: displacement std, Å"
+    )
+    p.add_argument(
+        "--kT", type=_positive_float, default=0.1, help="random-walk: Metropolis temperature"
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="start structures and random-walk seed (default 0)"
+    )
+    p.add_argument(
+        "-w",
+        "--write",
+        required=True,
+        help="generated structures, any format ASE writes (.extxyz keeps dH in atoms.info)",
+    )
+    p.add_argument(
+        "--compare", action="store_true", help="write each start structure before its result"
+    )
+    p.add_argument(
+        "--best-effort",
+        action="store_true",
+        help="write the best structures and exit 0 even when the target is not reached",
+    )
+    g = p.add_argument_group("common options")
+    g.add_argument("-k", type=_k_option, default=None, help=f"default {DEFAULT_K}")
+    g.add_argument("-c", "--cutoff", type=_positive_float, default=None, help="Å (default 5)")
+    g.add_argument(
+        "-b",
+        "--bandwidth",
+        type=_positive_float,
+        default=DEFAULT_BANDWIDTH,
+        help=f"kernel bandwidth h in 1/Å (default {DEFAULT_BANDWIDTH})",
+    )
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default auto)")
+    g.add_argument("--dtype", choices=["float64", "float32"], default="float64")
+    g.add_argument("-o", "--output", default=None, help="write results as JSON here")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("demo", help="the built-in example: EMT Cu solid reference, heated to melt")
     p.add_argument("--outdir", default="demo-output", help="results folder (default demo-output)")
