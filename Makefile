@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.quests-torch-installed
 
-.PHONY: setup test test-all demo lint bench bench-reference gpu-check clean
+.PHONY: setup test test-all demo lint bench bench-reference gpu-check dist clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,8 +43,15 @@ bench: bench-reference
 	$(PY) benchmarks/bench_generation.py --out bench-results/generation.jsonl
 	$(PY) benchmarks/bench_distributed.py --out bench-results/distributed.jsonl
 
+# an sdist and a wheel in dist/, checked by twine (CI runs it after the tests)
+dist: $(STAMP)
+	$(PY) -m pip install -q --disable-pip-version-check build twine
+	rm -rf dist
+	$(PY) -m build --outdir dist .
+	$(VENV)/bin/twine check --strict dist/*
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info dist
 
 # on a machine with CUDA: correctness on the GPU, the CUDA tests and paper-scale timings (JSON)
 gpu-check: $(STAMP)
