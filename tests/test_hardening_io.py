@@ -193,6 +193,16 @@ def test_load_descriptors_refuses_a_pickle_that_runs_code(tmp_path, payload, whe
     assert not marker.exists()
 
 
+def test_refused_even_when_a_library_forces_unsafe_loads(tmp_path, monkeypatch):
+    """mace sets TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 for the whole process when imported; it
+    only changes torch.load calls that do not pass weights_only, and ours always do."""
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    path, marker = _evil_pt(tmp_path, _Touch, "value")
+    with pytest.raises(ValueError, match="not a plain-data descriptor file"):
+        io.load_descriptors(path)
+    assert not marker.exists()
+
+
 def test_bank_from_file_and_add_refuse_a_pickle_that_runs_code(tmp_path):
     from quests_torch import UncertaintyBank
 
