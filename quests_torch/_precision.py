@@ -49,7 +49,10 @@ def float64_is_fast(device: torch.device | str) -> bool:
     sm_103 (B300, float64 cut), sm_120: GeForce/RTX/workstation cards and L4/L40/A10/T4) runs
     float64 at 1/32-1/64 of the float32 rate or less. Other device types: no.
     """
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"`device` is not a torch device: {device!r}") from err
     if device.type == "cpu":
         return True
     if device.type == "cuda":

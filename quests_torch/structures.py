@@ -101,6 +101,8 @@ def segment_sum(
         order = torch.sort(index, stable=True).indices
         values, index = values.index_select(0, order), index.index_select(0, order)
     lengths = torch.bincount(index, minlength=n_segments)
+    if lengths.shape[0] != n_segments:  # known on the host: bincount sized its output
+        raise ValueError(f"`index` holds values >= `n_segments` ({n_segments})")
     return torch.segment_reduce(values, "sum", lengths=lengths, axis=0, unsafe=True)
 
 

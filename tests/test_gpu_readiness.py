@@ -302,3 +302,15 @@ def test_screening_errors_still_name_the_frame_with_prefetch(tmp_path):
     write(traj, [good, good, bad, good])
     with pytest.raises(ValueError, match="frame 2"):
         screen_trajectory(traj, get_descriptors(good), table=tmp_path / "t.csv", batch_atoms=32)
+
+
+def test_segment_sum_refuses_an_index_beyond_the_segments():
+    with pytest.raises(ValueError, match="`index` holds values >= `n_segments` \\(2\\)"):
+        segment_sum(torch.ones(3), torch.tensor([0, 5, 1]), 2)
+
+
+def test_float64_is_fast_names_a_bad_device():
+    from quests_torch import float64_is_fast
+
+    with pytest.raises(ValueError, match="`device` is not a torch device: 'banana'"):
+        float64_is_fast("banana")
