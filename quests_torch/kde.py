@@ -1695,15 +1695,18 @@ def grouped_log_kernel_sum(
         groups=groups,
     )
     elements = p.tm * p.tn if explicit else _default_tile_elements(p)
-    blocks: list[GroupBlocks] = []  # runs of equal sizes
-    for g, size in enumerate(sizes.tolist()):
-        if size == 0:
-            continue
-        last = blocks[-1] if blocks else None
-        if last is not None and last.size == size and last.start + last.count * size == starts[g]:
-            blocks[-1] = last._replace(count=last.count + 1)
-        else:
-            blocks.append(GroupBlocks(int(starts[g]), 1, size))
+    # runs of consecutive non-empty groups of equal size, found with numpy (no Python loop
+    # over the groups: a dataset may hold millions of structures)
+    keep = np.flatnonzero(sizes > 0)
+    size_k, start_k = sizes[keep], starts[keep]
+    head = np.ones(keep.size, dtype=bool)
+    head[1:] = (size_k[1:] != size_k[:-1]) | (start_k[1:] != start_k[:-1] + size_k[:-1])
+    heads = np.flatnonzero(head)
+    counts = np.diff(np.append(heads, keep.size))
+    blocks = [
+        GroupBlocks(int(start_k[h]), int(c), int(size_k[h]))
+        for h, c in zip(heads.tolist(), counts.tolist(), strict=True)
+    ]
     if torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.requires_grad:
         log_p = _BlockLogKernelSumFn.apply(x, p, blocks, elements, progress)
     else:
