@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import torch
 
+from .checks import DEFAULT_CLUSTER_CUTOFF
 from .neighbors import find_neighbor_pairs
 
 __all__ = ["DEFAULT_CLUSTER_CUTOFF", "cluster_labels", "connected_components", "largest_cluster"]
 
 #: edge length (Å) of the solid-cluster graph (paper, Cu nucleation)
-DEFAULT_CLUSTER_CUTOFF = 3.0
 #: Å added to the cutoff so that pairs exactly ``cutoff`` apart are joined (``d <= cutoff``)
 _EDGE_MARGIN = 1e-9
 

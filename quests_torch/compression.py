@@ -27,7 +27,7 @@ import math
 import numbers
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -35,15 +35,15 @@ import numpy as np
 import torch
 
 from ._memory import memory_budget
+from .checks import Progress, check_bandwidths, check_threshold
 from .kde import (
     DEFAULT_BANDWIDTH,
     RunningLogKernelSum,
-    _bandwidths,
     _progress_callback,
     full_precision,
     wide_tile_columns,
 )
-from .metrics import _check_threshold, _generator, entropy_per_structure
+from .metrics import _generator, entropy_per_structure
 from .structures import canonical_device, segment_sum
 
 __all__ = [
@@ -59,8 +59,6 @@ __all__ = [
 
 #: compression methods understood by :func:`compress`
 METHODS = ("msc", "msc_conditional", "fps", "random", "k_means")
-
-Progress = bool | Callable[[int, int], None] | None
 
 
 # --------------------------------------------------------------------------------------------
@@ -324,7 +322,7 @@ def _progress_bar(progress: Progress, total: int, desc: str):
 
 def _scalar_h(h) -> float:
     """A single positive bandwidth (the greedy and per-generation sums take one ``h``)."""
-    hs, vector = _bandwidths(h)
+    hs, vector = check_bandwidths(h)
     if vector:
         raise ValueError("`h` must be a single bandwidth here, got several")
     return hs[0]
@@ -744,7 +742,7 @@ def compress(
     if method not in METHODS:
         raise ValueError(f"`method` must be one of {', '.join(METHODS)}; got {method!r}")
     h = _scalar_h(h)
-    threshold = _check_threshold(threshold)
+    threshold = check_threshold(threshold)
     data = _dataset(x, system_idx, "x", device)
     n_sel = _target_size(size, data.n_structures)
     options = {"dtype": dtype, "tile_size": tile_size, "budget": budget}
@@ -904,7 +902,7 @@ def selection_summary(
     mask = torch.zeros(data.n_structures, dtype=torch.bool, device=data.x.device)
     mask[sel.to(data.x.device)] = True
     xs = data.x[mask[data.sid]]
-    threshold = _check_threshold(threshold)
+    threshold = check_threshold(threshold)
     return {
         "entropy": float(entropy(xs, h, **options)),
         "diversity": float(diversity(xs, h, **options)),
@@ -997,7 +995,7 @@ def generation_report(
         :class:`GenerationReport`.
     """
     h = _scalar_h(h)
-    threshold = _check_threshold(threshold)
+    threshold = check_threshold(threshold)
     if isinstance(x, (list, tuple)):
         data = _dataset(x, None, "x", device, "generation_idx", "generation")
     else:

@@ -69,6 +69,7 @@ from .cellgrid import (
     select_block,
     sq_norm3,
 )
+from .checks import DEFAULT_CUTOFF, DEFAULT_K, MAX_K, check_cutoff, check_k
 from .neighbors import (
     COINCIDENT_TOL,
     DENSE_MAX_CANDIDATES,
@@ -91,11 +92,6 @@ __all__ = [
     "get_descriptors",
 ]
 
-DEFAULT_K = 32
-DEFAULT_CUTOFF = 5.0
-#: the largest ``k`` accepted: beyond the neighbours within the cutoff (~80 at 5 Å in dense
-#: metals, a few hundred at 10 Å) a larger ``k`` only appends zero columns
-MAX_K = 1024
 _EPS_X1 = 1e-16
 _EPS_X2 = 1e-15
 _EMPTY_KEY = torch.iinfo(torch.int64).max
@@ -131,19 +127,8 @@ def _check_output_memory(n_atoms: int, width: int, k: int, dtype, device) -> Non
 
 
 def _check_params(k: int, cutoff: float) -> None:
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"`k` must be an int, got {type(k).__name__}")
-    if k < 1:
-        raise ValueError(f"`k` must be >= 1, got {k}")
-    if k > MAX_K:
-        raise ValueError(
-            f"`k` must be <= {MAX_K}, got {k} (beyond the neighbours within the cutoff a "
-            "larger k only adds zero columns)"
-        )
-    if not isinstance(cutoff, (int, float)) or isinstance(cutoff, bool):
-        raise TypeError(f"`cutoff` must be a number, got {type(cutoff).__name__}")
-    if not (cutoff > 0) or cutoff == float("inf"):
-        raise ValueError(f"`cutoff` must be a finite number > 0, got {cutoff}")
+    check_k(k)
+    check_cutoff(cutoff)
 
 
 _POOL: ThreadPoolExecutor | None = None

@@ -72,6 +72,7 @@ import torch.distributed as dist
 from . import metrics as _metrics
 from . import screening as _screening
 from ._memory import memory_budget
+from .checks import check_bandwidths, check_threshold
 from .clusters import DEFAULT_CLUSTER_CUTOFF
 from .descriptors import DEFAULT_CUTOFF, DEFAULT_K
 from .descriptors import get_descriptors as _get_descriptors
@@ -82,7 +83,6 @@ from .kde import (
     ArrayLike,
     Bandwidth,
     _as_log_weights,
-    _bandwidths,
     _compute_device,
     _forward,
     _Problem,
@@ -95,11 +95,10 @@ from .kde import (
 from .metrics import (
     DatasetSummary,
     LearningCurve,
-    _check_threshold,
-    _diversity_from_log_p,
-    _entropy_from_log_p,
-    _fraction_above,
     _generator,
+    diversity_from_log_p,
+    entropy_from_log_p,
+    fraction_above,
 )
 from .resume import (
     TableInUseError,
@@ -415,7 +414,7 @@ def _sharded_log_p(
 ) -> torch.Tensor:
     """``log p(x_i | y)`` computed by all ranks together; the whole result on every rank."""
     _check_shard(shard)
-    hs, vector = _bandwidths(h)
+    hs, vector = check_bandwidths(h)
     same = y is x
     xs = _Source(x, names[0])
     ys = xs if same else _Source(y, names[1])
@@ -594,7 +593,7 @@ def entropy(x: ArrayLike, h: Bandwidth = DEFAULT_BANDWIDTH, **options) -> torch.
     if not is_distributed():
         _check_shard(options.pop("shard", "auto"))
         return _metrics.entropy(x, h, **options)
-    return _entropy_from_log_p(_self_log_p(x, h, options))
+    return entropy_from_log_p(_self_log_p(x, h, options))
 
 
 def diversity(x: ArrayLike, h: Bandwidth = DEFAULT_BANDWIDTH, **options) -> torch.Tensor:
@@ -603,7 +602,7 @@ def diversity(x: ArrayLike, h: Bandwidth = DEFAULT_BANDWIDTH, **options) -> torc
     if not is_distributed():
         _check_shard(options.pop("shard", "auto"))
         return _metrics.diversity(x, h, **options)
-    return _diversity_from_log_p(_self_log_p(x, h, options))
+    return diversity_from_log_p(_self_log_p(x, h, options))
 
 
 def delta_entropy(
@@ -635,9 +634,9 @@ def novelty(
     **options,
 ) -> torch.Tensor:
     """:func:`quests_torch.metrics.novelty` (fraction with ``dH > threshold``), all ranks."""
-    threshold = _check_threshold(threshold)
+    threshold = check_threshold(threshold)
     with torch.no_grad():
-        return _fraction_above(delta_entropy(y, x, h, **options), threshold)
+        return fraction_above(delta_entropy(y, x, h, **options), threshold)
 
 
 def overlap(
@@ -673,8 +672,8 @@ def dataset_summary(
         return _metrics.dataset_summary(
             x, h, other, threshold, rows=rows, generator=_same_seed(generator), **options
         )
-    threshold = _check_threshold(threshold)
-    _, vector = _bandwidths(h)
+    threshold = check_threshold(threshold)
+    _, vector = check_bandwidths(h)
     if vector:
         raise ValueError("`h` must be a single bandwidth for dataset_summary")
     log_p = _self_log_p(x, h, options)
@@ -684,7 +683,7 @@ def dataset_summary(
         ov = overlap(x, other, h, threshold, **options)
         ov_other = overlap(other, x, h, threshold, **options)
     return DatasetSummary(
-        n, _entropy_from_log_p(log_p), math.log(n), _diversity_from_log_p(log_p), ov, ov_other
+        n, entropy_from_log_p(log_p), math.log(n), diversity_from_log_p(log_p), ov, ov_other
     )
 
 
@@ -739,7 +738,7 @@ def entropy_learning_curve(
     if generator is None:
         generator = int(_broadcast_object(int(torch.randint(0, 2**62, (1,)).item())))
     gen = _generator(generator)
-    hs, vector = _bandwidths(h)
+    hs, vector = check_bandwidths(h)
     if isinstance(x, torch.Tensor):
         dev = x.device
     else:

@@ -96,6 +96,7 @@ from torch.autograd.function import once_differentiable
 
 from ._memory import memory_budget
 from ._precision import float64_enabled, full_precision
+from .checks import DEFAULT_BANDWIDTH, Progress, check_bandwidths
 from .structures import canonical_device
 
 __all__ = [
@@ -112,11 +113,9 @@ __all__ = [
     "nearest_neighbors",
 ]
 
-DEFAULT_BANDWIDTH = 0.015
 
 ArrayLike = torch.Tensor | np.ndarray
 Bandwidth = float | Sequence[float] | torch.Tensor | np.ndarray
-Progress = bool | Callable[[int, int], None] | None
 
 _CPU_TILE = (1024, 1024)
 _CUDA_TILE_CAP = 8192  # 512 MiB per float64 buffer; larger tiles measured no faster
@@ -225,41 +224,6 @@ class _Source:
         if not math.isfinite(largest):
             raise ValueError(f"`{self.name}` contains NaN or infinite descriptor values")
         return total / self.n, largest
-
-
-#: bandwidths outside this range make 1/h^2 overflow or vanish in float64
-_H_MIN, _H_MAX = 1e-150, 1e150
-
-
-def _bandwidths(h: Bandwidth, name: str = "h") -> tuple[list[float], bool]:
-    """Validate ``h``; return the list of bandwidths and whether ``h`` was a vector."""
-    if isinstance(h, bool):
-        raise TypeError(f"`{name}` must be a positive float or a 1-D sequence of them, got bool")
-    if isinstance(h, torch.Tensor | np.ndarray):
-        if h.ndim > 1:
-            raise ValueError(f"`{name}` must be a scalar or 1-D, got shape {_shape(h)}")
-        vector = h.ndim == 1
-        values = [float(v) for v in (h.tolist() if vector else [h.item()])]
-    elif isinstance(h, numbers.Real):
-        vector, values = False, [float(h)]
-    elif isinstance(h, Sequence) and not isinstance(h, str):
-        vector, values = True, []
-        for v in h:
-            if not isinstance(v, numbers.Real) or isinstance(v, bool):
-                raise TypeError(f"`{name}` must contain numbers, got {type(v).__name__}")
-            values.append(float(v))
-    else:
-        raise TypeError(
-            f"`{name}` must be a positive float or a 1-D sequence of them, got {type(h).__name__}"
-        )
-    if not values:
-        raise ValueError(f"`{name}` is empty: give at least one bandwidth")
-    for v in values:
-        if not math.isfinite(v) or v <= 0.0:
-            raise ValueError(f"`{name}` must be positive and finite, got {v}")
-        if not _H_MIN <= v <= _H_MAX:  # 1/h^2 must be a finite, non-zero float64
-            raise ValueError(f"`{name}` must be within [{_H_MIN:g}, {_H_MAX:g}] 1/Å, got {v}")
-    return values, vector
 
 
 def _compute_device(sources: Sequence[_Source], device) -> torch.device:
@@ -1093,7 +1057,7 @@ def _kernel_pass(
     want_sums: bool = True,
 ) -> KernelSums:
     """:func:`kernel_pass` with the argument names used in error messages."""
-    hs, vector = _bandwidths(h)
+    hs, vector = check_bandwidths(h)
     same = y is x
     xs = _Source(x, names[0])
     ys = xs if same else _Source(y, names[1])
@@ -1432,7 +1396,7 @@ class PreparedReferences:
         budget: int | str | None = None,
         name: str = "y",
     ):
-        hs, self.vector = _bandwidths(h)
+        hs, self.vector = check_bandwidths(h)
         ys = _Source(y, name)
         # xs is ys: the references' own checks and mean only; queries replace xs per call
         self._template = _Problem(
@@ -1661,7 +1625,7 @@ def grouped_log_kernel_sum(
     Returns:
         ``[n]`` (``[n, n_h]`` for a vector ``h``) in the dtype of ``x``.
     """
-    hs, vector = _bandwidths(h)
+    hs, vector = check_bandwidths(h)
     xs = _Source(x, name)
     if isinstance(group_sizes, torch.Tensor):
         group_sizes = group_sizes.cpu().numpy()
@@ -1766,7 +1730,7 @@ class RunningLogKernelSum:
         src = _Source(x, "x")
         if src.tensor is None:
             raise TypeError("`x` must be a torch.Tensor")
-        hs, vector = _bandwidths(h)
+        hs, vector = check_bandwidths(h)
         if vector:
             raise ValueError("`h` must be a single bandwidth")
         self.dtype = x.dtype if dtype is None else dtype

@@ -33,6 +33,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from .checks import check_bandwidths, check_threshold
 from .estimates import (
     Estimate,
     log_mean_exp_estimate,
@@ -45,7 +46,6 @@ from .kde import (
     DEFAULT_BANDWIDTH,
     ArrayLike,
     Bandwidth,
-    _bandwidths,
     _first_match_within,
     _kernel_pass,
     _nearest_neighbors,
@@ -65,7 +65,9 @@ __all__ = [
     "dataset_summary",
     "delta_entropy",
     "diversity",
+    "diversity_from_log_p",
     "entropy",
+    "entropy_from_log_p",
     "entropy_learning_curve",
     "entropy_per_structure",
     "estimate_diversity",
@@ -74,6 +76,7 @@ __all__ = [
     "estimate_overlap",
     "find_duplicates",
     "fit_entropy_asymptote",
+    "fraction_above",
     "information_gap",
     "novelty",
     "overlap",
@@ -89,12 +92,34 @@ def _self_log_p(x: ArrayLike, h: Bandwidth, name: str, options) -> torch.Tensor:
     return _kernel_pass(x, x, h, names=(name, name), **options).log_p
 
 
-def _entropy_from_log_p(log_p: torch.Tensor) -> torch.Tensor:
+def entropy_from_log_p(log_p: torch.Tensor) -> torch.Tensor:
+    r"""Entropy from the log kernel sums of a set against itself.
+
+    ``H = -(1/n) sum_i log(p_i / n) = log n - mean_i log p_i`` (nats), where
+    ``log p_i = log sum_j K(x_i, x_j)`` over all n rows (self-pair included).
+
+    Args:
+        log_p: ``[n]`` or ``[n, n_h]`` (one column per bandwidth).
+
+    Returns:
+        0-d, or ``[n_h]``.
+    """
     n = log_p.shape[0]
     return math.log(n) - log_p.mean(0)
 
 
-def _diversity_from_log_p(log_p: torch.Tensor) -> torch.Tensor:
+def diversity_from_log_p(log_p: torch.Tensor) -> torch.Tensor:
+    r"""Diversity from the log kernel sums of a set against itself.
+
+    ``D = log sum_i 1 / p_i`` (nats), with ``p_i = sum_j K(x_i, x_j)``, computed as a
+    log-sum-exp of ``-log p_i`` so it never overflows.
+
+    Args:
+        log_p: ``[n]`` or ``[n, n_h]``.
+
+    Returns:
+        0-d, or ``[n_h]``.
+    """
     return torch.logsumexp(-log_p, dim=0)
 
 
@@ -113,7 +138,7 @@ def entropy(x: ArrayLike, h: Bandwidth = DEFAULT_BANDWIDTH, **options) -> torch.
     Returns:
         0-d tensor, or ``[n_h]`` for a vector ``h``.
     """
-    return _entropy_from_log_p(_self_log_p(x, h, "x", options))
+    return entropy_from_log_p(_self_log_p(x, h, "x", options))
 
 
 def diversity(x: ArrayLike, h: Bandwidth = DEFAULT_BANDWIDTH, **options) -> torch.Tensor:
@@ -130,7 +155,7 @@ def diversity(x: ArrayLike, h: Bandwidth = DEFAULT_BANDWIDTH, **options) -> torc
     Returns:
         0-d tensor, or ``[n_h]`` for a vector ``h``.
     """
-    return _diversity_from_log_p(_self_log_p(x, h, "x", options))
+    return diversity_from_log_p(_self_log_p(x, h, "x", options))
 
 
 def delta_entropy(
@@ -155,16 +180,16 @@ def delta_entropy(
     return -_kernel_pass(y, x, h, names=("y", "x"), **options).log_p
 
 
-def _check_threshold(threshold) -> float:
-    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
-        raise TypeError(f"`threshold` must be a float, got {type(threshold).__name__}")
-    if not math.isfinite(threshold):
-        raise ValueError(f"`threshold` must be finite, got {threshold}")
-    return float(threshold)
+def fraction_above(dh: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Fraction of rows with ``dH > threshold`` (per bandwidth column for a vector ``h``).
 
+    Args:
+        dh: ``[n]`` or ``[n, n_h]`` differential entropies (nats).
+        threshold: dH above which a row counts (nats).
 
-def _fraction_above(dh: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Fraction of rows with ``dH > threshold`` (per bandwidth column for a vector ``h``)."""
+    Returns:
+        0-d, or ``[n_h]``, in ``dh``'s dtype.
+    """
     return (dh > threshold).to(dh.dtype).mean(0)
 
 
@@ -189,9 +214,9 @@ def novelty(
     Returns:
         0-d tensor in ``[0, 1]`` (``[n_h]`` for a vector ``h``); not differentiable.
     """
-    threshold = _check_threshold(threshold)
+    threshold = check_threshold(threshold)
     with torch.no_grad():
-        return _fraction_above(delta_entropy(y, x, h, **options), threshold)
+        return fraction_above(delta_entropy(y, x, h, **options), threshold)
 
 
 def overlap(
@@ -235,7 +260,7 @@ def approx_delta_entropy(
     Returns:
         ``[n_y]``, or ``[n_y, n_h]`` for a vector ``h``.
     """
-    hs, vector = _bandwidths(h)
+    hs, vector = check_bandwidths(h)
     dist, _ = _nearest_neighbors(y, x, n, names=("y", "x"), **options)
     h_t = torch.tensor(hs, dtype=dist.dtype, device=dist.device)
     expo = -dist.square()[:, :, None] / (2.0 * h_t**2)  # [n_y, n, n_h]
@@ -249,7 +274,7 @@ def approx_delta_entropy(
 
 
 def _scalar_h(h: Bandwidth, what: str) -> None:
-    if _bandwidths(h)[1]:
+    if check_bandwidths(h)[1]:
         raise ValueError(f"`h` must be a single bandwidth for {what}")
 
 
@@ -376,7 +401,7 @@ def estimate_novelty(
         :class:`~quests_torch.estimates.Estimate` (a fraction).
     """
     _scalar_h(h, "estimate_novelty")
-    threshold = _check_threshold(threshold)
+    threshold = check_threshold(threshold)
     n = _Source(y, "y").n
     m = resolve_rows(rows, n)
     sub = y if m == n else take_rows(y, sample_rows(n, m, _generator(generator)))
@@ -880,8 +905,8 @@ def dataset_summary(
     Returns:
         :class:`DatasetSummary`.
     """
-    threshold = _check_threshold(threshold)
-    _, vector = _bandwidths(h)
+    threshold = check_threshold(threshold)
+    _, vector = check_bandwidths(h)
     if vector:
         raise ValueError("`h` must be a single bandwidth for dataset_summary")
     n = _Source(x, "x").n
@@ -916,5 +941,5 @@ def dataset_summary(
         ov = overlap(x, other, h, threshold, **options)
         ov_other = overlap(other, x, h, threshold, **options)
     return DatasetSummary(
-        n, _entropy_from_log_p(log_p), math.log(n), _diversity_from_log_p(log_p), ov, ov_other
+        n, entropy_from_log_p(log_p), math.log(n), diversity_from_log_p(log_p), ov, ov_other
     )

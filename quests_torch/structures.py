@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .checks import check_dtype
+
 __all__ = ["AtomsBatch", "canonical_device", "centred_copies", "resolve_device", "segment_sum"]
 
 
@@ -106,12 +108,6 @@ def segment_sum(
     return torch.segment_reduce(values, "sum", lengths=lengths, axis=0, unsafe=True)
 
 
-def _check_dtype(dtype: torch.dtype) -> torch.dtype:
-    if dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"`dtype` must be torch.float32 or torch.float64, got {dtype}")
-    return dtype
-
-
 @dataclass
 class AtomsBatch:
     """Many structures in flat tensors.
@@ -156,7 +152,7 @@ class AtomsBatch:
         """
         from ase import Atoms
 
-        _check_dtype(dtype)
+        check_dtype(dtype)
         if isinstance(atoms, Atoms):
             structures: Sequence[Atoms] = [atoms]
         elif isinstance(atoms, Iterable) and not isinstance(atoms, (str, bytes)):
@@ -238,7 +234,7 @@ class AtomsBatch:
     ) -> AtomsBatch:
         """Copy to ``device`` and/or float ``dtype`` (like ``torch.Tensor.to``)."""
         dev = self.device if device is None else resolve_device(device)
-        dt = self.dtype if dtype is None else _check_dtype(dtype)
+        dt = self.dtype if dtype is None else check_dtype(dtype)
         return AtomsBatch(
             positions=self.positions.to(dev, dt),
             cell=self.cell.to(dev, dt),

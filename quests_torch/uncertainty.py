@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from ._precision import compute_dtype, full_precision
+from .checks import check_dtype, check_h
 from .descriptors import (
     DEFAULT_CUTOFF,
     DEFAULT_K,
@@ -117,20 +118,6 @@ def per_structure_summary(
     return StructureUncertainty(dh, top, mean, above)
 
 
-def _check_h(h: float) -> float:
-    if isinstance(h, bool) or not isinstance(h, numbers.Real):
-        raise TypeError(f"`h` must be a positive float, got {type(h).__name__}")
-    if not math.isfinite(h) or h <= 0:
-        raise ValueError(f"`h` must be positive and finite, got {h}")
-    return float(h)
-
-
-def _check_dtype(dtype: torch.dtype) -> torch.dtype:
-    if dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"`dtype` must be torch.float32 or torch.float64, got {dtype}")
-    return dtype
-
-
 class UncertaintyBank(torch.nn.Module):
     r"""Reference descriptors and the per-atom dH of new structures against them.
 
@@ -175,9 +162,9 @@ class UncertaintyBank(torch.nn.Module):
         _check_params(k, cutoff)
         self.k = int(k)
         self.cutoff = float(cutoff)
-        self.h = _check_h(h)
+        self.h = check_h(h)
         self.species = species_numbers(species)
-        dtype = _check_dtype(_dtype_of(descriptors) if dtype is None else dtype)
+        dtype = check_dtype(_dtype_of(descriptors) if dtype is None else dtype)
         dev = _device_of(descriptors) if device is None else resolve_device(device)
         dtype = compute_dtype(dev, dtype)  # float32 where float64 is off (MPS, ...)
         self.register_buffer("descriptors", torch.zeros((0, self.width), dtype=dtype, device=dev))
@@ -345,7 +332,7 @@ class UncertaintyBank(torch.nn.Module):
             )
         k, cutoff = int(state["k"]), float(state["cutoff"])
         _check_params(k, cutoff)
-        h = _check_h(float(state["h"]))
+        h = check_h(float(state["h"]))
         species = species_numbers(state.get("species"))
         width = descriptor_width(k, len(species) if species else 0)
         if self.descriptors.shape[1] != width:

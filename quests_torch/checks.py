@@ -1,0 +1,152 @@
+"""The method's defaults and one validator per parameter.
+
+Every public function checks its arguments at the boundary through these functions, so a
+parameter means the same thing and fails with the same message everywhere (library, CLI,
+screening, torch-sim models). Errors name the argument in backticks: ``TypeError`` for a
+wrong type, ``ValueError`` for a wrong value.
+
+The defaults are those of the QUESTS paper (Schwalbe-Koda et al., Nat. Commun. 2025): the
+k = 32 nearest neighbours within 5 Å, a Gaussian kernel of bandwidth h = 0.015 1/Å, and
+solid-like clusters joined within 3 Å.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+__all__ = [
+    "DEFAULT_BANDWIDTH",
+    "DEFAULT_CLUSTER_CUTOFF",
+    "DEFAULT_CUTOFF",
+    "DEFAULT_K",
+    "MAX_K",
+    "Progress",
+    "check_bandwidths",
+    "check_cutoff",
+    "check_dtype",
+    "check_h",
+    "check_k",
+    "check_positive_float",
+    "check_positive_int",
+    "check_threshold",
+]
+
+#: neighbours per environment
+DEFAULT_K = 32
+#: neighbour cutoff radius (Å)
+DEFAULT_CUTOFF = 5.0
+#: Gaussian kernel bandwidth h (1/Å)
+DEFAULT_BANDWIDTH = 0.015
+#: edge length of the solid-like cluster graph (Å)
+DEFAULT_CLUSTER_CUTOFF = 3.0
+#: beyond the neighbours within the cutoff a larger k only adds zero columns
+MAX_K = 1024
+#: bandwidths outside this range make 1/h^2 overflow or vanish in float64
+H_RANGE = (1e-150, 1e150)
+
+#: ``True`` for a tqdm bar on stderr, a callable ``(done, total)``, or ``None``/``False``
+Progress = bool | Callable[[int, int], None] | None
+
+
+def _is_real(v: object) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def check_k(k: object, name: str = "k") -> int:
+    """``k`` as an int in ``[1, MAX_K]``."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise TypeError(f"`{name}` must be an int, got {type(k).__name__}")
+    k = int(k)
+    if k < 1:
+        raise ValueError(f"`{name}` must be >= 1, got {k}")
+    if k > MAX_K:
+        raise ValueError(
+            f"`{name}` must be <= {MAX_K}, got {k} (beyond the neighbours within the cutoff a "
+            "larger k only adds zero columns)"
+        )
+    return k
+
+
+def check_positive_float(v: object, name: str) -> float:
+    """``v`` as a finite float > 0."""
+    if not _is_real(v):
+        raise TypeError(f"`{name}` must be a number, got {type(v).__name__}")
+    v = float(v)
+    if not (math.isfinite(v) and v > 0):
+        raise ValueError(f"`{name}` must be a finite number > 0, got {v}")
+    return v
+
+
+def check_cutoff(cutoff: object, name: str = "cutoff") -> float:
+    """A cutoff radius (Å) as a finite float > 0."""
+    return check_positive_float(cutoff, name)
+
+
+def check_bandwidths(h: object, name: str = "h") -> tuple[list[float], bool]:
+    """Validate a bandwidth or a 1-D sequence of them; return the values and whether ``h``
+    was a vector."""
+    if isinstance(h, bool):
+        raise TypeError(f"`{name}` must be a positive float or a 1-D sequence of them, got bool")
+    if isinstance(h, torch.Tensor | np.ndarray):
+        if h.ndim > 1:
+            raise ValueError(f"`{name}` must be a scalar or 1-D, got shape {tuple(h.shape)}")
+        vector = h.ndim == 1
+        values = [float(v) for v in (h.tolist() if vector else [h.item()])]
+    elif isinstance(h, numbers.Real):
+        vector, values = False, [float(h)]
+    elif isinstance(h, Sequence) and not isinstance(h, str):
+        vector, values = True, []
+        for v in h:
+            if not _is_real(v):
+                raise TypeError(f"`{name}` must contain numbers, got {type(v).__name__}")
+            values.append(float(v))
+    else:
+        raise TypeError(
+            f"`{name}` must be a positive float or a 1-D sequence of them, got {type(h).__name__}"
+        )
+    if not values:
+        raise ValueError(f"`{name}` is empty: give at least one bandwidth")
+    lo, hi = H_RANGE
+    for v in values:
+        if not math.isfinite(v) or v <= 0.0:
+            raise ValueError(f"`{name}` must be positive and finite, got {v}")
+        if not lo <= v <= hi:  # 1/h^2 must be a finite, non-zero float64
+            raise ValueError(f"`{name}` must be within [{lo:g}, {hi:g}] 1/Å, got {v}")
+    return values, vector
+
+
+def check_h(h: object, name: str = "h") -> float:
+    """One bandwidth (1/Å) as a float."""
+    if not _is_real(h):
+        raise TypeError(f"`{name}` must be a positive float, got {type(h).__name__}")
+    return check_bandwidths(float(h), name)[0][0]
+
+
+def check_threshold(threshold: object, name: str = "threshold") -> float:
+    """A dH threshold (nats) as a finite float."""
+    if not _is_real(threshold):
+        raise TypeError(f"`{name}` must be a float, got {type(threshold).__name__}")
+    if not math.isfinite(threshold):
+        raise ValueError(f"`{name}` must be finite, got {threshold}")
+    return float(threshold)
+
+
+def check_positive_int(v: object, name: str) -> int:
+    """``v`` as an int >= 1."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"`{name}` must be a positive int, got {type(v).__name__}")
+    if v < 1:
+        raise ValueError(f"`{name}` must be a positive int, got {v}")
+    return int(v)
+
+
+def check_dtype(dtype: object, name: str = "dtype") -> torch.dtype:
+    """A floating dtype the library computes in: float32 or float64."""
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"`{name}` must be torch.float32 or torch.float64, got {dtype}")
+    return dtype
