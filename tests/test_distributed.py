@@ -119,7 +119,7 @@ def _worker(rank: int, folder: str, store: str) -> None:
     try:
         out: dict = {"world": qd.world_size(), "rank": qd.rank()}
         # the learning curve: small subsets dealt out whole, the larger ones shared
-        qd._COLLECTIVE_PAIRS = 30_000
+        qd.curves._COLLECTIVE_PAIRS = 30_000
         _run_all(folder, out)
         out.update(_screen_with_interrupt(folder, rank))
     finally:
@@ -194,7 +194,7 @@ def test_shard_range_covers_everything_once():
 def test_owned_blocks_partition_and_balance():
     for n_blocks in (1, 2, 5, 8, 33):
         for w in (1, 2, 3, 4):
-            owned = np.stack([qd._owned_blocks(n_blocks, w, r) for r in range(w)])
+            owned = np.stack([qd.kernels._owned_blocks(n_blocks, w, r) for r in range(w)])
             assert (owned.sum(0) == 1).all()  # every row block exactly once
             tiles = [(n_blocks - np.nonzero(o)[0]).sum() for o in owned]
             if n_blocks >= 2 * w:
@@ -206,7 +206,7 @@ def _positions(total: int, index: str) -> list[int]:
 
 
 def test_structure_blocks_and_frame_index():
-    blocks = qd._structure_blocks([32, 32, 4, 200, 8], 2)
+    blocks = qd.descriptors._structure_blocks([32, 32, 4, 200, 8], 2)
     assert blocks[0][0] == 0 and blocks[-1][1] == 5 and blocks[0][1] == blocks[1][0]
     for index in (":", "2:9:3", "::-1", "-4:", "5:1:-2"):
         sel = range(10)[slice(*[int(v) if v else None for v in index.split(":")])]
@@ -215,7 +215,7 @@ def test_structure_blocks_and_frame_index():
             for r in range(w):
                 a, b = qd.shard_range(len(sel), r, w)
                 if b > a:
-                    got += _positions(10, qd._index_of(sel[a:b]))
+                    got += _positions(10, qd.screening._index_of(sel[a:b]))
             assert got == list(sel), (index, w)
 
 

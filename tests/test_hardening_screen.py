@@ -55,7 +55,7 @@ def front(request, tmp_path, monkeypatch):
     dist.init_process_group(
         "gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1
     )
-    monkeypatch.setattr(qd, "is_distributed", lambda: True)
+    monkeypatch.setattr(qd.comm, "is_distributed", lambda: True)
     try:
         yield qd.screen_trajectory
     finally:
@@ -276,7 +276,7 @@ def test_distributed_merge_crash_resumes(tmp_path, ref, monkeypatch, crash_at):
     dist.init_process_group(
         "gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1
     )
-    monkeypatch.setattr(qd, "is_distributed", lambda: True)
+    monkeypatch.setattr(qd.comm, "is_distributed", lambda: True)
     try:
         traj = _write(tmp_path / "traj.extxyz", _frames())
         table, xyz = tmp_path / "t.csv", tmp_path / "d.extxyz"

@@ -1,0 +1,433 @@
+"""Sharded kernel sums and the metrics built on them (``shard=`` tiles, rows or cols)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .. import metrics as _metrics
+from .._memory import memory_budget
+from ..checks import check_bandwidths, check_threshold
+from ..estimates import resolve_rows
+from ..kde import (
+    DEFAULT_BANDWIDTH,
+    ArrayLike,
+    Bandwidth,
+    _as_log_weights,
+    _compute_device,
+    _forward,
+    _Problem,
+    _progress_callback,
+    _Source,
+    _sweep_plain,
+    _sweep_shifted,
+    full_precision,
+)
+from ..metrics import (
+    DatasetSummary,
+    diversity_from_log_p,
+    entropy_from_log_p,
+    fraction_above,
+)
+from . import comm
+
+_SHARDS = ("auto", "tiles", "rows", "cols")
+#: below this many query rows per rank, "auto" shards the references instead of the queries
+_MIN_ROWS_PER_RANK = 64
+
+
+# --------------------------------------------------------------------------------------------
+# sharded kernel sums
+# --------------------------------------------------------------------------------------------
+
+
+class _ShardProblem(_Problem):
+    """:class:`quests_torch.kde._Problem` with global row/column offsets.
+
+    * ``pin``: rows and columns are blocks of one set (global indices ``row_offset + i`` and
+      ``col_offset + j``): the self pairs get an exponent of exactly 0, like the single-process
+      symmetric sweep.
+    * ``mu``: the centring mean to use (the global mean when the references are sharded).
+    * ``owned``: for the triangular sweep, the row blocks this rank evaluates.
+    """
+
+    def __init__(
+        self,
+        xs: _Source,
+        ys: _Source,
+        hs: list[float],
+        *,
+        row_offset: int = 0,
+        col_offset: int = 0,
+        pin: bool = False,
+        mu: torch.Tensor | None = None,
+        centre: bool = True,
+        **kwargs,
+    ):
+        super().__init__(xs, ys, hs, centre=centre and mu is None, **kwargs)
+        self.row_offset, self.col_offset = row_offset, col_offset
+        self.pin = pin
+        self.owned: np.ndarray | None = None
+        if mu is not None and centre:
+            self.mu = mu.to(device=self.device, dtype=torch.float64)
+            if self.cols_resident is not None:
+                self.cols_resident = self._build_cols(0, self.m)
+
+    def exponent_tile(self, i0, i1, j0, j1, xr, xraw, yc, out):
+        if not self.pin:
+            return super().exponent_tile(i0, i1, j0, j1, xr, xraw, yc, out)
+        self.exponent(xr, xraw, yc, out)
+        gi0, gj0 = i0 + self.row_offset, j0 + self.col_offset
+        lo, hi = max(gi0, gj0), min(i1 + self.row_offset, j1 + self.col_offset)
+        if lo < hi:
+            diag = out.diagonal(offset=gi0 - gj0)
+            if self.fold_lw:  # the exponent of a self pair is its log weight, exactly
+                diag.copy_(self.lw[lo - self.col_offset : hi - self.col_offset])
+            else:
+                diag.fill_(0.0)
+        return out
+
+    def col_range(self, i0: int, i1: int, triangular: bool = False) -> tuple[int, int]:
+        if triangular and self.owned is not None and not self.owned[i0 // self.tm]:
+            return i0, i0  # another rank's row block
+        return super().col_range(i0, i1, triangular)
+
+    def subset_rows(self, index: torch.Tensor) -> _Problem:
+        sub = super().subset_rows(index)
+        sub.pin = False  # the subset's rows are no longer aligned with the columns
+        sub.owned = None
+        return sub
+
+
+def _owned_blocks(n_blocks: int, world: int, rank_: int) -> np.ndarray:
+    """Row blocks of the triangular sweep for ``rank_``: blocks ``b`` and ``B - 1 - b`` are
+    paired (``B + 1`` tiles per pair), pairs dealt by longest-processing-time first."""
+    units = []
+    for b in range((n_blocks + 1) // 2):
+        pair = (b,) if b == n_blocks - 1 - b else (b, n_blocks - 1 - b)
+        units.append((sum(n_blocks - i for i in pair), pair))
+    load = [0] * world
+    owned = np.zeros(n_blocks, dtype=bool)
+    for cost, pair in sorted(units, key=lambda u: (-u[0], u[1])):
+        r = min(range(world), key=lambda q: (load[q], q))
+        load[r] += cost
+        if r == rank_:
+            owned[list(pair)] = True
+    return owned
+
+
+def _rows_of(a: ArrayLike, i0: int, i1: int) -> ArrayLike:
+    return a[i0:i1]  # a view for tensors and (mem)maps: only these rows are ever read
+
+
+def check_shard(shard: str) -> str:
+    if shard not in _SHARDS:
+        raise ValueError(f"`shard` must be one of {', '.join(map(repr, _SHARDS))}, got {shard!r}")
+    return shard
+
+
+def _plan(shard: str, same: bool, n: int, m: int, width: int, itemsize: int, budget: int) -> str:
+    fits = m * width * itemsize <= budget // 2
+    if shard == "auto":
+        if same:
+            return "tiles" if fits else "cols"
+        if not fits or n < _MIN_ROWS_PER_RANK * comm.world_size():
+            return "cols"
+        return "rows"
+    if shard == "tiles" and not same:
+        return "rows"  # the triangular sweep needs an unweighted set against itself
+    return shard
+
+
+def _sharded_log_p(
+    x: ArrayLike,
+    y: ArrayLike,
+    h: Bandwidth,
+    *,
+    names: tuple[str, str],
+    log_weights=None,
+    shard: str = "auto",
+    dtype: torch.dtype | None = None,
+    centre: bool = True,
+    distance: str = "matmul",
+    tile_size=None,
+    budget=None,
+    device=None,
+    progress=None,
+) -> torch.Tensor:
+    """``log p(x_i | y)`` computed by all ranks together; the whole result on every rank."""
+    check_shard(shard)
+    hs, vector = check_bandwidths(h)
+    same = y is x
+    xs = _Source(x, names[0])
+    ys = xs if same else _Source(y, names[1])
+    if xs.d != ys.d:
+        raise ValueError(
+            f"`{names[0]}` and `{names[1]}` must have the same descriptor width, "
+            f"got {xs.d} and {ys.d}"
+        )
+    lw = _as_log_weights(log_weights, device)
+    if lw is not None and tuple(lw.shape) != (ys.n,):
+        raise ValueError(
+            f"`log_weights` must have shape ({ys.n},) like the rows of `{names[1]}`, "
+            f"got {tuple(lw.shape)}"
+        )
+    if device is None and xs.device is None and ys.device is None:
+        device = comm.comm_device()
+    dev = _compute_device([xs, ys], device)
+    out_dtype = torch.promote_types(xs.dtype, ys.dtype)
+    compute_dtype = out_dtype if dtype is None else dtype
+    if compute_dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"`dtype` must be torch.float32 or torch.float64, got {compute_dtype}")
+    plan = _plan(
+        shard,
+        same and lw is None,
+        xs.n,
+        ys.n,
+        ys.d + 3,
+        compute_dtype.itemsize,
+        memory_budget(dev, budget),
+    )
+    lead = comm.rank() == 0
+    common = dict(
+        dtype=dtype,
+        distance=distance,
+        tile_size=tile_size,
+        budget=budget,
+        device=dev,
+        centre=centre,
+    )
+    n_h = len(hs)
+    w, r = comm.world_size(), comm.rank()
+
+    if plan == "tiles":
+        p = _ShardProblem(xs, xs, hs, same=True, **common)
+        if not p.same:  # pragma: no cover - guarded by _plan
+            raise RuntimeError("internal: the triangular sweep needs an unweighted self pass")
+        n_blocks = -(-p.n // p.tm)
+        if tile_size is None:
+            # a multiple of 2W blocks (at least 4W): the folded pairs divide evenly over the
+            # ranks; tiles only shrink, never below 64 rows
+            target = -(-max(n_blocks, 4 * w) // (2 * w)) * (2 * w)
+            p._set_tiles(min(p.tm, max(64, -(-p.n // target))))
+            n_blocks = -(-p.n // p.tm)
+        p.owned = _owned_blocks(n_blocks, w, r)
+        callback, bar = _progress_callback(progress if lead else None, p.n, "kernel sums")
+        try:
+            with full_precision(), torch.no_grad():
+                log_p = comm.logsumexp_ranks(_sweep_plain(p, callback).log_p)
+                threshold = p.floor + math.log(p.m) - math.log(p.eps)
+                far_flag = (log_p < threshold).any(1).to(torch.float64)
+                far = (comm.all_reduce(far_flag, dist.ReduceOp.MAX) > 0).nonzero().squeeze(1)
+                if far.numel() > 0:
+                    f0, f1 = comm.shard_range(int(far.numel()))
+                    if f1 > f0:
+                        part = _sweep_shifted(p.subset_rows(far[f0:f1]))
+                    else:
+                        part = torch.empty(0, n_h, dtype=p.acc, device=dev)
+                    log_p[far] = comm.all_gather_rows(part, comm.shard_counts(int(far.numel())))
+        finally:
+            if bar is not None:
+                bar.close()
+    elif plan == "rows":
+        r0, r1 = comm.shard_range(xs.n)
+        if r1 > r0:
+            xl = _Source(_rows_of(x, r0, r1), names[0])
+            p = _ShardProblem(
+                xl, ys, hs, log_weights=lw, pin=same, row_offset=r0, col_offset=0, **common
+            )
+            local = _forward(p, progress if lead else None).log_p
+        else:
+            local = torch.empty(0, n_h, dtype=torch.float64, device=dev)
+        log_p = comm.all_gather_rows(local, comm.shard_counts(xs.n))
+    else:  # cols
+        c0, c1 = comm.shard_range(ys.n)
+        mu = None
+        if centre:
+            total = torch.zeros(ys.d, dtype=torch.float64, device=dev)
+            if c1 > c0:
+                yl = _Source(_rows_of(y, c0, c1), names[1])
+                chunk = max(1, (1 << 24) // (8 * ys.d))
+                total = yl.check_finite_and_mean(dev, chunk) * (c1 - c0)
+            mu = comm.all_reduce(total, dist.ReduceOp.SUM) / ys.n
+        lw_l = None if lw is None else lw[c0:c1]
+        empty = c1 <= c0 or (lw_l is not None and not bool(torch.isfinite(lw_l).any()))
+        if empty:
+            local = torch.full((xs.n, n_h), -math.inf, dtype=torch.float64, device=dev)
+        else:
+            yl = _Source(_rows_of(y, c0, c1), names[1])
+            p = _ShardProblem(
+                xs, yl, hs, log_weights=lw_l, pin=same, col_offset=c0, mu=mu, **common
+            )
+            local = _forward(p, progress if lead else None).log_p
+        log_p = comm.logsumexp_ranks(local)
+        if lw is not None and not bool(torch.isfinite(log_p).any()):
+            raise ValueError("`log_weights` are all -inf (every weight is zero)")
+    log_p = log_p.to(out_dtype)
+    return log_p if vector else log_p[:, 0]
+
+
+# --------------------------------------------------------------------------------------------
+# metrics
+# --------------------------------------------------------------------------------------------
+
+
+def log_kernel_sum(
+    x: ArrayLike,
+    y: ArrayLike,
+    h: Bandwidth = DEFAULT_BANDWIDTH,
+    *,
+    log_weights: torch.Tensor | np.ndarray | None = None,
+    shard: str = "auto",
+    **options,
+) -> torch.Tensor:
+    """:func:`quests_torch.kde.log_kernel_sum` computed by all ranks together.
+
+    ``log p(x_i | Y) = logsumexp_j(log w_j - |x_i - y_j|^2 / (2 h^2))``; ``y is x`` uses the
+    symmetric sweep (``shard="tiles"``).
+
+    Args:
+        x: queries ``[n, d]``, the same on every rank (tensor, numpy array or memmap).
+        y: references ``[m, d]``, the same on every rank.
+        h: bandwidth (1/Å) or a 1-D sequence of bandwidths.
+        log_weights: optional ``[m]`` log weights of the references.
+        shard: ``"auto"``, ``"tiles"`` (``y is x`` only), ``"rows"`` or ``"cols"`` (see the
+            module docstring).
+        **options: ``dtype``, ``centre``, ``distance``, ``tile_size``, ``budget``, ``device``,
+            ``progress`` as in :func:`quests_torch.kde.kernel_pass`.
+
+    Returns:
+        ``[n]`` (``[n, n_h]`` for a vector ``h``) on every rank; not differentiable when
+        distributed.
+    """
+    if not comm.is_distributed():
+        check_shard(shard)
+        from ..kde import log_kernel_sum as _single
+
+        return _single(x, y, h, log_weights=log_weights, **options)
+    return _sharded_log_p(x, y, h, names=("x", "y"), log_weights=log_weights, **options)
+
+
+def same_seed(generator):
+    """``generator`` itself, or for ``None`` a seed drawn on rank 0 and broadcast."""
+    if generator is None:
+        return int(comm.broadcast_object(int(torch.randint(0, 2**62, (1,)).item())))
+    return generator
+
+
+def _self_log_p(x: ArrayLike, h: Bandwidth, options: dict) -> torch.Tensor:
+    return _sharded_log_p(x, x, h, names=("x", "x"), **options)
+
+
+def entropy(x: ArrayLike, h: Bandwidth = DEFAULT_BANDWIDTH, **options) -> torch.Tensor:
+    """:func:`quests_torch.metrics.entropy` computed by all ranks together.
+
+    ``H(X) = log n - (1/n) sum_i log p(x_i | X)``, the sum over all ``n`` rows gathered on
+    every rank in order, then reduced exactly as in one process.
+
+    Args:
+        x: descriptors ``[n, d]``, the same on every rank.
+        h: bandwidth (1/Å) or a 1-D sequence of bandwidths.
+        **options: ``shard`` plus the options of :func:`quests_torch.kde.kernel_pass`.
+
+    Returns:
+        0-d tensor (``[n_h]`` for a vector ``h``), the same on every rank.
+    """
+    if not comm.is_distributed():
+        check_shard(options.pop("shard", "auto"))
+        return _metrics.entropy(x, h, **options)
+    return entropy_from_log_p(_self_log_p(x, h, options))
+
+
+def diversity(x: ArrayLike, h: Bandwidth = DEFAULT_BANDWIDTH, **options) -> torch.Tensor:
+    """:func:`quests_torch.metrics.diversity` (``D = log sum_i 1 / p(x_i | X)``), all ranks
+    together; see :func:`entropy`."""
+    if not comm.is_distributed():
+        check_shard(options.pop("shard", "auto"))
+        return _metrics.diversity(x, h, **options)
+    return diversity_from_log_p(_self_log_p(x, h, options))
+
+
+def delta_entropy(
+    y: ArrayLike, x: ArrayLike, h: Bandwidth = DEFAULT_BANDWIDTH, **options
+) -> torch.Tensor:
+    """:func:`quests_torch.metrics.delta_entropy` (``dH(y_i | X) = -log p(y_i | X)``), all
+    ranks together.
+
+    Args:
+        y: test descriptors ``[n_y, d]``, the same on every rank.
+        x: reference descriptors ``[n_x, d]``, the same on every rank.
+        h: bandwidth (1/Å) or a 1-D sequence of bandwidths.
+        **options: ``shard`` plus the options of :func:`quests_torch.kde.kernel_pass`.
+
+    Returns:
+        ``[n_y]`` (``[n_y, n_h]``) on every rank.
+    """
+    if not comm.is_distributed():
+        check_shard(options.pop("shard", "auto"))
+        return _metrics.delta_entropy(y, x, h, **options)
+    return -_sharded_log_p(y, x, h, names=("y", "x"), **options)
+
+
+def novelty(
+    y: ArrayLike,
+    x: ArrayLike,
+    h: Bandwidth = DEFAULT_BANDWIDTH,
+    threshold: float = 0.0,
+    **options,
+) -> torch.Tensor:
+    """:func:`quests_torch.metrics.novelty` (fraction with ``dH > threshold``), all ranks."""
+    threshold = check_threshold(threshold)
+    with torch.no_grad():
+        return fraction_above(delta_entropy(y, x, h, **options), threshold)
+
+
+def overlap(
+    y: ArrayLike,
+    x: ArrayLike,
+    h: Bandwidth = DEFAULT_BANDWIDTH,
+    threshold: float = 0.0,
+    **options,
+) -> torch.Tensor:
+    """:func:`quests_torch.metrics.overlap` (``1 - novelty``), all ranks together."""
+    return 1.0 - novelty(y, x, h, threshold, **options)
+
+
+def dataset_summary(
+    x: ArrayLike,
+    h: float = DEFAULT_BANDWIDTH,
+    other: ArrayLike | None = None,
+    threshold: float = 0.0,
+    **options,
+) -> DatasetSummary:
+    """:func:`quests_torch.metrics.dataset_summary` (size, ``H``, ``log n``, ``D``, overlaps),
+    all ranks together; ``H`` and ``D`` share one sharded kernel pass.
+
+    With ``rows`` (sampled estimates, ``m n`` pairs) every rank computes the same estimates
+    from the same sampled rows (an int seed, or with ``generator=None`` a seed drawn on rank 0
+    and broadcast); the exact path is sharded."""
+    if not comm.is_distributed():
+        check_shard(options.pop("shard", "auto"))
+        return _metrics.dataset_summary(x, h, other, threshold, **options)
+    rows, generator = options.pop("rows", None), options.pop("generator", None)
+    if resolve_rows(rows, _Source(x, "x").n) < _Source(x, "x").n:
+        options.pop("shard", None)
+        return _metrics.dataset_summary(
+            x, h, other, threshold, rows=rows, generator=same_seed(generator), **options
+        )
+    threshold = check_threshold(threshold)
+    _, vector = check_bandwidths(h)
+    if vector:
+        raise ValueError("`h` must be a single bandwidth for dataset_summary")
+    log_p = _self_log_p(x, h, options)
+    n = int(log_p.shape[0])
+    ov = ov_other = None
+    if other is not None:
+        ov = overlap(x, other, h, threshold, **options)
+        ov_other = overlap(other, x, h, threshold, **options)
+    return DatasetSummary(
+        n, entropy_from_log_p(log_p), math.log(n), diversity_from_log_p(log_p), ov, ov_other
+    )
