@@ -62,7 +62,7 @@ def _execute(path: Path, workdir: Path) -> None:
 @event_priority(100)  # before mkdocs-jupyter's on_files picks up the .ipynb files
 def on_files(files, config, **kwargs):
     global _tmp
-    root = Path(config.config_file_path).resolve().parent
+    root = Path(config["config_file_path"]).resolve().parent
     sources = sorted((root / "notebooks").glob("*.ipynb"))
     execute = os.environ.get("QUESTS_DOCS_EXECUTE", "1") != "0"
     _tmp = tempfile.TemporaryDirectory(prefix="quests-docs-nb-")

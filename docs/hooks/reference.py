@@ -264,7 +264,7 @@ def on_pre_build(config, **kwargs) -> None:
     griffe_logger = logging.getLogger("mkdocs.plugins.griffe")  # as mkdocstrings names it
     if _filter not in griffe_logger.filters:
         griffe_logger.addFilter(_filter)
-    root = Path(config.config_file_path).resolve().parent
+    root = Path(config["config_file_path"]).resolve().parent
     missing = set(missing_docstrings(root))
     fixed = sorted(MISSING_DOCSTRING_ALLOWLIST - missing)
     if fixed:
