@@ -2,7 +2,8 @@
 
 The build runs with ``QUESTS_DOCS_EXECUTE=0``: the notebooks are rendered without running
 them here, because ``tests/test_notebooks.py`` already runs each of them (running them
-twice would add minutes to the suite); ``make docs`` runs them. Python blocks of the
+twice would add about two minutes to the suite); ``make docs`` runs them. The kernel path
+that runs them (nbclient + ipykernel) is tested on the shortest notebook. Python blocks of the
 user's guide pages that are not also in the README (which ``tests/test_readme.py`` runs)
 are executed here, so a block moved from the README to a page stays tested.
 """
@@ -138,3 +139,39 @@ def test_allowlisted_griffe_warnings_do_not_count():
         "griffe: quests_torch/x.py:12: Parameter 'q' does not appear in the function signature"
     )
     assert hook._filter.filter(other) and other.levelno == logging.WARNING
+
+
+@needs_mkdocs
+def test_build_executes_a_notebook_with_its_figures(tmp_path):
+    """The kernel path of ``make docs`` (nbclient + ipykernel) on the shortest notebook."""
+    import nbformat
+
+    hook = _load_hook("notebooks")
+    copy = tmp_path / "nb.ipynb"
+    copy.write_bytes((ROOT / "notebooks" / "05_differentiable_entropy.ipynb").read_bytes())
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    hook._execute(copy, workdir)
+    cells = [c for c in nbformat.read(copy, as_version=4).cells if c.cell_type == "code"]
+    outputs = [o for c in cells for o in c.outputs]
+    assert all(c.execution_count for c in cells)
+    assert any("image/png" in o.get("data", {}) for o in outputs)  # inline figures
+    assert not any(o.output_type == "error" for o in outputs)
+
+
+@needs_mkdocs
+def test_a_failing_notebook_fails_the_build(tmp_path):
+    import nbformat
+    from mkdocs.exceptions import PluginError
+
+    hook = _load_hook("notebooks")
+    path = tmp_path / "bad.ipynb"
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("raise ValueError('boom')")])
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
+    nbformat.write(nb, path)
+    with pytest.raises(PluginError, match=r"bad\.ipynb failed to run(.|\n)*boom"):
+        hook._execute(path, tmp_path)
