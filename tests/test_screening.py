@@ -131,7 +131,7 @@ def test_screen_errors():
     frame = rattled_fcc()
     with pytest.raises(ValueError, match="`reference` has 63 columns but k = 8"):
         list(screen_frames([frame], ref, k=8))
-    with pytest.raises(ValueError, match="`cluster_cutoff` must be a positive"):
+    with pytest.raises(ValueError, match="`cluster_cutoff` must be a finite number > 0"):
         list(screen_frames([frame], ref, cluster_cutoff=-1.0))
     with pytest.raises(ValueError, match="`reference` must be a non-empty"):
         list(screen_frames([frame], torch.zeros(0, 63)))
