@@ -1,5 +1,5 @@
-"""The files of a trajectory screening: frames read in prefetched batches, the per-frame table
-and the per-atom extxyz written, and the table read back and summarised.
+"""The files of a trajectory screening (:class:`ScreenFiles`): frames read in prefetched batches,
+the per-frame table and the per-atom extxyz written, and the table read back and summarised.
 
 The table has the columns :data:`FRAME_COLUMNS`, one row per frame, as CSV (floats written
 exactly with ``repr``) or JSON lines (``.jsonl``); the screening itself is
@@ -14,14 +14,22 @@ import os
 import queue
 import threading
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .io import iter_structures
+from .io import check_index, iter_structures
+from .resume import ResumeState, reference_hash, screening_identity
+from .resume import trajectory_key as content_key
+
+if TYPE_CHECKING:
+    from .screening import ScreenConfig
 
 __all__ = [
     "FRAME_COLUMNS",
+    "ScreenFiles",
     "batches_of",
     "extxyz_bytes",
     "format_row",
@@ -204,3 +212,84 @@ def frames_after(trajectory: Path, index: str, done: int) -> Iterator:
         step = "" if sel.step is None else str(sel.step)
         return iter_structures(trajectory, f"{start}:{stop}:{step}")
     return itertools.islice(iter_structures(trajectory, index), done, None)
+
+
+@dataclass(frozen=True)
+class ScreenFiles:
+    """The files of one resumable screening: the trajectory and its frame selection, the
+    per-frame table and the optional per-atom extxyz (see :func:`screen_trajectory`)."""
+
+    trajectory: Path
+    index: str
+    table: Path
+    extxyz: Path | None = None
+
+    @classmethod
+    def check(
+        cls,
+        trajectory: str | os.PathLike,
+        table: str | os.PathLike,
+        *,
+        index: str = ":",
+        extxyz: str | os.PathLike | None = None,
+    ) -> ScreenFiles:
+        """The files, checked: a valid ASE selection and an existing trajectory."""
+        check_index(index)
+        trajectory = Path(trajectory)
+        if not trajectory.exists():
+            raise FileNotFoundError(f"{trajectory}: no such file")
+        return cls(trajectory, index, Path(table), None if extxyz is None else Path(extxyz))
+
+    @property
+    def jsonl(self) -> bool:
+        """The table is written as JSON lines (``.jsonl``), else CSV."""
+        return self.table.suffix.lower() == ".jsonl"
+
+    @property
+    def header(self) -> str:
+        return "" if self.jsonl else ",".join(FRAME_COLUMNS) + "\n"
+
+    @property
+    def source(self) -> str:
+        """The trajectory (and selection) as errors about its frames name it."""
+        if self.index == ":":
+            return str(self.trajectory)
+        return f"{self.trajectory} (selection {self.index!r})"
+
+    def no_structures(self) -> ValueError:
+        return ValueError(f"{self.trajectory}: the selection {self.index!r} holds no structures")
+
+    def identity(
+        self,
+        config: ScreenConfig,
+        reference,
+        *,
+        trajectory_key: str | None = None,
+        reference_key: str | None = None,
+        frame_offset: int = 0,
+    ) -> tuple[dict, str]:
+        """The screening's parameters and key (:func:`quests_torch.resume.screening_identity`);
+        the trajectory and the reference are hashed unless their keys are given."""
+        return screening_identity(
+            trajectory_key=content_key(self.trajectory)
+            if trajectory_key is None
+            else trajectory_key,
+            reference_key=reference_hash(reference) if reference_key is None else reference_key,
+            index=self.index,
+            h=config.h,
+            threshold=config.threshold,
+            k=config.k,
+            cutoff=config.cutoff,
+            cluster_cutoff=config.cluster_cutoff,
+            dtype=config.dtype,
+            jsonl=self.jsonl,
+            xyz_path=self.extxyz,
+            frame_offset=frame_offset,
+        )
+
+    def open_state(self, key: str, params: dict, *, overwrite: bool) -> ResumeState:
+        """The resume state of these outputs (:meth:`quests_torch.resume.ResumeState.open`)."""
+        return ResumeState.open(
+            self.table, self.extxyz, key=key, params=params, header=self.header,
+            overwrite=overwrite,
+        )  # fmt: skip

@@ -65,12 +65,12 @@ from .checks import (
 )
 from .clusters import largest_cluster
 from .descriptors import descriptors_from_tensors
-from .io import check_index, count_frames
+from .io import count_frames
 from .metrics import delta_entropy
-from .resume import ResumeState, reference_hash, screening_identity, table_lock
-from .resume import trajectory_key as content_key
+from .resume import ResumeState, table_lock
 from .screen_io import (
     FRAME_COLUMNS,
+    ScreenFiles,
     batches_of,
     extxyz_bytes,
     format_row,
@@ -109,8 +109,10 @@ class ScreenConfig:
         k: neighbours of the descriptors (must match the reference's; any ``k >= 1``).
         cutoff: descriptor cutoff (Å, must match the reference's).
         cluster_cutoff: largest edge of the cluster graph (Å).
-        dtype: requested compute dtype (float32 wherever float64 is off, see
-            :attr:`compute_dtype`); it identifies the screening in the resume state.
+        dtype: compute dtype of descriptors and kernel sums (:attr:`compute_dtype`: float32
+            wherever float64 is off: MPS, slow-float64 CUDA cards, ``QUESTS_TORCH_FLOAT64=0``;
+            the per-frame summaries are then float32 sums on the device); as requested, it
+            identifies the screening in the resume state.
         device: where to compute, resolved (``"auto"``/``None``: CUDA, else MPS, else CPU).
         batch_atoms: atoms per batch, ``None`` for :func:`default_batch_atoms`.
     """
@@ -377,17 +379,8 @@ def screen_frames(
     Args:
         frames: an iterable of ``ase.Atoms``.
         reference: ``[m, 2k - 1]`` reference descriptors (e.g. of a solid).
-        h: bandwidth (1/Å).
-        threshold: dH above which an atom is novel; atoms at or below it are covered and form
-            the clusters (paper: 0).
-        k: neighbours of the descriptors (must match the reference's).
-        cutoff: descriptor cutoff (Å, must match the reference's).
-        cluster_cutoff: largest edge of the cluster graph (Å).
-        dtype: compute dtype of descriptors and kernel sums (float32 wherever float64 is off:
-            MPS, slow-float64 CUDA cards, ``QUESTS_TORCH_FLOAT64=0``; the per-frame summaries
-            are then float32 sums on the device, returned as Python floats).
-        device: where to compute (``"auto"``: CUDA, else MPS, else CPU).
-        batch_atoms: atoms per batch (default :func:`default_batch_atoms`).
+        h, threshold, k, cutoff, cluster_cutoff, dtype, device, batch_atoms: the screening
+            parameters, validated into a :class:`ScreenConfig` (see its attributes).
         timings: accumulates the seconds spent per stage when given.
 
     Yields:
@@ -469,87 +462,6 @@ class ScreeningResult:
             timings=timings,
             seconds=time.perf_counter() - t_start,
         )
-
-
-@dataclass(frozen=True)
-class ScreenFiles:
-    """The files of one resumable screening: the trajectory and its frame selection, the
-    per-frame table and the optional per-atom extxyz (see :func:`screen_trajectory`)."""
-
-    trajectory: Path
-    index: str
-    table: Path
-    extxyz: Path | None = None
-
-    @classmethod
-    def check(
-        cls,
-        trajectory: str | os.PathLike,
-        table: str | os.PathLike,
-        *,
-        index: str = ":",
-        extxyz: str | os.PathLike | None = None,
-    ) -> ScreenFiles:
-        """The files, checked: a valid ASE selection and an existing trajectory."""
-        check_index(index)
-        trajectory = Path(trajectory)
-        if not trajectory.exists():
-            raise FileNotFoundError(f"{trajectory}: no such file")
-        return cls(trajectory, index, Path(table), None if extxyz is None else Path(extxyz))
-
-    @property
-    def jsonl(self) -> bool:
-        """The table is written as JSON lines (``.jsonl``), else CSV."""
-        return self.table.suffix.lower() == ".jsonl"
-
-    @property
-    def header(self) -> str:
-        return "" if self.jsonl else ",".join(FRAME_COLUMNS) + "\n"
-
-    @property
-    def source(self) -> str:
-        """The trajectory (and selection) as errors about its frames name it."""
-        if self.index == ":":
-            return str(self.trajectory)
-        return f"{self.trajectory} (selection {self.index!r})"
-
-    def no_structures(self) -> ValueError:
-        return ValueError(f"{self.trajectory}: the selection {self.index!r} holds no structures")
-
-    def identity(
-        self,
-        config: ScreenConfig,
-        reference,
-        *,
-        trajectory_key: str | None = None,
-        reference_key: str | None = None,
-        frame_offset: int = 0,
-    ) -> tuple[dict, str]:
-        """The screening's parameters and key (:func:`quests_torch.resume.screening_identity`);
-        the trajectory and the reference are hashed unless their keys are given."""
-        return screening_identity(
-            trajectory_key=content_key(self.trajectory)
-            if trajectory_key is None
-            else trajectory_key,
-            reference_key=reference_hash(reference) if reference_key is None else reference_key,
-            index=self.index,
-            h=config.h,
-            threshold=config.threshold,
-            k=config.k,
-            cutoff=config.cutoff,
-            cluster_cutoff=config.cluster_cutoff,
-            dtype=config.dtype,
-            jsonl=self.jsonl,
-            xyz_path=self.extxyz,
-            frame_offset=frame_offset,
-        )
-
-    def open_state(self, key: str, params: dict, *, overwrite: bool) -> ResumeState:
-        """The resume state of these outputs (:meth:`quests_torch.resume.ResumeState.open`)."""
-        return ResumeState.open(
-            self.table, self.extxyz, key=key, params=params, header=self.header,
-            overwrite=overwrite,
-        )  # fmt: skip
 
 
 def screen_trajectory(
