@@ -392,16 +392,7 @@ def screen_frames(
         >>> for f in screen_frames(frames, x_solid):
         ...     print(f.frame, f.dH_max, f.largest_cluster)
     """
-    config = ScreenConfig(
-        h=h,
-        threshold=threshold,
-        k=k,
-        cutoff=cutoff,
-        cluster_cutoff=cluster_cutoff,
-        dtype=dtype,
-        device=device,
-        batch_atoms=batch_atoms,
-    )
+    config = ScreenConfig(h, threshold, k, cutoff, cluster_cutoff, dtype, device, batch_atoms)
     timings = timings if timings is not None else ScreenTimings()
     for batch in _screen_batches(frames, reference, config, start=0, timings=timings):
         yield from batch
@@ -530,16 +521,7 @@ def screen_trajectory(
     return screen_file(
         ScreenFiles.check(trajectory, table, index=index, extxyz=extxyz),
         reference,
-        ScreenConfig(
-            h=h,
-            threshold=threshold,
-            k=k,
-            cutoff=cutoff,
-            cluster_cutoff=cluster_cutoff,
-            dtype=dtype,
-            device=device,
-            batch_atoms=batch_atoms,
-        ),
+        ScreenConfig(h, threshold, k, cutoff, cluster_cutoff, dtype, device, batch_atoms),
         reference_key=reference_key,
         trajectory_key=trajectory_key,
         overwrite=overwrite,

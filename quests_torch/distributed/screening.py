@@ -155,16 +155,7 @@ def screen_trajectory(
         ``frames_screened``/``frames_resumed`` summed over ranks, ``timings`` the largest per
         stage over ranks, ``batch_atoms`` this rank's.
     """
-    config = ScreenConfig(
-        h=h,
-        threshold=threshold,
-        k=k,
-        cutoff=cutoff,
-        cluster_cutoff=cluster_cutoff,
-        dtype=dtype,
-        device=device,
-        batch_atoms=batch_atoms,
-    )
+    config = ScreenConfig(h, threshold, k, cutoff, cluster_cutoff, dtype, device, batch_atoms)
     files = ScreenFiles.check(trajectory, table, index=index, extxyz=extxyz)
     keys = {"trajectory_key": trajectory_key, "reference_key": reference_key}
     if not comm.is_distributed():
@@ -183,6 +174,18 @@ def screen_trajectory(
         screened, resumed, timings, local_batch = _screen_parts(
             decision, files, reference, config, overwrite, progress, keep_parts
         )
+    return _gathered(files, screened, resumed, timings, local_batch, t_start)
+
+
+def _gathered(
+    files: ScreenFiles,
+    screened: int,
+    resumed: int,
+    timings: ScreenTimings,
+    batch_atoms: int,
+    t_start: float,
+) -> ScreeningResult:
+    """The result on every rank: frames summed over ranks, the largest time per stage."""
     stats = torch.tensor([float(screened), float(resumed)], dtype=torch.float64)
     screened, resumed = (int(v) for v in comm.all_reduce(stats, dist.ReduceOp.SUM).tolist())
     names = list(ScreenTimings.__dataclass_fields__)
@@ -192,7 +195,7 @@ def screen_trajectory(
         files,
         screened=screened,
         resumed=resumed,
-        batch_atoms=local_batch,
+        batch_atoms=batch_atoms,
         timings=ScreenTimings(**dict(zip(names, spent, strict=True))),
         t_start=t_start,
     )
