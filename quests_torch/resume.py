@@ -14,7 +14,8 @@ end :func:`quests_torch.distributed.screen_trajectory`) keeps next to its table 
 A rerun resumes only when the identity matches and the committed bytes are still the ones
 written (:func:`verify_committed`); anything else is refused with a message naming what
 changed, or started afresh with ``overwrite=True`` (``--overwrite``). This module holds those
-rules once for both screening front ends.
+rules once for both screening front ends, and :class:`ResumeState` applies them: open,
+validate (or rewind to the last commit), append and commit batch by batch, complete.
 """
 
 from __future__ import annotations
