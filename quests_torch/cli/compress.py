@@ -19,7 +19,7 @@ from .options import (
     positive_float,
     size_option,
 )
-from .report import envelope, input_info, plot_path, write_json, wrote
+from .report import envelope, input_info, parameters, plot_path, write_json, wrote
 
 
 def register(sub) -> None:
@@ -158,19 +158,10 @@ def _write_structures(outputs: list[str], frames, indices: list[int]) -> list[st
 def report(args, k: int, cutoff: float, ds, res, timings: dict, files: list):
     """The JSON document and summary lines of ``compress`` (without the ``wrote`` lines)."""
     summary, curve, indices = res.summary(), res.curve.as_dict(), res.indices.tolist()
-    params_ = {
-        "k": k,
-        "cutoff": cutoff,
-        "bandwidth": args.bandwidth,
-        "method": args.method,
-        "size": args.size,
-        "seed": args.seed,
-        "threshold": args.threshold,
-        "dtype": args.dtype,
-    }
+    names = ("bandwidth", "method", "size", "seed", "threshold", "dtype")
     result = envelope(
         args,
-        params_,
+        parameters(args, k, cutoff, *names),
         inputs={"input": input_info(ds)},
         timings=timings,
         results={

@@ -19,7 +19,7 @@ from ..io import atomic_write
 from ..metrics import fraction_above
 from .inputs import Pair, load_pair
 from .options import CLIError, add_common, add_plot, add_reference, add_threshold, positive_int
-from .report import envelope, input_info, plot_path, wrote
+from .report import envelope, input_info, parameters, plot_path, wrote
 from .rows import progress
 
 
@@ -63,13 +63,7 @@ def exact_dh(args: argparse.Namespace, pair: Pair) -> torch.Tensor:
 
 def dh_params(args: argparse.Namespace, k: int, cutoff: float) -> dict:
     """Parameters recorded in the JSON of the test-vs-reference commands (dh, overlap)."""
-    return {
-        "k": k,
-        "cutoff": cutoff,
-        "bandwidth": args.bandwidth,
-        "threshold": args.threshold,
-        "dtype": args.dtype,
-    }
+    return parameters(args, k, cutoff, "bandwidth", "threshold", "dtype")
 
 
 def _approx_dh(args: argparse.Namespace, pair: Pair):

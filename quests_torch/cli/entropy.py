@@ -18,8 +18,8 @@ import numpy as np
 from ..io import atomic_write
 from .inputs import dist, from_structures, load, params
 from .options import CLIError, add_common, add_rows
-from .report import envelope, estimate_text, input_info, wrote
-from .rows import auto_rows, estimate_notes, progress, say
+from .report import envelope, estimate_text, input_info, parameters, wrote
+from .rows import auto_rows, estimate_notes, progress, rows_record, say
 
 _PER_ENV_SUFFIXES = (".npy", ".csv", ".extxyz", ".xyz")
 
@@ -162,20 +162,17 @@ def _write_per_environment(path: Path, kind: str, dh_self: np.ndarray, ds, frame
 
 def report(args, k, cutoff, ds, summary, res, timings, files, message, notes):
     """The JSON document and summary lines of ``entropy``."""
-    parameters = {"k": k, "cutoff": cutoff, "bandwidth": args.bandwidth, "dtype": args.dtype}
+    params_ = parameters(args, k, cutoff, "bandwidth", "dtype")
     est = summary.estimates
     if est is not None:
         res["rows"] = est["entropy"].rows
         res["entropy_estimate"] = est["entropy"].as_dict()
         res["diversity_estimate"] = est["diversity"].as_dict()
-        parameters.update(rows=args.rows, seed=args.seed)
-        if message:
-            res["rows_rule"] = message
-        if notes:
-            res["notes"] = notes
+        params_.update(rows=args.rows, seed=args.seed)
+        res.update(rows_record(message, notes))
     result = envelope(
         args,
-        parameters,
+        params_,
         inputs={"input": input_info(ds)},
         timings=timings,
         results=res,

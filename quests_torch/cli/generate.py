@@ -32,7 +32,7 @@ from .options import (
     positive_int,
 )
 from .outputs import write_format
-from .report import envelope, input_info
+from .report import envelope, input_info, parameters
 
 #: descriptor evaluations per structure when ``--steps`` is not given
 _DEFAULT_STEPS = {"gradient": 100, "random-walk": 2000}
@@ -279,16 +279,12 @@ def report(args, k, cutoff, steps, frames, ds, runs, timings):
         "n_evaluations": sum(r.n_evaluations for *_, r in runs),
         "structures": structures,
     }
-    names = ("method", "target", "statistic", "tolerance")
+    names = ("bandwidth", "dtype", "method", "target", "statistic", "tolerance")
     moves = ("max_step", "min_distance", "seed", "best_effort")
     result = envelope(
         args,
         {
-            "k": k,
-            "cutoff": cutoff,
-            "bandwidth": args.bandwidth,
-            "dtype": args.dtype,
-            **{n: getattr(args, n) for n in names},
+            **parameters(args, k, cutoff, *names),
             "steps": steps,
             **{n: getattr(args, n) for n in moves},
         },

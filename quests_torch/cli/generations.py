@@ -11,7 +11,7 @@ import torch
 
 from .inputs import load, params, structures_and_descriptors, system_idx
 from .options import CLIError, add_common, add_plot, add_threshold
-from .report import envelope, plot_path, wrote
+from .report import envelope, parameters, plot_path, wrote
 from .rows import progress
 
 
@@ -101,14 +101,7 @@ def report(args, k: int, cutoff: float, x, rows: list[dict], timings: dict, file
     """The JSON document and summary lines of ``generations``."""
     result = envelope(
         args,
-        {
-            "k": k,
-            "cutoff": cutoff,
-            "bandwidth": args.bandwidth,
-            "threshold": args.threshold,
-            "key": args.key,
-            "dtype": args.dtype,
-        },
+        parameters(args, k, cutoff, "bandwidth", "threshold", "key", "dtype"),
         inputs={"inputs": list(args.inputs)},
         timings=timings,
         results={"generations": rows},

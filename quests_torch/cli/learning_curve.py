@@ -7,7 +7,7 @@ import time
 
 from .inputs import load, params
 from .options import CLIError, add_common, add_plot, add_seed, positive_int
-from .report import envelope, input_info, plot_path, wrote
+from .report import envelope, input_info, parameters, plot_path, wrote
 
 
 def register(sub) -> None:
@@ -84,14 +84,7 @@ def report(args, k: int, cutoff: float, ds, res: dict, timings: dict, files: lis
     """The JSON document and summary lines of ``learning-curve``."""
     result = envelope(
         args,
-        {
-            "k": k,
-            "cutoff": cutoff,
-            "bandwidth": args.bandwidth,
-            "repeats": args.repeats,
-            "seed": args.seed,
-            "dtype": args.dtype,
-        },
+        parameters(args, k, cutoff, "bandwidth", "repeats", "seed", "dtype"),
         inputs={"input": input_info(ds)},
         timings=timings,
         results=res,

@@ -13,7 +13,7 @@ from .dh import dh_params, exact_dh
 from .inputs import Pair, load_pair
 from .options import add_common, add_reference, add_rows, add_threshold
 from .report import envelope, estimate_text, input_info
-from .rows import auto_rows, estimate_notes, progress, say
+from .rows import auto_rows, estimate_notes, progress, rows_record, say
 
 
 def register(sub) -> None:
@@ -98,10 +98,7 @@ def _estimates_report(args, pair: Pair, est, back, message, notes):
         "overlap_estimate": est.as_dict(),
         "overlap_reverse_estimate": back.as_dict(),
     }
-    if message:
-        res["rows_rule"] = message
-    if notes:
-        res["notes"] = notes
+    res.update(rows_record(message, notes))
     result = envelope(
         args,
         {**dh_params(args, pair.k, pair.cutoff), "rows": args.rows, "seed": args.seed},

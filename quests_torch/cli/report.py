@@ -42,6 +42,11 @@ def versions() -> dict:
     }
 
 
+def parameters(args: argparse.Namespace, k: int, cutoff: float, *names: str) -> dict:
+    """The ``parameters`` record: ``k``, ``cutoff``, then the options ``names`` in order."""
+    return {"k": k, "cutoff": cutoff, **{name: getattr(args, name) for name in names}}
+
+
 def envelope(args: argparse.Namespace, parameters: dict, **rest) -> dict:
     """The JSON document of a run: command, versions, parameters, then ``rest`` in order."""
     return {

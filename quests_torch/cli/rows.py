@@ -61,6 +61,11 @@ def auto_rows(
     return rows, message
 
 
+def rows_record(message: str | None, notes: list[str]) -> dict:
+    """``rows_rule`` (the ``--rows auto`` message) and ``notes`` of an estimate, when set."""
+    return {**({"rows_rule": message} if message else {}), **({"notes": notes} if notes else {})}
+
+
 def say(args: argparse.Namespace, message: str | None) -> None:
     """A note printed before a long computation (not with ``--quiet``)."""
     if message and not args.quiet:

@@ -20,7 +20,7 @@ from .options import (
     positive_int,
 )
 from .outputs import screen_table
-from .report import envelope, input_info, plot_path, wrote
+from .report import envelope, input_info, parameters, plot_path, wrote
 
 
 def register(sub) -> None:
@@ -120,12 +120,7 @@ def report(args, k: int, cutoff: float, ref, out, timings: dict, files: list):
     result = envelope(
         args,
         {
-            "k": k,
-            "cutoff": cutoff,
-            "bandwidth": args.bandwidth,
-            "threshold": args.threshold,
-            "cluster_cutoff": args.cluster_cutoff,
-            "dtype": args.dtype,
+            **parameters(args, k, cutoff, "bandwidth", "threshold", "cluster_cutoff", "dtype"),
             "index": args.index,
             "batch_atoms": out.batch_atoms,
         },
