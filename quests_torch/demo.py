@@ -111,11 +111,6 @@ def run_demo(
     """
     import tempfile
 
-    import ase.io
-
-    from .metrics import dataset_summary, entropy_learning_curve, fit_entropy_asymptote
-    from .screening import read_frame_table, screen_trajectory
-
     def say(msg: str = "") -> None:
         if not quiet:
             print(msg, flush=True)
@@ -132,14 +127,39 @@ def run_demo(
     t_start = time.perf_counter()
     n_atoms = 4 * REPS**3
     say(f"quests-torch demo: melting of EMT copper ({n_atoms}-atom FCC cell, ASE Langevin MD)")
+    ref_path, traj_path, temps = _write_data(out, timings, say)
+    ref = _reference(ref_path, device, timings, say)
+    screen = _screen(traj_path, ref["x"], out, temps, device, timings, say)
+    files = [str(p) for p in (ref_path, traj_path, screen["table_path"], out / "heating-dH.extxyz")]
+    dh_last = None
+    if plots:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            say("  (matplotlib is not installed: no figures; pip install matplotlib)")
+            plots = False
+    if plots:
+        dh_last = _figures(out, ref, screen["table"], temps, files, timings)
+    elapsed = time.perf_counter() - t_start
+    result = _result(ref, screen, temps, timings, elapsed, files)
+    if dh_last is not None:
+        result["screening"]["dH_last10_mean"] = float(dh_last.mean())
+    atomic_write(out / "demo.json", lambda p: p.write_text(json.dumps(result, indent=2)))
+    say(f"  wrote {len(files) + 1} files to {out}/ in {elapsed:.1f} s")
+    if tmp is not None:
+        tmp.cleanup()
+    return result
 
-    # 1. reference: solid heated 300 -> 900 K
+
+def _write_data(out: Path, timings: dict, say) -> tuple[Path, Path, np.ndarray]:
+    """The reference (solid heated 300 -> 900 K) and the trajectory (heated 300 -> 2500 K until
+    it melts), written as extxyz; returns their paths and the trajectory's temperatures."""
+    import ase.io
+
     t0 = time.perf_counter()
     ref_frames = emt_copper_frames(300.0, 900.0, n_frames=20, steps_between=10, seed=1)
     timings["md_reference"] = time.perf_counter() - t0
     say(f"  reference   : solid 300 -> 900 K, 20 frames ({timings['md_reference']:.1f} s MD)")
-
-    # 2. trajectory: heated 300 -> 2500 K until it melts
     t0 = time.perf_counter()
     traj_frames = emt_copper_frames(
         300.0, 2500.0, n_frames=60, steps_between=20, equilibrate=20, seed=3
@@ -150,13 +170,20 @@ def run_demo(
     atomic_write(ref_path, lambda p: ase.io.write(p, ref_frames, format="extxyz"))
     atomic_write(traj_path, lambda p: ase.io.write(p, traj_frames, format="extxyz"))
     temps = np.array([f.info["temperature_K"] for f in traj_frames])
+    return ref_path, traj_path, temps
 
-    # 3. the reference: descriptors, H, D, learning curve
+
+def _reference(ref_path: Path, device, timings: dict, say) -> dict:
+    """The reference's descriptors, H, D and entropy learning curve with its asymptote fit."""
+    import ase.io
+
+    from .metrics import dataset_summary, entropy_learning_curve, fit_entropy_asymptote
+
     t0 = time.perf_counter()
     x_ref = get_descriptors(ase.io.read(ref_path, ":"), device=device)
     timings["reference_descriptors"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    ref_summary = dataset_summary(x_ref)
+    summary = dataset_summary(x_ref)
     curve = entropy_learning_curve(x_ref, repeats=3, generator=0)
     sizes = curve.sizes.numpy()
     mean = curve.mean.detach().cpu().double().numpy()
@@ -164,8 +191,8 @@ def run_demo(
     fit = fit_entropy_asymptote(sizes, mean)
     timings["reference_metrics"] = time.perf_counter() - t0
     say(
-        f"  reference   : {x_ref.shape[0]} environments, H = {float(ref_summary.entropy):.3f} "
-        f"nats (log n = {ref_summary.log_n:.3f}), D = {float(ref_summary.diversity):.3f}"
+        f"  reference   : {x_ref.shape[0]} environments, H = {float(summary.entropy):.3f} "
+        f"nats (log n = {summary.log_n:.3f}), D = {float(summary.diversity):.3f}"
     )
     gap = fit.h_inf - mean[-1]
     note = " (saturated: more of the same solid adds no information)" if gap < 0.05 else ""
@@ -173,8 +200,14 @@ def run_demo(
         f"                learning curve H(N) -> H_inf = {fit.h_inf:.3f} nats, information gap "
         f"{gap:.3f} nats{note}"
     )
+    return {"x": x_ref, "summary": summary, "sizes": sizes, "mean": mean, "std": std, "fit": fit}
 
-    # 4. screen the heating run (the streaming, resumable pipeline of `quests-torch screen`)
+
+def _screen(traj_path: Path, x_ref, out: Path, temps, device, timings: dict, say) -> dict:
+    """Screen the heating run (the streaming, resumable pipeline of ``quests-torch screen``)
+    and print every sixth frame of its table."""
+    from .screening import read_frame_table, screen_trajectory
+
     table_path = out / "heating.screen.csv"
     res = screen_trajectory(
         traj_path,
@@ -213,85 +246,74 @@ def run_demo(
             f"remain solid-like and {100 * table['novel_fraction'][-1]:.0f} % are novel"
         )
     say("  dH = -log sum_j K(y, x_j) against the solid reference; dH > 0: not covered.")
+    return {"summary": s, "table": table, "table_path": table_path, "melt_t": melt_t}
 
-    # 5. figures
-    files = [str(p) for p in (ref_path, traj_path, table_path, out / "heating-dH.extxyz")]
-    dh_last = None
-    if plots:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            say("  (matplotlib is not installed: no figures; pip install matplotlib)")
-            plots = False
-    if plots:
-        from .plots import plot_dh_histogram, plot_learning_curve, plot_screening_timeline
 
-        t0 = time.perf_counter()
-        fit_d = {"h_inf": fit.h_inf, "a": fit.a, "b": fit.b, "c": fit.c}
-        files.append(
-            str(
-                plot_learning_curve(
-                    out / "learning-curve.png",
-                    sizes,
-                    mean,
-                    std,
-                    fit_d,
-                    title="entropy learning curve: solid reference 300-900 K",
-                )
-            )
-        )
-        dh_frames = ase.io.read(out / "heating-dH.extxyz", ":")
-        dh_all = np.concatenate([f.arrays["dH"] for f in dh_frames])
-        dh_last = np.concatenate([f.arrays["dH"] for f in dh_frames[-10:]])
-        files.append(
-            str(
-                plot_dh_histogram(
-                    out / "dh-histogram.png",
-                    dh_all,
-                    title=f"dH of all {dh_all.size} heating-run environments",
-                )
-            )
-        )
-        files.append(
-            str(
-                plot_screening_timeline(
-                    out / "timeline.png",
-                    table,
-                    x=temps,
-                    xlabel="thermostat temperature (K)",
-                    title="EMT Cu heated at fixed volume, screened against the solid",
-                )
-            )
-        )
-        timings["plots"] = time.perf_counter() - t0
-    elapsed = time.perf_counter() - t_start
-    result = {
+def _figures(out: Path, ref: dict, table, temps, files: list, timings: dict) -> np.ndarray:
+    """The learning curve, the dH histogram and the screening timeline (appended to
+    ``files``); returns the dH of the last ten frames."""
+    import ase.io
+
+    from .plots import plot_dh_histogram, plot_learning_curve, plot_screening_timeline
+
+    t0 = time.perf_counter()
+    fit = ref["fit"]
+    fit_d = {"h_inf": fit.h_inf, "a": fit.a, "b": fit.b, "c": fit.c}
+    path = plot_learning_curve(
+        out / "learning-curve.png",
+        ref["sizes"],
+        ref["mean"],
+        ref["std"],
+        fit_d,
+        title="entropy learning curve: solid reference 300-900 K",
+    )
+    files.append(str(path))
+    dh_frames = ase.io.read(out / "heating-dH.extxyz", ":")
+    dh_all = np.concatenate([f.arrays["dH"] for f in dh_frames])
+    dh_last = np.concatenate([f.arrays["dH"] for f in dh_frames[-10:]])
+    title = f"dH of all {dh_all.size} heating-run environments"
+    files.append(str(plot_dh_histogram(out / "dh-histogram.png", dh_all, title=title)))
+    path = plot_screening_timeline(
+        out / "timeline.png",
+        table,
+        x=temps,
+        xlabel="thermostat temperature (K)",
+        title="EMT Cu heated at fixed volume, screened against the solid",
+    )
+    files.append(str(path))
+    timings["plots"] = time.perf_counter() - t0
+    return dh_last
+
+
+def _result(ref: dict, screen: dict, temps, timings: dict, elapsed: float, files: list) -> dict:
+    """The demo's JSON document (``demo.json``)."""
+    x_ref, summary, fit, mean, table = (
+        ref["x"],
+        ref["summary"],
+        ref["fit"],
+        ref["mean"],
+        screen["table"],
+    )
+    return {
         "command": "demo",
         "device": str(x_ref.device),
         "reference": {
             "n": int(x_ref.shape[0]),
-            "entropy": float(ref_summary.entropy),
-            "log_n": ref_summary.log_n,
-            "diversity": float(ref_summary.diversity),
-            "learning_curve": {"sizes": sizes.tolist(), "mean": mean.tolist()},
+            "entropy": float(summary.entropy),
+            "log_n": summary.log_n,
+            "diversity": float(summary.diversity),
+            "learning_curve": {"sizes": ref["sizes"].tolist(), "mean": mean.tolist()},
             "h_inf": fit.h_inf,
             "information_gap": float(fit.h_inf - mean[-1]),
         },
         "screening": {
-            **s,
+            **screen["summary"],
             "temperature_K": temps.tolist(),
             "largest_cluster": table["largest_cluster"].tolist(),
             "novel_fraction": table["novel_fraction"].tolist(),
-            "melting_temperature_estimate_K": melt_t,
+            "melting_temperature_estimate_K": screen["melt_t"],
         },
         "timings": {key: round(v, 3) for key, v in timings.items()},
         "seconds": round(elapsed, 2),
         "files": files,
     }
-    if dh_last is not None:
-        result["screening"]["dH_last10_mean"] = float(dh_last.mean())
-    atomic_write(out / "demo.json", lambda p: p.write_text(json.dumps(result, indent=2)))
-    say(f"  wrote {len(files) + 1} files to {out}/ in {elapsed:.1f} s")
-    if tmp is not None:
-        tmp.cleanup()
-    return result

@@ -149,9 +149,8 @@ def _no_work(monkeypatch) -> None:
     def boom(args):
         raise AssertionError(f"{args.command} computed before its outputs were checked")
 
-    for name in dir(cli):
-        if name.startswith("cmd_"):
-            monkeypatch.setattr(cli, name, boom)
+    for command in cli.COMMANDS:  # each command module's run(), bound when the parser is built
+        monkeypatch.setattr(command, "run", boom)
 
 
 def _blocked(tmp_path: Path) -> Path:
@@ -229,6 +228,6 @@ def test_cli_folder_without_write_permission_fails_before_computing(
 ):
     """The permission branch, also when the tests run as root (who may write anywhere)."""
     _no_work(monkeypatch)
-    monkeypatch.setattr(cli.os, "access", lambda path, mode: Path(path) != tmp_path)
+    monkeypatch.setattr(cli.outputs.os, "access", lambda path, mode: Path(path) != tmp_path)
     code, err = _main(capsys, "dh", structures, "-r", structures, "--save", tmp_path / "dh.npy")
     assert code == 2 and f"--save {tmp_path / 'dh.npy'}: cannot write in {tmp_path}" in err
