@@ -297,7 +297,7 @@ def test_cli_entropy_rows(files, cu, capsys):
 
 def test_cli_auto_rows_message(files, monkeypatch, capsys):
     """``--rows auto`` samples when the exact sums would exceed an hour at the pair rate."""
-    monkeypatch.setattr(cli, "_PAIR_RATE", {"cpu": 100.0, "cuda": 100.0})
+    monkeypatch.setattr(cli.rows, "PAIR_RATE", {"cpu": 100.0, "cuda": 100.0})
     monkeypatch.setattr("quests_torch.estimates.AUTO_ROWS", 300)
     out = files / "auto.json"
     assert cli.main(["entropy", str(files / "all.npz"), "--device", "cpu", "-o", str(out)]) == 0
