@@ -45,13 +45,41 @@ def dtype(request: pytest.FixtureRequest) -> torch.dtype:
     return request.param
 
 
+#: The ``slow`` tests, in one place: those that start processes (the command-line entry point,
+#: torchrun, the two spawned gloo ranks, the notebooks, the README's examples) or take more
+#: than ~20 s on the 2-core CPU (``pytest --durations``). ``make test-fast`` (``pytest -m "not
+#: slow"``) skips them; ``make test`` and CI run everything. Per file: ``None`` marks every
+#: test of the file, a set names the tests, a fixture name in the set marks its users.
+SLOW: dict[str, set[str] | None] = {
+    "test_cli.py": None,
+    "test_cli_parity.py": None,
+    "test_cli_compress.py": None,
+    "test_readme.py": None,
+    "test_notebooks.py": {"test_notebook_runs"},
+    "test_distributed.py": {"runs"},  # the spawned ranks and the torchrun runs
+    "test_torch_sim.py": {"test_import_quests_torch_does_not_import_torch_sim"},
+    "test_cellgrid.py": {"test_grid_gradcheck_small"},
+    "test_uncertainty.py": {"test_biased_md_reaches_higher_dh_than_unbiased"},
+}
+
+
+def _is_slow(item: pytest.Item) -> bool:
+    if item.path.name not in SLOW:
+        return False
+    names = SLOW[item.path.name]
+    if names is None:
+        return True
+    base = getattr(item, "originalname", item.name)
+    return base in names or bool(names & set(getattr(item, "fixturenames", ())))
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked ``cuda`` are skipped on a machine without CUDA."""
-    if CUDA_AVAILABLE:
-        return
+    """Mark the ``slow`` tests of :data:`SLOW`; skip the ``cuda`` ones without CUDA."""
     skip = pytest.mark.skip(reason="needs CUDA")
     for item in items:
-        if item.get_closest_marker("cuda") is not None:
+        if _is_slow(item):
+            item.add_marker(pytest.mark.slow)
+        if not CUDA_AVAILABLE and item.get_closest_marker("cuda") is not None:
             item.add_marker(skip)
 
 
