@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.quests-torch-installed
 
-.PHONY: setup test test-fast demo lint bench bench-reference gpu-check dist clean
+.PHONY: setup test test-fast demo lint bench bench-reference gpu-check dist docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -55,8 +55,13 @@ dist: $(STAMP)
 	$(PY) -m build --outdir dist .
 	$(VENV)/bin/twine check --strict dist/*
 
+# the documentation site in site/ (open site/index.html): user's guide, API and CLI
+# reference, the notebooks executed (a few minutes; QUESTS_DOCS_EXECUTE=0 skips running them)
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info dist
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info dist site
 
 # on a machine with CUDA: correctness on the GPU, the CUDA tests and paper-scale timings (JSON)
 gpu-check: $(STAMP)

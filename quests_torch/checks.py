@@ -29,6 +29,7 @@ __all__ = [
     "check_bandwidths",
     "check_cutoff",
     "check_dtype",
+    "check_generator",
     "check_h",
     "check_k",
     "check_positive_float",
@@ -154,3 +155,20 @@ def check_dtype(dtype: object, name: str = "dtype") -> torch.dtype:
     if dtype not in (torch.float32, torch.float64):
         raise TypeError(f"`{name}` must be torch.float32 or torch.float64, got {dtype}")
     return dtype
+
+
+def check_generator(generator: object, name: str = "generator") -> torch.Generator:
+    """A CPU ``torch.Generator`` as given, a new one seeded with an int, or (``None``) one
+    seeded at random."""
+    if isinstance(generator, torch.Generator):
+        return generator
+    gen = torch.Generator()
+    if generator is None:
+        gen.seed()
+    elif isinstance(generator, numbers.Integral) and not isinstance(generator, bool):
+        gen.manual_seed(int(generator))
+    else:
+        raise TypeError(
+            f"`{name}` must be a torch.Generator, an int seed or None, got {generator!r}"
+        )
+    return gen

@@ -1,4 +1,4 @@
-"""Information metrics of descriptor sets: entropy, diversity, dH, overlap, learning curves.
+"""Information metrics of descriptor sets: entropy, diversity, dH, overlap, summaries.
 
 All metrics sit on the tiled kernel sums of :mod:`quests_torch.kde` with the Gaussian kernel
 ``K(x, y) = exp(-|x - y|^2 / (2 h^2))`` (``h`` in 1/Å, natural logarithms, nats)::
@@ -27,13 +27,12 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from .checks import check_bandwidths, check_threshold
+from .checks import check_bandwidths, check_generator, check_threshold
 from .estimates import (
     Estimate,
     log_mean_exp_estimate,
@@ -81,6 +80,10 @@ __all__ = [
     "novelty",
     "overlap",
 ]
+
+
+#: former name of :func:`quests_torch.checks.check_generator` (still imported by compression)
+_generator = check_generator
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,7 +293,7 @@ def _sampled_self_log_p(
     with torch.no_grad():
         if m == n:
             return _self_log_p(x, h, "x", options), n
-        pick = sample_rows(n, m, _generator(generator))
+        pick = sample_rows(n, m, check_generator(generator))
         return _kernel_pass(take_rows(x, pick), x, h, names=("x", "x"), **options).log_p, n
 
 
@@ -404,7 +407,7 @@ def estimate_novelty(
     threshold = check_threshold(threshold)
     n = _Source(y, "y").n
     m = resolve_rows(rows, n)
-    sub = y if m == n else take_rows(y, sample_rows(n, m, _generator(generator)))
+    sub = y if m == n else take_rows(y, sample_rows(n, m, check_generator(generator)))
     with torch.no_grad():
         dh = -_kernel_pass(sub, x, h, names=("y", "x"), **options).log_p
     value, se = mean_estimate(dh > threshold, n, "novelty/overlap")
@@ -589,255 +592,6 @@ def bandwidth(volume: float | torch.Tensor, method: str = "gaussian") -> float |
 
 
 # --------------------------------------------------------------------------------------------
-# learning curves and information gap
-# --------------------------------------------------------------------------------------------
-
-
-class LearningCurve(NamedTuple):
-    """Entropy of random subsets of growing size (see :func:`entropy_learning_curve`).
-
-    Attributes:
-        sizes: ``[m]`` int64 subset sizes, ascending.
-        mean: ``[m]`` mean entropy over the repeats (``[m, n_h]`` for a vector ``h``).
-        std: ``[m]`` standard deviation over the repeats (population, ``ddof = 0``).
-        values: ``[m, repeats]`` every entropy (``[m, repeats, n_h]``).
-        stderr: ``None`` when every entropy is exact; else ``[m, repeats]`` float64 standard
-            errors of the sampled estimates (0 for the exact ones).
-    """
-
-    sizes: torch.Tensor
-    mean: torch.Tensor
-    std: torch.Tensor
-    values: torch.Tensor
-    stderr: torch.Tensor | None = None
-
-
-def _generator(generator: torch.Generator | int | None) -> torch.Generator:
-    if isinstance(generator, torch.Generator):
-        return generator
-    gen = torch.Generator()
-    if generator is None:
-        gen.seed()
-    elif isinstance(generator, int) and not isinstance(generator, bool):
-        gen.manual_seed(generator)
-    else:
-        raise TypeError(
-            f"`generator` must be a torch.Generator, an int seed or None, got {generator!r}"
-        )
-    return gen
-
-
-def _subset_rows(rows, s: int):
-    """``rows`` for a subset of ``s`` rows: an int is capped at ``s`` (checked on ``n``)."""
-    if isinstance(rows, numbers.Integral) and not isinstance(rows, bool):
-        return min(int(rows), s)
-    return rows
-
-
-def entropy_learning_curve(
-    x: ArrayLike,
-    h: Bandwidth = DEFAULT_BANDWIDTH,
-    sizes: Sequence[int] | torch.Tensor | None = None,
-    repeats: int = 3,
-    generator: torch.Generator | int | None = None,
-    rows: int | str | None = None,
-    **options,
-) -> LearningCurve:
-    """Entropy of random subsets (without replacement) of growing size.
-
-    For each size ``s`` and repeat ``r``, ``H(X[perm_r[:s]])``; a subset of the full size is
-    the whole set (entropy is permutation invariant), computed once. Exact by default
-    (``rows=None``); with ``rows`` (an int ``m``: subsets larger than ``m`` are estimated from
-    ``m`` sampled rows; ``"auto"``: subsets above
-    :data:`quests_torch.estimates.EXACT_MAX_ROWS` from
-    :data:`~quests_torch.estimates.AUTO_ROWS` rows) large subsets cost ``m s`` instead of
-    ``s^2 / 2`` (:func:`estimate_entropy`; scalar ``h`` only) and ``stderr`` holds their
-    standard errors. Smaller subsets, and all subsets with ``rows=None``, are exact and
-    identical to a run without ``rows``.
-
-    Args:
-        x: descriptors ``[n, d]``.
-        h: bandwidth (1/Å) or a 1-D sequence of bandwidths.
-        sizes: subset sizes in ``[1, n]``; default 16 log-spaced sizes from ``min(10, n)`` to
-            ``n``.
-        repeats: random subsets per size.
-        generator: a CPU ``torch.Generator`` or an int seed (``None``: random seed).
-        rows: ``None`` (exact), an int in ``[2, n]`` or ``"auto"``.
-        **options: forwarded to :func:`quests_torch.kde.kernel_pass`.
-
-    Returns:
-        :class:`LearningCurve`.
-    """
-    src = _Source(x, "x")
-    n = src.n
-    if sizes is None:
-        grid = np.unique(np.round(np.geomspace(min(10, n), n, 16)).astype(np.int64))
-        sizes_t = torch.from_numpy(grid)
-    else:
-        sizes_t = torch.as_tensor(sizes).flatten().to(torch.int64).sort().values
-        if sizes_t.numel() == 0:
-            raise ValueError("`sizes` is empty")
-        if int(sizes_t.min()) < 1 or int(sizes_t.max()) > n:
-            raise ValueError(
-                f"`sizes` must lie in [1, {n}] (the rows of `x`), got {sizes_t.tolist()}"
-            )
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"`repeats` must be a positive int, got {repeats!r}")
-    resolve_rows(rows, n)  # checks `rows` once, against the whole set
-    gen = _generator(generator)
-
-    def value(sub: ArrayLike, s: int) -> tuple[torch.Tensor, float]:
-        if resolve_rows(_subset_rows(rows, s), s) == s:
-            return entropy(sub, h, **options), 0.0
-        _scalar_h(h, "entropy_learning_curve with sampled rows")
-        est = _entropy_estimate(*_sampled_self_log_p(sub, h, _subset_rows(rows, s), gen, options))
-        return torch.tensor(est.value, dtype=src.dtype), est.stderr
-
-    out, errs = [], []
-    full = None
-    for s in sizes_t.tolist():
-        if s == n:
-            if full is None:
-                full = value(x, n)
-            out.append(torch.stack([full[0]] * repeats))
-            errs.append([full[1]] * repeats)
-            continue
-        values, se = [], []
-        for _ in range(repeats):
-            pick = sample_rows(n, s, gen)
-            v, e = value(take_rows(x, pick), s)
-            values.append(v)
-            se.append(e)
-        out.append(torch.stack([v.to(values[0].device) for v in values]))
-        errs.append(se)
-    values = torch.stack([v.to(out[0].device) for v in out])  # [m, repeats(, n_h)]
-    mean = values.mean(1)
-    std = values.std(1, correction=0)
-    stderr = torch.tensor(errs, dtype=torch.float64)
-    return LearningCurve(sizes_t, mean, std, values, stderr if bool(stderr.any()) else None)
-
-
-class AsymptoteFit(NamedTuple):
-    """Saturating fit ``H(N) = a - b N^(-c)`` of an entropy learning curve.
-
-    Attributes:
-        h_inf: the asymptote ``a = lim H(N)`` (nats).
-        a, b, c: the non-negative parameters.
-        rmse: root-mean-square residual over the fitted points (nats).
-        n_points: number of points used after discarding.
-    """
-
-    h_inf: float
-    a: float
-    b: float
-    c: float
-    rmse: float
-    n_points: int
-
-
-def _fit_ab(n: np.ndarray, hv: np.ndarray, c: float) -> tuple[float, float, float]:
-    """Best non-negative ``(a, b)`` of ``H ~ a - b n^-c`` for a fixed ``c``; returns SSE too."""
-    z = n ** (-c)
-    basis = np.stack([np.ones_like(z), -z], 1)
-    candidates = []
-    sol, *_ = np.linalg.lstsq(basis, hv, rcond=None)
-    if sol[0] >= 0 and sol[1] >= 0:
-        candidates.append((float(sol[0]), float(sol[1])))
-    candidates.append((max(float(hv.mean()), 0.0), 0.0))  # b = 0
-    b0 = float(-(z @ hv) / (z @ z))  # a = 0
-    candidates.append((0.0, max(b0, 0.0)))
-    best = None
-    for a, b in candidates:
-        sse = float(np.sum((a - b * z - hv) ** 2))
-        if best is None or sse < best[2]:
-            best = (a, b, sse)
-    return best
-
-
-def fit_entropy_asymptote(
-    sizes: Sequence[int] | torch.Tensor | np.ndarray,
-    entropies: Sequence[float] | torch.Tensor | np.ndarray,
-    discard: int = 3,
-    c_max: float = 5.0,
-) -> AsymptoteFit:
-    """Fit ``H(N) = a - b N^(-c)`` (``a, b, c >= 0``) to a learning curve; ``H_inf = a``.
-
-    The paper fits a three-parameter saturating form with non-negative parameters by
-    non-linear least squares, discarding the first and last three points; its equation was
-    lost from the text available to us, so this saturating power law is our choice. The fit
-    is exact non-linear least squares by variable projection: for fixed ``c`` the best
-    non-negative ``(a, b)`` is a 2-variable constrained linear problem; ``c`` in ``[0, c_max]``
-    is found by a log-spaced scan refined by golden-section search. An unsaturated curve
-    (still growing like ``log N``) drives ``c -> 0`` and ``a`` up: check ``rmse`` and the
-    curve.
-
-    Args:
-        sizes: ``[m]`` subset sizes ``N > 0``.
-        entropies: ``[m]`` mean entropies ``H(N)``.
-        discard: points dropped at each end when at least ``2 * discard + 3`` points are
-            given (3 remain to fit); with fewer points every point is used.
-        c_max: upper bound of the exponent.
-
-    Returns:
-        :class:`AsymptoteFit`.
-    """
-    n = np.asarray(torch.as_tensor(sizes).detach().cpu(), dtype=np.float64).ravel()
-    hv = np.asarray(torch.as_tensor(entropies).detach().cpu(), dtype=np.float64)
-    if hv.ndim != 1:
-        raise ValueError(f"`entropies` must be 1-D [m], got shape {hv.shape}")
-    if n.shape != hv.shape:
-        raise ValueError(
-            f"`sizes` and `entropies` must have the same length, got {n.size} and {hv.size}"
-        )
-    if n.size < 3:
-        raise ValueError(f"need at least 3 points to fit 3 parameters, got {n.size}")
-    if np.any(n <= 0) or not np.all(np.isfinite(hv)):
-        raise ValueError("`sizes` must be positive and `entropies` finite")
-    order = np.argsort(n)
-    n, hv = n[order], hv[order]
-    if discard > 0 and n.size >= 2 * discard + 3:
-        n, hv = n[discard:-discard], hv[discard:-discard]
-    grid = np.concatenate([[0.0], np.geomspace(1e-4, c_max, 120)])
-    sse = np.array([_fit_ab(n, hv, c)[2] for c in grid])
-    k = int(np.argmin(sse))
-    lo, hi = grid[max(k - 1, 0)], grid[min(k + 1, grid.size - 1)]
-    ratio = (math.sqrt(5.0) - 1.0) / 2.0
-    c1, c2 = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
-    f1, f2 = _fit_ab(n, hv, c1)[2], _fit_ab(n, hv, c2)[2]
-    for _ in range(80):
-        if f1 < f2:
-            hi, c2, f2 = c2, c1, f1
-            c1 = hi - ratio * (hi - lo)
-            f1 = _fit_ab(n, hv, c1)[2]
-        else:
-            lo, c1, f1 = c1, c2, f2
-            c2 = lo + ratio * (hi - lo)
-            f2 = _fit_ab(n, hv, c2)[2]
-    candidates = [(grid[k], sse[k]), (c1, f1), (c2, f2)]
-    c_best = min(candidates, key=lambda t: t[1])[0]
-    a, b, s = _fit_ab(n, hv, float(c_best))
-    return AsymptoteFit(a, a, b, float(c_best), math.sqrt(s / n.size), int(n.size))
-
-
-def information_gap(curve: LearningCurve, fit: AsymptoteFit | None = None) -> torch.Tensor:
-    """Information gap ``H_inf - H(N)`` along a learning curve.
-
-    Args:
-        curve: from :func:`entropy_learning_curve` (scalar ``h``).
-        fit: an asymptote fit; default :func:`fit_entropy_asymptote` of ``curve``.
-
-    Returns:
-        ``[m]`` gaps (nats) for ``curve.sizes``; the last entry is the gap of the full set
-        when the curve ends at ``n``.
-    """
-    if curve.mean.ndim != 1:
-        raise ValueError("`curve` must come from a scalar bandwidth (mean of shape [m])")
-    if fit is None:
-        fit = fit_entropy_asymptote(curve.sizes, curve.mean)
-    return fit.h_inf - curve.mean.detach()
-
-
-# --------------------------------------------------------------------------------------------
 # summary
 # --------------------------------------------------------------------------------------------
 
@@ -911,7 +665,7 @@ def dataset_summary(
         raise ValueError("`h` must be a single bandwidth for dataset_summary")
     n = _Source(x, "x").n
     if resolve_rows(rows, n) < n:
-        gen = _generator(generator)
+        gen = check_generator(generator)
         log_p, _ = _sampled_self_log_p(x, h, rows, gen, options)
         est = {"entropy": _entropy_estimate(log_p, n), "diversity": _diversity_estimate(log_p, n)}
         if other is not None:
@@ -943,3 +697,14 @@ def dataset_summary(
     return DatasetSummary(
         n, entropy_from_log_p(log_p), math.log(n), diversity_from_log_p(log_p), ov, ov_other
     )
+
+
+# the learning curves live in their own module, which builds on the metrics above; imported
+# last so that it finds them defined (their public names are part of this module's API)
+from .learning_curve import (  # noqa: E402
+    AsymptoteFit,
+    LearningCurve,
+    entropy_learning_curve,
+    fit_entropy_asymptote,
+    information_gap,
+)

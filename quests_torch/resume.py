@@ -14,7 +14,8 @@ end :func:`quests_torch.distributed.screen_trajectory`) keeps next to its table 
 A rerun resumes only when the identity matches and the committed bytes are still the ones
 written (:func:`verify_committed`); anything else is refused with a message naming what
 changed, or started afresh with ``overwrite=True`` (``--overwrite``). This module holds those
-rules once for both screening front ends.
+rules once for both screening front ends, and :class:`ResumeState` applies them: open,
+validate (or rewind to the last commit), append and commit batch by batch, complete.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from .io import atomic_write, file_sha256
 
 __all__ = [
     "STATE_VERSION",
+    "ResumeState",
     "TableInUseError",
     "lock_path",
     "new_state",
@@ -341,3 +343,162 @@ def verify_committed(path: Path, state: dict, name: str, *, exact: bool = False)
             f"screening: the file was modified since it was written; use {_OVERWRITE}"
         )
     return digest
+
+
+class ResumeState:
+    """The resume state of one screening's outputs: opened once, validated, then advanced one
+    committed batch at a time and finally marked complete.
+
+    ``record`` is the state as written to ``<table>.state.json`` (``None`` before
+    :meth:`begin` on a fresh start). Both screening front ends use it:
+    :func:`quests_torch.screening.screen_file` appends batches (:meth:`append` then
+    :meth:`commit`), :func:`quests_torch.distributed.screen_trajectory` records its merged
+    outputs (:meth:`complete` with their sizes and digests).
+
+    Args:
+        table: the per-frame table.
+        extxyz: the per-atom extxyz output, or ``None``.
+        key, params: the screening's identity (:func:`screening_identity`).
+        header: the table's header (``""`` for JSON lines).
+    """
+
+    def __init__(
+        self, table: Path, extxyz: Path | None, *, key: str, params: dict, header: str
+    ) -> None:
+        self.table, self.extxyz = table, extxyz
+        self.file = state_path(table)
+        self.key, self.params, self.header = key, params, header
+        self.record: dict | None = None
+        self._digests: dict = {}
+        self._handles: dict = {}
+
+    @classmethod
+    def open(
+        cls,
+        table: Path,
+        extxyz: Path | None,
+        *,
+        key: str,
+        params: dict,
+        header: str,
+        overwrite: bool,
+    ) -> ResumeState:
+        """The state found next to ``table`` (:func:`resume_state`: refused when it belongs to
+        another screening or is not valid); ``record`` is ``None`` when there is none or with
+        ``overwrite``."""
+        state = cls(table, extxyz, key=key, params=params, header=header)
+        state.record = resume_state(table, key, params, overwrite=overwrite, header=header)
+        return state
+
+    @property
+    def outputs(self) -> list[tuple[str, Path]]:
+        """``(name, path)`` of each output: the table, and the extxyz when there is one."""
+        out = [("table", self.table)]
+        return out if self.extxyz is None else [*out, ("extxyz", self.extxyz)]
+
+    @property
+    def frames_done(self) -> int:
+        """Frames committed (0 without a record)."""
+        return 0 if self.record is None else self.record["frames_done"]
+
+    @property
+    def is_complete(self) -> bool:
+        return self.record is not None and self.record.get("complete") is True
+
+    @property
+    def batch_atoms(self) -> int | None:
+        """Atoms per batch of the recorded screening (``None`` without a record)."""
+        return None if self.record is None else self.record["batch_atoms"]
+
+    def validate(self, *, exact: bool = False, missing_ok: bool = False) -> None:
+        """Check that every output still starts with its committed bytes (and, with ``exact``,
+        holds nothing else; with ``missing_ok``, skip outputs not yet written); changes
+        nothing (:func:`verify_committed`)."""
+        for name, path in self.outputs:
+            if not (missing_ok and not path.exists()):
+                self._digests[name] = verify_committed(path, self.record, name, exact=exact)
+
+    def rewind(self) -> int:
+        """Validate the outputs and cut whatever was written after the last commit (a run
+        killed between an append and its commit); returns the frames committed. An output
+        whose committed bytes changed is refused, never truncated."""
+        self.validate()
+        for name, path in self.outputs:
+            with open(path, "r+b") as fh:
+                fh.truncate(self.record["bytes"][name])
+                os.fsync(fh.fileno())
+        return self.frames_done
+
+    def begin(self, batch_atoms: int, **extra) -> None:
+        """A fresh record: the header committed, no frame done (written by :meth:`save`, or
+        with the outputs by the first :meth:`append`)."""
+        self.record = new_state(self.key, self.params, batch_atoms, self.header, **extra)
+        self._digests = {}
+
+    def save(self) -> None:
+        """Write the record atomically."""
+        write_state(self.file, self.record)
+
+    def append(self, rows: bytes, extxyz: bytes | None = None) -> None:
+        """Append one batch's table rows (and extxyz frames) to the outputs, flushed and
+        ``fsync``-ed; not committed until :meth:`commit`. The first call of a fresh start
+        creates the outputs (the header, an empty extxyz) and writes the record."""
+        if not self._handles:
+            if not self._digests:
+                self._create_outputs()
+            for name, path in self.outputs:
+                self._handles[name] = open(path, "ab")  # closed by close()
+        for name, data in (("table", rows), ("extxyz", extxyz)):
+            if name in self._handles and data is not None:
+                fh = self._handles[name]
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+                self._digests[name].update(data)
+
+    def commit(self, frames: int) -> None:
+        """Record the ``frames`` appended since the last commit as done, with the outputs'
+        sizes and SHA-256, in one atomic write of the state."""
+        xyz = self._handles.get("extxyz")
+        self.record["frames_done"] += frames
+        self.record["bytes"] = {
+            "table": self._handles["table"].tell(),
+            "extxyz": xyz.tell() if xyz is not None else 0,
+        }
+        sha = dict(self.record["sha256"])  # an output never written keeps its empty digest
+        sha.update((name, d.hexdigest()) for name, d in self._digests.items())
+        self.record["sha256"] = sha
+        self.save()
+
+    def complete(
+        self,
+        *,
+        frames_done: int | None = None,
+        n_bytes: dict | None = None,
+        sha256: dict | None = None,
+    ) -> None:
+        """Mark the screening complete and write the state; ``frames_done``, ``n_bytes`` and
+        ``sha256`` record outputs written whole (the merged parts of a distributed run)."""
+        if frames_done is not None:
+            self.record.update(frames_done=frames_done, bytes=n_bytes, sha256=sha256)
+        self.record["complete"] = True
+        self.save()
+
+    def close(self) -> None:
+        """Close the outputs opened by :meth:`append`."""
+        for fh in self._handles.values():
+            fh.close()
+        self._handles = {}
+
+    def __enter__(self) -> ResumeState:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _create_outputs(self) -> None:
+        atomic_write(self.table, lambda p: p.write_text(self.header))
+        if self.extxyz is not None:
+            atomic_write(self.extxyz, lambda p: p.write_bytes(b""))
+        self.save()
+        self._digests = {"table": hashlib.sha256(self.header.encode()), "extxyz": hashlib.sha256()}

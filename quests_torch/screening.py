@@ -10,41 +10,40 @@ batches of about ``batch_atoms`` atoms to fill the device, and for every batch
    ``cluster_cutoff`` (3.0 Å) apart, periodic images included, connected components
    (:mod:`quests_torch.clusters`),
 
-and per frame: the largest and mean dH, the fraction of atoms with ``dH > threshold``
-(out of domain) and the size of the largest cluster of covered atoms (SPEC section 4).
+and per frame (:func:`quests_torch.uncertainty.per_structure_summary`): the largest and mean
+dH, the fraction of atoms with ``dH > threshold`` (out of domain) and the size of the largest
+cluster of covered atoms, the melting/nucleation indicator of the README's screening section.
 
 Library API: :func:`screen_frames` (an iterator of :class:`FrameScreen`, for notebooks and
 integrations) and :func:`screen_trajectory` (the resumable file pipeline behind
-``quests-torch screen``).
+``quests-torch screen``). Both take the screening parameters as keywords and validate them
+once into a :class:`ScreenConfig`; :func:`screen_file` is the resumable core that
+:func:`screen_trajectory` and :func:`quests_torch.distributed.screen_trajectory` (one block of
+frames per rank) share.
 
 Resumability of :func:`screen_trajectory`: results are appended to the table (CSV or JSON
 lines) and the optional extxyz file one batch at a time, each append flushed and
 ``fsync``-ed, and only then a small state file ``<table>.state.json`` records, atomically,
-how many frames and bytes are committed and the SHA-256 of those bytes. A run killed at any
-instant and restarted with the same arguments checks the committed bytes, truncates whatever
-was written after the last commit, skips the committed frames and continues; batches restart
-at a committed batch boundary with the same ``batch_atoms``, so every later batch, hence
-every number, is bit-identical to an uninterrupted run's. The state is keyed on the content
-of the inputs (:mod:`quests_torch.resume`): another trajectory under the same name, another
-reference, other parameters or an edited table are refused (the message says which) unless
+how many frames and bytes are committed and the SHA-256 of those bytes
+(:class:`quests_torch.resume.ResumeState`). A run killed at any instant and restarted with
+the same arguments checks the committed bytes, truncates whatever was written after the last
+commit, skips the committed frames and continues; batches restart at a committed batch
+boundary with the same ``batch_atoms``, so every later batch, hence every number, is
+bit-identical to an uninterrupted run's. The state is keyed on the content of the inputs
+(:mod:`quests_torch.resume`): another trajectory under the same name, another reference,
+other parameters or an edited table are refused (the message says which) unless
 ``overwrite=True``; ``<table>.lock`` keeps a second run off the table while one is running;
 the outputs appear only once the first batch is computed.
 """
 
 from __future__ import annotations
 
-import hashlib
-import itertools
-import json
-import math
 import os
-import queue
 import re
-import threading
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import ExitStack
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -52,41 +51,107 @@ import torch
 
 from ._memory import memory_budget
 from ._precision import compute_dtype, float64_enabled
-from .clusters import DEFAULT_CLUSTER_CUTOFF, largest_cluster
-from .descriptors import DEFAULT_CUTOFF, DEFAULT_K, descriptors_from_tensors
-from .io import atomic_write, check_index, count_frames, iter_structures
-from .kde import DEFAULT_BANDWIDTH
-from .metrics import delta_entropy
-from .resume import (
-    new_state,
-    reference_hash,
-    resume_state,
-    screening_identity,
-    state_path,
-    table_lock,
-    verify_committed,
-    write_state,
+from .checks import (
+    DEFAULT_BANDWIDTH,
+    DEFAULT_CLUSTER_CUTOFF,
+    DEFAULT_CUTOFF,
+    DEFAULT_K,
+    check_cutoff,
+    check_dtype,
+    check_h,
+    check_k,
+    check_positive_int,
+    check_threshold,
 )
-from .resume import trajectory_key as _content_key
-from .structures import AtomsBatch, centred_copies, resolve_device, segment_sum
+from .clusters import largest_cluster
+from .descriptors import descriptors_from_tensors
+from .io import count_frames
+from .metrics import delta_entropy
+from .resume import ResumeState, table_lock
+from .screen_io import (
+    FRAME_COLUMNS,
+    ScreenFiles,
+    batches_of,
+    extxyz_bytes,
+    format_row,
+    frames_after,
+    prefetched,
+    read_frame_table,
+    summarize_frames,
+)
+from .structures import AtomsBatch, centred_copies, resolve_device
+from .uncertainty import per_structure_summary
 
 __all__ = [
     "FRAME_COLUMNS",
     "FrameScreen",
+    "ScreenConfig",
+    "ScreenFiles",
     "ScreenTimings",
     "ScreeningResult",
     "default_batch_atoms",
     "read_frame_table",
+    "screen_file",
     "screen_frames",
     "screen_trajectory",
     "summarize_frames",
 ]
 
-#: columns of the per-frame table, in order
-FRAME_COLUMNS = ("frame", "n_atoms", "dH_max", "dH_mean", "novel_fraction", "largest_cluster")
 
-#: test hook: seconds to sleep after a batch is appended but before it is committed
-_PAUSE_ENV = "QUESTS_TORCH_SCREEN_TEST_PAUSE"
+@dataclass(frozen=True)
+class ScreenConfig:
+    """The parameters of a screening, validated once (:mod:`quests_torch.checks`).
+
+    Attributes:
+        h: bandwidth (1/Å).
+        threshold: dH (nats) above which an atom is novel; atoms at or below it are covered
+            and form the clusters (paper: 0).
+        k: neighbours of the descriptors (must match the reference's; any ``k >= 1``).
+        cutoff: descriptor cutoff (Å, must match the reference's).
+        cluster_cutoff: largest edge of the cluster graph (Å).
+        dtype: compute dtype of descriptors and kernel sums (:attr:`compute_dtype`: float32
+            wherever float64 is off: MPS, slow-float64 CUDA cards, ``QUESTS_TORCH_FLOAT64=0``;
+            the per-frame summaries are then float32 sums on the device); as requested, it
+            identifies the screening in the resume state.
+        device: where to compute, resolved (``"auto"``/``None``: CUDA, else MPS, else CPU).
+        batch_atoms: atoms per batch, ``None`` for :func:`default_batch_atoms`.
+    """
+
+    h: float = DEFAULT_BANDWIDTH
+    threshold: float = 0.0
+    k: int = DEFAULT_K
+    cutoff: float = DEFAULT_CUTOFF
+    cluster_cutoff: float = DEFAULT_CLUSTER_CUTOFF
+    dtype: torch.dtype = torch.float64
+    device: torch.device | str | None = "cpu"
+    batch_atoms: int | None = None
+
+    def __post_init__(self) -> None:
+        checked = {
+            "h": check_h(self.h),
+            "threshold": check_threshold(self.threshold),
+            "k": check_k(self.k),
+            "cutoff": check_cutoff(self.cutoff),
+            "cluster_cutoff": check_cutoff(self.cluster_cutoff, "cluster_cutoff"),
+            "dtype": check_dtype(self.dtype),
+            "batch_atoms": None
+            if self.batch_atoms is None
+            else check_positive_int(self.batch_atoms, "batch_atoms"),
+            "device": resolve_device(self.device),
+        }
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype computed in: :attr:`dtype`, float32 where float64 is off (MPS, ...)."""
+        return compute_dtype(self.device, self.dtype)
+
+    def atoms_per_batch(self) -> int:
+        """:attr:`batch_atoms`, or :func:`default_batch_atoms` for ``k`` and the device."""
+        if self.batch_atoms is not None:
+            return self.batch_atoms
+        return default_batch_atoms(self.k, self.device)
 
 
 @dataclass
@@ -172,135 +237,63 @@ def _timed(frames: Iterable, timings: ScreenTimings) -> Iterator:
         yield item
 
 
-def _batches(frames: Iterable, batch_atoms: int) -> Iterator[list]:
-    batch: list = []
-    n = 0
-    for atoms in frames:
-        batch.append(atoms)
-        n += len(atoms)
-        if n >= batch_atoms:
-            yield batch
-            batch, n = [], 0
-    if batch:
-        yield batch
-
-
-def _prefetched(batches: Iterator[list], depth: int = 1) -> Iterator[list]:
-    """``batches``, read by a background thread up to ``depth`` batches ahead.
-
-    Parsing frames (Python, ASE) then overlaps the device work and the host syncs of the
-    previous batch instead of running in series with them. Order, errors (re-raised in the
-    consumer, with their traceback) and early exits are those of the plain iterator: when the
-    consumer stops, the reader finishes the batch it is reading and ends.
-    """
-    slots: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                slots.put(item, timeout=0.05)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def read() -> None:
-        try:
-            for batch in batches:
-                if not put(("batch", batch)):
-                    return
-            put(("end", None))
-        except BaseException as exc:  # handed to the consumer, raised there
-            put(("error", exc))
-
-    reader = threading.Thread(target=read, name="quests-torch-prefetch", daemon=True)
-    reader.start()
-    try:
-        while True:
-            kind, value = slots.get()
-            if kind == "batch":
-                yield value
-            elif kind == "end":
-                return
-            else:
-                raise value
-    finally:
-        stop.set()
-        reader.join()
-        close = getattr(batches, "close", None)
-        if close is not None:
-            close()
-
-
 def _screen_batch(
     frames: list,
     first: int,
     reference: torch.Tensor,
-    *,
-    h: float,
-    threshold: float,
-    k: int,
-    cutoff: float,
-    cluster_cutoff: float,
-    dtype: torch.dtype,
-    device: torch.device,
+    config: ScreenConfig,
     timings: ScreenTimings,
 ) -> list[FrameScreen]:
+    """Descriptors, dH, clusters and per-frame summaries of one batch of frames."""
+    device = config.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
     f64 = float64_enabled(device)
-    acc = torch.float64 if f64 else torch.float32  # of the per-frame summaries on the device
     batch = AtomsBatch.from_ase(frames if f64 else centred_copies(frames), device=device,
-                                dtype=dtype)  # fmt: skip
+                                dtype=config.compute_dtype)  # fmt: skip
     x = descriptors_from_tensors(
-        batch.positions, batch.cell, batch.pbc, batch.system_idx, k=k, cutoff=cutoff
+        batch.positions, batch.cell, batch.pbc, batch.system_idx, k=config.k, cutoff=config.cutoff
     )
     sync()
     t1 = time.perf_counter()
     with torch.no_grad():
-        dh = delta_entropy(x, reference, h)
+        dh = delta_entropy(x, reference, config.h)
     sync()
     t2 = time.perf_counter()
-    covered = dh <= threshold
     sizes, labels = largest_cluster(
-        batch.positions, batch.cell, batch.pbc, batch.system_idx, covered, cluster_cutoff
+        batch.positions,
+        batch.cell,
+        batch.pbc,
+        batch.system_idx,
+        dh <= config.threshold,
+        config.cluster_cutoff,
     )
-    n_sys = batch.n_systems
-    sidx = batch.system_idx
-    counts = torch.bincount(sidx, minlength=n_sys)
-    starts = torch.cumsum(counts, 0) - counts
-    dh64 = dh.to(acc)
-    dmax = torch.full((n_sys,), -math.inf, dtype=acc, device=device)
-    dmax.scatter_reduce_(0, sidx, dh64, reduce="amax", include_self=True)
-    # deterministic on CUDA: a sorted segment sum (no float atomics), and novel atoms counted
-    # as the odd bins of 2*sidx + novel (bincount with float weights refuses deterministic mode)
-    dmean = segment_sum(dh64, sidx, n_sys, is_sorted=True) / counts
-    pair_counts = torch.bincount(2 * sidx + (~covered).long(), minlength=2 * n_sys)
-    novel = pair_counts.view(n_sys, 2)[:, 1] / counts
-    local = torch.where(labels >= 0, labels - starts[sidx], labels)
+    # the summaries accumulate in float64 on the device (float32 where float64 is off), in
+    # sorted segments: the same bits on every run, deterministic mode included
+    dh_acc = dh.to(torch.float64 if f64 else torch.float32)
+    summary = per_structure_summary(dh_acc, batch.system_idx, batch.n_systems, config.threshold)
+    bounds = np.cumsum([0, *(len(a) for a in frames)]).tolist()
+    starts = torch.tensor(bounds[:-1], dtype=labels.dtype, device=labels.device)
+    local = torch.where(labels >= 0, labels - starts[batch.system_idx], labels)
     sync()
     t3 = time.perf_counter()
     timings.descriptors += t1 - t0
     timings.kernel += t2 - t1
     timings.clusters += t3 - t2
-    dh_cpu = dh64.cpu()
-    local = local.cpu()
-    bounds = [0, *torch.cumsum(counts, 0).tolist()]
-    dmax_l, dmean_l, novel_l = dmax.tolist(), dmean.tolist(), novel.tolist()
-    sizes_l = sizes.tolist()
+    stats = torch.stack([summary.max_dH, summary.mean_dH, summary.fraction_above]).tolist()
+    dh_cpu, local, sizes_l = dh_acc.cpu(), local.cpu(), sizes.tolist()
     return [
         FrameScreen(
             frame=first + s,
             atoms=frames[s],
             dh=dh_cpu[bounds[s] : bounds[s + 1]],
             cluster=local[bounds[s] : bounds[s + 1]],
-            dH_max=dmax_l[s],
-            dH_mean=dmean_l[s],
-            novel_fraction=novel_l[s],
+            dH_max=stats[0][s],
+            dH_mean=stats[1][s],
+            novel_fraction=stats[2][s],
             largest_cluster=int(sizes_l[s]),
         )
-        for s in range(n_sys)
+        for s in range(len(frames))
     ]
 
 
@@ -318,60 +311,27 @@ def _prepare_reference(reference, device: torch.device, dtype: torch.dtype) -> t
     return reference.detach().to(device=device, dtype=dtype)
 
 
-def _check_screen_params(h, threshold, k, cutoff, cluster_cutoff, batch_atoms) -> None:
-    for name, v in (("h", h), ("cutoff", cutoff), ("cluster_cutoff", cluster_cutoff)):
-        if not (isinstance(v, int | float) and math.isfinite(v) and v > 0):
-            raise ValueError(f"`{name}` must be a positive number, got {v!r}")
-    if not (isinstance(threshold, int | float) and math.isfinite(threshold)):
-        raise ValueError(f"`threshold` must be a finite number, got {threshold!r}")
-    if not isinstance(k, int) or k < 2:
-        raise ValueError(f"`k` must be an int >= 2, got {k!r}")
-    if batch_atoms is not None and (not isinstance(batch_atoms, int) or batch_atoms < 1):
-        raise ValueError(f"`batch_atoms` must be a positive int, got {batch_atoms!r}")
-
-
 def _screen_batches(
     frames: Iterable,
     reference,
+    config: ScreenConfig,
     *,
-    h: float,
-    threshold: float,
-    k: int,
-    cutoff: float,
-    cluster_cutoff: float,
-    dtype: torch.dtype,
-    device,
-    batch_atoms: int | None,
     start: int,
     timings: ScreenTimings,
     source: str | None = None,
 ) -> Iterator[list[FrameScreen]]:
-    _check_screen_params(h, threshold, k, cutoff, cluster_cutoff, batch_atoms)
-    device = resolve_device(device)
-    dtype = compute_dtype(device, dtype)  # float32 where float64 is off (MPS, ...)
-    ref = _prepare_reference(reference, device, dtype)
-    if ref.shape[1] != 2 * k - 1:
+    """The :class:`FrameScreen` of ``frames`` (numbered from ``start``), one list per batch;
+    an error in a frame names it (and ``source``, the file)."""
+    ref = _prepare_reference(reference, config.device, config.compute_dtype)
+    if ref.shape[1] != 2 * config.k - 1:
         raise ValueError(
-            f"`reference` has {ref.shape[1]} columns but k = {k} descriptors have {2 * k - 1}"
+            f"`reference` has {ref.shape[1]} columns but k = {config.k} descriptors have "
+            f"{2 * config.k - 1}"
         )
-    if batch_atoms is None:
-        batch_atoms = default_batch_atoms(k, device)
     first = start
-    for chunk in _prefetched(_batches(_timed(frames, timings), batch_atoms)):
+    for chunk in prefetched(batches_of(_timed(frames, timings), config.atoms_per_batch())):
         try:
-            out = _screen_batch(
-                chunk,
-                first,
-                ref,
-                h=h,
-                threshold=threshold,
-                k=k,
-                cutoff=cutoff,
-                cluster_cutoff=cluster_cutoff,
-                dtype=dtype,
-                device=device,
-                timings=timings,
-            )
+            out = _screen_batch(chunk, first, ref, config, timings)
         except ValueError as exc:
             named = _name_frames(str(exc), first, len(chunk))
             raise ValueError(named if source is None else f"{source}: {named}") from exc
@@ -419,17 +379,8 @@ def screen_frames(
     Args:
         frames: an iterable of ``ase.Atoms``.
         reference: ``[m, 2k - 1]`` reference descriptors (e.g. of a solid).
-        h: bandwidth (1/Å).
-        threshold: dH above which an atom is novel; atoms at or below it are covered and form
-            the clusters (paper: 0).
-        k: neighbours of the descriptors (must match the reference's).
-        cutoff: descriptor cutoff (Å, must match the reference's).
-        cluster_cutoff: largest edge of the cluster graph (Å).
-        dtype: compute dtype of descriptors and kernel sums (float32 wherever float64 is off:
-            MPS, slow-float64 CUDA cards, ``QUESTS_TORCH_FLOAT64=0``; the per-frame summaries
-            are then float32 sums on the device, returned as Python floats).
-        device: where to compute (``"auto"``: CUDA, else MPS, else CPU).
-        batch_atoms: atoms per batch (default :func:`default_batch_atoms`).
+        h, threshold, k, cutoff, cluster_cutoff, dtype, device, batch_atoms: the screening
+            parameters, validated into a :class:`ScreenConfig` (see its attributes).
         timings: accumulates the seconds spent per stage when given.
 
     Yields:
@@ -441,90 +392,15 @@ def screen_frames(
         >>> for f in screen_frames(frames, x_solid):
         ...     print(f.frame, f.dH_max, f.largest_cluster)
     """
-    for batch in _screen_batches(
-        frames,
-        reference,
-        h=h,
-        threshold=threshold,
-        k=k,
-        cutoff=cutoff,
-        cluster_cutoff=cluster_cutoff,
-        dtype=dtype,
-        device=device,
-        batch_atoms=batch_atoms,
-        start=0,
-        timings=timings if timings is not None else ScreenTimings(),
-    ):
+    config = ScreenConfig(h, threshold, k, cutoff, cluster_cutoff, dtype, device, batch_atoms)
+    timings = timings if timings is not None else ScreenTimings()
+    for batch in _screen_batches(frames, reference, config, start=0, timings=timings):
         yield from batch
 
 
 # --------------------------------------------------------------------------------------------
 # the resumable file pipeline
 # --------------------------------------------------------------------------------------------
-
-
-def _format_row(row: dict, jsonl: bool) -> str:
-    if jsonl:
-        return json.dumps(row) + "\n"
-    cells = (repr(v) if isinstance(v, float) else str(v) for v in (row[c] for c in FRAME_COLUMNS))
-    return ",".join(cells) + "\n"
-
-
-def read_frame_table(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Read a per-frame table written by :func:`screen_trajectory` (CSV or JSON lines).
-
-    Returns:
-        ``{column: [n_frames] array}`` for :data:`FRAME_COLUMNS`.
-    """
-    path = Path(path)
-    rows: list[dict] = []
-    with open(path) as fh:
-        if path.suffix.lower() == ".jsonl":
-            rows = [json.loads(line) for line in fh if line.strip()]
-        else:
-            header = fh.readline().strip().split(",")
-            for line in fh:
-                if line.strip():
-                    rows.append(dict(zip(header, line.strip().split(","), strict=True)))
-    out = {}
-    for c in FRAME_COLUMNS:
-        kind = np.int64 if c in ("frame", "n_atoms", "largest_cluster") else np.float64
-        out[c] = np.array([r[c] for r in rows], dtype=kind) if rows else np.zeros(0, kind)
-    return out
-
-
-def summarize_frames(table: dict[str, np.ndarray], top: int = 5) -> dict:
-    """Whole-trajectory summary of a per-frame table (rare events, extremes, melting onset).
-
-    Returns:
-        a JSON-ready dict: ``n_frames``, ``n_atoms``, the largest dH and its frame, the mean
-        dH and the novel fraction over all atoms, frames with any novel atom, the ``top``
-        frames by largest dH, the range of the largest cluster and the first frame where it
-        holds less than half of the atoms (``null`` when none).
-    """
-    n = table["n_atoms"]
-    if n.size == 0:
-        return {"n_frames": 0, "n_atoms": 0}
-    order = np.argsort(-table["dH_max"], kind="stable")[:top]
-    frac = table["largest_cluster"] / n
-    below = np.nonzero(frac < 0.5)[0]
-    return {
-        "n_frames": int(n.size),
-        "n_atoms": int(n.sum()),
-        "dH_max": float(table["dH_max"].max()),
-        "dH_max_frame": int(table["frame"][int(np.argmax(table["dH_max"]))]),
-        "dH_mean": float((table["dH_mean"] * n).sum() / n.sum()),
-        "novel_fraction": float((table["novel_fraction"] * n).sum() / n.sum()),
-        "frames_with_novel_atoms": int((table["novel_fraction"] > 0).sum()),
-        "top_frames_by_dH_max": [
-            {"frame": int(table["frame"][i]), "dH_max": float(table["dH_max"][i])} for i in order
-        ],
-        "largest_cluster_min": int(table["largest_cluster"].min()),
-        "largest_cluster_max": int(table["largest_cluster"].max()),
-        "first_frame_largest_cluster_below_half": int(table["frame"][below[0]])
-        if below.size
-        else None,
-    }
 
 
 @dataclass
@@ -553,54 +429,30 @@ class ScreeningResult:
     timings: ScreenTimings = field(default_factory=ScreenTimings)
     seconds: float = 0.0
 
-
-def _append(fh, text: str | bytes) -> None:
-    fh.write(text)
-    fh.flush()
-    os.fsync(fh.fileno())
-
-
-def _write_extxyz(fh, results: list[FrameScreen]) -> bytes:
-    import io
-
-    import ase.io
-
-    buf = io.StringIO()
-    frames = []
-    for r in results:
-        atoms = r.atoms.copy()
-        atoms.calc = None
-        atoms.arrays["dH"] = r.dh.numpy().copy()
-        atoms.arrays["cluster"] = r.cluster.numpy().copy()
-        atoms.info.update(
-            frame=r.frame,
-            dH_max=r.dH_max,
-            dH_mean=r.dH_mean,
-            novel_fraction=r.novel_fraction,
-            largest_cluster=r.largest_cluster,
+    @classmethod
+    def from_table(
+        cls,
+        files: ScreenFiles,
+        *,
+        screened: int,
+        resumed: int,
+        batch_atoms: int,
+        timings: ScreenTimings,
+        t_start: float,
+    ) -> ScreeningResult:
+        """The result of a screening whose table ``files.table`` is complete."""
+        frames = read_frame_table(files.table)
+        return cls(
+            table=files.table,
+            extxyz=files.extxyz,
+            frames=frames,
+            summary=summarize_frames(frames),
+            frames_screened=screened,
+            frames_resumed=resumed,
+            batch_atoms=batch_atoms,
+            timings=timings,
+            seconds=time.perf_counter() - t_start,
         )
-        frames.append(atoms)
-    ase.io.write(buf, frames, format="extxyz")
-    data = buf.getvalue().encode()
-    _append(fh, data)
-    return data
-
-
-def _skip_frames(trajectory: Path, index: str, done: int) -> Iterator:
-    """The selected frames after the first ``done``; the reader skips them unparsed when the
-    selection is a forward slice (``":"``, ``"10:"``, ``"::2"``), else they are parsed and
-    dropped."""
-    from ase.io.formats import string2index
-
-    sel = string2index(index)
-    if done and isinstance(sel, slice) and (sel.step or 1) > 0 and (sel.start or 0) >= 0:
-        start = (sel.start or 0) + done * (sel.step or 1)
-        if sel.stop is not None and sel.stop >= 0 and start >= sel.stop:
-            return iter(())
-        stop = "" if sel.stop is None else str(sel.stop)
-        step = "" if sel.step is None else str(sel.step)
-        return iter_structures(trajectory, f"{start}:{stop}:{step}")
-    return itertools.islice(iter_structures(trajectory, index), done, None)
 
 
 def screen_trajectory(
@@ -666,190 +518,112 @@ def screen_trajectory(
     The outputs and the state are created once the first batch is computed: a run that
     fails before leaves no file behind. ``<table>.lock`` exists while the run holds it.
     """
-    t_start = time.perf_counter()
-    _check_screen_params(h, threshold, k, cutoff, cluster_cutoff, batch_atoms)
-    check_index(index)
-    trajectory = Path(trajectory)
-    if not trajectory.exists():
-        raise FileNotFoundError(f"{trajectory}: no such file")
-    table = Path(table)
-    jsonl = table.suffix.lower() == ".jsonl"
-    xyz_path = Path(extxyz) if extxyz is not None else None
-    device = resolve_device(device)
-    if isinstance(frame_offset, bool) or not isinstance(frame_offset, int) or frame_offset < 0:
-        raise ValueError(f"`frame_offset` must be a non-negative int, got {frame_offset!r}")
-    if trajectory_key is None:
-        trajectory_key = _content_key(trajectory)
-    params, key = screening_identity(
+    return screen_file(
+        ScreenFiles.check(trajectory, table, index=index, extxyz=extxyz),
+        reference,
+        ScreenConfig(h, threshold, k, cutoff, cluster_cutoff, dtype, device, batch_atoms),
+        reference_key=reference_key,
         trajectory_key=trajectory_key,
-        reference_key=reference_hash(reference) if reference_key is None else reference_key,
-        index=index,
-        h=h,
-        threshold=threshold,
-        k=k,
-        cutoff=cutoff,
-        cluster_cutoff=cluster_cutoff,
-        dtype=dtype,
-        jsonl=jsonl,
-        xyz_path=xyz_path,
+        overwrite=overwrite,
+        progress=progress,
         frame_offset=frame_offset,
     )
-    with table_lock(table):
-        return _screen_locked(
-            trajectory,
-            reference,
-            table,
-            xyz_path,
-            key=key,
-            params=params,
-            index=index,
-            h=h,
-            threshold=threshold,
-            k=k,
-            cutoff=cutoff,
-            cluster_cutoff=cluster_cutoff,
-            dtype=dtype,
-            device=device,
-            batch_atoms=batch_atoms,
-            overwrite=overwrite,
-            progress=progress,
-            frame_offset=frame_offset,
-            t_start=t_start,
-        )
 
 
-def _screen_locked(
-    trajectory: Path,
-    reference,
-    table: Path,
-    xyz_path: Path | None,
+def screen_file(
+    files: ScreenFiles,
+    reference: torch.Tensor | np.ndarray,
+    config: ScreenConfig,
     *,
-    key: str,
-    params: dict,
-    index: str,
-    h: float,
-    threshold: float,
-    k: int,
-    cutoff: float,
-    cluster_cutoff: float,
-    dtype: torch.dtype,
-    device: torch.device,
-    batch_atoms: int | None,
-    overwrite: bool,
-    progress: bool,
-    frame_offset: int,
-    t_start: float,
+    reference_key: str | None = None,
+    trajectory_key: str | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+    frame_offset: int = 0,
 ) -> ScreeningResult:
-    """:func:`screen_trajectory` once the table's lock is held."""
-    jsonl = params["table_format"] == "jsonl"
-    header = "" if jsonl else ",".join(FRAME_COLUMNS) + "\n"
-    state_file = state_path(table)
-    state = resume_state(table, key, params, overwrite=overwrite, header=header)
-    digests: dict = {}
-    if state is not None and state["frames_done"] == 0:  # nothing committed: start afresh
-        batch_atoms = state["batch_atoms"]
-        state = None
-    if state is not None:
-        done = state["frames_done"]
-        batch_atoms = state["batch_atoms"]
-        for name, path in (("table", table), ("extxyz", xyz_path)):
-            if path is None:
-                continue
-            digests[name] = verify_committed(path, state, name)  # never cut an edited file
-            with open(path, "r+b") as fh:  # drop anything after the last committed batch
-                fh.truncate(state["bytes"][name])
-                os.fsync(fh.fileno())
-    else:
-        done = 0
-        if batch_atoms is None:
-            batch_atoms = default_batch_atoms(k, device)
-        state = new_state(key, params, batch_atoms, header, trajectory_path=str(trajectory))
+    """The resumable screening of :func:`screen_trajectory` on checked files and parameters.
 
-    timings = ScreenTimings()
-    pause = float(os.environ.get(_PAUSE_ENV, "0") or 0)
-    total = count_frames(trajectory, index)
+    Holds the table's lock (:func:`quests_torch.resume.table_lock`) for the whole run, opens
+    its resume state (refusing the outputs of another screening), resumes after the last
+    committed batch or starts afresh, then appends and commits one batch at a time and marks
+    the state complete. Arguments and errors: as :func:`screen_trajectory`.
+    """
+    t_start = time.perf_counter()
+    if isinstance(frame_offset, bool) or not isinstance(frame_offset, int) or frame_offset < 0:
+        raise ValueError(f"`frame_offset` must be a non-negative int, got {frame_offset!r}")
+    params, key = files.identity(
+        config,
+        reference,
+        trajectory_key=trajectory_key,
+        reference_key=reference_key,
+        frame_offset=frame_offset,
+    )
+    with table_lock(files.table):
+        state = files.open_state(key, params, overwrite=overwrite)
+        if state.frames_done > 0:
+            done = state.rewind()  # never cuts an edited file; drops an uncommitted tail
+        else:  # nothing committed: start afresh, with the recorded batch size if any
+            done = 0
+            state.begin(
+                state.batch_atoms or config.atoms_per_batch(),
+                trajectory_path=str(files.trajectory),
+            )
+        config = replace(config, batch_atoms=state.batch_atoms)
+        timings = ScreenTimings()
+        _screen_into(files, reference, config, state, timings, progress, frame_offset + done)
+        if state.frames_done == 0:
+            raise files.no_structures()
+        state.complete()
+    return ScreeningResult.from_table(
+        files,
+        screened=state.frames_done - done,
+        resumed=done,
+        batch_atoms=config.batch_atoms,
+        timings=timings,
+        t_start=t_start,
+    )
+
+
+def _screen_into(
+    files: ScreenFiles,
+    reference,
+    config: ScreenConfig,
+    state: ResumeState,
+    timings: ScreenTimings,
+    progress: bool,
+    start: int,
+) -> None:
+    """Screen the frames after the committed ones, appending and committing each batch."""
+    done = state.frames_done
+    frames = frames_after(files.trajectory, files.index, done)
+    batches = _screen_batches(
+        frames, reference, config, start=start, timings=timings, source=files.source
+    )
+    with _progress_bar(progress, files, done) as bar, state:
+        for batch in batches:
+            t0 = time.perf_counter()
+            rows = "".join(format_row(r.row(), files.jsonl) for r in batch).encode()
+            state.append(rows, None if files.extxyz is None else extxyz_bytes(batch))
+            state.commit(len(batch))  # a kill before this leaves an uncommitted tail, cut later
+            timings.write += time.perf_counter() - t0
+            if bar is not None:
+                bar.update(len(batch))
+
+
+@contextmanager
+def _progress_bar(progress: bool, files: ScreenFiles, done: int) -> Iterator:
+    """A tqdm bar over the selected frames (``None`` without ``progress`` or tqdm)."""
     bar = None
     if progress:
         try:
             from tqdm.auto import tqdm
 
+            total = count_frames(files.trajectory, files.index)
             bar = tqdm(total=total, initial=done, desc="screen", unit="frame")
         except ImportError:  # pragma: no cover - progress bars are optional
             bar = None
-    screened = 0
-    frames = _skip_frames(trajectory, index, done)
     try:
-        with ExitStack() as files:
-            tab = xyz = None
-            for batch in _screen_batches(
-                frames,
-                reference,
-                h=h,
-                threshold=threshold,
-                k=k,
-                cutoff=cutoff,
-                cluster_cutoff=cluster_cutoff,
-                dtype=dtype,
-                device=device,
-                batch_atoms=batch_atoms,
-                start=frame_offset + done,
-                timings=timings,
-                source=str(trajectory) if index == ":" else f"{trajectory} (selection {index!r})",
-            ):
-                t0 = time.perf_counter()
-                if tab is None:
-                    if not digests:  # a fresh start: the outputs appear with the first batch
-                        digests = _create_outputs(table, xyz_path, header, state, state_file)
-                    tab = files.enter_context(open(table, "ab"))
-                    if xyz_path is not None:
-                        xyz = files.enter_context(open(xyz_path, "ab"))
-                rows = "".join(_format_row(r.row(), jsonl) for r in batch).encode()
-                _append(tab, rows)
-                digests["table"].update(rows)
-                if xyz is not None:
-                    digests["extxyz"].update(_write_extxyz(xyz, batch))
-                if pause > 0:
-                    time.sleep(pause)  # test hook: a kill here leaves an uncommitted tail
-                done += len(batch)
-                screened += len(batch)
-                state["frames_done"] = done
-                state["bytes"] = {
-                    "table": tab.tell(),
-                    "extxyz": xyz.tell() if xyz is not None else 0,
-                }
-                state["sha256"] = {name: d.hexdigest() for name, d in digests.items()}
-                write_state(state_file, state)
-                timings.write += time.perf_counter() - t0
-                if bar is not None:
-                    bar.update(len(batch))
+        yield bar
     finally:
         if bar is not None:
             bar.close()
-    if done == 0:
-        raise ValueError(f"{trajectory}: the selection {index!r} holds no structures")
-    state["complete"] = True
-    write_state(state_file, state)
-    frames_table = read_frame_table(table)
-    return ScreeningResult(
-        table=table,
-        extxyz=xyz_path,
-        frames=frames_table,
-        summary=summarize_frames(frames_table),
-        frames_screened=screened,
-        frames_resumed=done - screened,
-        batch_atoms=batch_atoms,
-        timings=timings,
-        seconds=time.perf_counter() - t_start,
-    )
-
-
-def _create_outputs(
-    table: Path, xyz_path: Path | None, header: str, state: dict, state_file: Path
-) -> dict:
-    """Fresh outputs (the table's header, an empty extxyz) and their state; returns the
-    running SHA-256 of each."""
-    atomic_write(table, lambda p: p.write_text(header))
-    if xyz_path is not None:
-        atomic_write(xyz_path, lambda p: p.write_bytes(b""))
-    write_state(state_file, state)
-    return {"table": hashlib.sha256(header.encode()), "extxyz": hashlib.sha256()}

@@ -56,6 +56,11 @@ SLOW: dict[str, set[str] | None] = {
     "test_cli_compress.py": None,
     "test_readme.py": None,
     "test_notebooks.py": {"test_notebook_runs"},
+    "test_docs.py": {  # mkdocs builds of the site
+        "site",
+        "test_build_executes_a_notebook_with_its_figures",
+        "test_a_failing_notebook_fails_the_build",
+    },
     "test_distributed.py": {"runs"},  # the spawned ranks and the torchrun runs
     "test_torch_sim.py": {"test_import_quests_torch_does_not_import_torch_sim"},
     "test_cellgrid.py": {"test_grid_gradcheck_small"},

@@ -159,9 +159,21 @@ def test_screen_killed_and_resumed_equals_uninterrupted(data):
     args = ["screen", "traj.extxyz", "-r", "ref.extxyz", "--batch-atoms", "32", "-q"]
     cli(*args, "--table", "full.csv", "--extxyz", "full.extxyz", cwd=d)
     table, xyz, state = d / "cut.csv", d / "cut.extxyz", d / "cut.csv.state.json"
-    run = [sys.executable, "-m", "quests_torch", *args, "--table", table.name, "--extxyz", xyz.name]
+    # a pause between each batch's append and its commit: a kill there leaves an uncommitted tail
+    slow_commit = (
+        "import sys, time\n"
+        "from quests_torch.cli import main\n"
+        "from quests_torch.resume import ResumeState\n"
+        "commit = ResumeState.commit\n"
+        "def paused(self, frames):\n"
+        "    time.sleep(1.0)\n"
+        "    commit(self, frames)\n"
+        "ResumeState.commit = paused\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    run = [sys.executable, "-c", slow_commit, *args, "--table", table.name, "--extxyz", xyz.name]
     env = {**os.environ, "QUESTS_TORCH_CACHE": str(d / "cache")}
-    proc = subprocess.Popen(run, cwd=d, env={**env, "QUESTS_TORCH_SCREEN_TEST_PAUSE": "1.0"})
+    proc = subprocess.Popen(run, cwd=d, env=env)
     try:
         deadline = time.monotonic() + 120
         committed = None

@@ -253,7 +253,7 @@ def test_no_float32_matmul_escapes_full_precision(search, restore_all_flags):
 def test_prefetch_reads_ahead_in_order_and_stops_with_the_consumer():
     import threading
 
-    from quests_torch.screening import _prefetched
+    from quests_torch.screen_io import prefetched as _prefetched
 
     read: list[int] = []
     consumer_has: list[int] = []
@@ -277,7 +277,7 @@ def test_prefetch_reads_ahead_in_order_and_stops_with_the_consumer():
 
 
 def test_prefetch_reraises_reader_errors_in_the_consumer():
-    from quests_torch.screening import _prefetched
+    from quests_torch.screen_io import prefetched as _prefetched
 
     def source():
         yield [0]

@@ -131,7 +131,7 @@ def test_screen_errors():
     frame = rattled_fcc()
     with pytest.raises(ValueError, match="`reference` has 63 columns but k = 8"):
         list(screen_frames([frame], ref, k=8))
-    with pytest.raises(ValueError, match="`cluster_cutoff` must be a positive"):
+    with pytest.raises(ValueError, match="`cluster_cutoff` must be a finite number > 0"):
         list(screen_frames([frame], ref, cluster_cutoff=-1.0))
     with pytest.raises(ValueError, match="`reference` must be a non-empty"):
         list(screen_frames([frame], torch.zeros(0, 63)))
@@ -189,6 +189,32 @@ def test_screen_trajectory_resume_and_refusal(tmp_path):
         screen_trajectory(traj, ref, tmp_path / "t.csv", threshold=1.0, **kwargs)
     res3 = screen_trajectory(traj, ref, tmp_path / "t.csv", threshold=1.0, overwrite=True)
     assert res3.frames_screened == 6
+
+
+def test_screen_trajectory_resumed_twice_without_extxyz(tmp_path, monkeypatch):
+    """Two interruptions in a row: the second resume must find a valid state (a table without
+    extxyz once lost the extxyz digest from its state on the first resume)."""
+    from quests_torch.resume import ResumeState
+
+    traj = tmp_path / "traj.extxyz"
+    _write_traj(traj, n_frames=8)
+    ref = qt.get_descriptors(rattled_fcc((2, 2, 2), stdev=0.02, seed=10))
+    commit = ResumeState.commit
+
+    def interrupted(self, frames):
+        commit(self, frames)
+        raise KeyboardInterrupt  # right after one committed batch
+
+    monkeypatch.setattr(ResumeState, "commit", interrupted)
+    for _ in range(2):
+        with pytest.raises(KeyboardInterrupt):
+            screen_trajectory(traj, ref, tmp_path / "t.csv", batch_atoms=32)
+    monkeypatch.setattr(ResumeState, "commit", commit)
+    res = screen_trajectory(traj, ref, tmp_path / "t.csv", batch_atoms=32)
+    assert (res.frames_resumed, res.frames_screened) == (2, 6)
+    full = screen_trajectory(traj, ref, tmp_path / "full.csv", batch_atoms=32)
+    assert (tmp_path / "t.csv").read_bytes() == (tmp_path / "full.csv").read_bytes()
+    assert full.frames_screened == 8
 
 
 def test_descriptor_file_roundtrip_and_cache(tmp_path):

@@ -1,42 +1,26 @@
-"""The entropy learning curve, its subsets computed by all ranks together when large."""
+"""The entropy learning curve, its subsets computed by all ranks together when large.
+
+Every rank draws the same :func:`quests_torch.learning_curve.plan_learning_curve` as one
+process would; this module only deals its tasks out to the ranks and gathers their values.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from .. import metrics as _metrics
-from ..checks import check_bandwidths
-from ..kde import (
-    DEFAULT_BANDWIDTH,
-    ArrayLike,
-    Bandwidth,
-    _Source,
-)
-from ..metrics import (
-    LearningCurve,
-    _generator,
-)
+from .. import learning_curve as _curve
+from ..checks import DEFAULT_BANDWIDTH, check_bandwidths
+from ..kde import ArrayLike, Bandwidth
+from ..learning_curve import CurveTask, LearningCurve, LearningCurvePlan, plan_learning_curve
+from ..metrics import entropy as _entropy
 from . import comm
 from .kernels import check_shard, entropy, same_seed
 
 #: learning-curve subsets with more pairs than this are computed by all ranks together
 _COLLECTIVE_PAIRS = 1 << 24
-
-
-def _curve_sizes(n: int, sizes) -> torch.Tensor:
-    if sizes is None:
-        grid = np.unique(np.round(np.geomspace(min(10, n), n, 16)).astype(np.int64))
-        return torch.from_numpy(grid)
-    sizes_t = torch.as_tensor(sizes).flatten().to(torch.int64).sort().values
-    if sizes_t.numel() == 0:
-        raise ValueError("`sizes` is empty")
-    if int(sizes_t.min()) < 1 or int(sizes_t.max()) > n:
-        raise ValueError(f"`sizes` must lie in [1, {n}] (the rows of `x`), got {sizes_t.tolist()}")
-    return sizes_t
 
 
 def entropy_learning_curve(
@@ -49,35 +33,31 @@ def entropy_learning_curve(
 ) -> LearningCurve:
     """:func:`quests_torch.metrics.entropy_learning_curve` with the subsets spread over ranks.
 
-    Every rank draws the same random subsets in the same order as one process (an ``int``
-    seed, or with ``None`` a seed drawn on rank 0 and broadcast; a ``torch.Generator`` must be
-    in the same state on every rank). Subsets with at most ``2^24`` pairs are dealt out whole
-    to the ranks (largest first, to the least loaded rank) and computed by
-    :func:`quests_torch.metrics.entropy`, so their values are bit-identical to one process;
-    larger subsets (and the whole set) are computed by all ranks together with
-    :func:`entropy`. Values are shared with one all_reduce SUM (each slot is written by one
-    rank, the others add 0.0).
+    Every rank draws the same plan (:func:`quests_torch.learning_curve.plan_learning_curve`)
+    as one process (an ``int`` seed, or with ``None`` a seed drawn on rank 0 and broadcast; a
+    ``torch.Generator`` must be in the same state on every rank). Subsets with at most
+    ``2^24`` pairs are dealt out whole to the ranks (largest first, to the least loaded rank)
+    and computed by :func:`quests_torch.metrics.entropy`, so their values are bit-identical
+    to one process; larger subsets (and the whole set) are computed by all ranks together
+    with :func:`entropy`. Values are shared with one all_reduce SUM (each slot is written by
+    one rank, the others add 0.0). With ``rows`` (sampled estimates) every rank computes the
+    whole curve as one process.
 
     Returns:
         :class:`quests_torch.metrics.LearningCurve`, the same on every rank.
     """
     if not comm.is_distributed():
         check_shard(options.pop("shard", "auto"))
-        return _metrics.entropy_learning_curve(x, h, sizes, repeats, generator, **options)
+        return _curve.entropy_learning_curve(x, h, sizes, repeats, generator, **options)
     rows = options.pop("rows", None)
     if rows is not None:  # sampled estimates: every rank computes the same
         options.pop("shard", None)
-        return _metrics.entropy_learning_curve(
+        return _curve.entropy_learning_curve(
             x, h, sizes, repeats, same_seed(generator), rows=rows, **options
         )
-    src = _Source(x, "x")
-    n = src.n
-    sizes_t = _curve_sizes(n, sizes)
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"`repeats` must be a positive int, got {repeats!r}")
     if generator is None:
         generator = int(comm.broadcast_object(int(torch.randint(0, 2**62, (1,)).item())))
-    gen = _generator(generator)
+    plan = plan_learning_curve(x, sizes, repeats, generator)
     hs, vector = check_bandwidths(h)
     if isinstance(x, torch.Tensor):
         dev = x.device
@@ -86,42 +66,38 @@ def entropy_learning_curve(
     opts = {key: v for key, v in options.items() if key != "shard"}
     if not isinstance(x, torch.Tensor):
         opts["device"] = dev
-    tasks = []  # (slot, size, pick or None for the whole set, shared by all ranks?)
-    for si, s in enumerate(sizes_t.tolist()):
-        for rep in range(repeats):
-            if s == n:
-                tasks.append(((si, rep), s, None, True))
-            else:
-                pick = torch.randperm(n, generator=gen)[:s].sort().values
-                tasks.append(((si, rep), s, pick, s * s / 2 > _COLLECTIVE_PAIRS))
-    load = [0.0] * comm.world_size()
-    mine = []
-    for t in sorted((t for t in tasks if not t[3]), key=lambda t: (-t[1], t[0])):
-        q = min(range(comm.world_size()), key=lambda v: (load[v], v))
-        load[q] += float(t[1]) ** 2
-        if q == comm.rank():
-            mine.append(t)
-
-    def subset(pick: torch.Tensor) -> ArrayLike:
-        if isinstance(x, torch.Tensor):
-            return x.index_select(0, pick.to(x.device))
-        return np.ascontiguousarray(x[pick.numpy()])
-
-    shape = (len(sizes_t), repeats) + ((len(hs),) if vector else ())
-    values = torch.zeros(shape, dtype=src.dtype, device=dev)
-    for slot, _size, pick, _shared in mine:
-        values[slot] = _metrics.entropy(subset(pick), h, **opts).to(dev)
+    shape = (len(plan.sizes), plan.repeats) + ((len(hs),) if vector else ())
+    values = torch.zeros(shape, dtype=plan.dtype, device=dev)
+    for task in _dealt(plan)[comm.rank()]:
+        values[task.size_index, task.repeat] = _entropy(plan.subset(x, task), h, **opts).to(dev)
     values = comm.all_reduce(values, dist.ReduceOp.SUM)
     full = None
-    for slot, _size, pick, shared in tasks:  # the same order on every rank
-        if not shared:
+    for task in plan.tasks:  # the shared ones, in the same order on every rank
+        if not _shared(task):
             continue
-        if pick is None:
+        if task.rows is None:
             if full is None:
                 full = entropy(x, h, **options)
-            values[slot] = full.to(dev)
+            value = full
         else:
-            values[slot] = entropy(subset(pick), h, **options).to(dev)
-    mean = values.mean(1)
-    std = values.std(1, correction=0)
-    return LearningCurve(sizes_t, mean, std, values)
+            value = entropy(plan.subset(x, task), h, **options)
+        values[task.size_index, task.repeat] = value.to(dev)
+    return plan.curve(values)
+
+
+def _shared(task: CurveTask) -> bool:
+    """Computed by all ranks together: the whole set and subsets of many pairs."""
+    return task.rows is None or task.size * task.size / 2 > _COLLECTIVE_PAIRS
+
+
+def _dealt(plan: LearningCurvePlan) -> list[list[CurveTask]]:
+    """The tasks not shared, per rank: largest first, each to the least loaded rank."""
+    w = comm.world_size()
+    load = [0.0] * w
+    mine: list[list[CurveTask]] = [[] for _ in range(w)]
+    tasks = [t for t in plan.tasks if not _shared(t)]
+    for t in sorted(tasks, key=lambda t: (-t.size, t.size_index, t.repeat)):
+        q = min(range(w), key=lambda v: (load[v], v))
+        load[q] += float(t.size) ** 2
+        mine[q].append(t)
+    return mine

@@ -1,4 +1,9 @@
-"""Trajectory screening: a block of frames per rank, parts merged by rank 0."""
+"""Trajectory screening: a block of frames per rank, parts merged by rank 0.
+
+Each rank screens its block with the single-process core
+(:func:`quests_torch.screening.screen_file`, its own resume state per part); this module only
+splits the frames by rank and merges the parts.
+"""
 
 from __future__ import annotations
 
@@ -13,32 +18,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .. import screening as _screening
-from ..clusters import DEFAULT_CLUSTER_CUTOFF
-from ..descriptors import DEFAULT_CUTOFF, DEFAULT_K
-from ..io import atomic_write, check_index, count_frames, iter_structures
-from ..kde import (
-    DEFAULT_BANDWIDTH,
+from ..checks import DEFAULT_BANDWIDTH, DEFAULT_CLUSTER_CUTOFF, DEFAULT_CUTOFF, DEFAULT_K
+from ..io import atomic_write, count_frames, iter_structures
+from ..resume import ResumeState, TableInUseError, table_lock
+from ..screening import (
+    ScreenConfig,
+    ScreenFiles,
+    ScreeningResult,
+    ScreenTimings,
+    screen_file,
 )
-from ..resume import (
-    TableInUseError,
-    new_state,
-    reference_hash,
-    resume_state,
-    screening_identity,
-    state_path,
-    table_lock,
-    verify_committed,
-    write_state,
-)
-from ..resume import trajectory_key as _content_key
-from ..screening import ScreeningResult, ScreenTimings, default_batch_atoms
-from ..structures import resolve_device
 from . import comm
-
-# --------------------------------------------------------------------------------------------
-# trajectory screening
-# --------------------------------------------------------------------------------------------
 
 
 def _selected_frames(trajectory: Path, index: str) -> range:
@@ -90,11 +80,12 @@ def _concatenate(out_path: Path, sources: list[Path], head: str) -> tuple[int, s
 
 
 def _merge_parts(
-    parts: list[tuple[Path, Path | None]], table: Path, xyz_path: Path | None, header: str
+    parts: list[tuple[Path, Path | None]], files: ScreenFiles, header: str
 ) -> tuple[dict, dict]:
     """Concatenate the part files in order into ``table`` (and ``xyz_path``), each atomically;
     returns the ``bytes`` and ``sha256`` of the outputs, as the resume state records them."""
     n_bytes, sha = {}, {}
+    table, xyz_path = files.table, files.extxyz
     n_bytes["table"], sha["table"] = _concatenate(table, [t for t, _ in parts], header)
     n_bytes["extxyz"], sha["extxyz"] = 0, hashlib.sha256().hexdigest()
     if xyz_path is not None:
@@ -164,182 +155,122 @@ def screen_trajectory(
         ``frames_screened``/``frames_resumed`` summed over ranks, ``timings`` the largest per
         stage over ranks, ``batch_atoms`` this rank's.
     """
+    config = ScreenConfig(h, threshold, k, cutoff, cluster_cutoff, dtype, device, batch_atoms)
+    files = ScreenFiles.check(trajectory, table, index=index, extxyz=extxyz)
+    keys = {"trajectory_key": trajectory_key, "reference_key": reference_key}
     if not comm.is_distributed():
-        return _screening.screen_trajectory(
-            trajectory,
-            reference,
-            table,
-            index=index,
-            extxyz=extxyz,
-            h=h,
-            threshold=threshold,
-            k=k,
-            cutoff=cutoff,
-            cluster_cutoff=cluster_cutoff,
-            dtype=dtype,
-            device=device,
-            batch_atoms=batch_atoms,
-            reference_key=reference_key,
-            trajectory_key=trajectory_key,
-            overwrite=overwrite,
-            progress=progress,
-        )
+        return screen_file(files, reference, config, **keys, overwrite=overwrite, progress=progress)
     t_start = time.perf_counter()
-    _screening._check_screen_params(h, threshold, k, cutoff, cluster_cutoff, batch_atoms)
-    check_index(index)
-    trajectory = Path(trajectory)
-    if not trajectory.exists():
-        raise FileNotFoundError(f"{trajectory}: no such file")
-    table = Path(table)
-    jsonl = table.suffix.lower() == ".jsonl"
-    xyz_path = Path(extxyz) if extxyz is not None else None
-    header = "" if jsonl else ",".join(_screening.FRAME_COLUMNS) + "\n"
-    r = comm.rank()
-
     # rank 0 decides (one view of the files), holding the table's lock for the whole run:
-    # "done", or the frame range to screen; the content keys are computed once, here
+    # "done", or the frame range to screen; the content keys are computed once, there
     lock = ExitStack()
     decision: tuple = ("error", "ValueError", "")
-    params: dict = {}
-    key = ""
-    if r == 0:
-        try:
-            lock.enter_context(table_lock(table))
-            keys = (
-                _content_key(trajectory) if trajectory_key is None else trajectory_key,
-                reference_hash(reference) if reference_key is None else reference_key,
-            )
-            params, key = screening_identity(
-                trajectory_key=keys[0],
-                reference_key=keys[1],
-                index=index,
-                h=h,
-                threshold=threshold,
-                k=k,
-                cutoff=cutoff,
-                cluster_cutoff=cluster_cutoff,
-                dtype=dtype,
-                jsonl=jsonl,
-                xyz_path=xyz_path,
-            )
-            state = resume_state(table, key, params, overwrite=overwrite, header=header)
-            if state is not None and state.get("complete") is True:
-                for name, path in (("table", table), ("extxyz", xyz_path)):
-                    if path is not None:
-                        verify_committed(path, state, name, exact=True)
-                decision = ("done", state["frames_done"], keys)
-            else:
-                for name, path in (("table", table), ("extxyz", xyz_path)):
-                    if state is not None and path is not None and path.exists():
-                        verify_committed(path, state, name)  # the merge would replace it
-                frames = _selected_frames(trajectory, index)
-                if len(frames) == 0:
-                    raise ValueError(f"{trajectory}: the selection {index!r} holds no structures")
-                decision = ("run", (frames.start, frames.stop, frames.step), keys)
-        except (ValueError, OSError) as exc:
-            lock.close()
-            decision = ("error", type(exc).__name__, str(exc))
+    if comm.rank() == 0:
+        decision = _decide(files, reference, config, keys, overwrite, lock)
     decision = comm.broadcast_object(decision)
     if decision[0] == "error":
         raise _DECISION_ERRORS.get(decision[1], ValueError)(decision[2])
     with lock:
         screened, resumed, timings, local_batch = _screen_parts(
-            decision,
-            trajectory,
-            reference,
-            table,
-            xyz_path,
-            params=params,
-            key=key,
-            header=header,
-            h=h,
-            threshold=threshold,
-            k=k,
-            cutoff=cutoff,
-            cluster_cutoff=cluster_cutoff,
-            dtype=dtype,
-            device=device,
-            batch_atoms=batch_atoms,
-            overwrite=overwrite,
-            progress=progress,
-            keep_parts=keep_parts,
+            decision, files, reference, config, overwrite, progress, keep_parts
         )
+    return _gathered(files, screened, resumed, timings, local_batch, t_start)
+
+
+def _gathered(
+    files: ScreenFiles,
+    screened: int,
+    resumed: int,
+    timings: ScreenTimings,
+    batch_atoms: int,
+    t_start: float,
+) -> ScreeningResult:
+    """The result on every rank: frames summed over ranks, the largest time per stage."""
     stats = torch.tensor([float(screened), float(resumed)], dtype=torch.float64)
     screened, resumed = (int(v) for v in comm.all_reduce(stats, dist.ReduceOp.SUM).tolist())
     names = list(ScreenTimings.__dataclass_fields__)
     spent = torch.tensor([getattr(timings, f) for f in names], dtype=torch.float64)
     spent = comm.all_reduce(spent, dist.ReduceOp.MAX).tolist()
-    frames_table = _screening.read_frame_table(table)
-    return ScreeningResult(
-        table=table,
-        extxyz=xyz_path,
-        frames=frames_table,
-        summary=_screening.summarize_frames(frames_table),
-        frames_screened=screened,
-        frames_resumed=resumed,
-        batch_atoms=local_batch,
+    return ScreeningResult.from_table(
+        files,
+        screened=screened,
+        resumed=resumed,
+        batch_atoms=batch_atoms,
         timings=ScreenTimings(**dict(zip(names, spent, strict=True))),
-        seconds=time.perf_counter() - t_start,
+        t_start=t_start,
+    )
+
+
+def _decide(
+    files: ScreenFiles, reference, config: ScreenConfig, keys: dict, overwrite: bool, lock
+) -> tuple:
+    """Rank 0's decision: ``("done", frames, params, key)`` for a complete screening (its
+    outputs verified whole), ``("run", (start, stop, step), params, key)`` for the file
+    positions to screen, or ``("error", type name, message)``; takes the table's lock into
+    ``lock`` (released on error)."""
+    try:
+        lock.enter_context(table_lock(files.table))
+        params, key = files.identity(config, reference, **keys)
+        state = files.open_state(key, params, overwrite=overwrite)
+        if state.is_complete:
+            state.validate(exact=True)
+            return ("done", state.frames_done, params, key)
+        if state.record is not None:
+            state.validate(missing_ok=True)  # the merge would replace the outputs
+        frames = _selected_frames(files.trajectory, files.index)
+        if len(frames) == 0:
+            raise files.no_structures()
+        return ("run", (frames.start, frames.stop, frames.step), params, key)
+    except (ValueError, OSError) as exc:
+        lock.close()
+        return ("error", type(exc).__name__, str(exc))
+
+
+def _part_files(files: ScreenFiles, frames: range, q: int, w: int) -> ScreenFiles:
+    """The part of rank ``q`` of ``w``: its block of ``frames`` and its output files."""
+    a, b = comm.shard_range(len(frames), q, w)
+    folder, stem = _parts_folder(files.table), f"rank{q:05d}-of-{w:05d}"
+    return ScreenFiles(
+        files.trajectory,
+        _index_of(frames[a:b]) if b > a else ":",
+        folder / f"{stem}{'.jsonl' if files.jsonl else '.csv'}",
+        None if files.extxyz is None else folder / f"{stem}.extxyz",
     )
 
 
 def _screen_parts(
     decision: tuple,
-    trajectory: Path,
+    files: ScreenFiles,
     reference,
-    table: Path,
-    xyz_path: Path | None,
-    *,
-    params: dict,
-    key: str,
-    header: str,
-    batch_atoms: int | None,
+    config: ScreenConfig,
     overwrite: bool,
     progress: bool,
     keep_parts: bool,
-    device,
-    **kw,
 ) -> tuple[int, int, ScreenTimings, int]:
     """Every rank screens its block into its part (resumable); rank 0 merges the parts.
-
-    Rank 0 writes the table's state *before* the merged files: first a state with nothing
-    committed but the header, then the table and extxyz, then the state marking them
-    complete; the parts are deleted only after that. A crash anywhere in between leaves a
-    state of this screening that is not complete, so a rerun resumes the (finished) parts
-    and merges them again.
 
     Returns:
         frames screened and resumed by this rank, its timings and ``batch_atoms``.
     """
     w, r = comm.world_size(), comm.rank()
+    local_batch = config.batch_atoms or 0
     if decision[0] == "done":
-        return 0, decision[1] if r == 0 else 0, ScreenTimings(), batch_atoms or 0
-    traj_key, ref_key = decision[2]
-    timings = ScreenTimings()
-    screened = resumed = 0
-    local_batch = batch_atoms or 0
-    frames = range(*decision[1])
+        return 0, decision[1] if r == 0 else 0, ScreenTimings(), local_batch
+    _, bounds, params, key = decision
+    frames = range(*bounds)
     f0, f1 = comm.shard_range(len(frames))
-    folder = _parts_folder(table)
-    suffix = ".csv" if header else ".jsonl"
-    name = f"rank{r:05d}-of-{w:05d}"
-    error: BaseException | None = None
+    timings, screened, resumed, error = ScreenTimings(), 0, 0, None
     if f1 > f0:
         try:
-            part = _screening.screen_trajectory(
-                trajectory,
+            part = screen_file(
+                _part_files(files, frames, r, w),
                 reference,
-                folder / f"{name}{suffix}",
-                index=_index_of(frames[f0:f1]),
-                extxyz=None if xyz_path is None else folder / f"{name}.extxyz",
-                device=device,
-                batch_atoms=batch_atoms,
-                reference_key=ref_key,
-                trajectory_key=traj_key,
+                config,
+                trajectory_key=params["trajectory"],
+                reference_key=params["reference"],
                 overwrite=overwrite,
                 progress=progress and r == 0,
                 frame_offset=f0,
-                **kw,
             )
             screened, resumed = part.frames_screened, part.frames_resumed
             timings, local_batch = part.timings, part.batch_atoms
@@ -349,42 +280,19 @@ def _screen_parts(
         comm.raise_if_any_failed(error, "screening")
     except BaseException:
         if r == 0:
-            try:
-                folder.rmdir()  # only when empty: a run that failed on its input leaves nothing
+            try:  # only when empty: a run that failed on its input leaves nothing
+                _parts_folder(files.table).rmdir()
             except OSError:
                 pass
         raise
-
-    # rank 0 merges; the others wait for its outcome
-    outcome = None
+    outcome = None  # rank 0 merges; the others wait for its outcome
     if r == 0:
         try:
             t0 = time.perf_counter()
-            parts = []
-            for q in range(w):
-                a, b = comm.shard_range(len(frames), q, w)
-                if b > a:
-                    stem = f"rank{q:05d}-of-{w:05d}"
-                    parts.append(
-                        (
-                            folder / f"{stem}{suffix}",
-                            None if xyz_path is None else folder / f"{stem}.extxyz",
-                        )
-                    )
-            state = new_state(
-                key,
-                params,
-                local_batch or default_batch_atoms(params["k"], resolve_device(device)),
-                header,
-                trajectory_path=str(trajectory),
-                world_size=w,
+            state = ResumeState(
+                files.table, files.extxyz, key=key, params=params, header=files.header
             )
-            write_state(state_path(table), state)  # first: nothing committed but the header
-            n_bytes, sha = _merge_parts(parts, table, xyz_path, header)
-            state.update(frames_done=len(frames), complete=True, bytes=n_bytes, sha256=sha)
-            write_state(state_path(table), state)
-            if not keep_parts:
-                shutil.rmtree(_parts_folder(table), ignore_errors=True)
+            _merge(files, frames, state, local_batch or config.atoms_per_batch(), keep_parts)
             timings.write += time.perf_counter() - t0
         except Exception as exc:
             outcome = f"{type(exc).__name__}: {exc}"
@@ -392,3 +300,25 @@ def _screen_parts(
     if outcome is not None:
         raise RuntimeError(f"merging the screening parts failed on rank 0: {outcome}")
     return screened, resumed, timings, local_batch
+
+
+def _merge(
+    files: ScreenFiles, frames: range, state: ResumeState, batch_atoms: int, keep_parts: bool
+) -> None:
+    """Concatenate the parts into the outputs between two writes of the table's state.
+
+    First a state of this screening with nothing committed but the header, then the table
+    and extxyz (each written atomically), then the state marking them complete; the parts
+    are deleted only after that. A crash anywhere in between leaves a state of this
+    screening that is not complete, so a rerun resumes the (finished) parts and merges
+    them again.
+    """
+    w = comm.world_size()
+    blocks = [comm.shard_range(len(frames), q, w) for q in range(w)]
+    parts = [_part_files(files, frames, q, w) for q, (a, b) in enumerate(blocks) if b > a]
+    state.begin(batch_atoms, trajectory_path=str(files.trajectory), world_size=w)
+    state.save()
+    n_bytes, sha = _merge_parts([(p.table, p.extxyz) for p in parts], files, files.header)
+    state.complete(frames_done=len(frames), n_bytes=n_bytes, sha256=sha)
+    if not keep_parts:
+        shutil.rmtree(_parts_folder(files.table), ignore_errors=True)
