@@ -265,6 +265,7 @@ class EntropyBiasModel(EntropyBiasTerms, _Wrapper):
 
     @property
     def compute_stress(self) -> bool:
+        """Whether the bias stress is added (set through to the wrapped model as well)."""
         return self._stress
 
     @compute_stress.setter
