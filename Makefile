@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.quests-torch-installed
 
-.PHONY: setup test test-all demo lint bench bench-reference gpu-check dist docs clean
+.PHONY: setup test test-fast demo lint bench bench-reference gpu-check dist docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ setup: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# the quick loop: everything but the `slow` tests (subprocesses, torchrun, notebooks, > ~20 s;
+# listed in tests/conftest.py); `make test` runs them all
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -19,9 +19,9 @@ this CPU's matrix-multiply peak::
     fraction = evaluated_pairs * 2 * (d + 2) / t / peak_gemm_flops
 
 where ``2 (d + 2)`` is the flop count of one augmented GEMM entry (``d = 63``) and
-``peak_gemm_flops`` is measured in the same run (best of a 2048^3 ``torch.mm``; SPEC.md
-quotes ~130 GFLOP/s float64 and ~260 float32 for this machine). The ``exp`` of every pair is
-not counted in the flops.
+``peak_gemm_flops`` is measured in the same run (best of a 2048^3 ``torch.mm``; about
+130 GFLOP/s float64 and 260 float32 on the project's 2-core machine). The ``exp`` of every
+pair is not counted in the flops.
 
 Usage::
 

@@ -41,13 +41,16 @@ from ase.calculators.calculator import (
     all_changes,
 )
 
+from .checks import check_h, check_positive_float, check_positive_int, check_threshold
 from .metrics import entropy as _entropy
-from .structures import AtomsBatch, segment_sum
+from .metrics import entropy_per_structure
+from .structures import AtomsBatch, segment_sum, strain_rows
 from .uncertainty import UncertaintyBank
 
 __all__ = [
     "BiasTerms",
     "EntropyBiasCalculator",
+    "EntropyBiasTerms",
     "ExtrapolationError",
     "QuestsUncertaintyCalculator",
     "check_bank",
@@ -132,18 +135,12 @@ class QuestsUncertaintyCalculator(Calculator):
             raise TypeError(f"`calc` must be an ASE calculator, got {type(calc).__name__}")
         if action not in ("raise", "flag"):
             raise ValueError(f"`action` must be 'raise' or 'flag', got {action!r}")
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"`every` must be a positive int, got {every!r}")
-        if threshold is not None:
-            if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
-                raise TypeError(f"`threshold` must be a float or None, got {threshold!r}")
-            threshold = float(threshold)
         super().__init__()
         self.calc = calc
         self.bank = check_bank(bank)
-        self.threshold = threshold
+        self.threshold = None if threshold is None else check_threshold(threshold, allow_inf=True)
         self.action = action
-        self.every = every
+        self.every = check_positive_int(every, "every")
         self.implemented_properties = [
             *calc.implemented_properties,
             *(p for p in ("dH", "max_dH") if p not in calc.implemented_properties),
@@ -201,7 +198,8 @@ _REDUCTIONS = ("mean", "softmax")
 
 
 class BiasTerms(NamedTuple):
-    """Terms of the entropy bias of one structure (tensors, differentiable).
+    """Terms of the entropy bias of one structure (tensors, differentiable); from
+    :meth:`EntropyBiasTerms.bias_of_descriptors` each is per structure (``[n_systems]``).
 
     Attributes:
         energy: 0-d bias energy ``-lambda f - mu H`` (eV).
@@ -234,26 +232,19 @@ def check_bias_options(
     Raises:
         ValueError: a non-finite strength, an unknown reduction, ``beta <= 0``, or a
             saturation that is not a positive float.
+        TypeError: ``beta`` or ``saturation`` is not a number.
     """
     if reduction not in _REDUCTIONS:
         raise ValueError(f"`reduction` must be one of {_REDUCTIONS}, got {reduction!r}")
     for name, v in (("strength", strength), ("entropy_strength", entropy_strength)):
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
             raise ValueError(f"`{name}` must be a finite float, got {v!r}")
-    if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not beta > 0:
-        raise ValueError(f"`beta` must be a positive float, got {beta!r}")
-    if saturation is not None and (
-        isinstance(saturation, bool)
-        or not isinstance(saturation, numbers.Real)
-        or not 0 < saturation < math.inf
-    ):
-        raise ValueError(f"`saturation` must be a positive float or None, got {saturation!r}")
     return (
         float(strength),
         reduction,
-        float(beta),
+        check_positive_float(beta, "beta"),
         float(entropy_strength),
-        None if saturation is None else float(saturation),
+        None if saturation is None else check_positive_float(saturation, "saturation"),
     )
 
 
@@ -318,12 +309,74 @@ def entropy_bias_energy(
     return energy, f
 
 
-def _deform(x: torch.Tensor, deform: torch.Tensor) -> torch.Tensor:
-    """``x @ deform`` for rows of 3-vectors, elementwise (no matmul, so no TF32 anywhere)."""
-    return (x[..., :, None] * deform).sum(-2)
+class EntropyBiasTerms:
+    """The options and the energy of the entropy bias ``E_s = -lambda f_s(dH) - mu H_s``.
+
+    Shared by :class:`EntropyBiasCalculator` and the torch-sim ``EntropyBiasModel`` (a base
+    class of both): :meth:`set_bias_options` validates the options once
+    (:func:`check_bias_options`) and stores them as the attributes ``strength``,
+    ``reduction``, ``beta``, ``entropy_strength``, ``saturation`` and ``entropy_h`` (default
+    the bank's ``h``); :meth:`bias_of_descriptors` evaluates the bias of descriptors against
+    ``self.bank`` (:func:`entropy_bias_energy`).
+    """
+
+    bank: UncertaintyBank
+
+    def set_bias_options(
+        self,
+        strength: float,
+        reduction: str,
+        beta: float,
+        entropy_strength: float,
+        entropy_h: float | None,
+        saturation: float | None,
+    ) -> None:
+        """Validate and store the bias options (``self.bank`` must be set)."""
+        (
+            self.strength,
+            self.reduction,
+            self.beta,
+            self.entropy_strength,
+            self.saturation,
+        ) = check_bias_options(strength, reduction, beta, entropy_strength, saturation)
+        self.entropy_h = self.bank.h if entropy_h is None else check_h(entropy_h, "entropy_h")
+
+    def bias_of_descriptors(
+        self, y: torch.Tensor, system_idx: torch.Tensor | None = None, n_systems: int = 1
+    ) -> BiasTerms:
+        """Bias of the environments ``y`` [n_atoms, d] of ``n_systems`` structures.
+
+        Returns:
+            :class:`BiasTerms` with ``[n_systems]`` ``energy`` and ``f``, ``[n_atoms]`` ``dH``
+            and ``[n_systems]`` ``entropy`` (``None`` when ``mu = 0``); differentiable.
+            Without ``system_idx`` (one structure) the entropy is that of
+            :func:`~quests_torch.metrics.entropy`, else of
+            :func:`~quests_torch.metrics.entropy_per_structure`.
+        """
+        dh = self.bank.delta_entropy(y)
+        h_struct = None
+        if self.entropy_strength != 0.0:
+            if system_idx is None:
+                h_struct = _entropy(y, self.entropy_h, dtype=self.bank.dtype)[None]
+            else:
+                h_struct = entropy_per_structure(
+                    y, system_idx, self.entropy_h, n_systems, dtype=self.bank.dtype
+                )
+        energy, f = entropy_bias_energy(
+            dh,
+            system_idx,
+            n_systems,
+            strength=self.strength,
+            reduction=self.reduction,
+            beta=self.beta,
+            saturation=self.saturation,
+            entropy=h_struct,
+            entropy_strength=self.entropy_strength,
+        )
+        return BiasTerms(energy, f, dh, h_struct)
 
 
-class EntropyBiasCalculator(Calculator):
+class EntropyBiasCalculator(EntropyBiasTerms, Calculator):
     r"""Bias potential rewarding novel environments: ``E = -lambda f(dH) - mu H``.
 
     ``f`` reduces the per-atom dH of the structure against ``bank``: ``"mean"``, or the smooth
@@ -369,14 +422,7 @@ class EntropyBiasCalculator(Calculator):
     ) -> None:
         super().__init__()
         self.bank = check_bank(bank)
-        (
-            self.strength,
-            self.reduction,
-            self.beta,
-            self.entropy_strength,
-            self.saturation,
-        ) = check_bias_options(strength, reduction, beta, entropy_strength, saturation)
-        self.entropy_h = bank.h if entropy_h is None else float(entropy_h)
+        self.set_bias_options(strength, reduction, beta, entropy_strength, entropy_h, saturation)
 
     def bias_terms(
         self, positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor, numbers=None
@@ -390,20 +436,8 @@ class EntropyBiasCalculator(Calculator):
             numbers: ``[n_atoms]`` atomic numbers (multicomponent banks).
         """
         y = self.bank.descriptors_of(positions, cell, pbc, None, numbers)
-        dh = self.bank.delta_entropy(y)
-        h_struct = None
-        if self.entropy_strength != 0.0:
-            h_struct = _entropy(y, self.entropy_h, dtype=self.bank.dtype)
-        energy, f = entropy_bias_energy(
-            dh,
-            strength=self.strength,
-            reduction=self.reduction,
-            beta=self.beta,
-            saturation=self.saturation,
-            entropy=None if h_struct is None else h_struct[None],
-            entropy_strength=self.entropy_strength,
-        )
-        return BiasTerms(energy[0], f[0], dh, h_struct)
+        energy, f, dh, h_struct = self.bias_of_descriptors(y)
+        return BiasTerms(energy[0], f[0], dh, None if h_struct is None else h_struct[0])
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
@@ -425,8 +459,8 @@ class EntropyBiasCalculator(Calculator):
             eps.requires_grad_(True)
             inputs.append(eps)
         deform = torch.eye(3, dtype=b.dtype, device=b.positions.device) + eps
-        positions = _deform(pos0, deform)
-        cell = _deform(b.cell[0], deform)
+        positions = strain_rows(pos0, deform)
+        cell = strain_rows(b.cell[0], deform)
         terms = self.bias_terms(positions, cell, b.pbc[0], numbers_)
         grads = torch.autograd.grad(terms.energy, inputs)
         self._store(terms)

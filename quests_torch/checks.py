@@ -128,12 +128,16 @@ def check_h(h: object, name: str = "h") -> float:
     return check_bandwidths(float(h), name)[0][0]
 
 
-def check_threshold(threshold: object, name: str = "threshold") -> float:
-    """A dH threshold (nats) as a finite float."""
+def check_threshold(
+    threshold: object, name: str = "threshold", *, allow_inf: bool = False
+) -> float:
+    """A dH threshold (nats) as a finite float (``allow_inf``: or +-inf, never NaN)."""
     if not _is_real(threshold):
         raise TypeError(f"`{name}` must be a float, got {type(threshold).__name__}")
-    if not math.isfinite(threshold):
-        raise ValueError(f"`{name}` must be finite, got {threshold}")
+    if math.isnan(threshold) or not (allow_inf or math.isfinite(threshold)):
+        raise ValueError(
+            f"`{name}` must be {'a number' if allow_inf else 'finite'}, got {threshold}"
+        )
     return float(threshold)
 
 

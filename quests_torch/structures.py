@@ -17,7 +17,14 @@ import torch
 
 from .checks import check_dtype
 
-__all__ = ["AtomsBatch", "canonical_device", "centred_copies", "resolve_device", "segment_sum"]
+__all__ = [
+    "AtomsBatch",
+    "canonical_device",
+    "centred_copies",
+    "resolve_device",
+    "segment_sum",
+    "strain_rows",
+]
 
 
 def canonical_device(device: torch.device | str) -> torch.device:
@@ -344,3 +351,13 @@ def validate_batch(
         raise ValueError("`system_idx` must be sorted (atoms of each structure contiguous)")
     s = int(torch.nonzero(counts == 0)[0, 0])
     raise ValueError(f"structure {s} is empty: `system_idx` assigns it no atoms")
+
+
+def strain_rows(x: torch.Tensor, deform: torch.Tensor) -> torch.Tensor:
+    """Rows of 3-vectors times their 3x3 deformation, ``x[..., i, :] @ deform[..., i, :, :]``.
+
+    Elementwise products and a sum, no matmul (so no TF32 whatever the matmul flags): the
+    strained positions and cell rows whose derivative at ``deform = 1`` gives the virial of
+    the bias stress. ``x [..., n, 3]`` with ``deform [..., n, 3, 3]`` or a broadcastable shape.
+    """
+    return (x[..., :, None] * deform).sum(-2)

@@ -43,22 +43,27 @@ import numpy as np
 import torch
 
 from ._precision import compute_dtype, full_precision
-from .checks import check_dtype, check_h
-from .descriptors import (
+from .checks import (
+    DEFAULT_BANDWIDTH,
     DEFAULT_CUTOFF,
     DEFAULT_K,
-    _check_params,
+    check_cutoff,
+    check_dtype,
+    check_h,
+    check_k,
+)
+from .descriptors import (
     descriptor_width,
     descriptors_from_tensors,
     get_descriptors,
     species_numbers,
 )
 from .io import DescriptorSet, is_descriptor_file, load_descriptors, read_structures
-from .kde import DEFAULT_BANDWIDTH, PreparedReferences
+from .kde import PreparedReferences
 from .metrics import delta_entropy
 from .structures import AtomsBatch, resolve_device, segment_sum
 
-__all__ = ["StructureUncertainty", "UncertaintyBank", "per_structure_summary"]
+__all__ = ["StructureUncertainty", "UncertaintyBank", "parameter_mismatch", "per_structure_summary"]
 
 _STATE_VERSION = 1
 
@@ -159,9 +164,8 @@ class UncertaintyBank(torch.nn.Module):
         species: Sequence[str | int] | None = None,
     ) -> None:
         super().__init__()
-        _check_params(k, cutoff)
-        self.k = int(k)
-        self.cutoff = float(cutoff)
+        self.k = check_k(k)
+        self.cutoff = check_cutoff(cutoff)
         self.h = check_h(h)
         self.species = species_numbers(species)
         dtype = check_dtype(_dtype_of(descriptors) if dtype is None else dtype)
@@ -330,8 +334,7 @@ class UncertaintyBank(torch.nn.Module):
             raise ValueError(
                 f"not an UncertaintyBank state: extra state must hold k, cutoff, h, got {state!r}"
             )
-        k, cutoff = int(state["k"]), float(state["cutoff"])
-        _check_params(k, cutoff)
+        k, cutoff = check_k(int(state["k"])), check_cutoff(float(state["cutoff"]))
         h = check_h(float(state["h"]))
         species = species_numbers(state.get("species"))
         width = descriptor_width(k, len(species) if species else 0)
@@ -470,16 +473,12 @@ class UncertaintyBank(torch.nn.Module):
     # ------------------------------------------------------------------ checks
     def check_parameters(self, k: int | None = None, cutoff: float | None = None, *, name="query"):
         """Raise ``ValueError`` when ``k``/``cutoff`` (where given) differ from the bank's."""
-        if k is not None and int(k) != self.k:
+        bad = parameter_mismatch(k, cutoff, self.k, self.cutoff)
+        if bad is not None:
+            p, given, ours = bad
             raise ValueError(
-                f"{name} was computed with k={k} but the bank uses k={self.k}: descriptors made "
-                "with different parameters cannot be compared"
-            )
-        if cutoff is not None and not math.isclose(float(cutoff), self.cutoff, rel_tol=1e-12):
-            raise ValueError(
-                f"{name} was computed with cutoff={cutoff} but the bank uses "
-                f"cutoff={self.cutoff}: descriptors made with different parameters cannot be "
-                "compared"
+                f"{name} was computed with {p}={given} but the bank uses {p}={ours}: "
+                "descriptors made with different parameters cannot be compared"
             )
 
     def _check_width(self, x: torch.Tensor, name: str) -> torch.Tensor:
@@ -652,13 +651,24 @@ def _set_name(ds: DescriptorSet) -> str:
     return f"descriptor set {ds.source!r}" if ds.source else "descriptor set"
 
 
+def parameter_mismatch(
+    k: int | None, cutoff: float | None, expected_k: int, expected_cutoff: float
+) -> tuple[str, object, object] | None:
+    """The first of ``k`` and ``cutoff`` (where given) that differs from the expected value
+    (cutoffs to 1e-12 relative), as ``(name, given, expected)``; ``None`` when both agree."""
+    if k is not None and int(k) != expected_k:
+        return "k", k, expected_k
+    if cutoff is not None and not math.isclose(float(cutoff), expected_cutoff, rel_tol=1e-12):
+        return "cutoff", cutoff, expected_cutoff
+    return None
+
+
 def _check_same_params(ds: DescriptorSet, k: int | None, cutoff: float | None) -> None:
-    if k is not None and int(k) != ds.k:
-        raise ValueError(f"{_set_name(ds)} was computed with k={ds.k}, not the requested k={k}")
-    if cutoff is not None and not math.isclose(float(cutoff), ds.cutoff, rel_tol=1e-12):
+    bad = parameter_mismatch(k, cutoff, ds.k, ds.cutoff)
+    if bad is not None:
+        p, given, theirs = bad
         raise ValueError(
-            f"{_set_name(ds)} was computed with cutoff={ds.cutoff}, not the requested "
-            f"cutoff={cutoff}"
+            f"{_set_name(ds)} was computed with {p}={theirs}, not the requested {p}={given}"
         )
 
 

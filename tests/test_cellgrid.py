@@ -7,21 +7,20 @@ every result is compared with upstream's values and with the pair-list path on t
 
 from __future__ import annotations
 
-import ase.io
 import numpy as np
 import pytest
 import torch
 from ase import Atoms
 from ase.build import bulk, fcc111, molecule
-from conftest import DATA, random_rotation, rattled_fcc
+from conftest import descriptor_structures, load_reference, rattled_fcc, rotated_and_shifted
 
 import quests_torch.descriptors as D
 from quests_torch import AtomsBatch, get_descriptors
 from quests_torch.cellgrid import plan_grid, select_block
 from quests_torch.neighbors import complete_cell
 
-REF = np.load(DATA / "descriptor_reference.npz")
-STRUCTURES = {a.info["name"]: a for a in ase.io.read(DATA / "descriptor_structures.extxyz", ":")}
+REF = load_reference("descriptor")
+STRUCTURES = descriptor_structures()
 
 
 @pytest.fixture
@@ -172,11 +171,7 @@ def test_invariances_on_the_grid(grid_path):
     """Rotation + translation, permutation, re-wrapping and supercells."""
     atoms = STRUCTURES["cu_rattled_triclinic"] * (2, 2, 2)
     x = get_descriptors(atoms)
-    rot = atoms.copy()
-    q = random_rotation(7)
-    rot.set_cell(atoms.cell[:] @ q.T, scale_atoms=False)
-    rot.positions = atoms.positions @ q.T + np.array([1.3, -7.2, 40.0])
-    assert (get_descriptors(rot) - x).abs().max() <= 1e-10
+    assert (get_descriptors(rotated_and_shifted(atoms, 7)) - x).abs().max() <= 1e-10
     perm = np.random.default_rng(8).permutation(len(atoms))
     moved = atoms[perm]
     moved.positions += np.random.default_rng(9).integers(-2, 3, (len(atoms), 3)) @ atoms.cell[:]

@@ -12,32 +12,16 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import ase.io
 import numpy as np
 import pytest
 import torch
-from conftest import rattled_fcc
+from conftest import cli, rattled_fcc, read_json
 
 import quests_torch as qt
 from quests_torch import metrics
 from quests_torch.screening import read_frame_table, screen_frames
-
-
-def cli(*args, cwd: Path, env: dict | None = None, check: bool = True):
-    full_env = {**os.environ, "QUESTS_TORCH_CACHE": str(cwd / "cache"), **(env or {})}
-    proc = subprocess.run(
-        [sys.executable, "-m", "quests_torch", *map(str, args)],
-        cwd=cwd,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}: {proc.stderr}")
-    return proc
 
 
 @pytest.fixture(scope="module")
@@ -53,23 +37,19 @@ def data(tmp_path_factory):
     return d, read
 
 
-def _json(path: Path) -> dict:
-    return json.loads(path.read_text())
-
-
 def test_descriptors_entropy_from_structures_and_files(data):
     d, read = data
     x = qt.get_descriptors(read["ref"])
     cli("descriptors", "ref.extxyz", "-o", "ref.npz", cwd=d)
     cli("descriptors", "ref.extxyz", "-o", "ref.pt", "--json", "desc.json", cwd=d)
-    assert _json(d / "desc.json")["results"]["width"] == 63
+    assert read_json(d / "desc.json")["results"]["width"] == 63
     proc = cli("entropy", "ref.extxyz", "-o", "e_xyz.json", cwd=d)
     assert "entropy   H =" in proc.stdout and "diversity D =" in proc.stdout
     h_ref, d_ref = float(metrics.entropy(x)), float(metrics.diversity(x))
     for out, inp in (("e_xyz.json", None), ("e_npz.json", "ref.npz"), ("e_pt.json", "ref.pt")):
         if inp is not None:
             cli("entropy", inp, "-o", out, "-q", cwd=d)
-        res = _json(d / out)
+        res = read_json(d / out)
         assert res["results"]["entropy"] == pytest.approx(h_ref, rel=1e-12)
         assert res["results"]["diversity"] == pytest.approx(d_ref, rel=1e-12)
         assert res["results"]["n"] == 96
@@ -88,14 +68,14 @@ def test_dh_and_overlap_match_library(data):
     )  # fmt: skip
     dh = metrics.delta_entropy(xt, xr)
     np.testing.assert_allclose(np.load(d / "dh.npy"), dh.numpy(), rtol=1e-12, atol=1e-12)
-    res = _json(d / "dh.json")["results"]
+    res = read_json(d / "dh.json")["results"]
     assert res["novelty"] == pytest.approx(float((dh > 0).double().mean()))
     assert res["dH_max"] == pytest.approx(float(dh.max()), rel=1e-12)
     assert res["top"][0]["dH"] == pytest.approx(float(dh.max()), rel=1e-12)
     assert (d / "plots/t-dh-histogram.png").read_bytes()[:4] == b"\x89PNG"
     assert "novel (dH > 0)" in proc.stdout
     cli("overlap", "test.extxyz", "-r", "ref.extxyz", "-b", "0.02", "-o", "ov.json", cwd=d)
-    res = _json(d / "ov.json")["results"]
+    res = read_json(d / "ov.json")["results"]
     assert res["overlap"] == pytest.approx(float(metrics.overlap(xt, xr, 0.02)))
     assert res["overlap_reverse"] == pytest.approx(float(metrics.overlap(xr, xt, 0.02)))
 
@@ -104,7 +84,7 @@ def test_learning_curve_and_bandwidth(data):
     d, read = data
     x = qt.get_descriptors(read["ref"])
     cli("learning-curve", "ref.extxyz", "--repeats", "2", "--plot", "lc", "-o", "lc.json", cwd=d)
-    res = _json(d / "lc.json")["results"]
+    res = read_json(d / "lc.json")["results"]
     curve = metrics.entropy_learning_curve(x, repeats=2, generator=0)
     assert res["sizes"] == curve.sizes.tolist()
     np.testing.assert_allclose(res["entropy_mean"], curve.mean.numpy(), rtol=1e-12)
@@ -112,7 +92,7 @@ def test_learning_curve_and_bandwidth(data):
     assert res["fit"]["h_inf"] == pytest.approx(fit.h_inf, rel=1e-9)
     assert (d / "lc-learning-curve.png").exists()
     cli("bandwidth", "ref.extxyz", "-o", "bw.json", cwd=d)
-    res = _json(d / "bw.json")["results"]
+    res = read_json(d / "bw.json")["results"]
     v = float(np.mean([a.get_volume() / len(a) for a in read["ref"]]))
     assert res["volume_per_atom"] == pytest.approx(v)
     assert res["bandwidth"] == pytest.approx(metrics.bandwidth(v, "gaussian"))
@@ -151,7 +131,7 @@ def test_screen_matches_library_and_caches_reference(data):
         "--plot", "s1", "-o", "s1.json", cwd=d,
     )  # fmt: skip
     assert "8 frames, 256 atoms" in proc.stdout
-    res = _json(d / "s1.json")
+    res = read_json(d / "s1.json")
     assert res["inputs"]["reference"]["cache_hit"] is False
     table = read_frame_table(d / "s1.csv")
     lib = list(screen_frames(read["traj"], qt.get_descriptors(read["ref"]), batch_atoms=64))
@@ -169,7 +149,7 @@ def test_screen_matches_library_and_caches_reference(data):
         "screen", "traj.extxyz", *common, "--table", "s2.jsonl", "-o", "s2.json", "-q", cwd=d
     )
     assert proc.stdout == ""
-    assert _json(d / "s2.json")["inputs"]["reference"]["cache_hit"] is True
+    assert read_json(d / "s2.json")["inputs"]["reference"]["cache_hit"] is True
     t2 = read_frame_table(d / "s2.jsonl")
     assert all(np.array_equal(t2[c], table[c]) for c in table)
 
@@ -226,7 +206,7 @@ def test_screen_killed_and_resumed_equals_uninterrupted(data):
     assert read_frame_table(table)["frame"].tolist() == list(range(8))
     # restarting a finished run screens nothing and changes nothing
     out = cli(*args, "--table", table.name, "--extxyz", xyz.name, "-o", "again.json", cwd=d)
-    res = _json(d / "again.json")["results"]
+    res = read_json(d / "again.json")["results"]
     assert (res["frames_resumed"], res["frames_screened_now"]) == (8, 0)
     assert table.read_bytes() == (d / "full.csv").read_bytes()
 
@@ -235,6 +215,6 @@ def test_python_api_unaffected_by_cli_dtype(data):
     # float32 through the CLI stays within the documented float32 accuracy of the library
     d, read = data
     cli("entropy", "ref.extxyz", "--dtype", "float32", "-o", "e32.json", cwd=d)
-    h32 = _json(d / "e32.json")["results"]["entropy"]
+    h32 = read_json(d / "e32.json")["results"]["entropy"]
     x = qt.get_descriptors(read["ref"], dtype=torch.float32)
     assert h32 == pytest.approx(float(metrics.entropy(x)), rel=1e-5)

@@ -10,8 +10,7 @@ import pytest
 import torch
 from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
-from conftest import DATA
-from test_cli import cli
+from conftest import DATA, cli
 
 import quests_torch as qt
 from quests_torch.compression import compress, generation_report

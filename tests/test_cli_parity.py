@@ -7,38 +7,13 @@ to the library calls on the same (small) data.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import ase.io
 import numpy as np
 import pytest
-from conftest import rattled_fcc
+from conftest import cli, rattled_fcc, read_json
 
 import quests_torch as qt
 from quests_torch import metrics
-
-
-def cli(*args, cwd: Path, check: bool = True):
-    env = {**os.environ, "QUESTS_TORCH_CACHE": str(cwd / "cache")}
-    proc = subprocess.run(
-        [sys.executable, "-m", "quests_torch", *map(str, args)],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}: {proc.stderr}")
-    return proc
-
-
-def _json(path: Path) -> dict:
-    return json.loads(path.read_text())
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +42,7 @@ def test_dh_approx_matches_library_and_times_both(data):
     approx = metrics.approx_delta_entropy(xt, xr, n=5).numpy()
     exact = metrics.delta_entropy(xt, xr).numpy()
     np.testing.assert_allclose(np.load(d / "a.npy"), approx, rtol=1e-12, atol=1e-12)
-    res = _json(d / "a.json")
+    res = read_json(d / "a.json")
     r = res["results"]
     assert r["approx"] == 5 and res["parameters"]["approx"] == 5
     assert r["dH_max"] == pytest.approx(float(approx.max()), rel=1e-12)
@@ -82,7 +57,7 @@ def test_dh_approx_matches_library_and_times_both(data):
     # --no-exact: the same dH, no exact time
     cli("dh", "test.extxyz", "-r", "ref.extxyz", "--approx", "5", "--no-exact", "-o", "b.json",
         "--save", "b.npy", "-q", cwd=d)  # fmt: skip
-    res = _json(d / "b.json")
+    res = read_json(d / "b.json")
     assert "seconds_exact" not in res["timings"] and "seconds_approx" in res["timings"]
     assert res["parameters"]["exact_timed"] is False
     np.testing.assert_array_equal(np.load(d / "b.npy"), np.load(d / "a.npy"))
@@ -115,7 +90,7 @@ def test_entropy_per_environment_npy_csv_extxyz(data):
     assert h == pytest.approx(np.log(len(dh_self)) + dh_self.mean(), rel=1e-12)
     proc = cli("entropy", "ref.extxyz", "--per-environment", "pe.npy", "-o", "pe.json", cwd=d)
     np.testing.assert_allclose(np.load(d / "pe.npy"), dh_self, rtol=1e-12, atol=1e-12)
-    res = _json(d / "pe.json")["results"]
+    res = read_json(d / "pe.json")["results"]
     assert res["entropy"] == pytest.approx(h, rel=1e-12)
     pe = res["per_environment"]
     assert pe["dH_self_mean"] == pytest.approx(res["entropy"] - res["log_n"], rel=1e-10)
@@ -174,7 +149,7 @@ def test_generate_gradient_and_random_walk_match_library(data):
     proc = cli("generate", "ref.extxyz", "-i", "0", "--target", "2", "-w", "g.extxyz",
                "-o", "g.json", cwd=d)  # fmt: skip
     lib = generate_to_target(read["ref"][0], bank, 2.0)
-    res = _json(d / "g.json")
+    res = read_json(d / "g.json")
     s = res["results"]["structures"][0]
     assert s["reached"] and s["start"] == 0
     np.testing.assert_allclose(s["history"], lib.history, rtol=1e-10)
@@ -187,7 +162,7 @@ def test_generate_gradient_and_random_walk_match_library(data):
     cli("generate", "ref.extxyz", "-n", "2", "--seed", "4", "-m", "random-walk", "--target",
         "0", "--steps", "300", "--statistic", "mean", "--tolerance", "0.5", "-w", "r.extxyz",
         "--compare", "-o", "r.json", "-q", cwd=d)  # fmt: skip
-    res = _json(d / "r.json")["results"]
+    res = read_json(d / "r.json")["results"]
     starts = np.random.default_rng(4).integers(0, 3, size=2).tolist()
     assert [s["start"] for s in res["structures"]] == starts
     frames = ase.io.read(d / "r.extxyz", ":")
@@ -215,7 +190,7 @@ def test_generate_unreachable_target_refused_unless_best_effort(data):
     assert not (d / "u.extxyz").exists() and not (d / "u.json").exists()
     proc = cli(*args, "--best-effort", cwd=d)
     assert "target NOT reached" in proc.stdout
-    res = _json(d / "u.json")["results"]
+    res = read_json(d / "u.json")["results"]
     assert res["n_reached"] == 0 and res["structures"][0]["n_evaluations"] == 3
     (out,) = ase.io.read(d / "u.extxyz", ":")
     assert out.info["generate_reached"] is False

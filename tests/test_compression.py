@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from ase.io import read
-from conftest import DATA
+from conftest import DATA, load_reference
 
 from quests_torch import get_descriptors
 from quests_torch.compression import (
@@ -29,8 +29,7 @@ from quests_torch.metrics import diversity, entropy, novelty, overlap
 
 @pytest.fixture(scope="module")
 def reference():
-    with np.load(DATA / "compression_reference.npz") as f:
-        return {k: f[k] for k in f.files}
+    return load_reference("compression")
 
 
 @pytest.fixture(scope="module")

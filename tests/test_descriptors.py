@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
-import ase.io
 import numpy as np
 import pytest
 import torch
 from ase import Atoms
 from ase.build import bulk, fcc111, molecule
-from conftest import DATA, random_rotation, rattled_fcc
+from conftest import (
+    central_difference,
+    descriptor_structures,
+    load_reference,
+    rattled_fcc,
+    rotated_and_shifted,
+)
 
 from quests_torch import AtomsBatch, descriptors_from_tensors, get_descriptors
 
-REF = np.load(DATA / "descriptor_reference.npz")
-STRUCTURES = {a.info["name"]: a for a in ase.io.read(DATA / "descriptor_structures.extxyz", ":")}
+REF = load_reference("descriptor")
+STRUCTURES = descriptor_structures()
 
 
 # ----------------------------------------------------------------------------- parity
@@ -187,11 +192,7 @@ def test_perfect_crystal_ties_are_deterministic():
 def test_rotation_translation_invariance():
     atoms = STRUCTURES["cu_rattled_triclinic"]
     x = get_descriptors(atoms)
-    rot = atoms.copy()
-    q = random_rotation(1)
-    rot.set_cell(atoms.cell[:] @ q.T, scale_atoms=False)
-    rot.positions = atoms.positions @ q.T + np.array([1.3, -7.2, 40.0])
-    assert (get_descriptors(rot) - x).abs().max() <= 1e-10
+    assert (get_descriptors(rotated_and_shifted(atoms, 1)) - x).abs().max() <= 1e-10
 
 
 def test_permutation_and_rewrapping_invariance():
@@ -298,12 +299,9 @@ def test_gradient_through_full_descriptor_matches_finite_differences():
     pos = b.positions.clone().requires_grad_(True)
     (g,) = torch.autograd.grad(f(pos), pos)
     assert torch.isfinite(g).all()
-    h = 1e-5
     for atom, axis in [(0, 0), (17, 2), (53, 1)]:
-        dp = torch.zeros_like(b.positions)
-        dp[atom, axis] = h
-        fd = (f(b.positions + dp) - f(b.positions - dp)) / (2 * h)
-        assert abs(float(fd) - float(g[atom, axis])) <= 1e-6 * max(1.0, abs(float(fd)))
+        fd = float(central_difference(f, b.positions, (atom, axis), 1e-5))
+        assert abs(fd - float(g[atom, axis])) <= 1e-6 * max(1.0, abs(fd))
 
 
 # ------------------------------------------------------------------------- bad input

@@ -21,7 +21,7 @@ import ase.io
 import numpy as np
 import pytest
 import torch
-from conftest import DATA, rattled_fcc
+from conftest import load_reference, rattled_fcc
 
 import quests_torch as qt
 from quests_torch import distributed as qd
@@ -39,8 +39,8 @@ WORLD = 2
 
 def _data(folder: Path) -> dict:
     """Small inputs written to ``folder`` (the workers read the same files)."""
-    with np.load(DATA / "kde_reference.npz") as f:
-        solid, liquid, query = f["x_solid"], f["x_liquid"], f["x_query"]
+    f = load_reference("kde")
+    solid, liquid, query = f["x_solid"], f["x_liquid"], f["x_query"]
     x = np.concatenate([solid[::2], liquid[::2]])  # 768 environments
     far = query[:5] + 1.0  # dH ~ 1e5 nats: the exact shifted path
     x_far = np.concatenate([x[:300], far])
@@ -228,9 +228,11 @@ def test_single_process_is_a_no_op(tmp_path):
     with pytest.raises(ValueError, match="`shard` must be one of"):
         qd.entropy(x, H, shard="diagonal")
     # differentiable like the single-process metrics (no collectives involved)
-    xg = x.clone().requires_grad_()
+    xg, xm = x.clone().requires_grad_(), x.clone().requires_grad_()
     qd.entropy(xg, H).backward()
-    assert xg.grad is not None
+    metrics.entropy(xm, H).backward()
+    assert torch.isfinite(xg.grad).all()
+    assert torch.equal(xg.grad, xm.grad)
 
 
 # ------------------------------------------------------------------- two gloo ranks

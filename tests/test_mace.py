@@ -164,7 +164,7 @@ def test_mace_model_and_bank_must_agree(model, bank):
         UncertaintyModel(mace64, UncertaintyBank(bank.descriptors[:8].clone()).to("meta"))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_mace_on_cuda_bank_on_cpu_is_an_error(model, bank):
     mace = MaceModel(model, device=torch.device("cuda"), dtype=F64)
     with pytest.raises(ValueError, match=r"`model` is on cuda"):

@@ -18,6 +18,7 @@ ts = pytest.importorskip("torch_sim")
 
 from ase.build import bulk  # noqa: E402
 from ase.stress import voigt_6_to_full_3x3_stress  # noqa: E402
+from conftest import central_difference  # noqa: E402
 from torch_sim.models.lennard_jones import LennardJonesModel  # noqa: E402
 
 from quests_torch import EntropyBiasCalculator, ExtrapolationError, UncertaintyBank  # noqa: E402
@@ -197,11 +198,8 @@ def test_bias_forces_and_stress_are_finite_difference_derivatives(bank, systems)
     rows = st.cell.mT
     d = 1e-5
     for atom, axis in [(0, 0), (5, 2), (40, 1)]:
-        hi, lo = st.positions.clone(), st.positions.clone()
-        hi[atom, axis] += d
-        lo[atom, axis] -= d
         s = int(st.system_idx[atom])
-        fd = -(energy(hi, rows)[s] - energy(lo, rows)[s]) / (2 * d)
+        fd = -central_difference(lambda p, s=s: energy(p, rows)[s], st.positions, (atom, axis), d)
         assert float(out["forces"][atom, axis]) == pytest.approx(float(fd), abs=1e-6)
 
     def strained(eps):  # positions and cell rows times (1 + eps), per system
@@ -405,41 +403,17 @@ def test_other_bad_arguments(bank, systems):
         EntropyBiasModel(None, bank, reduction="max")
     with pytest.raises(ValueError, match="wrapped `model` does not compute stress"):
         EntropyBiasModel(lj(compute_stress=False), bank, compute_stress=True)
+
+    def run(**changes):
+        kwargs = {"n_steps": 1, "temperature": 1.0, "timestep": 0.001, "threshold": 0.0}
+        run_with_uncertainty(systems, lj(), bank=bank, integrator=NVT, **kwargs | changes)
+
     with pytest.raises(ValueError, match="`action` must be one of"):
-        run_with_uncertainty(
-            systems,
-            lj(),
-            bank=bank,
-            integrator=NVT,
-            n_steps=1,
-            temperature=1.0,
-            timestep=0.001,
-            threshold=0.0,
-            action="stop",
-        )
+        run(action="stop")
     with pytest.raises(ValueError, match="`temperature` must be a float or one per system"):
-        run_with_uncertainty(
-            systems,
-            lj(),
-            bank=bank,
-            integrator=NVT,
-            n_steps=1,
-            temperature=[1.0, 2.0],
-            timestep=0.001,
-            threshold=0.0,
-        )
+        run(temperature=[1.0, 2.0])
     with pytest.raises(ValueError, match="`check_every` must be an int >= 1"):
-        run_with_uncertainty(
-            systems,
-            lj(),
-            bank=bank,
-            integrator=NVT,
-            n_steps=1,
-            temperature=1.0,
-            timestep=0.001,
-            threshold=0.0,
-            check_every=0,
-        )
+        run(check_every=0)
     open_state = ts.io.atoms_to_state([systems[0]], CPU, F64)
     open_state.pbc = False
     with pytest.raises(ValueError, match=r"`state\.pbc` must be fully periodic"):

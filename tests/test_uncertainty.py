@@ -18,6 +18,7 @@ try:
 except ImportError:  # ASE < 3.28
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution as thermalize_momenta
 from ase.md.verlet import VelocityVerlet
+from conftest import check_against_fd
 
 from quests_torch import AtomsBatch, descriptors_from_tensors, get_descriptors
 from quests_torch.calculators import (
@@ -28,8 +29,6 @@ from quests_torch.calculators import (
 from quests_torch.io import DescriptorSet, save_descriptors
 from quests_torch.metrics import delta_entropy, diversity, entropy
 from quests_torch.uncertainty import UncertaintyBank, per_structure_summary
-
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def _cu(reps=(3, 3, 3), stdev=0.05, seed=1, a=3.61):
@@ -83,7 +82,12 @@ def test_per_structure_summary_matches_a_loop_and_is_differentiable(device):
     dh.requires_grad_(True)
     res = per_structure_summary(dh, idx, 4, threshold=0.2)
     (res.max_dH.sum() + res.mean_dH.sum()).backward()
-    assert dh.grad is not None and torch.isfinite(dh.grad).all()
+    # d(max + mean)/d dH: 1/n_s on every atom of structure s, plus 1 on its maximum
+    expected = 1.0 / torch.tensor(counts, dtype=torch.float64)[idx.cpu()]
+    for s, start in enumerate(np.cumsum([0, *counts[:-1]])):
+        expected[start + int(dh.detach().cpu()[idx.cpu() == s].argmax())] += 1.0
+    assert torch.isfinite(dh.grad).all()
+    torch.testing.assert_close(dh.grad.cpu(), expected, rtol=1e-15, atol=1e-15)
     top, mean, frac = (v.detach().cpu() for v in res[1:])
     for s in range(4):
         part = dh.detach().cpu()[idx.cpu() == s]
@@ -211,20 +215,6 @@ def test_multicomponent_bank_uses_numbers():
     assert torch.allclose(bank.evaluate_atoms(q).dH, expected, rtol=0, atol=1e-12)
 
 
-@pytest.fixture
-def restore_precision_flags():
-    saved = [
-        (b, b.fp32_precision)
-        for b in (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
-        if hasattr(b, "fp32_precision")
-    ]
-    legacy = torch.backends.cudnn.allow_tf32
-    yield
-    for b, v in saved:
-        b.fp32_precision = v
-    torch.backends.cudnn.allow_tf32 = legacy
-
-
 def test_full_precision_whatever_the_matmul_flags(bank, device, restore_precision_flags):
     b32 = UncertaintyBank.from_descriptors(bank.descriptors, dtype=torch.float32, device=device)
     q = AtomsBatch.from_ase(_cu((2, 2, 2), 0.1, seed=3), device=device, dtype=torch.float32)
@@ -243,7 +233,7 @@ def test_full_precision_whatever_the_matmul_flags(bank, device, restore_precisio
     assert torch.allclose(clean.double(), exact, rtol=0, atol=1e-3)
 
 
-@CUDA
+@pytest.mark.cuda
 def test_device_mismatch_is_an_error(bank):
     q = AtomsBatch.from_ase(_cu(), device="cuda")
     with pytest.raises(ValueError, match="but the bank is on cpu"):
@@ -278,33 +268,6 @@ def test_gradcheck_entropy_and_diversity_wrt_cell():
     assert torch.autograd.gradcheck(f, (cell,), eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
-def _check_against_fd(f, x0, g, coords, eps=1e-7, rtol=1e-6):
-    """Central differences of ``f`` at ``x0`` along ``coords`` against the gradient ``g``.
-
-    The QUESTS descriptor is only piecewise smooth: sorting the rows of R (and the x1 values)
-    puts a kink wherever two entries cross, and on thermal Cu one atomic coordinate meets one
-    every ~4e-5 Å (measured: 5.5 % of central differences with step 1e-6 Å straddle one,
-    none of 108 at 1e-7 Å). A larger bandwidth does not help: the kinks are in the descriptor,
-    and both the gradient of dH and its jumps scale like 1/h^2. So the step is 1e-7 Å (or
-    1e-7 of strain), and a coordinate whose differences with steps ``eps`` and ``eps/2``
-    disagree (a kink inside a stencil; smooth functions agree to ~1e-9 here) is skipped; at
-    most half may be.
-    """
-    checked = 0
-    for c in coords:
-        fds = []
-        for e in (eps, eps / 2):
-            d = torch.zeros_like(x0)
-            d[c] = e
-            fds.append((float(f(x0 + d)) - float(f(x0 - d))) / (2 * e))
-        scale = max(1.0, abs(fds[0]))
-        if abs(fds[0] - fds[1]) > rtol * scale:
-            continue
-        assert abs(fds[0] - float(g[c])) <= rtol * scale, (c, fds, float(g[c]))
-        checked += 1
-    assert checked >= 0.5 * len(coords)
-
-
 def test_dh_and_entropy_gradients_match_finite_differences_on_thermal_cell(bank):
     """108-atom Cu (3x3x3 FCC, a = 3.61 Å, rattled 0.08 Å ~ 300 K amplitude), k=32, r_c=5,
     h=0.015 against the 768-environment thermal bank: d(mean dH)/dr, d(max dH)/dr,
@@ -324,7 +287,7 @@ def test_dh_and_entropy_gradients_match_finite_differences_on_thermal_cell(bank)
         (int(a), int(x))
         for a, x in zip(rng.integers(0, 108, 10), rng.integers(0, 3, 10), strict=True)
     ]
-    _check_against_fd(mean_dh, pos0, g_mean, coords)
+    check_against_fd(mean_dh, pos0, g_mean, coords)
     top = int(dh.argmax())
     near = [(top, 0), (top, 1), (top, 2)]
 
@@ -332,7 +295,7 @@ def test_dh_and_entropy_gradients_match_finite_differences_on_thermal_cell(bank)
         with torch.no_grad():
             return bank(pp, q.cell, q.pbc).max()
 
-    _check_against_fd(max_dh, pos0, g_max, near)
+    check_against_fd(max_dh, pos0, g_max, near)
 
     cell = q.cell.clone().requires_grad_(True)
     (g_cell,) = torch.autograd.grad(bank(pos0, cell, q.pbc).mean(), cell)
@@ -342,14 +305,14 @@ def test_dh_and_entropy_gradients_match_finite_differences_on_thermal_cell(bank)
             return bank(pos0, c, q.pbc).mean()
 
     cells = [(0, 0, 0), (0, 1, 1), (0, 1, 2), (0, 2, 0)]
-    _check_against_fd(mean_dh_cell, q.cell, g_cell, cells)
+    check_against_fd(mean_dh_cell, q.cell, g_cell, cells)
 
     def h_cell(c):
         return entropy(descriptors_from_tensors(pos0, c, q.pbc, q.system_idx), h=0.015)
 
     (g_h,) = torch.autograd.grad(h_cell(cell), cell)
     with torch.no_grad():
-        _check_against_fd(h_cell, q.cell, g_h, cells[:3])
+        check_against_fd(h_cell, q.cell, g_h, cells[:3])
 
 
 # ------------------------------------------------------------------------- ASE wrapper
@@ -443,7 +406,7 @@ def test_bias_energy_forces_stress_are_consistent(bank):
             return a.get_potential_energy()
 
         coords = [(0, 0), (9, 1), (22, 2), (31, 0), (31, 1), (5, 2)]
-        _check_against_fd(energy, x0, torch.from_numpy(-forces), coords)
+        check_against_fd(energy, x0, torch.from_numpy(-forces), coords)
 
         def strained(s, kw=kw):
             a = atoms.copy()
@@ -458,7 +421,7 @@ def test_bias_energy_forces_stress_are_consistent(bank):
                 [stress[4], stress[3], stress[2]],
             ]
         )
-        _check_against_fd(
+        check_against_fd(
             strained,
             torch.zeros(3, 3, dtype=torch.float64),
             torch.from_numpy(full * atoms.get_volume()),

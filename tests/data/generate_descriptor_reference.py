@@ -21,8 +21,9 @@ sub-structure used by the multicomponent descriptor) is checked for a gap of at 
 ``MIN_RANK_GAP`` between the k-th and (k+1)-th neighbour distances. Ties *inside* the
 kept set do not matter: x1 is a sorted list and x2 is symmetric in the neighbours.
 
-As an independent guard, every stored descriptor is recomputed from the formula in
-SPEC section 1 with an ASE neighbour list and plain NumPy, and must agree to 1e-10.
+As an independent guard, every stored descriptor is recomputed from the formula of the QUESTS
+paper (Schwalbe-Koda et al., Nat. Commun. 2025) with an ASE neighbour list and plain NumPy,
+and must agree to 1e-10.
 """
 
 from __future__ import annotations
@@ -185,8 +186,8 @@ def smooth_cutoff(r: np.ndarray, cutoff: float) -> np.ndarray:
     return (1.0 - z**2) ** 2
 
 
-def spec_descriptor_one(vectors: np.ndarray, k: int, cutoff: float) -> np.ndarray:
-    """SPEC section 1 descriptor of one atom from its sorted neighbour vectors [n, 3]."""
+def formula_descriptor_one(vectors: np.ndarray, k: int, cutoff: float) -> np.ndarray:
+    """The paper's descriptor of one atom from its sorted neighbour vectors [n, 3]."""
     vec = vectors[:k]
     r = np.linalg.norm(vec, axis=1)
     n = len(r)
@@ -203,27 +204,27 @@ def spec_descriptor_one(vectors: np.ndarray, k: int, cutoff: float) -> np.ndarra
     return np.concatenate([x1, x2])
 
 
-def spec_descriptors(atoms: Atoms, k: int, cutoff: float) -> np.ndarray:
-    """SPEC section 1 descriptors of every atom, via an ASE neighbour list (slow, exact)."""
+def formula_descriptors(atoms: Atoms, k: int, cutoff: float) -> np.ndarray:
+    """The paper's descriptors of every atom, via an ASE neighbour list (slow, exact)."""
     i, d, vec = neighbor_list("idD", atoms, cutoff)
     out = np.zeros((len(atoms), 2 * k - 1))
     for a in range(len(atoms)):
         mine = i == a
         order = np.argsort(d[mine], kind="stable")
-        out[a] = spec_descriptor_one(vec[mine][order], k, cutoff)
+        out[a] = formula_descriptor_one(vec[mine][order], k, cutoff)
     return out
 
 
-def spec_multicomponent(atoms: Atoms, species: list[str], k: int, cutoff: float) -> np.ndarray:
-    """Upstream-layout multicomponent descriptor from the SPEC formula.
+def formula_multicomponent(atoms: Atoms, species: list[str], k: int, cutoff: float) -> np.ndarray:
+    """Upstream-layout multicomponent descriptor from the paper's formula.
 
     Blocks: [x1(all), x1(s_1), ..., x1(s_S), x2(all), x2(s_1), ..., x2(s_S)].
     """
-    blocks = [spec_descriptors(atoms, k, cutoff)]
+    blocks = [formula_descriptors(atoms, k, cutoff)]
     symbols = np.array(atoms.get_chemical_symbols())
     for sp in species:
         part = np.zeros_like(blocks[0])
-        part[symbols == sp] = spec_descriptors(atoms[symbols == sp], k, cutoff)
+        part[symbols == sp] = formula_descriptors(atoms[symbols == sp], k, cutoff)
         blocks.append(part)
     x1 = [b[:, :k] for b in blocks]
     x2 = [b[:, k:] for b in blocks]
@@ -231,10 +232,10 @@ def spec_multicomponent(atoms: Atoms, species: list[str], k: int, cutoff: float)
 
 
 def crosscheck(label: str, reference: np.ndarray, independent: np.ndarray) -> float:
-    """Raise if the upstream and SPEC-formula descriptors differ by more than the tolerance."""
+    """Raise if the upstream descriptors and the paper's formula differ beyond the tolerance."""
     diff = float(np.max(np.abs(reference - independent)))
     if not diff <= CROSSCHECK_TOL:
-        raise ValueError(f"{label}: upstream vs SPEC formula differ by {diff:.3e}")
+        raise ValueError(f"{label}: upstream vs the paper's formula differ by {diff:.3e}")
     return diff
 
 
@@ -257,18 +258,18 @@ def reference_arrays(structures: list[Atoms]) -> tuple[dict[str, np.ndarray], li
         name = atoms.info["name"]
         gap = check_no_ties(atoms, name)
         ref = get_descriptors([atoms], k=K, cutoff=CUTOFF, dtype="float64")
-        diff = crosscheck(name, ref, spec_descriptors(atoms, K, CUTOFF))
+        diff = crosscheck(name, ref, formula_descriptors(atoms, K, CUTOFF))
         arrays[name] = ref
-        log.append(f"{name:22s} atoms={len(atoms):4d} gap={gap:.2e} Å spec_diff={diff:.1e}")
+        log.append(f"{name:22s} atoms={len(atoms):4d} gap={gap:.2e} Å formula_diff={diff:.1e}")
     alloy = next(a for a in structures if a.info["name"] == "alloy")
     species = sorted(set(alloy.get_chemical_symbols()))
     for sp in species:
         check_no_ties(alloy[np.array(alloy.get_chemical_symbols()) == sp], f"alloy[{sp}]")
     mc = get_descriptors_multicomponent([alloy], k=K, cutoff=CUTOFF, species=species)
-    diff = crosscheck("mc_alloy", mc, spec_multicomponent(alloy, species, K, CUTOFF))
+    diff = crosscheck("mc_alloy", mc, formula_multicomponent(alloy, species, K, CUTOFF))
     arrays["mc_alloy"] = mc
     arrays["mc_species"] = np.array(species)
-    log.append(f"{'mc_alloy':22s} shape={mc.shape} spec_diff={diff:.1e}")
+    log.append(f"{'mc_alloy':22s} shape={mc.shape} formula_diff={diff:.1e}")
     return arrays, log
 
 
