@@ -374,13 +374,20 @@ def screen_frames(
     """Screen frames against reference descriptors, one :class:`FrameScreen` per frame.
 
     Frames are consumed lazily (pass ``ase.io.iread(...)`` to stream a file) and processed in
-    batches of about ``batch_atoms`` atoms.
+    batches of about ``batch_atoms`` atoms. The parameters are validated once into a
+    :class:`ScreenConfig`.
 
     Args:
         frames: an iterable of ``ase.Atoms``.
         reference: ``[m, 2k - 1]`` reference descriptors (e.g. of a solid).
-        h, threshold, k, cutoff, cluster_cutoff, dtype, device, batch_atoms: the screening
-            parameters, validated into a :class:`ScreenConfig` (see its attributes).
+        h: bandwidth (1/Å).
+        threshold: dH (nats) above which an atom is novel (paper: 0).
+        k: neighbours of the descriptors (must match the reference's).
+        cutoff: descriptor cutoff (Å, must match the reference's).
+        cluster_cutoff: largest edge of the cluster graph (Å).
+        dtype: compute dtype of descriptors and kernel sums.
+        device: where to compute (``"auto"``/``None``: CUDA, else MPS, else CPU).
+        batch_atoms: atoms per batch, ``None`` for :func:`default_batch_atoms`.
         timings: accumulates the seconds spent per stage when given.
 
     Yields:

@@ -56,8 +56,6 @@ MISSING_DOCSTRING_ALLOWLIST: set[str] = {
     "quests_torch.UncertaintyBank.extra_repr",
     "quests_torch.UncertaintyBank.set_extra_state",
     "quests_torch.compression.CompressionCurve.as_dict",
-    "quests_torch.integrations.torch_sim.EntropyBiasModel.compute_forces",
-    "quests_torch.integrations.torch_sim.EntropyBiasModel.compute_stress",
 }
 
 # Docstring problems that griffe reports (a parameter documented that is not in the
