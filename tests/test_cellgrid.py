@@ -1,6 +1,6 @@
 """The fused cell-grid selection (large structures) against upstream and the pair-list path.
 
-Structures with more than ``descriptors.GRID_MIN_CANDIDATES`` candidate pairs take the grid
+Structures with more than ``neighbors.GRID_MIN_CANDIDATES`` candidate pairs take the grid
 path; here the threshold is lowered so that the small reference structures take it too, and
 every result is compared with upstream's values and with the pair-list path on the same input.
 """
@@ -16,9 +16,11 @@ from ase.build import bulk, fcc111, molecule
 from conftest import DATA, random_rotation, rattled_fcc
 
 import quests_torch.descriptors as D
+import quests_torch.neighbors.knearest as K
+import quests_torch.neighbors.plan as NP
 from quests_torch import AtomsBatch, get_descriptors
-from quests_torch.cellgrid import plan_grid, select_block
 from quests_torch.neighbors import complete_cell
+from quests_torch.neighbors.grid import plan_grid, select_block
 
 REF = np.load(DATA / "descriptor_reference.npz")
 STRUCTURES = {a.info["name"]: a for a in ase.io.read(DATA / "descriptor_structures.extxyz", ":")}
@@ -27,7 +29,7 @@ STRUCTURES = {a.info["name"]: a for a in ase.io.read(DATA / "descriptor_structur
 @pytest.fixture
 def grid_path(monkeypatch):
     """Every structure takes the grid path where it applies (as ``search="grid"`` does)."""
-    monkeypatch.setattr(D, "GRID_MIN_CANDIDATES", -1)
+    monkeypatch.setattr(NP, "GRID_MIN_CANDIDATES", -1)
 
 
 def pair_path(structures, **kw):
@@ -64,11 +66,9 @@ def test_batched_dataset_mixed_paths(monkeypatch):
     names = [str(n) for n in REF["names"]]
     structures = [STRUCTURES[n] for n in names]
     sizes = sorted(len(a) for a in structures)
-    monkeypatch.setattr(D, "GRID_MIN_CANDIDATES", sizes[len(sizes) // 2] ** 2)
+    monkeypatch.setattr(NP, "GRID_MIN_CANDIDATES", sizes[len(sizes) // 2] ** 2)
     b = AtomsBatch.from_ase(structures)
-    grids, pending = D._plan_grids(
-        b.positions, b.cell, b.pbc, b.system_idx, 5.0, D.GRID_MIN_CANDIDATES
-    )
+    grids, pending = NP.route(b.positions, b.cell, b.pbc, b.system_idx, 5.0, NP.GRID_MIN_CANDIDATES)
     gridded = [s for g in grids for s in g.structures]
     assert 0 < len(gridded) < len(structures) - 1
     assert sorted(gridded + pending.tolist()) == list(range(len(structures)))
@@ -189,6 +189,7 @@ def test_block_size_and_threads_do_not_change_results(monkeypatch, grid_path):
     atoms = rattled_fcc((5, 5, 5), seed=10)
     x = get_descriptors(atoms)
     monkeypatch.setattr(D, "_CPU_CHUNK", 7)  # one-bin selection blocks, tiny descriptor blocks
+    monkeypatch.setattr(K, "PAIR_CPU_ROWS", 7)
     y = get_descriptors(atoms)
     old = torch.get_num_threads()
     torch.set_num_threads(1)
