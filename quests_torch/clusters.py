@@ -2,10 +2,10 @@
 
 Nodes are the selected atoms (e.g. ``dH <= 0`` against a reference solid); an edge joins two
 selected atoms of the same structure at most ``cutoff`` apart, periodic images included
-(default :data:`DEFAULT_CLUSTER_CUTOFF`, 3.0 Å). Clusters are the connected components of that graph, found by
-min-label propagation with pointer jumping (``scatter_reduce(amin)`` over the edges, then
-``label = label[label]``) until nothing changes: vectorised, on the device of the inputs,
-no Python loop over atoms; the number of sweeps grows like the logarithm of the cluster
+(default :data:`DEFAULT_CLUSTER_CUTOFF`, 3.0 Å). Clusters are the connected components of that
+graph, found by min-label propagation with pointer jumping (``scatter_reduce(amin)`` over the
+edges, then ``label = label[label]``) until nothing changes: vectorised, on the device of the
+inputs, no Python loop over atoms; the number of sweeps grows like the logarithm of the cluster
 diameter.
 """
 
