@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -137,36 +138,37 @@ def find_k_nearest(
     Raises:
         ValueError: an unknown ``search``, a singular periodic cell, or coincident atoms.
     """
-    threshold = grid_threshold(search)
+    opts = _Options(k, float(cutoff), budget, grid_threshold(search))
     with full_precision():
-        sources = _route_sources(
-            positions, cell, pbc, system_idx, k, cutoff, budget, threshold, numbers,
-            species or [],
-        )  # fmt: skip
+        sources = _route_sources((positions, cell, pbc, system_idx), opts, numbers, species or [])
     return KNearest(positions.shape[0], sources)
 
 
+class _Options(NamedTuple):
+    k: int
+    cutoff: float
+    budget: int | str | None
+    threshold: float  # structures with more candidate pairs take the grid
+
+
 def _route_sources(
-    positions: torch.Tensor,
-    cell: torch.Tensor,
-    pbc: torch.Tensor,
-    system_idx: torch.Tensor,
-    k: int,
-    cutoff: float,
-    budget: int | str | None,
-    threshold: float,
+    batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    opts: _Options,
     numbers: torch.Tensor | None,
     spec: list[int],
     skip: torch.Tensor | None = None,
     atoms: torch.Tensor | None = None,
 ) -> list[list[Source]]:
-    """The sources of every part: pair lists for the structures not on a grid, then the
-    batched cell grids; none for structures in ``skip``.
+    """The sources of every part of ``batch`` (positions, cell, pbc, system_idx): pair lists
+    for the structures not on a grid, then the batched cell grids; none for structures in
+    ``skip``. ``atoms``: global atom index of ``batch``'s rows when it is a sub-batch.
 
     Species parts of pair-list structures filter the pair list; those of gridded structures
     are the same routing applied to the sub-batch of each species' atoms (one call per
     species, not per structure).
     """
+    positions, cell, pbc, system_idx = batch
+    k, cutoff, budget, threshold = opts
     device = positions.device
     parts: list[list[Source]] = [[] for _ in range(1 + (len(spec) if len(spec) > 1 else 0))]
     grids, pending = route(positions, cell, pbc, system_idx, cutoff, threshold, skip)
@@ -198,9 +200,8 @@ def _route_sources(
             idx = torch.nonzero((numbers == z) & in_grid[system_idx])[:, 0]
             if idx.numel() == 0:
                 continue
-            sub_parts = _route_sources(
-                positions[idx], cell, pbc, system_idx[idx], k, cutoff, budget, threshold,
-                None, [], skip=~in_grid, atoms=idx if atoms is None else atoms[idx],
-            )  # fmt: skip
+            sub_batch = (positions[idx], cell, pbc, system_idx[idx])
+            sub_atoms = idx if atoms is None else atoms[idx]
+            sub_parts = _route_sources(sub_batch, opts, None, [], skip=~in_grid, atoms=sub_atoms)
             parts[j + 1] += sub_parts[0]
     return parts

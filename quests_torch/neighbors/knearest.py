@@ -54,18 +54,44 @@ class NeighborBlock:
 
 
 class _Source:
-    """Common attributes: ``n_items`` items (``rows_per_item`` atoms each, at most), at most
-    ``width`` neighbours per atom, ``item_bytes`` of search memory per item, blocks of
-    ``cpu_rows`` atoms preferred on CPU, ``atoms``: global atom index of the source's atom
-    numbering (None: the batch's own)."""
+    """A set of atoms whose k nearest neighbours come out in blocks of items.
+
+    Args:
+        positions: ``[n_atoms, 3]``, cell: ``[n_systems, 3, 3]``, system_idx: ``[n_atoms]``
+            the (sub-)batch searched (used for differentiable vectors).
+        found: what the search found: a pair list sorted by centre (:class:`PairSource`) or a
+            cell grid (:class:`GridSource`).
+        atoms: global atom index of ``positions``' rows when they are a sub-batch.
+
+    Attributes: ``n_items`` items (``rows_per_item`` atoms each, at most), at most ``width``
+    neighbours per atom, ``item_bytes`` of search memory per item, blocks of ``cpu_rows`` atoms
+    preferred on CPU.
+    """
 
     n_items: int
     rows_per_item: int
     width: int
     item_bytes: int
     cpu_rows: int
-    atoms: torch.Tensor | None = None
-    device: torch.device
+
+    def __init__(
+        self,
+        positions: torch.Tensor,
+        cell: torch.Tensor,
+        system_idx: torch.Tensor,
+        found: NeighborPairs | Grid,
+        k: int,
+        cutoff: float,
+        atoms: torch.Tensor | None = None,
+    ) -> None:
+        self.positions, self.cell, self.system_idx = positions, cell, system_idx
+        self.k, self.cutoff, self.atoms = k, cutoff, atoms
+        self.device = positions.device
+        self.need_grad = torch.is_grad_enabled() and (positions.requires_grad or cell.requires_grad)
+        self._prepare(found)
+
+    def _prepare(self, found: NeighborPairs | Grid) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
 
     def block(self, a0: int, a1: int) -> NeighborBlock:  # pragma: no cover - interface
         raise NotImplementedError
@@ -79,36 +105,18 @@ class _Source:
 
 class PairSource(_Source):
     """The k nearest of every atom from a pair list sorted by centre (a top-k per atom over
-    tie-breaking keys), by blocks of atoms.
+    tie-breaking keys), by blocks of atoms; ``found``: every pair within ``cutoff``, sorted by
+    centre (:func:`quests_torch.neighbors.pairs.find_neighbor_pairs`)."""
 
-    Args:
-        positions: ``[n_atoms, 3]``, cell: ``[n_systems, 3, 3]``, system_idx: ``[n_atoms]``
-            the batch (used for differentiable vectors).
-        pairs: every pair within ``cutoff``, sorted by centre.
-        atoms: global atom index of ``positions``' rows when they are a sub-batch.
-    """
-
-    def __init__(
-        self,
-        positions: torch.Tensor,
-        cell: torch.Tensor,
-        system_idx: torch.Tensor,
-        pairs: NeighborPairs,
-        k: int,
-        cutoff: float,
-        atoms: torch.Tensor | None = None,
-    ) -> None:
-        self.positions, self.cell, self.system_idx = positions, cell, system_idx
-        self.pairs, self.k, self.cutoff, self.atoms = pairs, k, cutoff, atoms
-        n_atoms = positions.shape[0]
-        self.device = positions.device
-        self.need_grad = torch.is_grad_enabled() and (positions.requires_grad or cell.requires_grad)
+    def _prepare(self, pairs: NeighborPairs) -> None:
+        self.pairs = pairs
+        n_atoms = self.positions.shape[0]
         counts = torch.bincount(pairs.center, minlength=n_atoms)
         bounds = torch.cumsum(counts, 0)
         self.first = bounds - counts
         c_max = int(counts.max()) if pairs.n_pairs else 0
         self.n_items, self.rows_per_item = n_atoms, 1
-        self.width = min(k, c_max)
+        self.width = min(self.k, c_max)
         self.item_bytes = 8 * c_max * 8 + 64  # the candidate arrays (c slots)
         self.cpu_rows = PAIR_CPU_ROWS
         # candidate-list bounds on the host, in one transfer
@@ -147,31 +155,14 @@ class PairSource(_Source):
 
 class GridSource(_Source):
     """The k nearest of the atoms binned in a cell grid (the fused selection of
-    :func:`quests_torch.neighbors.grid.select_block`), by blocks of centre bins.
+    :func:`quests_torch.neighbors.grid.select_block`), by blocks of centre bins; ``found``: a
+    grid from :func:`quests_torch.neighbors.plan.route`."""
 
-    Args:
-        positions: ``[n_atoms, 3]``, cell: ``[n_systems, 3, 3]``, system_idx: ``[n_atoms]``.
-        grid: from :func:`quests_torch.neighbors.plan.route`.
-        atoms: global atom index of ``positions``' rows when they are a sub-batch.
-    """
-
-    def __init__(
-        self,
-        positions: torch.Tensor,
-        cell: torch.Tensor,
-        system_idx: torch.Tensor,
-        grid: Grid,
-        k: int,
-        cutoff: float,
-        atoms: torch.Tensor | None = None,
-    ) -> None:
-        self.positions, self.cell, self.system_idx = positions, cell, system_idx
-        self.grid, self.k, self.cutoff, self.atoms = grid, k, cutoff, atoms
-        self.device = positions.device
-        self.need_grad = torch.is_grad_enabled() and (positions.requires_grad or cell.requires_grad)
+    def _prepare(self, grid: Grid) -> None:
+        self.grid = grid
         P = grid.occupancy
         self.n_items, self.rows_per_item = int(grid.centers.numel()), P
-        self.width = min(k, 27 * P)
+        self.width = min(self.k, 27 * P)
         # the candidate block of a centre bin: coordinates, keys, distances
         self.item_bytes = 8 * P * 27 * P * 8 + 256
         self.cpu_rows = GRID_CPU_ROWS
