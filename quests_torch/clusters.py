@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .checks import DEFAULT_CLUSTER_CUTOFF
+from .checks import DEFAULT_CLUSTER_CUTOFF, check_cutoff
 from .neighbors import find_neighbor_pairs
 
 __all__ = ["DEFAULT_CLUSTER_CUTOFF", "cluster_labels", "connected_components", "largest_cluster"]
@@ -77,12 +77,11 @@ def cluster_labels(
             f"`mask` must be a bool tensor of shape {tuple(system_idx.shape)}, "
             f"got {mask.dtype} {tuple(mask.shape)}"
         )
-    if not cutoff > 0:
-        raise ValueError(f"`cutoff` must be positive, got {cutoff}")
+    cutoff = check_cutoff(cutoff)
     with torch.no_grad():
         # the pair search keeps d < r; the small margin makes the edges d <= cutoff
         pairs = find_neighbor_pairs(
-            positions.detach(), cell.detach(), pbc, system_idx, float(cutoff) + _EDGE_MARGIN
+            positions.detach(), cell.detach(), pbc, system_idx, cutoff + _EDGE_MARGIN
         )
         i, j = pairs.center, pairs.neighbor
         keep = mask[i] & mask[j]
