@@ -294,3 +294,26 @@ def test_search_parameter():
     assert (get_descriptors(small, search="grid") - get_descriptors(small)).abs().max() <= 1e-12
     with pytest.raises(ValueError, match="`search` must be 'auto', 'grid' or 'pairs'"):
         get_descriptors(atoms, search="fast")
+
+
+def test_find_k_nearest_strategies_agree():
+    """The neighbour entry point gives the same k nearest (distances) through the grid and the
+    pair list, and its vectors turn into the descriptors get_descriptors returns."""
+    from quests_torch.descriptors import _environment_descriptors
+    from quests_torch.neighbors import GridSource, PairSource, find_k_nearest
+
+    b = AtomsBatch.from_ase([rattled_fcc((5, 5, 5), seed=3), rattled_fcc((1, 1, 1), seed=4)])
+    dist = {}
+    for search, kinds in (("grid", {PairSource, GridSource}), ("pairs", {PairSource})):
+        near = find_k_nearest(b.positions, b.cell, b.pbc, b.system_idx, 32, 5.0, search)
+        assert {type(s) for s in near.sources[0]} == kinds
+        vec, valid = near.dense()
+        assert vec.shape == (b.positions.shape[0], 32, 3)
+        x = _environment_descriptors(vec, valid, 32, 5.0)
+        assert (x - get_descriptors(b, search=search)).abs().max() == 0
+        dist[search] = torch.where(valid, vec.norm(dim=-1), torch.inf).sort(dim=1).values
+    finite = torch.isfinite(dist["pairs"])
+    assert torch.equal(finite, torch.isfinite(dist["grid"]))
+    assert (dist["grid"] - dist["pairs"])[finite].abs().max() < 1e-12
+    with pytest.raises(ValueError, match="`search` must be"):
+        find_k_nearest(b.positions, b.cell, b.pbc, b.system_idx, 32, 5.0, "cells")
