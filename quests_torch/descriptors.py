@@ -428,6 +428,32 @@ def species_numbers(species: Sequence[str | int] | None) -> list[int] | None:
     return _sorted_species(out)
 
 
+def _check_species(
+    numbers: torch.Tensor | None, species: Sequence[int], positions: torch.Tensor
+) -> tuple[torch.Tensor, list[int]]:
+    """``numbers`` as int64 on the positions' device and the species sorted by chemical
+    symbol; ValueError when ``numbers`` is missing or of the wrong shape or holds an element
+    ``species`` lacks."""
+    if numbers is None:
+        raise ValueError(
+            "`numbers` is required for the multicomponent descriptor (`species` given)"
+        )
+    if numbers.shape != positions.shape[:1]:
+        raise ValueError(
+            f"`numbers` must have shape [n_atoms] = ({positions.shape[0]},), "
+            f"got {tuple(numbers.shape)}"
+        )
+    spec = _sorted_species(species)
+    numbers = numbers.to(device=positions.device, dtype=torch.int64)
+    known = torch.tensor(spec, device=numbers.device)
+    missing = torch.unique(numbers[~torch.isin(numbers, known)])
+    if missing.numel():
+        raise ValueError(
+            f"`species` {spec} lacks atomic numbers {missing.tolist()} present in the data"
+        )
+    return numbers, spec
+
+
 def descriptors_from_tensors(
     positions: torch.Tensor,
     cell: torch.Tensor,
@@ -491,23 +517,7 @@ def descriptors_from_tensors(
 
     spec: list[int] = []
     if species is not None:
-        if numbers is None:
-            raise ValueError(
-                "`numbers` is required for the multicomponent descriptor (`species` given)"
-            )
-        if numbers.shape != system_idx.shape:
-            raise ValueError(
-                f"`numbers` must have shape [n_atoms] = ({positions.shape[0]},), "
-                f"got {tuple(numbers.shape)}"
-            )
-        spec = _sorted_species(species)
-        numbers = numbers.to(device=positions.device, dtype=torch.int64)
-        known = torch.tensor(spec, device=numbers.device)
-        missing = torch.unique(numbers[~torch.isin(numbers, known)])
-        if missing.numel():
-            raise ValueError(
-                f"`species` {spec} lacks atomic numbers {missing.tolist()} present in the data"
-            )
+        numbers, spec = _check_species(numbers, species, positions)
 
     _check_output_memory(
         positions.shape[0], descriptor_width(k, len(spec)), k, positions.dtype, positions.device

@@ -336,6 +336,52 @@ def stable_argsort(x: torch.Tensor) -> torch.Tensor:
     return torch.sort(x, stable=True).indices
 
 
+def _dense_pairs(
+    positions: torch.Tensor,
+    full: torch.Tensor,
+    pbc: torch.Tensor,
+    system_idx: torch.Tensor,
+    n_img: torch.Tensor,
+    counts: torch.Tensor,
+    starts: torch.Tensor,
+    dense_sys: torch.Tensor,
+    cutoff: float,
+    budget: int | str | None,
+) -> list[NeighborPairs]:
+    """The pairs of the structures ``dense_sys`` by the batched dense search: structures grouped
+    by (image range, padded size), one tensor pass per group piece sized from the budget."""
+    parts: list[NeighborPairs] = []
+    device = positions.device
+    if dense_sys.numel():
+        wrapped, nwrap = _wrap(positions, full, pbc, system_idx)
+        # group structures by (image range, padded size): one tensor pass per group piece
+        p_bucket = _size_bucket(counts[dense_sys])
+        rng = n_img[dense_sys]
+        key = ((rng[:, 0] * 128 + rng[:, 1]) * 128 + rng[:, 2]) * (1 << 24) + p_bucket
+        uniq, inverse = torch.unique(key, return_inverse=True)
+        limit = _dense_limit(device, budget, positions.element_size())
+        for u, k in enumerate(uniq.tolist()):
+            members = dense_sys[inverse == u]
+            p_b = k % (1 << 24)
+            r = k >> 24
+            t = (2 * (r >> 14) + 1) * (2 * ((r >> 7) % 128) + 1) * (2 * (r % 128) + 1)
+            per_group = max(1, limit // (p_b * p_b * t))
+            for g in range(0, members.numel(), per_group):
+                parts.append(
+                    _dense_group_pairs(
+                        wrapped,
+                        full,
+                        nwrap,
+                        n_img,
+                        starts,
+                        counts,
+                        members[g : g + per_group],
+                        cutoff,
+                    )
+                )
+    return parts
+
+
 @full_precision()  # float32 search and wrapping in IEEE precision (TF32 gave 0.01-0.05 Å)
 def find_neighbor_pairs(
     positions: torch.Tensor,
@@ -393,61 +439,39 @@ def find_neighbor_pairs(
             dense = dense & ~skip
             vesin = vesin & ~skip
 
-        parts: list[NeighborPairs] = []
         dense_sys = torch.nonzero(dense)[:, 0]
-        if dense_sys.numel():
-            wrapped, nwrap = _wrap(positions, full, pbc, system_idx)
-            # group structures by (image range, padded size): one tensor pass per group piece
-            p_bucket = _size_bucket(counts[dense_sys])
-            rng = n_img[dense_sys]
-            key = ((rng[:, 0] * 128 + rng[:, 1]) * 128 + rng[:, 2]) * (1 << 24) + p_bucket
-            uniq, inverse = torch.unique(key, return_inverse=True)
-            limit = _dense_limit(device, budget, positions.element_size())
-            for u, k in enumerate(uniq.tolist()):
-                members = dense_sys[inverse == u]
-                p_b = k % (1 << 24)
-                r = k >> 24
-                t = (2 * (r >> 14) + 1) * (2 * ((r >> 7) % 128) + 1) * (2 * (r % 128) + 1)
-                per_group = max(1, limit // (p_b * p_b * t))
-                for g in range(0, members.numel(), per_group):
-                    parts.append(
-                        _dense_group_pairs(
-                            wrapped,
-                            full,
-                            nwrap,
-                            n_img,
-                            starts,
-                            counts,
-                            members[g : g + per_group],
-                            cutoff,
-                        )
-                    )
+        parts = _dense_pairs(positions, full, pbc, system_idx, n_img, counts, starts, dense_sys,
+                             cutoff, budget)  # fmt: skip
         for s in torch.nonzero(vesin)[:, 0].tolist():
             parts.append(
                 _vesin_pairs(positions, full, pbc, int(starts[s]), int(counts[s]), s, cutoff)
             )
-        if not parts:
-            empty = torch.zeros(0, dtype=torch.int64, device=device)
-            return NeighborPairs(
-                empty,
-                empty,
-                torch.zeros(0, 3, dtype=torch.int64, device=device),
-                positions.new_zeros((0, 3)),
-            )
-        if len(parts) == 1:
-            pairs = parts[0]
-        else:
-            center = torch.cat([p.center for p in parts])
-            pairs = NeighborPairs(
-                center,
-                torch.cat([p.neighbor for p in parts]),
-                torch.cat([p.shift for p in parts]),
-                torch.cat([p.vector for p in parts]),
-            )
-            pairs = pairs.select(stable_argsort(center))
-        if dense_sys.numel():
+        pairs = _merge(parts, positions)
+        if dense_sys.numel() and parts:
             _check_coincident(pairs, system_idx)
     return pairs
+
+
+def _merge(parts: list[NeighborPairs], positions: torch.Tensor) -> NeighborPairs:
+    """One pair list sorted by centre from the parts (each sorted by centre)."""
+    if not parts:
+        empty = torch.zeros(0, dtype=torch.int64, device=positions.device)
+        return NeighborPairs(
+            empty,
+            empty,
+            torch.zeros(0, 3, dtype=torch.int64, device=positions.device),
+            positions.new_zeros((0, 3)),
+        )
+    if len(parts) == 1:
+        return parts[0]
+    center = torch.cat([p.center for p in parts])
+    pairs = NeighborPairs(
+        center,
+        torch.cat([p.neighbor for p in parts]),
+        torch.cat([p.shift for p in parts]),
+        torch.cat([p.vector for p in parts]),
+    )
+    return pairs.select(stable_argsort(center))
 
 
 def raise_coincident(system: int, i: int, j: int, distance: float) -> None:
