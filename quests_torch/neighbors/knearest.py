@@ -43,7 +43,7 @@ class NeighborBlock:
 
     Attributes:
         rows: ``[r]`` int64 atom index of each row (the source's atom numbering), or a slice.
-        vectors: ``[r, m, 3]`` neighbour vectors (``m <= k``), nearest first not guaranteed;
+        vectors: ``[r, m, 3]`` neighbour vectors (``m <= k``) in no particular order;
             invalid slots hold arbitrary values.
         valid: ``[r, m]`` bool, which slots hold a neighbour within the cutoff.
     """
