@@ -2,10 +2,10 @@
 
 Nodes are the selected atoms (e.g. ``dH <= 0`` against a reference solid); an edge joins two
 selected atoms of the same structure at most ``cutoff`` apart, periodic images included
-(SPEC section 4: 3.0 Å). Clusters are the connected components of that graph, found by
-min-label propagation with pointer jumping (``scatter_reduce(amin)`` over the edges, then
-``label = label[label]``) until nothing changes: vectorised, on the device of the inputs,
-no Python loop over atoms; the number of sweeps grows like the logarithm of the cluster
+(default :data:`DEFAULT_CLUSTER_CUTOFF`, 3.0 Å). Clusters are the connected components of that
+graph, found by min-label propagation with pointer jumping (``scatter_reduce(amin)`` over the
+edges, then ``label = label[label]``) until nothing changes: vectorised, on the device of the
+inputs, no Python loop over atoms; the number of sweeps grows like the logarithm of the cluster
 diameter.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .checks import DEFAULT_CLUSTER_CUTOFF
+from .checks import DEFAULT_CLUSTER_CUTOFF, check_cutoff
 from .neighbors import find_neighbor_pairs
 
 __all__ = ["DEFAULT_CLUSTER_CUTOFF", "cluster_labels", "connected_components", "largest_cluster"]
@@ -77,12 +77,11 @@ def cluster_labels(
             f"`mask` must be a bool tensor of shape {tuple(system_idx.shape)}, "
             f"got {mask.dtype} {tuple(mask.shape)}"
         )
-    if not cutoff > 0:
-        raise ValueError(f"`cutoff` must be positive, got {cutoff}")
+    cutoff = check_cutoff(cutoff)
     with torch.no_grad():
         # the pair search keeps d < r; the small margin makes the edges d <= cutoff
         pairs = find_neighbor_pairs(
-            positions.detach(), cell.detach(), pbc, system_idx, float(cutoff) + _EDGE_MARGIN
+            positions.detach(), cell.detach(), pbc, system_idx, cutoff + _EDGE_MARGIN
         )
         i, j = pairs.center, pairs.neighbor
         keep = mask[i] & mask[j]

@@ -1,4 +1,4 @@
-r"""The QUESTS descriptor of atomic environments (SPEC section 1), as batched tensor ops.
+r"""The QUESTS descriptor of atomic environments (the QUESTS paper), as batched tensor ops.
 
 For atom :math:`i` with neighbours sorted by distance :math:`r_1 \le r_2 \le \dots` (periodic
 images included, the first :math:`n_i = \min(k, \#\{r < r_c\})` kept):
@@ -18,18 +18,12 @@ crystals), the kept ones are chosen deterministically: by squared distance quant
 :math:`r_c^2 / 2^{29}` (~4.7e-8 Å², ~5 nÅ in distance at 5 Å), then by the neighbour
 vector's components (x, y, z) quantised to :math:`2 r_c / 2047`, lexicographically. Identical
 environments therefore get identical descriptors (a perfect FCC crystal has H = 0). The choice
-only matters for exact ties; both search paths below apply the same rule.
+only matters for exact ties; every search strategy applies the same rule.
 
-**Two search paths.** Small structures (up to :data:`GRID_MIN_CANDIDATES` candidate pairs,
-~85 atoms in a periodic cell, ~450 in a molecule) and larger ones a cell grid does not suit
-go through a pair list (:mod:`quests_torch.neighbors`: batched dense search
-or vesin-torch) and a per-atom top-k over it. Larger structures use the fused cell-grid
-selection of :mod:`quests_torch.cellgrid`, which picks the k nearest straight from blocks of
-bins without building the pair list.
-
-The grid path is batched: every gridded structure of a batch is binned at once (bins keyed
-by structure and bin, structures grouped by fullest bin), so a batch of many mid-size cells
-costs a fixed number of tensor ops and host syncs, not a number per structure.
+**Neighbours.** Each atom's k nearest neighbour vectors come from
+:func:`quests_torch.neighbors.find_k_nearest` (a batched dense pair search, the cell grid or
+vesin-torch, chosen there per structure, with its tie-breaking rule); this module only turns
+them into descriptors, block by block, as the neighbour search hands them out.
 
 **float32-only mode** (MPS, CUDA cards without full-rate float64, ``QUESTS_TORCH_FLOAT64=0``;
 :func:`quests_torch._precision.float64_enabled`): positions and cells are cast to float32
@@ -60,27 +54,10 @@ import torch
 
 from ._memory import available_memory, memory_budget
 from ._precision import compute_dtype, float64_enabled, full_precision
-from .cellgrid import (
-    Grid,
-    Selection,
-    component_keys,
-    d2_levels,
-    plan_grids,
-    select_block,
-    sq_norm3,
-)
 from .checks import DEFAULT_CUTOFF, DEFAULT_K, MAX_K, check_cutoff, check_k
-from .neighbors import (
-    COINCIDENT_TOL,
-    DENSE_MAX_CANDIDATES,
-    NeighborPairs,
-    _check_cells,
-    _image_ranges,
-    _raise_coincident,
-    complete_cell,
-    find_neighbor_pairs,
-    pair_vectors,
-)
+from .neighbors import KNearest, check_search, find_k_nearest
+from .neighbors.grid import sq_norm3
+from .neighbors.knearest import GridSource, PairSource
 from .structures import AtomsBatch, centred_copies, resolve_device, validate_batch
 
 __all__ = [
@@ -94,12 +71,8 @@ __all__ = [
 
 _EPS_X1 = 1e-16
 _EPS_X2 = 1e-15
-_EMPTY_KEY = torch.iinfo(torch.int64).max
+#: CPU descriptor blocks: this many atoms (cache-sized blocks are faster than big ones on CPU)
 _CPU_CHUNK = 512
-_CPU_SELECT_ROWS = 4096
-#: structures with more candidate pairs than this (atoms^2 x periodic images within reach) use
-#: the fused cell-grid search where it applies; smaller ones the batched dense pair search
-GRID_MIN_CANDIDATES = DENSE_MAX_CANDIDATES
 #: after out-of-memory errors chunk budgets are halved down to this many bytes, then it gives up
 OOM_FLOOR = 1 << 20
 
@@ -248,67 +221,103 @@ def _environment_descriptors(
     return torch.cat(parts, dim=1)
 
 
-def _descriptors_from_pairs(
+def _neighbor_descriptors(
+    near: KNearest,
     positions: torch.Tensor,
-    cell: torch.Tensor,
-    system_idx: torch.Tensor,
-    pairs: NeighborPairs,
     k: int,
     cutoff: float,
     budget: int | str | None,
+    n_parts: int,
+    need_grad: bool,
 ) -> torch.Tensor:
-    """Descriptors of every atom given all pairs within the cutoff (sorted by centre)."""
-    n_atoms = positions.shape[0]
+    """Descriptors (multicomponent blocks too: part ``j`` fills columns ``j (2k - 1)`` on) of
+    every atom from its k nearest neighbours; zero rows for atoms no source covers.
+
+    Within a part, later sources overwrite earlier ones' rows (see :class:`KNearest`).
+    """
+    n = positions.shape[0]
     device = positions.device
-    need_grad = torch.is_grad_enabled() and (positions.requires_grad or cell.requires_grad)
-    counts = torch.bincount(pairs.center, minlength=n_atoms)
-    bounds = torch.cumsum(counts, 0)
-    first = bounds - counts
-    c_max = int(counts.max()) if pairs.n_pairs else 0
-    m = min(k, c_max)
-    # memory per atom: candidate arrays (c slots) + ~10 m x m temporaries
-    per_atom = 8 * (c_max * 8 + m * m * 10) + 64
-    size = max(1, min(n_atoms, memory_budget(device, budget) // per_atom))
+    base = 2 * k - 1
+    width = base * n_parts
+    has_pairs = any(isinstance(src, PairSource) for part in near.sources for src in part)
+    if need_grad or n_parts > 1 or has_pairs or not near.sources[0]:
+        out = positions.new_zeros((n, width))
+    else:  # every row is on a grid
+        out = positions.new_empty((n, width))
+    pieces: list[tuple[torch.Tensor | slice, int, torch.Tensor]] = []  # (rows, column, values)
+    for j, part in enumerate(near.sources):
+        for src in part:
+            if need_grad:
+                got = _source_descriptors(src, k, cutoff, budget, None)
+                if got is not None:
+                    pieces.append((got[0], base * j, got[1]))
+            else:
+                _source_descriptors(src, k, cutoff, budget, out[:, base * j : base * (j + 1)])
+    for rows, col, values in pieces:
+        cols = torch.arange(col, col + values.shape[1], device=device)
+        if isinstance(rows, slice):
+            rows = torch.arange(n, device=device)[rows]
+        out = out.index_put((rows[:, None], cols[None, :]), values)
+    return out
+
+
+def _source_descriptors(
+    src: PairSource | GridSource,
+    k: int,
+    cutoff: float,
+    budget: int | str | None,
+    out: torch.Tensor | None,
+) -> tuple[torch.Tensor | slice, torch.Tensor] | None:
+    """Descriptors of the atoms of one neighbour source, in blocks sized from the budget.
+
+    Args:
+        out: ``[n_atoms, 2k - 1]`` where to write the rows (no autograd), or None.
+
+    Returns:
+        With ``out`` None, ``(rows, descriptors)``: the source's atoms (batch indices) and
+        their ``[r, 2k - 1]`` descriptors; otherwise None (written into ``out``).
+    """
+    device = src.device
+    m = src.width
+    # memory per item: the search's candidate arrays and ~10 m x m temporaries per atom
+    per_item = src.item_bytes + src.rows_per_item * 8 * m * m * 10
+    size = max(1, min(max(1, src.n_items), memory_budget(device, budget) // per_item))
     if device.type == "cpu":
-        size = min(size, _CPU_CHUNK)  # cache-sized blocks are faster than big ones on CPU
-    # candidate-list bounds on the host, in one transfer
-    bounds_h = torch.cat([bounds.new_zeros(1), bounds]).cpu().numpy()
-    counts_h = np.diff(bounds_h)
+        size = min(size, max(1, src.cpu_rows // src.rows_per_item))
+    if src.n_items == 0:
+        return None
 
-    def one_chunk(a0: int, a1: int) -> torch.Tensor:
-        width = int(counts_h[a0:a1].max())
-        p0, p1 = int(bounds_h[a0]), int(bounds_h[a1])
-        if width == 0:
-            return positions.new_zeros((a1 - a0, 2 * k - 1))
-        with torch.no_grad():
-            center = pairs.center[p0:p1]
-            vec = pairs.vector_at(slice(p0, p1))
-            row = center - a0
-            slot = torch.arange(p1 - p0, device=device) - (first[center] - p0)
-            keys = torch.full((a1 - a0, width), _EMPTY_KEY, dtype=torch.int64, device=device)
-            # every pair is within the cutoff: the level needs no out-of-range guard
-            level = d2_levels(sq_norm3(vec, dim=1), cutoff).to(torch.int64)
-            keys[row, slot] = (level << 33) | component_keys(vec, cutoff)
-            mk = min(k, width)
-            top = torch.topk(keys, mk, dim=1, largest=False, sorted=False)
-            valid = top.values != _EMPTY_KEY
-            pick = (first[a0:a1, None] + top.indices).clamp_max(p1 - 1)  # global pair ids
-        if need_grad:
-            sel_vec = pair_vectors(positions, cell, system_idx, pairs.select(pick.reshape(-1)))
-            sel_vec = sel_vec.reshape(a1 - a0, mk, 3)
+    if out is None:
+
+        def rows(a0: int, a1: int) -> tuple[torch.Tensor | slice, torch.Tensor]:
+            blk = src.block(a0, a1)
+            return blk.rows, _environment_descriptors(blk.vectors, blk.valid, k, cutoff)
+
+        parts = _run_chunks(rows, src.n_items, size, per_item, device, parallel=False)
+        values = torch.cat([p[1] for p in parts])
+        if isinstance(parts[0][0], slice):  # consecutive atom ranges
+            got: torch.Tensor | slice = slice(parts[0][0].start, parts[-1][0].stop)
         else:
-            sel_vec = pairs.vector_at(pick)
-        return _environment_descriptors(sel_vec, valid, k, cutoff)
+            got = torch.cat([p[0] for p in parts])
+        return src.global_rows(got), values
 
-    if need_grad:
-        return torch.cat(_run_chunks(one_chunk, n_atoms, size, per_atom, device, False), dim=0)
-    out = positions.new_empty((n_atoms, 2 * k - 1))
+    sub = _CPU_CHUNK if device.type == "cpu" else out.shape[0]
 
     def fill(a0: int, a1: int) -> None:
-        out[a0:a1] = one_chunk(a0, a1)
+        blk = src.block(a0, a1)
+        rows = src.global_rows(blk.rows)
+        if isinstance(rows, slice) and blk.vectors.shape[0] <= sub:
+            out[rows] = _environment_descriptors(blk.vectors, blk.valid, k, cutoff)
+            return
+        if isinstance(rows, slice):
+            rows = torch.arange(rows.start, rows.stop, device=device)
+        for r0 in range(0, blk.vectors.shape[0], sub):
+            r = slice(r0, r0 + sub)
+            out[rows[r]] = _environment_descriptors(blk.vectors[r], blk.valid[r], k, cutoff)
 
-    _run_chunks(fill, n_atoms, size, per_atom, device)
-    return out
+    with torch.no_grad():
+        _run_chunks(fill, src.n_items, size, per_item, device)
+    return None
 
 
 def _run_chunks(
@@ -385,86 +394,6 @@ def _halving_chunks(
     return out
 
 
-def _grid_descriptors(
-    positions: torch.Tensor,
-    cell: torch.Tensor,
-    system_idx: torch.Tensor,
-    grid: Grid,
-    k: int,
-    cutoff: float,
-    budget: int | str | None,
-    out: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Descriptors of the atoms binned in ``grid`` (fused search, see
-    :mod:`quests_torch.cellgrid`), whatever the number of structures in it.
-
-    Args:
-        positions: ``[n_atoms, 3]`` the batch's positions; cell: ``[n_systems, 3, 3]``;
-            system_idx: ``[n_atoms]``.
-        out: ``[n_atoms, 2k - 1]`` where to write the rows of the grid's atoms (no autograd).
-
-    Returns:
-        With autograd, ``(rows, descriptors)``: the grid's atoms and their ``[r, 2k - 1]``
-        descriptors; otherwise None (written into ``out``).
-    """
-    device = positions.device
-    need_grad = torch.is_grad_enabled() and (positions.requires_grad or cell.requires_grad)
-    P = grid.occupancy
-    m = min(k, 27 * P)
-    # memory per centre bin: the candidate block (coordinates, keys, distances) and the
-    # m x m temporaries of its atoms
-    per_bin = 8 * P * (27 * P * 8 + m * m * 10) + 256
-    bins_per = max(1, memory_budget(device, budget) // per_bin)
-    if device.type == "cpu":
-        # selection blocks of ~2,000 atoms (fewer, larger ops: less interpreter time, which
-        # the GIL serialises between workers); descriptor blocks of _CPU_CHUNK atoms (cache)
-        bins_per = min(bins_per, max(1, _CPU_SELECT_ROWS // P))
-    n_centers = grid.centers.numel()
-
-    def check(sel: Selection, vec: torch.Tensor) -> None:
-        # level 0: closer than ~1.5e-4 Å; the exact test is on the vectors (rare: host sync ok)
-        if sel.close:
-            d2 = torch.where(sel.valid, (vec.detach() * vec.detach()).sum(dim=2), math.inf)
-            if float(d2.min()) < COINCIDENT_TOL**2:
-                r, j = (int(v) for v in torch.nonzero(d2 == d2.min())[0])
-                i = int(sel.center[r])
-                nb, _ = sel.pairs(grid)
-                s = int(system_idx[i])
-                first = int(torch.searchsorted(system_idx, system_idx[i : i + 1]))
-                _raise_coincident(s, i - first, int(nb[r, j]) - first, math.sqrt(float(d2[r, j])))
-
-    if need_grad:
-
-        def rows(c0: int, c1: int) -> tuple[torch.Tensor, torch.Tensor]:
-            with torch.no_grad():
-                sel = select_block(grid, slice(c0, c1), k, cutoff)
-                nb, shift = sel.pairs(grid)
-            # shift . cell elementwise: a matmul's backward would run outside full_precision
-            cell_r = cell[system_idx[sel.center]]  # [r, 3, 3]
-            image = (shift.to(cell.dtype)[..., :, None] * cell_r[:, None]).sum(-2)
-            vec = positions[nb] - positions[sel.center][:, None, :] + image
-            check(sel, vec)
-            return sel.center, _environment_descriptors(vec, sel.valid, k, cutoff)
-
-        parts = _run_chunks(rows, n_centers, bins_per, per_bin, device, parallel=False)
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-
-    assert out is not None
-    sub = _CPU_CHUNK if device.type == "cpu" else positions.shape[0]
-
-    def fill(c0: int, c1: int) -> None:
-        sel = select_block(grid, slice(c0, c1), k, cutoff)
-        vec = sel.vectors().to(positions.dtype)
-        check(sel, vec)
-        for r0 in range(0, vec.shape[0], sub):
-            rows = slice(r0, r0 + sub)
-            out[sel.center[rows]] = _environment_descriptors(vec[rows], sel.valid[rows], k, cutoff)
-
-    with torch.no_grad():
-        _run_chunks(fill, n_centers, bins_per, per_bin, device)
-    return None
-
-
 def _sorted_species(species: Sequence[int]) -> list[int]:
     """Unique atomic numbers ordered by chemical symbol (upstream's column order)."""
     from ase.data import chemical_symbols
@@ -497,6 +426,32 @@ def species_numbers(species: Sequence[str | int] | None) -> list[int] | None:
     if not out:
         raise ValueError("`species` is empty")
     return _sorted_species(out)
+
+
+def _check_species(
+    numbers: torch.Tensor | None, species: Sequence[int], positions: torch.Tensor
+) -> tuple[torch.Tensor, list[int]]:
+    """``numbers`` as int64 on the positions' device and the species sorted by chemical
+    symbol; ValueError when ``numbers`` is missing or of the wrong shape or holds an element
+    ``species`` lacks."""
+    if numbers is None:
+        raise ValueError(
+            "`numbers` is required for the multicomponent descriptor (`species` given)"
+        )
+    if numbers.shape != positions.shape[:1]:
+        raise ValueError(
+            f"`numbers` must have shape [n_atoms] = ({positions.shape[0]},), "
+            f"got {tuple(numbers.shape)}"
+        )
+    spec = _sorted_species(species)
+    numbers = numbers.to(device=positions.device, dtype=torch.int64)
+    known = torch.tensor(spec, device=numbers.device)
+    missing = torch.unique(numbers[~torch.isin(numbers, known)])
+    if missing.numel():
+        raise ValueError(
+            f"`species` {spec} lacks atomic numbers {missing.tolist()} present in the data"
+        )
+    return numbers, spec
 
 
 def descriptors_from_tensors(
@@ -532,7 +487,7 @@ def descriptors_from_tensors(
             only (zero rows for atoms of other species). One species: the plain descriptor.
         budget: memory budget for one chunk (bytes or "512M"); default automatic.
         search: neighbour search. ``"auto"``: a batched dense search for small structures,
-            the fused cell grid (:mod:`quests_torch.cellgrid`) for larger ones where it
+            the fused cell grid (:mod:`quests_torch.neighbors.grid`) for larger ones where it
             applies, vesin-torch cell lists otherwise; ``"grid"``: the cell grid wherever it
             applies; ``"pairs"``: never the grid (dense or vesin-torch pair lists). All give
             the same descriptors (to ~1e-15).
@@ -558,191 +513,26 @@ def descriptors_from_tensors(
     system_idx = system_idx.to(torch.int64)
     if compute_dtype(positions.device, positions.dtype) != positions.dtype:  # float32-only
         positions, cell = positions.float(), cell.float()
-    threshold = _grid_threshold(search)
+    check_search(search)
 
     spec: list[int] = []
     if species is not None:
-        if numbers is None:
-            raise ValueError(
-                "`numbers` is required for the multicomponent descriptor (`species` given)"
-            )
-        if numbers.shape != system_idx.shape:
-            raise ValueError(
-                f"`numbers` must have shape [n_atoms] = ({positions.shape[0]},), "
-                f"got {tuple(numbers.shape)}"
-            )
-        spec = _sorted_species(species)
-        numbers = numbers.to(device=positions.device, dtype=torch.int64)
-        known = torch.tensor(spec, device=numbers.device)
-        missing = torch.unique(numbers[~torch.isin(numbers, known)])
-        if missing.numel():
-            raise ValueError(
-                f"`species` {spec} lacks atomic numbers {missing.tolist()} present in the data"
-            )
+        numbers, spec = _check_species(numbers, species, positions)
 
     _check_output_memory(
         positions.shape[0], descriptor_width(k, len(spec)), k, positions.dtype, positions.device
     )
+    need_grad = torch.is_grad_enabled() and (positions.requires_grad or cell.requires_grad)
+    near = find_k_nearest(
+        positions, cell, pbc, system_idx, k, cutoff, search,
+        budget=budget, numbers=numbers, species=spec,
+    )  # fmt: skip
     # float32 matmuls (pair search, wrapping, distance blocks) in IEEE precision whatever the
     # caller's TF32/bf16 flags: a rounded distance can swap neighbours at the cutoff
     with full_precision():
-        return _routed_descriptors(
-            positions, cell, pbc, system_idx, k, cutoff, budget, threshold, numbers, spec
+        return _neighbor_descriptors(
+            near, positions, k, cutoff, budget, len(near.sources), need_grad
         )
-
-
-def _routed_descriptors(
-    positions: torch.Tensor,
-    cell: torch.Tensor,
-    pbc: torch.Tensor,
-    system_idx: torch.Tensor,
-    k: int,
-    cutoff: float,
-    budget: int | str | None,
-    threshold: float,
-    numbers: torch.Tensor | None,
-    spec: list[int],
-    skip: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Descriptors (multicomponent blocks too) of every atom: the batched cell grid for the
-    structures it suits, pair lists for the others; zero rows for structures in ``skip``.
-
-    The species blocks of gridded structures are the same routing applied to the sub-batch
-    of each species' atoms (one call per species, not per structure).
-    """
-    n = positions.shape[0]
-    device = positions.device
-    need_grad = torch.is_grad_enabled() and (positions.requires_grad or cell.requires_grad)
-    base = 2 * k - 1
-    width = base * (len(spec) + 1 if len(spec) > 1 else 1)
-    grids, pending = _plan_grids(positions, cell, pbc, system_idx, cutoff, threshold, skip)
-    out = None
-    if pending is None or pending.size:
-        # the structures not on the grid: pair lists (rows of the others stay zero)
-        if pending is None:
-            rest = skip
-        else:
-            rest = torch.ones(cell.shape[0], dtype=torch.bool, device=device)
-            rest[torch.from_numpy(pending).to(device)] = False
-        out = _pair_list_descriptors(
-            positions, cell, pbc, system_idx, k, cutoff, budget, numbers, spec, rest
-        )
-    if not grids:
-        return out if out is not None else positions.new_zeros((n, width))
-    if out is None:  # every row is on a grid; species blocks have zero rows
-        if need_grad or len(spec) > 1:
-            out = positions.new_zeros((n, width))
-        else:
-            out = positions.new_empty((n, width))
-    pieces: list[tuple[torch.Tensor, int, torch.Tensor]] = []  # (rows, first column, values)
-    for grid in grids:
-        got = _grid_descriptors(
-            positions, cell, system_idx, grid, k, cutoff, budget,
-            out=None if need_grad else out[:, :base],
-        )  # fmt: skip
-        if got is not None:
-            pieces.append((got[0], 0, got[1]))
-    if len(spec) > 1:
-        assert numbers is not None
-        in_grid = torch.zeros(cell.shape[0], dtype=torch.bool, device=device)
-        in_grid[[s for g in grids for s in g.structures]] = True
-        for j, z in enumerate(spec):
-            idx = torch.nonzero((numbers == z) & in_grid[system_idx])[:, 0]
-            if idx.numel() == 0:
-                continue
-            sub = _routed_descriptors(
-                positions[idx], cell, pbc, system_idx[idx], k, cutoff, budget, threshold,
-                None, [], skip=~in_grid,
-            )  # fmt: skip
-            if need_grad:
-                pieces.append((idx, base * (j + 1), sub))
-            else:
-                out[idx, base * (j + 1) : base * (j + 2)] = sub
-    for rows, col, values in pieces:
-        cols = torch.arange(col, col + values.shape[1], device=device)
-        out = out.index_put((rows[:, None], cols[None, :]), values)
-    return out
-
-
-def _pair_list_descriptors(
-    positions: torch.Tensor,
-    cell: torch.Tensor,
-    pbc: torch.Tensor,
-    system_idx: torch.Tensor,
-    k: int,
-    cutoff: float,
-    budget: int | str | None,
-    numbers: torch.Tensor | None,
-    spec: list[int],
-    skip: torch.Tensor,
-) -> torch.Tensor:
-    """Descriptors (multicomponent blocks too) through pair lists; zero rows where ``skip``."""
-    pairs = find_neighbor_pairs(positions, cell, pbc, system_idx, cutoff, budget=budget, skip=skip)
-    blocks = [_descriptors_from_pairs(positions, cell, system_idx, pairs, k, cutoff, budget)]
-    if len(spec) > 1:
-        assert numbers is not None
-        zc, zn = numbers[pairs.center], numbers[pairs.neighbor]
-        for z in spec:
-            sub = pairs.select((zc == z) & (zn == z))
-            blocks.append(
-                _descriptors_from_pairs(positions, cell, system_idx, sub, k, cutoff, budget)
-            )
-    return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
-
-
-def _grid_threshold(search: str) -> float:
-    """Structures with more candidate pairs than this take the grid (``inf``: none)."""
-    if search == "auto":
-        return GRID_MIN_CANDIDATES
-    if search == "grid":
-        return -1
-    if search == "pairs":
-        return math.inf
-    raise ValueError(f"`search` must be 'auto', 'grid' or 'pairs', got {search!r}")
-
-
-def _plan_grids(
-    positions: torch.Tensor,
-    cell: torch.Tensor,
-    pbc: torch.Tensor,
-    system_idx: torch.Tensor,
-    cutoff: float,
-    threshold: float,
-    skip: torch.Tensor | None = None,
-) -> tuple[list[Grid], np.ndarray | None]:
-    """The cell grids (see :func:`quests_torch.cellgrid.plan_grids`) of the structures with
-    more than ``threshold`` candidate pairs where a grid applies, all structures at once.
-
-    Returns:
-        ``(grids, pending)``: the grids, and the structures (host, ascending) left for the
-        pair list: those with atoms, not in ``skip`` and on no grid (None: all but ``skip``,
-        when no grid is tried).
-    """
-    if threshold == math.inf:
-        return [], None
-    with torch.no_grad():
-        full = complete_cell(cell.detach(), pbc)
-        _check_cells(full, cell.detach(), pbc)
-        n_sys = cell.shape[0]
-        counts = torch.zeros(n_sys, dtype=torch.int64, device=positions.device)
-        counts.index_add_(0, system_idx, torch.ones_like(system_idx))
-        big = (_candidates(counts, full, pbc, cutoff) > threshold) & (counts > 0)
-        if skip is None:
-            skip = torch.zeros_like(big)
-        counts_h, big_h, skip_h = torch.stack([counts, big & ~skip, skip]).cpu().numpy()
-        grids = plan_grids(positions, full, pbc, system_idx, cutoff, np.flatnonzero(big_h),
-                           counts_h)  # fmt: skip
-    left = (counts_h > 0) & (skip_h == 0)
-    for g in grids:
-        left[g.structures] = False
-    return grids, np.flatnonzero(left)
-
-
-def _candidates(
-    counts: torch.Tensor, full: torch.Tensor, pbc: torch.Tensor, cutoff: float
-) -> torch.Tensor:
-    """Candidate pairs of a brute-force search per structure: atoms^2 x images within reach."""
-    return counts * counts * (2 * _image_ranges(full, pbc, cutoff) + 1).prod(dim=1)
 
 
 def get_descriptors(
@@ -768,7 +558,8 @@ def get_descriptors(
             off (:func:`quests_torch._precision.float64_enabled`: MPS, slow-float64 CUDA cards,
             ``QUESTS_TORCH_FLOAT64=0``).
         device: where to compute (``"auto"``: CUDA, else MPS, else CPU).
-        multicomponent: append one descriptor block per species (SPEC section 1).
+        multicomponent: append one descriptor block per species, each computed on the
+            sub-structure of that species only (as upstream quests does).
         species: element symbols or atomic numbers for the multicomponent blocks (default:
             every element present); blocks are ordered by chemical symbol.
         budget: memory budget for one chunk (bytes or "512M").

@@ -1,6 +1,6 @@
 """The fused cell-grid selection (large structures) against upstream and the pair-list path.
 
-Structures with more than ``descriptors.GRID_MIN_CANDIDATES`` candidate pairs take the grid
+Structures with more than ``neighbors.GRID_MIN_CANDIDATES`` candidate pairs take the grid
 path; here the threshold is lowered so that the small reference structures take it too, and
 every result is compared with upstream's values and with the pair-list path on the same input.
 """
@@ -15,9 +15,11 @@ from ase.build import bulk, fcc111, molecule
 from conftest import descriptor_structures, load_reference, rattled_fcc, rotated_and_shifted
 
 import quests_torch.descriptors as D
+import quests_torch.neighbors.knearest as K
+import quests_torch.neighbors.plan as NP
 from quests_torch import AtomsBatch, get_descriptors
-from quests_torch.cellgrid import plan_grid, select_block
 from quests_torch.neighbors import complete_cell
+from quests_torch.neighbors.grid import plan_grid, select_block
 
 REF = load_reference("descriptor")
 STRUCTURES = descriptor_structures()
@@ -26,7 +28,7 @@ STRUCTURES = descriptor_structures()
 @pytest.fixture
 def grid_path(monkeypatch):
     """Every structure takes the grid path where it applies (as ``search="grid"`` does)."""
-    monkeypatch.setattr(D, "GRID_MIN_CANDIDATES", -1)
+    monkeypatch.setattr(NP, "GRID_MIN_CANDIDATES", -1)
 
 
 def pair_path(structures, **kw):
@@ -63,11 +65,9 @@ def test_batched_dataset_mixed_paths(monkeypatch):
     names = [str(n) for n in REF["names"]]
     structures = [STRUCTURES[n] for n in names]
     sizes = sorted(len(a) for a in structures)
-    monkeypatch.setattr(D, "GRID_MIN_CANDIDATES", sizes[len(sizes) // 2] ** 2)
+    monkeypatch.setattr(NP, "GRID_MIN_CANDIDATES", sizes[len(sizes) // 2] ** 2)
     b = AtomsBatch.from_ase(structures)
-    grids, pending = D._plan_grids(
-        b.positions, b.cell, b.pbc, b.system_idx, 5.0, D.GRID_MIN_CANDIDATES
-    )
+    grids, pending = NP.route(b.positions, b.cell, b.pbc, b.system_idx, 5.0, NP.GRID_MIN_CANDIDATES)
     gridded = [s for g in grids for s in g.structures]
     assert 0 < len(gridded) < len(structures) - 1
     assert sorted(gridded + pending.tolist()) == list(range(len(structures)))
@@ -184,6 +184,7 @@ def test_block_size_and_threads_do_not_change_results(monkeypatch, grid_path):
     atoms = rattled_fcc((5, 5, 5), seed=10)
     x = get_descriptors(atoms)
     monkeypatch.setattr(D, "_CPU_CHUNK", 7)  # one-bin selection blocks, tiny descriptor blocks
+    monkeypatch.setattr(K, "PAIR_CPU_ROWS", 7)
     y = get_descriptors(atoms)
     old = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -288,3 +289,26 @@ def test_search_parameter():
     assert (get_descriptors(small, search="grid") - get_descriptors(small)).abs().max() <= 1e-12
     with pytest.raises(ValueError, match="`search` must be 'auto', 'grid' or 'pairs'"):
         get_descriptors(atoms, search="fast")
+
+
+def test_find_k_nearest_strategies_agree():
+    """The neighbour entry point gives the same k nearest (distances) through the grid and the
+    pair list, and its vectors turn into the descriptors get_descriptors returns."""
+    from quests_torch.descriptors import _environment_descriptors
+    from quests_torch.neighbors import GridSource, PairSource, find_k_nearest
+
+    b = AtomsBatch.from_ase([rattled_fcc((5, 5, 5), seed=3), rattled_fcc((1, 1, 1), seed=4)])
+    dist = {}
+    for search, kinds in (("grid", {PairSource, GridSource}), ("pairs", {PairSource})):
+        near = find_k_nearest(b.positions, b.cell, b.pbc, b.system_idx, 32, 5.0, search)
+        assert {type(s) for s in near.sources[0]} == kinds
+        vec, valid = near.dense()
+        assert vec.shape == (b.positions.shape[0], 32, 3)
+        x = _environment_descriptors(vec, valid, 32, 5.0)
+        assert (x - get_descriptors(b, search=search)).abs().max() == 0
+        dist[search] = torch.where(valid, vec.norm(dim=-1), torch.inf).sort(dim=1).values
+    finite = torch.isfinite(dist["pairs"])
+    assert torch.equal(finite, torch.isfinite(dist["grid"]))
+    assert (dist["grid"] - dist["pairs"])[finite].abs().max() < 1e-12
+    with pytest.raises(ValueError, match="`search` must be"):
+        find_k_nearest(b.positions, b.cell, b.pbc, b.system_idx, 32, 5.0, "cells")

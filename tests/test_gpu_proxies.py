@@ -15,8 +15,9 @@ from ase.build import bulk
 from conftest import rattled_fcc
 
 import quests_torch.descriptors as D
+import quests_torch.neighbors.knearest as K
 from quests_torch import AtomsBatch, get_descriptors
-from quests_torch.neighbors import DENSE_MAX_GROUP, _dense_limit
+from quests_torch.neighbors.pairs import DENSE_MAX_GROUP, _dense_limit
 
 
 def strained_cells(n: int, reps=(5, 5, 5)) -> list:
@@ -44,7 +45,8 @@ def one_thread():
 def device_chunking(monkeypatch):
     """Chunks sized from the memory budget alone, as on CUDA (no cache-sized CPU blocks)."""
     monkeypatch.setattr(D, "_CPU_CHUNK", 1 << 40)
-    monkeypatch.setattr(D, "_CPU_SELECT_ROWS", 1 << 40)
+    monkeypatch.setattr(K, "PAIR_CPU_ROWS", 1 << 40)
+    monkeypatch.setattr(K, "GRID_CPU_ROWS", 1 << 40)
 
 
 # ------------------------------------------------------------------ item 8: no per-structure loop
@@ -96,10 +98,10 @@ def bins_of(call) -> int:
 def test_grid_chunk_is_redone_in_halves_after_out_of_memory(monkeypatch, threads):
     atoms = rattled_fcc((5, 5, 5), seed=10)
     want = get_descriptors(atoms)
-    spy = FailOnce(D.select_block)
-    monkeypatch.setattr(D, "select_block", spy)
+    spy = FailOnce(K.select_block)
+    monkeypatch.setattr(K, "select_block", spy)
     if threads > 1:
-        monkeypatch.setattr(D, "_CPU_SELECT_ROWS", 200)  # chunks of a few bins, in parallel
+        monkeypatch.setattr(K, "GRID_CPU_ROWS", 200)  # chunks of a few bins, in parallel
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -126,8 +128,8 @@ def test_grid_gradients_after_out_of_memory(monkeypatch):
         return x.detach(), pos.grad
 
     x0, g0 = grads()
-    spy = FailOnce(D.select_block)
-    monkeypatch.setattr(D, "select_block", spy)
+    spy = FailOnce(K.select_block)
+    monkeypatch.setattr(K, "select_block", spy)
     x1, g1 = grads()
     assert len(spy.calls) >= 3
     assert (x1 - x0).abs().max() == 0 and (g1 - g0).abs().max() <= 1e-14
@@ -144,8 +146,8 @@ def test_pair_chunk_is_redone_after_out_of_memory(monkeypatch):
 
 
 def test_out_of_memory_gives_up_below_the_floor(monkeypatch):
-    spy = FailOnce(D.select_block, always=True)
-    monkeypatch.setattr(D, "select_block", spy)
+    spy = FailOnce(K.select_block, always=True)
+    monkeypatch.setattr(K, "select_block", spy)
     with pytest.raises(torch.OutOfMemoryError, match=r"even with chunks of 1 item.*`budget`"):
         get_descriptors(rattled_fcc((5, 5, 5), seed=10))
     assert bins_of(spy.calls[-1]) == 1

@@ -23,10 +23,22 @@ import math
 import numpy as np
 import torch
 
-from ._memory import memory_budget
-from ._precision import float64_enabled, full_precision
+from .._memory import memory_budget
+from .._precision import float64_enabled, full_precision
 
-__all__ = ["NeighborPairs", "complete_cell", "find_neighbor_pairs", "pair_vectors"]
+__all__ = [
+    "COINCIDENT_TOL",
+    "DENSE_MAX_CANDIDATES",
+    "DENSE_MAX_CANDIDATES_FLOAT32",
+    "NeighborPairs",
+    "check_cells",
+    "complete_cell",
+    "find_neighbor_pairs",
+    "image_ranges",
+    "pair_vectors",
+    "raise_coincident",
+    "stable_argsort",
+]
 
 #: pairs closer than this (Å) are coincident atoms, rejected with an error
 COINCIDENT_TOL = 1e-6
@@ -153,8 +165,16 @@ def complete_cell(cell: torch.Tensor, pbc: torch.Tensor) -> torch.Tensor:
     return torch.where(n_per == 0, eye, out)
 
 
-def _check_cells(full: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor) -> None:
-    """Periodic lattice vectors must be non-zero and span a non-degenerate lattice."""
+def check_cells(full: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor) -> None:
+    """Periodic lattice vectors must be non-zero and span a non-degenerate lattice.
+
+    Args:
+        full: ``[n_systems, 3, 3]`` the cells completed by :func:`complete_cell`.
+        cell, pbc: the cells as given and their periodicity.
+
+    Raises:
+        ValueError: naming the first offending structure.
+    """
     lengths = cell.norm(dim=2)  # [S, 3]
     zero_periodic = pbc & (lengths < 1e-8)
     full_len = full.norm(dim=2).prod(dim=1)
@@ -176,7 +196,7 @@ def _check_cells(full: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor) -> N
         )
 
 
-def _image_ranges(full: torch.Tensor, pbc: torch.Tensor, cutoff: float) -> torch.Tensor:
+def image_ranges(full: torch.Tensor, pbc: torch.Tensor, cutoff: float) -> torch.Tensor:
     """``[S, 3]`` largest |n| of lattice translations that can bring wrapped atoms within cutoff."""
     # interplanar spacing h_a = 1 / |a*|, a* the reciprocal vectors (columns of inv(cell))
     inv = torch.linalg.inv_ex(full).inverse  # checked non-singular: no error-check sync
@@ -299,21 +319,67 @@ def _vesin_pairs(
     )
     if d.numel() and float(d.min()) < COINCIDENT_TOL:
         p = int(torch.argmin(d))
-        _raise_coincident(system, int(i[p]), int(j[p]), float(d[p]))
+        raise_coincident(system, int(i[p]), int(j[p]), float(d[p]))
     # group by centre ourselves (a stable radix argsort beats vesin's own sorting) and keep
     # the other arrays unsorted: chunks gather only their rows
-    order = _stable_argsort(i)
+    order = stable_argsort(i)
     center, neighbor = i[order], j
     if start:
         center, neighbor = center + start, neighbor + start
     return NeighborPairs(center, neighbor, S, D.to(positions.dtype), perm=order)
 
 
-def _stable_argsort(x: torch.Tensor) -> torch.Tensor:
+def stable_argsort(x: torch.Tensor) -> torch.Tensor:
     """Stable ascending argsort of a 1-D integer tensor (NumPy's radix sort on CPU)."""
     if x.device.type == "cpu":
         return torch.from_numpy(np.argsort(x.numpy(), kind="stable"))
     return torch.sort(x, stable=True).indices
+
+
+def _dense_pairs(
+    positions: torch.Tensor,
+    full: torch.Tensor,
+    pbc: torch.Tensor,
+    system_idx: torch.Tensor,
+    n_img: torch.Tensor,
+    counts: torch.Tensor,
+    starts: torch.Tensor,
+    dense_sys: torch.Tensor,
+    cutoff: float,
+    budget: int | str | None,
+) -> list[NeighborPairs]:
+    """The pairs of the structures ``dense_sys`` by the batched dense search: structures grouped
+    by (image range, padded size), one tensor pass per group piece sized from the budget."""
+    parts: list[NeighborPairs] = []
+    device = positions.device
+    if dense_sys.numel():
+        wrapped, nwrap = _wrap(positions, full, pbc, system_idx)
+        # group structures by (image range, padded size): one tensor pass per group piece
+        p_bucket = _size_bucket(counts[dense_sys])
+        rng = n_img[dense_sys]
+        key = ((rng[:, 0] * 128 + rng[:, 1]) * 128 + rng[:, 2]) * (1 << 24) + p_bucket
+        uniq, inverse = torch.unique(key, return_inverse=True)
+        limit = _dense_limit(device, budget, positions.element_size())
+        for u, k in enumerate(uniq.tolist()):
+            members = dense_sys[inverse == u]
+            p_b = k % (1 << 24)
+            r = k >> 24
+            t = (2 * (r >> 14) + 1) * (2 * ((r >> 7) % 128) + 1) * (2 * (r % 128) + 1)
+            per_group = max(1, limit // (p_b * p_b * t))
+            for g in range(0, members.numel(), per_group):
+                parts.append(
+                    _dense_group_pairs(
+                        wrapped,
+                        full,
+                        nwrap,
+                        n_img,
+                        starts,
+                        counts,
+                        members[g : g + per_group],
+                        cutoff,
+                    )
+                )
+    return parts
 
 
 @full_precision()  # float32 search and wrapping in IEEE precision (TF32 gave 0.01-0.05 Å)
@@ -353,8 +419,8 @@ def find_neighbor_pairs(
         positions = positions.detach()
         cell = cell.detach()
         full = complete_cell(cell, pbc)
-        _check_cells(full, cell, pbc)
-        n_img = _image_ranges(full, pbc, cutoff)  # [S, 3]
+        check_cells(full, cell, pbc)
+        n_img = image_ranges(full, pbc, cutoff)  # [S, 3]
         counts = torch.bincount(system_idx, minlength=cell.shape[0])
         starts = torch.cumsum(counts, 0) - counts
         n_images = (2 * n_img + 1).prod(dim=1)
@@ -373,65 +439,46 @@ def find_neighbor_pairs(
             dense = dense & ~skip
             vesin = vesin & ~skip
 
-        parts: list[NeighborPairs] = []
         dense_sys = torch.nonzero(dense)[:, 0]
-        if dense_sys.numel():
-            wrapped, nwrap = _wrap(positions, full, pbc, system_idx)
-            # group structures by (image range, padded size): one tensor pass per group piece
-            p_bucket = _size_bucket(counts[dense_sys])
-            rng = n_img[dense_sys]
-            key = ((rng[:, 0] * 128 + rng[:, 1]) * 128 + rng[:, 2]) * (1 << 24) + p_bucket
-            uniq, inverse = torch.unique(key, return_inverse=True)
-            limit = _dense_limit(device, budget, positions.element_size())
-            for u, k in enumerate(uniq.tolist()):
-                members = dense_sys[inverse == u]
-                p_b = k % (1 << 24)
-                r = k >> 24
-                t = (2 * (r >> 14) + 1) * (2 * ((r >> 7) % 128) + 1) * (2 * (r % 128) + 1)
-                per_group = max(1, limit // (p_b * p_b * t))
-                for g in range(0, members.numel(), per_group):
-                    parts.append(
-                        _dense_group_pairs(
-                            wrapped,
-                            full,
-                            nwrap,
-                            n_img,
-                            starts,
-                            counts,
-                            members[g : g + per_group],
-                            cutoff,
-                        )
-                    )
+        parts = _dense_pairs(positions, full, pbc, system_idx, n_img, counts, starts, dense_sys,
+                             cutoff, budget)  # fmt: skip
         for s in torch.nonzero(vesin)[:, 0].tolist():
             parts.append(
                 _vesin_pairs(positions, full, pbc, int(starts[s]), int(counts[s]), s, cutoff)
             )
-        if not parts:
-            empty = torch.zeros(0, dtype=torch.int64, device=device)
-            return NeighborPairs(
-                empty,
-                empty,
-                torch.zeros(0, 3, dtype=torch.int64, device=device),
-                positions.new_zeros((0, 3)),
-            )
-        if len(parts) == 1:
-            pairs = parts[0]
-        else:
-            center = torch.cat([p.center for p in parts])
-            pairs = NeighborPairs(
-                center,
-                torch.cat([p.neighbor for p in parts]),
-                torch.cat([p.shift for p in parts]),
-                torch.cat([p.vector for p in parts]),
-            )
-            pairs = pairs.select(_stable_argsort(center))
-        if dense_sys.numel():
+        pairs = _merge(parts, positions)
+        if dense_sys.numel() and parts:
             _check_coincident(pairs, system_idx)
     return pairs
 
 
-def _raise_coincident(system: int, i: int, j: int, distance: float) -> None:
-    """``i``, ``j``: atom indices within structure ``system``."""
+def _merge(parts: list[NeighborPairs], positions: torch.Tensor) -> NeighborPairs:
+    """One pair list sorted by centre from the parts (each sorted by centre)."""
+    if not parts:
+        empty = torch.zeros(0, dtype=torch.int64, device=positions.device)
+        return NeighborPairs(
+            empty,
+            empty,
+            torch.zeros(0, 3, dtype=torch.int64, device=positions.device),
+            positions.new_zeros((0, 3)),
+        )
+    if len(parts) == 1:
+        return parts[0]
+    center = torch.cat([p.center for p in parts])
+    pairs = NeighborPairs(
+        center,
+        torch.cat([p.neighbor for p in parts]),
+        torch.cat([p.shift for p in parts]),
+        torch.cat([p.vector for p in parts]),
+    )
+    return pairs.select(stable_argsort(center))
+
+
+def raise_coincident(system: int, i: int, j: int, distance: float) -> None:
+    """Raise the coincident-atoms ValueError (shared by every search strategy).
+
+    ``i``, ``j``: atom indices within structure ``system``; ``distance`` in Å.
+    """
     what = "an image of itself" if i == j else f"atom {j}"
     raise ValueError(
         f"coincident atoms in structure {system}: atom {i} and {what} are "
@@ -450,7 +497,7 @@ def _check_coincident(pairs: NeighborPairs, system_idx: torch.Tensor) -> None:
         i, j = int(pairs.center[p]), int(pairs.neighbor[p])
         s = int(system_idx[i])
         first = int(torch.searchsorted(system_idx, torch.tensor(s, device=system_idx.device)))
-        _raise_coincident(s, i - first, j - first, math.sqrt(float(d2[p])))
+        raise_coincident(s, i - first, j - first, math.sqrt(float(d2[p])))
 
 
 def pair_vectors(

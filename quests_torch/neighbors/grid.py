@@ -11,7 +11,7 @@ largest occupancy, and
 * the ``k`` smallest, quantised, are picked with ``topk`` over the candidates;
 * only rows where the k-th distance is tied with an unpicked candidate (perfect crystals) get
   full tie-breaking keys (quantised squared distance, then the neighbour vector's components),
-  the same rule as the pair-list path in :mod:`quests_torch.descriptors`.
+  the same rule as the pair-list path in :mod:`quests_torch.neighbors.knearest`.
 
 Compared with a cell-list pair search followed by a sort by centre and a per-atom top-k, this
 removes the sort and the materialised pair arrays (~4.5 M pairs for 100,000 FCC atoms), and it
@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ._precision import compute_dtype
-from .neighbors import _stable_argsort
+from .._precision import compute_dtype
+from .pairs import stable_argsort
 
 __all__ = [
     "Grid",
@@ -407,7 +407,7 @@ def _group_grid(plan: _Plan, members: np.ndarray) -> Grid:
                                      output_size=n_atoms)  # fmt: skip
         atoms, wrapped, wrap = plan.atoms[pick], plan.wrapped[pick], plan.wrap[pick]
         bin_id = plan.bin_id[pick] - shift_d[of]
-    order = _stable_argsort(bin_id)
+    order = stable_argsort(bin_id)
     sorted_bin = bin_id[order]
     start = torch.cumsum(counts_d, 0) - counts_d
     slot = torch.arange(n_atoms, device=device) - start[sorted_bin]
