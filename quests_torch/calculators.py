@@ -152,6 +152,7 @@ class QuestsUncertaintyCalculator(Calculator):
 
     @property
     def extrapolated(self) -> bool:
+        """Whether any configuration crossed ``threshold`` (``events`` is not empty)."""
         return bool(self.events)
 
     def per_atom_dh(self, atoms) -> np.ndarray:
@@ -165,6 +166,7 @@ class QuestsUncertaintyCalculator(Calculator):
         return b.numbers if self.bank.species else None
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        """Run the wrapped calculator for ``properties``, then add dH when due or asked for."""
         super().calculate(atoms, properties, system_changes)
         atoms = self.atoms
         new = bool(system_changes)
@@ -440,6 +442,7 @@ class EntropyBiasCalculator(EntropyBiasTerms, Calculator):
         return BiasTerms(energy[0], f[0], dh, None if h_struct is None else h_struct[0])
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        """Bias energy (eV) and dH; forces (eV/Å) and stress (eV/Å^3) by autograd if asked."""
         super().calculate(atoms, properties, system_changes)
         atoms = self.atoms
         b = _batch(self.bank, atoms)

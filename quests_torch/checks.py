@@ -37,21 +37,22 @@ __all__ = [
     "check_threshold",
 ]
 
-#: neighbours per environment
 DEFAULT_K = 32
-#: neighbour cutoff radius (Å)
+"""Neighbours per environment of the descriptor (the paper's k)."""
 DEFAULT_CUTOFF = 5.0
-#: Gaussian kernel bandwidth h (1/Å)
+"""Neighbour cutoff radius of the descriptor (Å)."""
 DEFAULT_BANDWIDTH = 0.015
-#: edge length of the solid-like cluster graph (Å)
+"""Bandwidth h of the Gaussian kernel (1/Å)."""
 DEFAULT_CLUSTER_CUTOFF = 3.0
-#: beyond the neighbours within the cutoff a larger k only adds zero columns
+"""Largest edge length of the solid-like cluster graph (Å)."""
 MAX_K = 1024
-#: bandwidths outside this range make 1/h^2 overflow or vanish in float64
+"""Largest accepted k: beyond the neighbours within the cutoff a larger k only adds zero
+columns."""
 H_RANGE = (1e-150, 1e150)
+"""Accepted bandwidths ``(low, high)``: outside it 1/h^2 overflows or vanishes in float64."""
 
-#: ``True`` for a tqdm bar on stderr, a callable ``(done, total)``, or ``None``/``False``
 Progress = bool | Callable[[int, int], None] | None
+"""``True`` for a tqdm bar on stderr, a callable ``(done, total)``, or ``None``/``False``."""
 
 
 def _is_real(v: object) -> bool:

@@ -18,7 +18,6 @@ from .neighbors import find_neighbor_pairs
 
 __all__ = ["DEFAULT_CLUSTER_CUTOFF", "cluster_labels", "connected_components", "largest_cluster"]
 
-#: edge length (Å) of the solid-cluster graph (paper, Cu nucleation)
 #: Å added to the cutoff so that pairs exactly ``cutoff`` apart are joined (``d <= cutoff``)
 _EDGE_MARGIN = 1e-9
 
@@ -100,7 +99,12 @@ def largest_cluster(
     """Size of the largest cluster of selected atoms in every structure of a batch.
 
     Args:
-        positions, cell, pbc, system_idx, mask, cutoff: as in :func:`cluster_labels`.
+        positions: ``[n_atoms, 3]`` Cartesian positions (Å).
+        cell: ``[n_systems, 3, 3]`` lattice vectors as rows.
+        pbc: ``[n_systems, 3]`` bool periodicity along each lattice vector.
+        system_idx: ``[n_atoms]`` sorted structure index of each atom.
+        mask: ``[n_atoms]`` bool, the selected atoms (graph nodes).
+        cutoff: largest edge length between two selected atoms (Å, default 3.0).
 
     Returns:
         ``(sizes, labels)``: ``[n_systems]`` int64 number of atoms in the largest cluster

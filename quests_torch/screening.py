@@ -494,10 +494,19 @@ def screen_trajectory(
         extxyz: also write every frame with ``arrays["dH"]`` (per-atom dH) and
             ``arrays["cluster"]`` (cluster label, -1 for novel atoms) to this extxyz file,
             for colouring in OVITO.
-        h, threshold, k, cutoff, cluster_cutoff, dtype, device: as in
-            :func:`screen_frames`.
-        batch_atoms: on a resumed run the value stored at the start is reused (so batches,
-            hence results, are those of an uninterrupted run).
+        h: bandwidth of the kernel (1/Å, default 0.015).
+        threshold: dH (nats) above which an atom is novel (default 0, as in the paper).
+        k: neighbours per environment of the descriptors (default 32; must match the
+            reference's).
+        cutoff: descriptor cutoff radius (Å, default 5.0; must match the reference's).
+        cluster_cutoff: largest edge of the cluster graph of non-novel atoms (Å,
+            default 3.0).
+        dtype: compute dtype of descriptors and kernel sums (default float64).
+        device: where to compute (default CPU; ``"auto"``/``None``: CUDA, else MPS, else
+            CPU).
+        batch_atoms: atoms per batch (``None``: :func:`default_batch_atoms`); on a resumed
+            run the value stored at the start is reused (so batches, hence results, are
+            those of an uninterrupted run).
         reference_key: identifies the reference in the resume state (default:
             :func:`quests_torch.resume.reference_hash` of its values). Restarting with
             another reference is refused.

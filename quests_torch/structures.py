@@ -217,10 +217,12 @@ class AtomsBatch:
     # ------------------------------------------------------------------ properties
     @property
     def n_atoms(self) -> int:
+        """Total number of atoms over all structures (rows of ``positions``)."""
         return int(self.positions.shape[0])
 
     @property
     def n_systems(self) -> int:
+        """Number of structures in the batch (leading dimension of ``cell``)."""
         return int(self.cell.shape[0])
 
     @property
@@ -230,10 +232,12 @@ class AtomsBatch:
 
     @property
     def device(self) -> torch.device:
+        """Device of the batch's tensors (that of ``positions``)."""
         return self.positions.device
 
     @property
     def dtype(self) -> torch.dtype:
+        """Floating-point dtype of ``positions`` and ``cell``."""
         return self.positions.dtype
 
     def to(

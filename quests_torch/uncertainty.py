@@ -194,7 +194,15 @@ class UncertaintyBank(torch.nn.Module):
 
         Args:
             atoms: an ``ase.Atoms``, a list of them, or an :class:`AtomsBatch`.
-            k, cutoff, h, dtype, device, species: as in :class:`UncertaintyBank`.
+            k: neighbours per environment of the descriptor (default 32).
+            cutoff: cutoff radius of the descriptor (Å, default 5.0).
+            h: bandwidth of the kernel (1/Å, default 0.015).
+            dtype: storage and compute dtype of the bank (default float64; float32 where
+                float64 is off, as in :class:`UncertaintyBank`).
+            device: where the descriptors are computed and the bank lives (default CPU;
+                ``"auto"``: CUDA when available).
+            species: element symbols or atomic numbers for a multicomponent bank; ``None``
+                (default): the plain descriptor.
             budget: memory budget of the descriptor chunks (bytes or ``"512M"``).
         """
         bank = cls(k=k, cutoff=cutoff, h=h, dtype=dtype, device=device, species=species)
@@ -218,8 +226,17 @@ class UncertaintyBank(torch.nn.Module):
         Args:
             descriptors: ``[n, d]`` tensor/array, or a :class:`quests_torch.io.DescriptorSet`
                 (its ``k`` and ``cutoff`` are used and checked against explicit ones).
-            k, cutoff: descriptor parameters (default 32 and 5.0 Å for bare arrays).
-            h, dtype, device, species: as in :class:`UncertaintyBank`.
+            k: neighbours per environment the descriptors were computed with (default: the
+                DescriptorSet's, else 32 for bare arrays).
+            cutoff: cutoff radius the descriptors were computed with (Å; default: the
+                DescriptorSet's, else 5.0 for bare arrays).
+            h: bandwidth of the kernel (1/Å, default 0.015).
+            dtype: storage and compute dtype of the bank (default: the DescriptorSet's
+                recorded dtype, else that of the array: float32 stays float32, anything
+                else becomes float64).
+            device: where the bank lives (default: the tensor's device, else CPU).
+            species: element symbols or atomic numbers for a multicomponent bank (the width
+                must then be ``(S + 1)(2k - 1)``); ``None`` (default): plain.
 
         Raises:
             ValueError: explicit ``k``/``cutoff`` differ from the DescriptorSet's, or the width
@@ -263,9 +280,16 @@ class UncertaintyBank(torch.nn.Module):
 
         Args:
             path: a descriptor file or a list of them.
-            h, dtype, device, species: as in :class:`UncertaintyBank` (``dtype`` default: the
-                one recorded in the first file).
-            k, cutoff: expected descriptor parameters (checked).
+            h: bandwidth of the kernel (1/Å, default 0.015).
+            dtype: storage and compute dtype of the bank (default: the one recorded in the
+                first file).
+            device: where the bank lives (default CPU).
+            k: expected neighbours per environment; checked against the files' metadata
+                when given.
+            cutoff: expected cutoff radius (Å); checked against the files' metadata when
+                given.
+            species: element symbols or atomic numbers for a multicomponent bank; ``None``
+                (default): plain.
         """
         paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
         if not paths:
@@ -304,13 +328,16 @@ class UncertaintyBank(torch.nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
+        """Dtype of the stored descriptors (and of the kernel sums)."""
         return self.descriptors.dtype
 
     @property
     def device(self) -> torch.device:
+        """Device the bank's descriptors live on."""
         return self.descriptors.device
 
     def extra_repr(self) -> str:
+        """Size, width and parameters of the bank, shown in the module's ``repr``."""
         sp = "" if not self.species else f", species={self.species}"
         return (
             f"n_references={self.n_references}, width={self.width}, k={self.k}, "
@@ -330,6 +357,7 @@ class UncertaintyBank(torch.nn.Module):
         }
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore ``k``, ``cutoff``, ``h``, ``dtype`` and ``species`` from ``state_dict()``."""
         if not isinstance(state, dict) or not {"k", "cutoff", "h"} <= set(state):
             raise ValueError(
                 f"not an UncertaintyBank state: extra state must hold k, cutoff, h, got {state!r}"
@@ -551,7 +579,10 @@ class UncertaintyBank(torch.nn.Module):
 
         Args:
             y: ``[n, d]`` query descriptors or a DescriptorSet (its ``k``/``cutoff`` checked).
-            k, cutoff: parameters ``y`` was computed with, checked when given.
+            k: neighbours per environment ``y`` was computed with; checked against the
+                bank's when given.
+            cutoff: cutoff radius (Å) ``y`` was computed with; checked against the bank's
+                when given.
             **options: forwarded to :func:`quests_torch.metrics.delta_entropy` (``tile_size``,
                 ``budget``, ``distance``, ...).
 

@@ -34,27 +34,13 @@ EXTRA_MODULES = ["quests_torch.integrations.torch_sim"]
 # reported, so the list cannot go stale silently.
 MISSING_DOCSTRING_ALLOWLIST: set[str] = {
     # properties
-    "quests_torch.AtomsBatch.device",
-    "quests_torch.AtomsBatch.dtype",
-    "quests_torch.AtomsBatch.n_atoms",
-    "quests_torch.AtomsBatch.n_systems",
-    "quests_torch.QuestsUncertaintyCalculator.extrapolated",
-    "quests_torch.UncertaintyBank.device",
-    "quests_torch.UncertaintyBank.dtype",
     "quests_torch.kde.PreparedReferences.device",
     "quests_torch.kde.PreparedReferences.n_references",
     # exported module constants (an attribute docstring: a string literal after them)
-    "quests_torch.DEFAULT_BANDWIDTH",
-    "quests_torch.DEFAULT_CUTOFF",
-    "quests_torch.DEFAULT_K",
     "quests_torch.compression.METHODS",
     "quests_torch.estimates.AUTO_ROWS",
     "quests_torch.estimates.EXACT_MAX_ROWS",
-    # methods, most of them overrides of ASE, torch or torch-sim hooks
-    "quests_torch.EntropyBiasCalculator.calculate",
-    "quests_torch.QuestsUncertaintyCalculator.calculate",
-    "quests_torch.UncertaintyBank.extra_repr",
-    "quests_torch.UncertaintyBank.set_extra_state",
+    # methods
     "quests_torch.compression.CompressionCurve.as_dict",
 }
 
@@ -66,28 +52,12 @@ MISSING_DOCSTRING_ALLOWLIST: set[str] = {
 # longer occurs is reported as a warning (which fails the strict build).
 _NOT_IN_SIGNATURE = " does not appear in the function signature"
 DOCSTRING_WARNING_ALLOWLIST: set[str] = {
-    # distributed/screening.py
-    "Failed to get 'name: description' pair from '``progress`` shows rank 0's bar only.'",
-    # distributed/screening.py
-    "Parameter 'Other arguments'" + _NOT_IN_SIGNATURE,
     # kde.py
     "Parameter 'dtype, centre, distance, tile_size, budget, device, progress'" + _NOT_IN_SIGNATURE,
     # compression.py
     "Parameter 'dtype, device, tile_size, budget'" + _NOT_IN_SIGNATURE,
-    # uncertainty.py
-    "Parameter 'h, dtype, device, species'" + _NOT_IN_SIGNATURE,
-    # screening.py
-    "Parameter 'h, threshold, k, cutoff, cluster_cutoff, dtype, device'" + _NOT_IN_SIGNATURE,
-    # compression.py, uncertainty.py, integrations/torch_sim.py
+    # compression.py
     "Parameter 'k, cutoff'" + _NOT_IN_SIGNATURE,
-    # distributed/descriptors.py
-    "Parameter 'k, cutoff, dtype, device, multicomponent, species, budget'" + _NOT_IN_SIGNATURE,
-    # uncertainty.py
-    "Parameter 'k, cutoff, h, dtype, device, species'" + _NOT_IN_SIGNATURE,
-    # clusters.py
-    "Parameter 'positions, cell, pbc, system_idx, mask, cutoff'" + _NOT_IN_SIGNATURE,
-    # integrations/torch_sim.py
-    "Parameter 'reduction, beta, entropy_strength, entropy_h, saturation'" + _NOT_IN_SIGNATURE,
     # compression.py
     "Parameter 'size, method'" + _NOT_IN_SIGNATURE,
     # compression.py

@@ -51,8 +51,17 @@ def get_descriptors(
     Args:
         structures: ``ase.Atoms``, a list of them, or an :class:`AtomsBatch` (the same on
             every rank).
-        k, cutoff, dtype, device, multicomponent, species, budget: as in
-            :func:`quests_torch.descriptors.get_descriptors`.
+        k: number of nearest neighbours (default 32, at most
+            :data:`quests_torch.checks.MAX_K`).
+        cutoff: cutoff radius in Å (default 5.0).
+        dtype: ``torch.float64`` (default) or ``torch.float32`` (float32 wherever float64 is
+            off, as in :func:`quests_torch.descriptors.get_descriptors`).
+        device: where this rank computes and where the result lives (default CPU;
+            ``"auto"``: CUDA, else MPS, else CPU).
+        multicomponent: append one descriptor block per species (default ``False``).
+        species: element symbols or atomic numbers of the multicomponent blocks (default:
+            every element of all the structures, not only of this rank's block).
+        budget: memory budget for one chunk on this rank (bytes or ``"512M"``).
         gather: ``False`` returns only this rank's rows (its structures' atoms, in order).
 
     Returns:

@@ -146,9 +146,30 @@ def screen_trajectory(
     other ranks' parts). Each rank needs the whole ``reference``.
 
     Args:
-        keep_parts: keep ``<table>.parts/`` after the merge.
-        Other arguments: as in :func:`quests_torch.screening.screen_trajectory`;
-        ``progress`` shows rank 0's bar only.
+        trajectory: any ASE-readable trajectory (the same path on every rank).
+        reference: ``[m, 2k - 1]`` reference descriptors (the whole of them on every rank).
+        table: merged per-frame output table (``.jsonl``: JSON lines, anything else CSV).
+        index: ASE selection of frames, split over the ranks (default ``":"``, all).
+        extxyz: also write every frame with its per-atom dH and cluster labels to this
+            extxyz file (merged from the ranks' parts like the table).
+        h: bandwidth of the kernel (1/Å, default 0.015).
+        threshold: dH (nats) above which an atom is novel (default 0).
+        k: neighbours per environment of the descriptors (default 32; must match the
+            reference's).
+        cutoff: descriptor cutoff radius (Å, default 5.0; must match the reference's).
+        cluster_cutoff: largest edge of the cluster graph (Å, default 3.0).
+        dtype: compute dtype of descriptors and kernel sums (default float64).
+        device: where each rank computes (default CPU; ``"auto"``/``None``: CUDA, else MPS,
+            else CPU).
+        batch_atoms: atoms per batch on each rank (``None``:
+            :func:`quests_torch.screening.default_batch_atoms`).
+        reference_key: identifies the reference in the resume state (default: the hash of
+            its values, computed once on rank 0).
+        trajectory_key: identifies the trajectory's content in the resume state (default:
+            its size and SHA-256, computed once on rank 0).
+        overwrite: start afresh even when outputs of a different screening exist.
+        progress: show a tqdm progress bar, on rank 0 only (of its own block).
+        keep_parts: keep ``<table>.parts/`` after the merge (default ``False``: deleted).
 
     Returns:
         :class:`quests_torch.screening.ScreeningResult` of the merged table on every rank;

@@ -147,8 +147,10 @@ class UncertaintyModel(_Wrapper):
         model: the torch-sim model to wrap.
         bank: reference environments (same device and dtype as ``model``).
         threshold: dH above which an atom counts in ``"fraction_above"`` (nats).
-        k, cutoff: descriptor parameters the bank must have been built with (checked when
+        k: neighbours per environment the bank must have been built with (checked when
             given).
+        cutoff: descriptor cutoff radius (Å) the bank must have been built with (checked
+            when given).
         differentiable: keep dH's autograd graph when the state's positions or cell require
             grad (default: dH is a monitor, computed without one).
 
@@ -216,11 +218,19 @@ class EntropyBiasModel(EntropyBiasTerms, _Wrapper):
             device and dtype).
         bank: reference environments (same device and dtype as ``model``).
         strength: ``lambda`` (eV/nat); positive values push towards novel environments.
-        reduction, beta, entropy_strength, entropy_h, saturation: as in
-            :class:`~quests_torch.calculators.EntropyBiasCalculator`.
+        reduction: ``"mean"`` (default) or ``"softmax"``, how ``f_s`` reduces the per-atom
+            values of a system.
+        beta: sharpness of ``"softmax"`` (1/nat, default 1.0).
+        entropy_strength: ``mu`` (eV/nat, default 0: no entropy term).
+        entropy_h: bandwidth of ``H_s`` (1/Å, default ``bank.h``).
+        saturation: ``c`` (nats) of the ``c tanh(dH / c)`` cap, or ``None`` (default: no
+            cap).
         compute_stress: add the bias stress (needs fully periodic systems). Default: the
             wrapped model's ``compute_stress`` (``False`` without a model).
-        k, cutoff: descriptor parameters the bank must have been built with (checked).
+        k: neighbours per environment the bank must have been built with (checked when
+            given).
+        cutoff: descriptor cutoff radius (Å) the bank must have been built with (checked
+            when given).
 
     Raises:
         ValueError: bad options (see :func:`~quests_torch.calculators.check_bias_options`),

@@ -76,7 +76,10 @@ def uncertainty_properties(
         bank: reference environments; ``None`` takes the bank of the model the reporter is
             called with (an :class:`UncertaintyModel` or :class:`EntropyBiasModel`).
         threshold: dH above which an atom counts in ``"fraction_above"`` (nats).
-        k, cutoff: descriptor parameters the bank must have been built with (checked).
+        k: neighbours per environment the bank must have been built with (checked when
+            given, also against a model's bank taken at call time).
+        cutoff: descriptor cutoff radius (Å) the bank must have been built with (checked
+            when given, like ``k``).
 
     Returns:
         ``{"max_dH": fn, "mean_dH": fn, "fraction_above": fn}``.
