@@ -36,13 +36,7 @@ import torch
 
 from ._memory import memory_budget
 from .checks import Progress, check_bandwidths, check_threshold
-from .kde import (
-    DEFAULT_BANDWIDTH,
-    RunningLogKernelSum,
-    _progress_callback,
-    full_precision,
-    wide_tile_columns,
-)
+from .kde import DEFAULT_BANDWIDTH, RunningLogKernelSum, engine, full_precision
 from .metrics import _generator, entropy_per_structure
 from .structures import canonical_device, segment_sum
 
@@ -314,7 +308,7 @@ class Compression:
 
 def _progress_bar(progress: Progress, total: int, desc: str):
     """``(tick(done), bar)`` from the engine's progress convention (bar, callable or none)."""
-    update, bar = _progress_callback(progress, total, desc, unit="structure")
+    update, bar = engine.progress_callback(progress, total, desc, unit="structure")
     if update is None:
         return lambda done: None, None
     return lambda done: update(done, total), bar
@@ -349,7 +343,7 @@ class _MeanDistances:
             [-2.0 * y64, torch.ones_like(y64[:, :1]), (y64 * y64).sum(1, keepdim=True)], 1
         )
         n = self.xt.shape[1]
-        cols = wide_tile_columns(self.xt.device, self.budget, y.shape[0], torch.float64, n)
+        cols = engine.wide_tile_columns(self.xt.device, self.budget, y.shape[0], torch.float64, n)
         out = torch.empty(n, dtype=torch.float64, device=self.xt.device)
         with full_precision():
             for j0 in range(0, n, cols):

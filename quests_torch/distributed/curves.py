@@ -14,7 +14,7 @@ from ..kde import (
     DEFAULT_BANDWIDTH,
     ArrayLike,
     Bandwidth,
-    _Source,
+    engine,
 )
 from ..metrics import (
     LearningCurve,
@@ -70,7 +70,7 @@ def entropy_learning_curve(
         return _metrics.entropy_learning_curve(
             x, h, sizes, repeats, same_seed(generator), rows=rows, **options
         )
-    src = _Source(x, "x")
+    src = engine.Source(x, "x")
     n = src.n
     sizes_t = _curve_sizes(n, sizes)
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:

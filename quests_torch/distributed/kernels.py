@@ -12,19 +12,17 @@ from .. import metrics as _metrics
 from .._memory import memory_budget
 from ..checks import check_bandwidths, check_threshold
 from ..estimates import resolve_rows
-from ..kde import (
-    DEFAULT_BANDWIDTH,
-    ArrayLike,
-    Bandwidth,
-    _as_log_weights,
-    _compute_device,
-    _forward,
-    _Problem,
-    _progress_callback,
-    _Source,
-    _sweep_plain,
-    _sweep_shifted,
-    full_precision,
+from ..kde import DEFAULT_BANDWIDTH, ArrayLike, Bandwidth, full_precision
+from ..kde.engine import (
+    Problem,
+    Source,
+    as_log_weights,
+    compute_device,
+    far_rows,
+    forward,
+    progress_callback,
+    sweep_plain,
+    sweep_shifted,
 )
 from ..metrics import (
     DatasetSummary,
@@ -44,8 +42,8 @@ _MIN_ROWS_PER_RANK = 64
 # --------------------------------------------------------------------------------------------
 
 
-class _ShardProblem(_Problem):
-    """:class:`quests_torch.kde._Problem` with global row/column offsets.
+class _ShardProblem(Problem):
+    """:class:`quests_torch.kde.engine.Problem` with global row/column offsets.
 
     * ``pin``: rows and columns are blocks of one set (global indices ``row_offset + i`` and
       ``col_offset + j``): the self pairs get an exponent of exactly 0, like the single-process
@@ -56,8 +54,8 @@ class _ShardProblem(_Problem):
 
     def __init__(
         self,
-        xs: _Source,
-        ys: _Source,
+        xs: Source,
+        ys: Source,
         hs: list[float],
         *,
         row_offset: int = 0,
@@ -95,7 +93,7 @@ class _ShardProblem(_Problem):
             return i0, i0  # another rank's row block
         return super().col_range(i0, i1, triangular)
 
-    def subset_rows(self, index: torch.Tensor) -> _Problem:
+    def subset_rows(self, index: torch.Tensor) -> Problem:
         sub = super().subset_rows(index)
         sub.pin = False  # the subset's rows are no longer aligned with the columns
         sub.owned = None
@@ -162,14 +160,14 @@ def _sharded_log_p(
     check_shard(shard)
     hs, vector = check_bandwidths(h)
     same = y is x
-    xs = _Source(x, names[0])
-    ys = xs if same else _Source(y, names[1])
+    xs = Source(x, names[0])
+    ys = xs if same else Source(y, names[1])
     if xs.d != ys.d:
         raise ValueError(
             f"`{names[0]}` and `{names[1]}` must have the same descriptor width, "
             f"got {xs.d} and {ys.d}"
         )
-    lw = _as_log_weights(log_weights, device)
+    lw = as_log_weights(log_weights, device)
     if lw is not None and tuple(lw.shape) != (ys.n,):
         raise ValueError(
             f"`log_weights` must have shape ({ys.n},) like the rows of `{names[1]}`, "
@@ -177,7 +175,7 @@ def _sharded_log_p(
         )
     if device is None and xs.device is None and ys.device is None:
         device = comm.comm_device()
-    dev = _compute_device([xs, ys], device)
+    dev = compute_device([xs, ys], device)
     out_dtype = torch.promote_types(xs.dtype, ys.dtype)
     compute_dtype = out_dtype if dtype is None else dtype
     if compute_dtype not in (torch.float32, torch.float64):
@@ -215,17 +213,16 @@ def _sharded_log_p(
             p._set_tiles(min(p.tm, max(64, -(-p.n // target))))
             n_blocks = -(-p.n // p.tm)
         p.owned = _owned_blocks(n_blocks, w, r)
-        callback, bar = _progress_callback(progress if lead else None, p.n, "kernel sums")
+        callback, bar = progress_callback(progress if lead else None, p.n, "kernel sums")
         try:
             with full_precision(), torch.no_grad():
-                log_p = comm.logsumexp_ranks(_sweep_plain(p, callback).log_p)
-                threshold = p.floor + math.log(p.m) - math.log(p.eps)
-                far_flag = (log_p < threshold).any(1).to(torch.float64)
+                log_p = comm.logsumexp_ranks(sweep_plain(p, callback).log_p)
+                far_flag = far_rows(p, log_p).to(torch.float64)
                 far = (comm.all_reduce(far_flag, dist.ReduceOp.MAX) > 0).nonzero().squeeze(1)
                 if far.numel() > 0:
                     f0, f1 = comm.shard_range(int(far.numel()))
                     if f1 > f0:
-                        part = _sweep_shifted(p.subset_rows(far[f0:f1]))
+                        part = sweep_shifted(p.subset_rows(far[f0:f1]))
                     else:
                         part = torch.empty(0, n_h, dtype=p.acc, device=dev)
                     log_p[far] = comm.all_gather_rows(part, comm.shard_counts(int(far.numel())))
@@ -235,11 +232,11 @@ def _sharded_log_p(
     elif plan == "rows":
         r0, r1 = comm.shard_range(xs.n)
         if r1 > r0:
-            xl = _Source(_rows_of(x, r0, r1), names[0])
+            xl = Source(_rows_of(x, r0, r1), names[0])
             p = _ShardProblem(
                 xl, ys, hs, log_weights=lw, pin=same, row_offset=r0, col_offset=0, **common
             )
-            local = _forward(p, progress if lead else None).log_p
+            local = forward(p, progress if lead else None).log_p
         else:
             local = torch.empty(0, n_h, dtype=torch.float64, device=dev)
         log_p = comm.all_gather_rows(local, comm.shard_counts(xs.n))
@@ -249,7 +246,7 @@ def _sharded_log_p(
         if centre:
             total = torch.zeros(ys.d, dtype=torch.float64, device=dev)
             if c1 > c0:
-                yl = _Source(_rows_of(y, c0, c1), names[1])
+                yl = Source(_rows_of(y, c0, c1), names[1])
                 chunk = max(1, (1 << 24) // (8 * ys.d))
                 total = yl.check_finite_and_mean(dev, chunk) * (c1 - c0)
             mu = comm.all_reduce(total, dist.ReduceOp.SUM) / ys.n
@@ -258,11 +255,11 @@ def _sharded_log_p(
         if empty:
             local = torch.full((xs.n, n_h), -math.inf, dtype=torch.float64, device=dev)
         else:
-            yl = _Source(_rows_of(y, c0, c1), names[1])
+            yl = Source(_rows_of(y, c0, c1), names[1])
             p = _ShardProblem(
                 xs, yl, hs, log_weights=lw_l, pin=same, col_offset=c0, mu=mu, **common
             )
-            local = _forward(p, progress if lead else None).log_p
+            local = forward(p, progress if lead else None).log_p
         log_p = comm.logsumexp_ranks(local)
         if lw is not None and not bool(torch.isfinite(log_p).any()):
             raise ValueError("`log_weights` are all -inf (every weight is zero)")
@@ -413,7 +410,7 @@ def dataset_summary(
         check_shard(options.pop("shard", "auto"))
         return _metrics.dataset_summary(x, h, other, threshold, **options)
     rows, generator = options.pop("rows", None), options.pop("generator", None)
-    if resolve_rows(rows, _Source(x, "x").n) < _Source(x, "x").n:
+    if resolve_rows(rows, Source(x, "x").n) < Source(x, "x").n:
         options.pop("shard", None)
         return _metrics.dataset_summary(
             x, h, other, threshold, rows=rows, generator=same_seed(generator), **options
