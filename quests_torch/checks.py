@@ -150,3 +150,12 @@ def check_dtype(dtype: object, name: str = "dtype") -> torch.dtype:
     if dtype not in (torch.float32, torch.float64):
         raise TypeError(f"`{name}` must be torch.float32 or torch.float64, got {dtype}")
     return dtype
+
+
+def check_single_bandwidth(h: object, name: str = "h") -> float:
+    """One positive bandwidth (1/Å), also given as a 1-element sequence; several are refused
+    (the greedy compression and the per-generation running sums take one ``h``)."""
+    hs, vector = check_bandwidths(h, name)
+    if vector:
+        raise ValueError(f"`{name}` must be a single bandwidth here, got several")
+    return hs[0]
