@@ -104,9 +104,9 @@ from .blocks import grouped_log_kernel_sum
 from .prepared import PreparedReferences
 from .problem import KernelSums
 from .running import RunningLogKernelSum
-from .running import wide_tile_columns as wide_tile_columns
 from .source import ArrayLike as ArrayLike
 from .source import Bandwidth as Bandwidth
+from .tiles import wide_tile_columns as wide_tile_columns
 
 __all__ = [
     "DEFAULT_BANDWIDTH",

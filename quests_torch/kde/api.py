@@ -13,7 +13,7 @@ from ..checks import DEFAULT_BANDWIDTH, Progress, check_bandwidths
 from .problem import Groups, KernelSums, Problem
 from .source import ArrayLike, Bandwidth, Source, as_log_weights
 from .sweeps import LogKernelSumFn, forward
-from .tiles import retry_on_oom, tile_view
+from .tiles import retry_on_oom, spans, tile_view
 
 
 def named_kernel_pass(
@@ -273,12 +273,10 @@ def named_first_match_within(
     def sweep() -> torch.Tensor:
         first = torch.full((p.n,), big, dtype=torch.long, device=dev)
         (storage,) = p.buffers(1)
-        for i0 in range(0, p.n, p.tm):
-            i1 = min(i0 + p.tm, p.n)
+        for i0, i1 in spans(0, p.n, p.tm):
             xr, xraw = p.rows(i0, i1)
             hi = i1 if same else p.m  # earlier rows only: the lower triangle
-            for j0 in range(0, hi, p.tn):
-                j1 = min(j0 + p.tn, hi)
+            for j0, j1 in spans(0, hi, p.tn):
                 buf = p.exponent(xr, xraw, p.cols(j0, j1), tile_view(storage, i1 - i0, j1 - j0))
                 hit = buf >= limit
                 cols = torch.arange(j0, j1, device=dev)

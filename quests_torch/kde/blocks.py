@@ -15,6 +15,7 @@ from .prepared import default_tile_elements
 from .problem import Groups, Problem
 from .source import ArrayLike, Bandwidth, Source, compute_device, progress_callback
 from .sweeps import backward, far_rows, sweep_shifted
+from .tiles import spans
 
 
 class GroupBlocks(NamedTuple):
@@ -74,8 +75,7 @@ def sweep_blocks(
         rows = max(1, elements // size)  # one large group: row tiles spanning the group
         for a in range(start, start + count * size, size):
             yc = p.cols(a, a + size)
-            for i0 in range(a, a + size, rows):
-                i1 = min(i0 + rows, a + size)
+            for i0, i1 in spans(a, a + size, rows):
                 xr, xraw = p.rows(i0, i1)
                 out = torch.empty(i1 - i0, size, dtype=p.dtype, device=p.device)
                 e = p.exponent_tile(i0, i1, a, a + size, xr, xraw, yc, out)

@@ -33,19 +33,29 @@ Calls with caller-chosen argument names:
   :func:`~quests_torch.kde.nearest_neighbors` and :func:`~quests_torch.kde.first_match_within`
   with ``names=(name_of_x, name_of_y)`` for the error messages (``kernel_pass`` also takes
   ``groups`` and ``want_sums``).
-* :func:`progress_callback` -- ``progress`` (bool or callable) as ``(callback, bar)``.
-* :func:`wide_tile_columns` -- columns of the wide ``[m, cols]`` tiles of running sums.
+* :func:`progress_callback`, :func:`progress_ticker` -- ``progress`` (bool or callable)
+  as ``(callback(done, total), bar)`` or ``(tick(done), bar)``.
+* :func:`wide_tile_columns`, :func:`wide_spans`, :func:`augment` -- the wide ``[m, cols]``
+  tiles of running sums and mean distances (``[m, d + 2] x [d + 2, n]`` GEMMs of
+  augmented rows) and their tile iterator.
 """
 
 from __future__ import annotations
 
 from .._precision import full_precision
 from .api import named_first_match_within, named_kernel_pass, named_nearest_neighbors
-from .problem import Groups, KernelSums, Problem
-from .running import wide_tile_columns
-from .source import ArrayLike, Bandwidth, Source, as_log_weights, compute_device, progress_callback
+from .problem import Groups, KernelSums, Problem, augment
+from .source import (
+    ArrayLike,
+    Bandwidth,
+    Source,
+    as_log_weights,
+    compute_device,
+    progress_callback,
+    progress_ticker,
+)
 from .sweeps import far_rows, forward, sweep_plain, sweep_shifted
-from .tiles import retry_on_oom, spans
+from .tiles import retry_on_oom, spans, wide_spans, wide_tile_columns
 
 __all__ = [
     "ArrayLike",
@@ -55,6 +65,7 @@ __all__ = [
     "Problem",
     "Source",
     "as_log_weights",
+    "augment",
     "compute_device",
     "far_rows",
     "forward",
@@ -63,9 +74,11 @@ __all__ = [
     "named_kernel_pass",
     "named_nearest_neighbors",
     "progress_callback",
+    "progress_ticker",
     "retry_on_oom",
     "spans",
     "sweep_plain",
     "sweep_shifted",
+    "wide_spans",
     "wide_tile_columns",
 ]

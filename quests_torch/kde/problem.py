@@ -35,6 +35,24 @@ class KernelSums(NamedTuple):
     nearest_index: torch.Tensor | None
 
 
+def augment(
+    v: torch.Tensor, factor: float | None, norm: float, *, norm_first: bool
+) -> torch.Tensor:
+    """Augmented rows for the one-GEMM expansion of squared distances of the wide tiles.
+
+    ``norm_first``: ``[v, norm |v|^2, 1]``; else ``[factor v, 1, norm |v|^2]`` (``factor``
+    ``None``: ``v`` as is). The product of a ``norm_first`` block of ``a`` with the other
+    block of ``b`` is ``factor a.b + norm_a |a|^2 + norm_b |b|^2``: ``-s |a - b|^2`` for
+    ``(factor, norm) = (2 s, -s)`` on both sides (running sums, ``s = 1 / (2 h^2)``) and
+    ``|a - b|^2`` for ``(-2, 1)`` (mean distances). Computed in the dtype of ``v``.
+    """
+    sq = (norm * (v * v).sum(1))[:, None]
+    ones = torch.ones_like(v[:, :1])
+    if norm_first:
+        return torch.cat([v, sq, ones], 1)
+    return torch.cat([v if factor is None else factor * v, ones, sq], 1)
+
+
 class Groups(NamedTuple):
     """Pair mask for per-group sums: only pairs with equal labels count.
 

@@ -9,20 +9,9 @@ import torch
 from .._memory import memory_budget
 from .._precision import full_precision
 from ..checks import check_bandwidths
+from .problem import augment
 from .source import Source
-from .tiles import CPU_RUNNING_TILE, OOM_MIN_SIDE, retry_on_oom
-
-
-def wide_tile_columns(device: torch.device, budget: int, m: int, dtype: torch.dtype, n: int) -> int:
-    """Columns of an ``[m, cols]`` tile for the wide ``[m, d] x [d, n]`` products.
-
-    Three ``[m, cols]`` temporaries fit the memory budget; on a CPU the tile is also capped
-    at ~1 MB so the GEMM and the passes that follow stay in the L2 cache.
-    """
-    cols = budget // (3 * dtype.itemsize * max(1, m))
-    if torch.device(device).type == "cpu":
-        cols = min(cols, max(256, CPU_RUNNING_TILE // max(1, m)))
-    return max(1, min(n, cols))
+from .tiles import OOM_MIN_SIDE, retry_on_oom, wide_spans, wide_tile_columns
 
 
 class RunningLogKernelSum:
@@ -75,13 +64,7 @@ class RunningLogKernelSum:
         # augmented columns: [2 s y, 1, -s|y|^2] . [x, -s|x|^2, 1] = -s |x - y|^2 in one GEMM;
         # queries stored transposed ([d + 2, n]): the wide GEMM y_aug @ x_aug^T is ~2x faster
         # than the skinny x_aug @ y_aug^T on CPUs
-        self.x_aug_t = (
-            torch.cat(
-                [xc, (-self.scale * (xc * xc).sum(1))[:, None], torch.ones_like(xc[:, :1])], 1
-            )
-            .to(self.dtype)
-            .T.contiguous()
-        )
+        self.x_aug_t = augment(xc, None, -self.scale, norm_first=True).to(self.dtype).T.contiguous()
         self.d = int(x.shape[1])
         self.budget = memory_budget(self.device, budget)
         self.log_k = torch.full((x.shape[0],), -math.inf, dtype=torch.float64, device=self.device)
@@ -97,14 +80,7 @@ class RunningLogKernelSum:
         if y.shape[0] == 0:
             return out.fill_(-math.inf)
         yc = y.detach().to(self.device, torch.float64) - self.mu
-        y_aug = torch.cat(
-            [
-                2.0 * self.scale * yc,
-                torch.ones_like(yc[:, :1]),
-                -self.scale * (yc * yc).sum(1)[:, None],
-            ],
-            1,
-        ).to(self.dtype)
+        y_aug = augment(yc, 2.0 * self.scale, -self.scale, norm_first=False).to(self.dtype)
         m = y.shape[0]
 
         def shrink() -> str | None:  # halve the columns per tile (and keep the budget)
@@ -123,10 +99,8 @@ class RunningLogKernelSum:
 
     def _log_sum_tiles(self, y_aug: torch.Tensor, out: torch.Tensor) -> None:
         n = self.x_aug_t.shape[1]
-        cols = self._cols_per_tile(y_aug.shape[0])
         cpu = self.device.type == "cpu"
-        for j0 in range(0, n, cols):
-            j1 = min(j0 + cols, n)
+        for j0, j1 in wide_spans(self.device, self.budget, y_aug.shape[0], self.dtype, n):
             e = torch.mm(y_aug, self.x_aug_t[:, j0:j1]).clamp_(max=0.0)  # [m, cols] <= 0
             e = e.to(torch.float64)
             if not cpu:

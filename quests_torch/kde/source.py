@@ -10,6 +10,7 @@ import torch
 
 from ..checks import Progress
 from ..structures import canonical_device
+from .tiles import spans
 
 ArrayLike = torch.Tensor | np.ndarray
 Bandwidth = float | Sequence[float] | torch.Tensor | np.ndarray
@@ -82,8 +83,8 @@ class Source:
         return Source(self.array[index.cpu().numpy()], self.name)
 
     def chunks(self, device: torch.device, size: int) -> Iterator[torch.Tensor]:
-        for i0 in range(0, self.n, size):
-            yield self.rows(i0, min(i0 + size, self.n), device)
+        for i0, i1 in spans(0, self.n, size):
+            yield self.rows(i0, i1, device)
 
     def check_finite_and_mean(
         self, device: torch.device, chunk: int, acc: torch.dtype = torch.float64
@@ -99,8 +100,8 @@ class Source:
         The mean only sets the centring point: its rounding does not reach the kernel sums."""
         total = torch.zeros(self.d, dtype=acc, device=device)
         amax = torch.zeros((), dtype=acc, device=device)
-        for i0 in range(0, self.n, chunk):
-            block = self.rows(i0, min(i0 + chunk, self.n), device, acc)
+        for i0, i1 in spans(0, self.n, chunk):
+            block = self.rows(i0, i1, device, acc)
             amax = torch.maximum(amax, block.abs().max())  # NaN propagates
             total += block.sum(0)
         largest = float(amax)
@@ -155,3 +156,12 @@ def as_log_weights(log_weights, device) -> torch.Tensor | None:
     raise TypeError(
         f"`log_weights` must be a tensor or numpy array, got {type(log_weights).__name__}"
     )
+
+
+def progress_ticker(progress: Progress, total: int, desc: str, unit: str = "structure"):
+    """``(tick(done), bar)``: :func:`progress_callback` as a one-argument ``tick`` (a no-op
+    for no progress) and the bar to close (or ``None``)."""
+    update, bar = progress_callback(progress, total, desc, unit=unit)
+    if update is None:
+        return lambda done: None, None
+    return lambda done: update(done, total), bar

@@ -13,7 +13,7 @@ from ..checks import Progress
 from .epilogue import tile_sums
 from .problem import KernelSums, Problem
 from .source import progress_callback
-from .tiles import retry_on_oom, tile_view
+from .tiles import retry_on_oom, spans, tile_view
 from .topk import merge_top, tile_top
 
 
@@ -30,12 +30,10 @@ def sweep_plain(p: Problem, progress) -> KernelSums:
         best = torch.full((p.n, k_nn), -math.inf, dtype=p.dtype, device=dev)
         best_idx = torch.full((p.n, k_nn), -1, dtype=torch.long, device=dev)
     storage, tmp_storage = p.buffers(2) if p.multi else (*p.buffers(1), None)
-    for i0 in range(0, p.n, p.tm):
-        i1 = min(i0 + p.tm, p.n)
+    for i0, i1 in spans(0, p.n, p.tm):
         xr, xraw = p.rows(i0, i1)
         lo, hi = p.col_range(i0, i1, triangular=p.same)
-        for j0 in range(lo, hi, p.tn):
-            j1 = min(j0 + p.tn, hi)
+        for j0, j1 in spans(lo, hi, p.tn):
             buf = tile_view(storage, i1 - i0, j1 - j0)
             tmp = tile_view(tmp_storage, i1 - i0, j1 - j0)
             p.exponent_tile(i0, i1, j0, j1, xr, xraw, p.cols(j0, j1), buf)
@@ -88,15 +86,13 @@ def sweep_shifted(p: Problem) -> torch.Tensor:
     out = torch.empty(p.n, n_h, dtype=p.acc, device=dev)
     lowest = torch.finfo(p.dtype).min / 4
     storage, tmp_storage = p.buffers(2) if p.multi else (*p.buffers(1), None)
-    for i0 in range(0, p.n, p.tm):
-        i1 = min(i0 + p.tm, p.n)
+    for i0, i1 in spans(0, p.n, p.tm):
         xr, xraw = p.rows(i0, i1)
         run_max = torch.full((i1 - i0, n_h), -math.inf, dtype=p.dtype, device=dev)
         run_sum = torch.zeros(i1 - i0, n_h, dtype=p.acc, device=dev)
         run_comp = None if p.f64 else torch.zeros_like(run_sum)
         lo, hi = p.col_range(i0, i1)
-        for j0 in range(lo, hi, p.tn):
-            j1 = min(j0 + p.tn, hi)
+        for j0, j1 in spans(lo, hi, p.tn):
             buf = tile_view(storage, i1 - i0, j1 - j0)
             tmp = tile_view(tmp_storage, i1 - i0, j1 - j0)
             p.exponent(xr, xraw, p.cols(j0, j1), buf)
@@ -148,9 +144,7 @@ def forward(p: Problem, progress: Progress) -> KernelSums:
     callback, bar = progress_callback(progress, p.n, "kernel sums")
     try:
         with full_precision(), torch.no_grad():
-            res = retry_on_oom(
-                lambda: sweep_plain(p, callback), p.shrink, p.device, "kernel sums"
-            )
+            res = retry_on_oom(lambda: sweep_plain(p, callback), p.shrink, p.device, "kernel sums")
             log_p = res.log_p
             if not p.want_sums:
                 return res
@@ -187,13 +181,11 @@ def backward(p: Problem, log_p: torch.Tensor, grad: torch.Tensor, need: Sequence
     storage, tmp_storage, w_storage, v_storage = p.buffers(4 if p.multi else 1) + [None] * (
         0 if p.multi else 3
     )
-    for i0 in range(0, p.n, p.tm):
-        i1 = min(i0 + p.tm, p.n)
+    for i0, i1 in spans(0, p.n, p.tm):
         xr, xraw = p.rows(i0, i1)
         gxi = torch.zeros(i1 - i0, p.d, dtype=dt, device=dev) if need_x else None
         lo, hi = p.col_range(i0, i1)
-        for j0 in range(lo, hi, p.tn):
-            j1 = min(j0 + p.tn, hi)
+        for j0, j1 in spans(lo, hi, p.tn):
             yc = p.cols(j0, j1)
             yraw = yc[:, : p.d]
             buf = tile_view(storage, i1 - i0, j1 - j0)

@@ -78,3 +78,23 @@ def spans(start: int, stop: int, step: int) -> Iterator[tuple[int, int]]:
     ``range(start, stop, step)``. Every sweep walks its row and column tiles with it."""
     for a in range(start, stop, step):
         yield a, min(a + step, stop)
+
+
+def wide_tile_columns(device: torch.device, budget: int, m: int, dtype: torch.dtype, n: int) -> int:
+    """Columns of an ``[m, cols]`` tile for the wide ``[m, d] x [d, n]`` products.
+
+    Three ``[m, cols]`` temporaries fit the memory budget; on a CPU the tile is also capped
+    at ~1 MB so the GEMM and the passes that follow stay in the L2 cache.
+    """
+    cols = budget // (3 * dtype.itemsize * max(1, m))
+    if torch.device(device).type == "cpu":
+        cols = min(cols, max(256, CPU_RUNNING_TILE // max(1, m)))
+    return max(1, min(n, cols))
+
+
+def wide_spans(
+    device: torch.device, budget: int, m: int, dtype: torch.dtype, n: int
+) -> Iterator[tuple[int, int]]:
+    """:func:`spans` over ``n`` columns of the wide ``[m, cols]`` tiles
+    (:func:`wide_tile_columns` per tile): running sums and mean distances."""
+    return spans(0, n, wide_tile_columns(device, budget, m, dtype, n))
