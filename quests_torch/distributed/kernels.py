@@ -17,9 +17,12 @@ from ..kde.engine import (
     Problem,
     Source,
     as_log_weights,
+    check_log_weights_shape,
+    check_pair,
     compute_device,
     far_rows,
     forward,
+    input_dtypes,
     progress_callback,
     sweep_plain,
     sweep_shifted,
@@ -40,64 +43,6 @@ _MIN_ROWS_PER_RANK = 64
 # --------------------------------------------------------------------------------------------
 # sharded kernel sums
 # --------------------------------------------------------------------------------------------
-
-
-class _ShardProblem(Problem):
-    """:class:`quests_torch.kde.engine.Problem` with global row/column offsets.
-
-    * ``pin``: rows and columns are blocks of one set (global indices ``row_offset + i`` and
-      ``col_offset + j``): the self pairs get an exponent of exactly 0, like the single-process
-      symmetric sweep.
-    * ``mu``: the centring mean to use (the global mean when the references are sharded).
-    * ``owned``: for the triangular sweep, the row blocks this rank evaluates.
-    """
-
-    def __init__(
-        self,
-        xs: Source,
-        ys: Source,
-        hs: list[float],
-        *,
-        row_offset: int = 0,
-        col_offset: int = 0,
-        pin: bool = False,
-        mu: torch.Tensor | None = None,
-        centre: bool = True,
-        **kwargs,
-    ):
-        super().__init__(xs, ys, hs, centre=centre and mu is None, **kwargs)
-        self.row_offset, self.col_offset = row_offset, col_offset
-        self.pin = pin
-        self.owned: np.ndarray | None = None
-        if mu is not None and centre:
-            self.mu = mu.to(device=self.device, dtype=torch.float64)
-            if self.cols_resident is not None:
-                self.cols_resident = self._build_cols(0, self.m)
-
-    def exponent_tile(self, i0, i1, j0, j1, xr, xraw, yc, out):
-        if not self.pin:
-            return super().exponent_tile(i0, i1, j0, j1, xr, xraw, yc, out)
-        self.exponent(xr, xraw, yc, out)
-        gi0, gj0 = i0 + self.row_offset, j0 + self.col_offset
-        lo, hi = max(gi0, gj0), min(i1 + self.row_offset, j1 + self.col_offset)
-        if lo < hi:
-            diag = out.diagonal(offset=gi0 - gj0)
-            if self.fold_lw:  # the exponent of a self pair is its log weight, exactly
-                diag.copy_(self.lw[lo - self.col_offset : hi - self.col_offset])
-            else:
-                diag.fill_(0.0)
-        return out
-
-    def col_range(self, i0: int, i1: int, triangular: bool = False) -> tuple[int, int]:
-        if triangular and self.owned is not None and not self.owned[i0 // self.tm]:
-            return i0, i0  # another rank's row block
-        return super().col_range(i0, i1, triangular)
-
-    def subset_rows(self, index: torch.Tensor) -> Problem:
-        sub = super().subset_rows(index)
-        sub.pin = False  # the subset's rows are no longer aligned with the columns
-        sub.owned = None
-        return sub
 
 
 def _owned_blocks(n_blocks: int, world: int, rank_: int) -> np.ndarray:
@@ -162,24 +107,14 @@ def _sharded_log_p(
     same = y is x
     xs = Source(x, names[0])
     ys = xs if same else Source(y, names[1])
-    if xs.d != ys.d:
-        raise ValueError(
-            f"`{names[0]}` and `{names[1]}` must have the same descriptor width, "
-            f"got {xs.d} and {ys.d}"
-        )
+    check_pair(xs, ys)
     lw = as_log_weights(log_weights, device)
-    if lw is not None and tuple(lw.shape) != (ys.n,):
-        raise ValueError(
-            f"`log_weights` must have shape ({ys.n},) like the rows of `{names[1]}`, "
-            f"got {tuple(lw.shape)}"
-        )
+    if lw is not None:
+        check_log_weights_shape(lw, ys)
     if device is None and xs.device is None and ys.device is None:
         device = comm.comm_device()
     dev = compute_device([xs, ys], device)
-    out_dtype = torch.promote_types(xs.dtype, ys.dtype)
-    compute_dtype = out_dtype if dtype is None else dtype
-    if compute_dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"`dtype` must be torch.float32 or torch.float64, got {compute_dtype}")
+    out_dtype, compute_dtype = input_dtypes(xs, ys, dtype)
     plan = _plan(
         shard,
         same and lw is None,
@@ -202,7 +137,7 @@ def _sharded_log_p(
     w, r = comm.world_size(), comm.rank()
 
     if plan == "tiles":
-        p = _ShardProblem(xs, xs, hs, same=True, **common)
+        p = Problem(xs, xs, hs, same=True, **common)
         if not p.same:  # pragma: no cover - guarded by _plan
             raise RuntimeError("internal: the triangular sweep needs an unweighted self pass")
         n_blocks = -(-p.n // p.tm)
@@ -210,7 +145,7 @@ def _sharded_log_p(
             # a multiple of 2W blocks (at least 4W): the folded pairs divide evenly over the
             # ranks; tiles only shrink, never below 64 rows
             target = -(-max(n_blocks, 4 * w) // (2 * w)) * (2 * w)
-            p._set_tiles(min(p.tm, max(64, -(-p.n // target))))
+            p.set_tiles(min(p.tm, max(64, -(-p.n // target))))
             n_blocks = -(-p.n // p.tm)
         p.owned = _owned_blocks(n_blocks, w, r)
         callback, bar = progress_callback(progress if lead else None, p.n, "kernel sums")
@@ -233,9 +168,7 @@ def _sharded_log_p(
         r0, r1 = comm.shard_range(xs.n)
         if r1 > r0:
             xl = Source(_rows_of(x, r0, r1), names[0])
-            p = _ShardProblem(
-                xl, ys, hs, log_weights=lw, pin=same, row_offset=r0, col_offset=0, **common
-            )
+            p = Problem(xl, ys, hs, log_weights=lw, pin=same, offsets=(r0, 0), **common)
             local = forward(p, progress if lead else None).log_p
         else:
             local = torch.empty(0, n_h, dtype=torch.float64, device=dev)
@@ -256,9 +189,7 @@ def _sharded_log_p(
             local = torch.full((xs.n, n_h), -math.inf, dtype=torch.float64, device=dev)
         else:
             yl = Source(_rows_of(y, c0, c1), names[1])
-            p = _ShardProblem(
-                xs, yl, hs, log_weights=lw_l, pin=same, col_offset=c0, mu=mu, **common
-            )
+            p = Problem(xs, yl, hs, log_weights=lw_l, pin=same, offsets=(0, c0), mu=mu, **common)
             local = forward(p, progress if lead else None).log_p
         log_p = comm.logsumexp_ranks(local)
         if lw is not None and not bool(torch.isfinite(log_p).any()):

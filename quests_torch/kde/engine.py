@@ -15,6 +15,10 @@ Inputs and problems:
 * :func:`as_log_weights` -- ``log_weights`` as a 1-D tensor (or ``None``).
 * :class:`Problem` -- sources checked (NaN/inf, magnitude), centred on the references' mean
   and augmented for the tile GEMM, plus the tile sizes from the memory budget.
+  ``mu``, ``offsets`` and ``pin`` make it a block of a larger problem (sharded sums);
+  ``owned`` restricts its triangular sweep to some row tiles.
+* :func:`check_pair`, :func:`check_log_weights_shape`, :func:`input_dtypes` -- the checks
+  :class:`Problem` makes, for a caller that plans before building one.
 * :class:`Groups` -- a pair mask for per-group sums (rows and columns sorted by label).
 
 Sweeps (each runs on the tile iterator :func:`spans`; call them inside
@@ -44,7 +48,15 @@ from __future__ import annotations
 
 from .._precision import full_precision
 from .api import named_first_match_within, named_kernel_pass, named_nearest_neighbors
-from .problem import Groups, KernelSums, Problem, augment
+from .problem import (
+    Groups,
+    KernelSums,
+    Problem,
+    augment,
+    check_log_weights_shape,
+    check_pair,
+    input_dtypes,
+)
 from .source import (
     ArrayLike,
     Bandwidth,
@@ -66,10 +78,13 @@ __all__ = [
     "Source",
     "as_log_weights",
     "augment",
+    "check_log_weights_shape",
+    "check_pair",
     "compute_device",
     "far_rows",
     "forward",
     "full_precision",
+    "input_dtypes",
     "named_first_match_within",
     "named_kernel_pass",
     "named_nearest_neighbors",

@@ -17,7 +17,7 @@ def default_tile_elements(p: Problem) -> int:
     probe = copy.copy(p)
     probe.n = probe.m = 1 << 40
     probe.same = False
-    probe._set_tiles(None)
+    probe.set_tiles(None)
     return probe.tm * probe.tn
 
 
@@ -109,7 +109,7 @@ class PreparedReferences:
         p = copy.copy(t)
         p.xs, p.n = xs, xs.n
         p.out_dtype = t.result_dtype(xs.dtype, t.ys.dtype)
-        p._set_tiles(tile_size)
+        p.set_tiles(tile_size)
         if tile_size is None:  # a short query leaves tile area to the columns
             p.tn = min(p.m, max(p.tn, self._tile_elements // p.tm))
         return p

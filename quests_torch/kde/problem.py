@@ -66,6 +66,39 @@ class Groups(NamedTuple):
     hi: np.ndarray  # [n] one past the last column of each row's group
 
 
+def check_pair(xs: Source, ys: Source) -> None:
+    """Queries and references must have the same descriptor width."""
+    if xs.d != ys.d:
+        raise ValueError(
+            f"`{xs.name}` and `{ys.name}` must have the same descriptor width, "
+            f"got {xs.d} and {ys.d}"
+        )
+
+
+def check_log_weights_shape(lw: torch.Tensor, ys: Source) -> None:
+    """``log_weights`` must have one entry per reference row."""
+    if tuple(lw.shape) != (ys.n,):
+        raise ValueError(
+            f"`log_weights` must have shape ({ys.n},) like the rows of `{ys.name}`, "
+            f"got {tuple(lw.shape)}"
+        )
+
+
+def input_dtypes(xs: Source, ys: Source, dtype: torch.dtype | None):
+    """``(result dtype, compute dtype)``: the promoted input dtype and ``dtype`` (default the
+    promoted one), both float32 or float64 (before the float32-only override)."""
+    out_dtype = torch.promote_types(xs.dtype, ys.dtype)
+    if dtype is None and out_dtype not in (torch.float32, torch.float64):
+        name = xs.name if xs.dtype not in (torch.float32, torch.float64) else ys.name
+        raise TypeError(
+            f"`{name}` must hold float32 or float64 descriptors, got {out_dtype} (or pass `dtype`)"
+        )
+    dtype = out_dtype if dtype is None else dtype
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"`dtype` must be torch.float32 or torch.float64, got {dtype}")
+    return out_dtype, dtype
+
+
 class Problem:
     """Everything a tiled sweep needs: sources, prepared blocks, tile sizes and scales."""
 
@@ -86,29 +119,31 @@ class Problem:
         n_nearest: int = 0,
         groups: Groups | None = None,
         want_sums: bool = True,
+        mu: torch.Tensor | None = None,
+        offsets: tuple[int, int] = (0, 0),
+        pin: bool = False,
     ):
-        if xs.d != ys.d:
-            raise ValueError(
-                f"`{xs.name}` and `{ys.name}` must have the same descriptor width, "
-                f"got {xs.d} and {ys.d}"
-            )
+        """Check and prepare ``xs`` against ``ys`` for bandwidths ``hs``.
+
+        The sharded sums (:mod:`quests_torch.distributed`) evaluate blocks of a larger
+        problem: ``mu`` is then the centring point of the whole reference set (default: the
+        mean of ``ys``), ``offsets`` the global indices of the first row and column, and
+        ``pin`` says that rows and columns are blocks of one set, so the self pairs (global
+        row = global column) get an exponent of exactly 0 as in the symmetric sweep.
+        :attr:`owned` (set by the caller) restricts the triangular sweep to some row tiles.
+        """
+        check_pair(xs, ys)
         if distance not in ("matmul", "direct"):
             raise ValueError(f"`distance` must be 'matmul' or 'direct', got {distance!r}")
         self.device = compute_device([xs, ys], device)
         self.f64 = float64_enabled(self.device)  # False: float32-only (no float64 on device)
         self.xs, self.ys = xs, ys
-        self.self_pairs = xs is ys  # pair (i, i) is a point with itself: distance exactly 0
+        # pair (i, i) is a point with itself: distance exactly 0
+        self.self_pairs = xs is ys or pin
+        self.row_offset, self.col_offset = offsets
+        self.owned: np.ndarray | None = None
         self.n, self.m, self.d = xs.n, ys.n, xs.d
-        self.out_dtype = torch.promote_types(xs.dtype, ys.dtype)
-        if dtype is None and self.out_dtype not in (torch.float32, torch.float64):
-            name = xs.name if xs.dtype not in (torch.float32, torch.float64) else ys.name
-            raise TypeError(
-                f"`{name}` must hold float32 or float64 descriptors, got {self.out_dtype} "
-                "(or pass `dtype`)"
-            )
-        self.dtype = self.out_dtype if dtype is None else dtype
-        if self.dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"`dtype` must be torch.float32 or torch.float64, got {self.dtype}")
+        self.out_dtype, self.dtype = input_dtypes(xs, ys, dtype)
         if not self.f64:  # float32 tiles, compensated float32 sums, float32 results
             self.dtype = self.out_dtype = torch.float32
         self.acc = torch.float64 if self.f64 else torch.float32
@@ -117,6 +152,23 @@ class Problem:
         self.clamp = self.device.type != "cuda"
         self.fused = Epilogue.wanted(self.device)
         self.eps = torch.finfo(self.dtype).eps
+        self._set_scales(hs)
+        self.direct = distance == "direct"
+        self.n_nearest = n_nearest
+        self.groups = groups
+        self.want_sums = want_sums
+        self.same = same and log_weights is None and n_nearest == 0 and groups is None
+        self.budget = memory_budget(self.device, budget)
+        self.set_tiles(tile_size)
+        self._check_and_centre(centre, mu)
+        self._set_weights(log_weights)
+        self.fold_lw = self.lw is not None and not self.multi and n_nearest == 0
+        self.width = self.d + 2 + (1 if self.fold_lw else 0)
+        self.cols_resident: torch.Tensor | None = None
+        if self.m * self.width * self.dtype.itemsize <= self.budget // 2:
+            self.cols_resident = self._build_cols(0, self.m)
+
+    def _set_scales(self, hs: list[float]) -> None:
         self.hs = hs
         self.multi = len(hs) > 1
         # single h: the GEMM yields -d^2/(2h^2) directly; several h: -d^2/2, scaled per h
@@ -127,45 +179,37 @@ class Problem:
             if self.multi
             else [None]
         )
-        self.direct = distance == "direct"
-        self.n_nearest = n_nearest
-        self.groups = groups
-        self.want_sums = want_sums
-        self.same = same and log_weights is None and n_nearest == 0 and groups is None
-        self.budget = memory_budget(self.device, budget)
-        self._set_tiles(tile_size)
 
+    def _check_and_centre(self, centre: bool, mu: torch.Tensor | None) -> None:
+        """NaN/inf and magnitude checks of both sets (one host sync each); the centring mean."""
+        xs, ys = self.xs, self.ys
         chunk = max(1, self.budget // (64 * self.d))
-        mu, y_max = ys.check_finite_mean_max(self.device, chunk, self.acc)
+        mean, y_max = ys.check_finite_mean_max(self.device, chunk, self.acc)
         x_max = xs.check_finite_mean_max(self.device, chunk, self.acc)[1] if xs is not ys else y_max
         self._check_magnitude(xs.name, x_max)
         self._check_magnitude(ys.name, y_max)
-        self.mu = mu if centre else torch.zeros_like(mu)
+        if not centre:
+            self.mu = torch.zeros_like(mean)
+        elif mu is not None:
+            self.mu = mu.to(device=self.device, dtype=self.acc)
+        else:
+            self.mu = mean
 
-        # weights: lw' = lw - max(lw) <= 0 enters the exponent, max(lw) is added at the end
+    def _set_weights(self, log_weights: torch.Tensor | None) -> None:
+        """``lw' = lw - max(lw) <= 0`` enters the exponent, ``max(lw)`` is added at the end."""
         self.lw: torch.Tensor | None = None
         self.lw_max = torch.zeros((), dtype=self.acc, device=self.device)
-        if log_weights is not None:
-            lw = log_weights.detach().to(device=self.device, dtype=self.acc)
-            if lw.shape != (self.m,):
-                raise ValueError(
-                    f"`log_weights` must have shape ({self.m},) like the rows of `{ys.name}`, "
-                    f"got {tuple(lw.shape)}"
-                )
-            if bool(torch.isnan(lw).any()) or bool(torch.isposinf(lw).any()):
-                raise ValueError("`log_weights` must not contain NaN or +inf")
-            self.lw_max = lw.max()
-            if not bool(torch.isfinite(self.lw_max)):
-                raise ValueError("`log_weights` are all -inf (every weight is zero)")
-            lowest = torch.finfo(self.dtype).min / 4  # finite stand-in for log(0)
-            self.lw = (lw - self.lw_max).clamp_(min=lowest).to(self.dtype)
-        self.fold_lw = self.lw is not None and not self.multi and n_nearest == 0
-
-        self.width = self.d + 2 + (1 if self.fold_lw else 0)
-        elt = self.dtype.itemsize
-        self.cols_resident: torch.Tensor | None = None
-        if self.m * self.width * elt <= self.budget // 2:
-            self.cols_resident = self._build_cols(0, self.m)
+        if log_weights is None:
+            return
+        lw = log_weights.detach().to(device=self.device, dtype=self.acc)
+        check_log_weights_shape(lw, self.ys)
+        if bool(torch.isnan(lw).any()) or bool(torch.isposinf(lw).any()):
+            raise ValueError("`log_weights` must not contain NaN or +inf")
+        self.lw_max = lw.max()
+        if not bool(torch.isfinite(self.lw_max)):
+            raise ValueError("`log_weights` are all -inf (every weight is zero)")
+        lowest = torch.finfo(self.dtype).min / 4  # finite stand-in for log(0)
+        self.lw = (lw - self.lw_max).clamp_(min=lowest).to(self.dtype)
 
     def _check_magnitude(self, name: str, largest: float) -> None:
         """Refuse values whose squared distances (over ``2 h^2`` for a single ``h``) overflow
@@ -180,7 +224,9 @@ class Problem:
             )
 
     # tiles ----------------------------------------------------------------------------------
-    def _set_tiles(self, tile_size) -> None:
+    def set_tiles(self, tile_size) -> None:
+        """Tile ``(rows, cols)``: ``None`` (from the memory budget, :func:`auto_tiles`), an
+        int (square) or a pair; square when the sweep is triangular; at most ``(n, m)``."""
         if tile_size is None:
             tm, tn = auto_tiles(self.device.type, self.budget, self.dtype.itemsize)
         elif isinstance(tile_size, int) and not isinstance(tile_size, bool):
@@ -213,7 +259,8 @@ class Problem:
         sub.xs = self.xs.take(index)
         sub.n = sub.xs.n
         sub.same = False
-        sub.self_pairs = False
+        sub.self_pairs = False  # the subset's rows are no longer aligned with the columns
+        sub.owned = None
         sub.n_nearest = 0
         sub.tm = min(self.tm, sub.n)
         if self.groups is not None:
@@ -281,16 +328,23 @@ class Problem:
         the largest of its row, so pinning it keeps e.g. ``H = log n`` exact for distant points.
         """
         self.exponent(xr, xraw, yc, out)
-        if self.self_pairs and i0 < j1 and j0 < i1:
-            diag = out.diagonal(offset=i0 - j0)
-            if self.fold_lw:
-                diag.copy_(self.lw[max(i0, j0) : min(i1, j1)])
+        if not self.self_pairs:
+            return out
+        gi0, gj0 = i0 + self.row_offset, j0 + self.col_offset  # global indices
+        lo, hi = max(gi0, gj0), min(i1 + self.row_offset, j1 + self.col_offset)
+        if lo < hi:
+            diag = out.diagonal(offset=gi0 - gj0)
+            if self.fold_lw:  # the exponent of a self pair is its log weight, exactly
+                diag.copy_(self.lw[lo - self.col_offset : hi - self.col_offset])
             else:
                 diag.fill_(0.0)
         return out
 
     def col_range(self, i0: int, i1: int, triangular: bool = False) -> tuple[int, int]:
-        """Columns a row tile visits: all, its groups' range, or ``j >= i0`` (triangular)."""
+        """Columns a row tile visits: all, its groups' range, or ``j >= i0`` (triangular;
+        none for a row tile another rank owns, see :attr:`owned`)."""
+        if triangular and self.owned is not None and not self.owned[i0 // self.tm]:
+            return i0, i0
         if self.groups is None:
             return (i0 if triangular else 0), self.m
         return int(self.groups.lo[i0]), int(self.groups.hi[i1 - 1])
