@@ -562,8 +562,9 @@ def compress(
 ) -> Compression:
     """Select the structures of a dataset that carry its information.
 
-    Methods (SPEC section 3; ``H_s`` is the entropy of structure ``s``'s own environments and
-    ``log K_e`` the running log kernel sum of environment ``e`` against the selection):
+    Methods (Yu, Lordi & Schwalbe-Koda 2025; ``H_s`` is the entropy of structure ``s``'s own
+    environments and ``log K_e`` the running log kernel sum of environment ``e`` against the
+    selection):
 
     * ``"msc"``: seed with ``argmax_s H_s``; then repeatedly select
       ``argmax_s [ -min_{e in s} log K_e + H_s ]`` (its least-covered environment is novel

@@ -124,7 +124,6 @@ def _sharded_log_p(
         compute_dtype.itemsize,
         memory_budget(dev, budget),
     )
-    lead = comm.rank() == 0
     common = dict(
         dtype=dtype,
         distance=distance,
@@ -133,69 +132,88 @@ def _sharded_log_p(
         device=dev,
         centre=centre,
     )
-    n_h = len(hs)
-    w, r = comm.world_size(), comm.rank()
-
+    progress = progress if comm.rank() == 0 else None
     if plan == "tiles":
-        p = Problem(xs, xs, hs, same=True, **common)
-        if not p.same:  # pragma: no cover - guarded by _plan
-            raise RuntimeError("internal: the triangular sweep needs an unweighted self pass")
-        n_blocks = -(-p.n // p.tm)
-        if tile_size is None:
-            # a multiple of 2W blocks (at least 4W): the folded pairs divide evenly over the
-            # ranks; tiles only shrink, never below 64 rows
-            target = -(-max(n_blocks, 4 * w) // (2 * w)) * (2 * w)
-            p.set_tiles(min(p.tm, max(64, -(-p.n // target))))
-            n_blocks = -(-p.n // p.tm)
-        p.owned = _owned_blocks(n_blocks, w, r)
-        callback, bar = progress_callback(progress if lead else None, p.n, "kernel sums")
-        try:
-            with full_precision(), torch.no_grad():
-                log_p = comm.logsumexp_ranks(sweep_plain(p, callback).log_p)
-                far_flag = far_rows(p, log_p).to(torch.float64)
-                far = (comm.all_reduce(far_flag, dist.ReduceOp.MAX) > 0).nonzero().squeeze(1)
-                if far.numel() > 0:
-                    f0, f1 = comm.shard_range(int(far.numel()))
-                    if f1 > f0:
-                        part = sweep_shifted(p.subset_rows(far[f0:f1]))
-                    else:
-                        part = torch.empty(0, n_h, dtype=p.acc, device=dev)
-                    log_p[far] = comm.all_gather_rows(part, comm.shard_counts(int(far.numel())))
-        finally:
-            if bar is not None:
-                bar.close()
+        log_p = _tiles_log_p(xs, hs, common, progress)
     elif plan == "rows":
-        r0, r1 = comm.shard_range(xs.n)
-        if r1 > r0:
-            xl = Source(_rows_of(x, r0, r1), names[0])
-            p = Problem(xl, ys, hs, log_weights=lw, pin=same, offsets=(r0, 0), **common)
-            local = forward(p, progress if lead else None).log_p
-        else:
-            local = torch.empty(0, n_h, dtype=torch.float64, device=dev)
-        log_p = comm.all_gather_rows(local, comm.shard_counts(xs.n))
-    else:  # cols
-        c0, c1 = comm.shard_range(ys.n)
-        mu = None
-        if centre:
-            total = torch.zeros(ys.d, dtype=torch.float64, device=dev)
-            if c1 > c0:
-                yl = Source(_rows_of(y, c0, c1), names[1])
-                chunk = max(1, (1 << 24) // (8 * ys.d))
-                total = yl.check_finite_and_mean(dev, chunk) * (c1 - c0)
-            mu = comm.all_reduce(total, dist.ReduceOp.SUM) / ys.n
-        lw_l = None if lw is None else lw[c0:c1]
-        empty = c1 <= c0 or (lw_l is not None and not bool(torch.isfinite(lw_l).any()))
-        if empty:
-            local = torch.full((xs.n, n_h), -math.inf, dtype=torch.float64, device=dev)
-        else:
-            yl = Source(_rows_of(y, c0, c1), names[1])
-            p = Problem(xs, yl, hs, log_weights=lw_l, pin=same, offsets=(0, c0), mu=mu, **common)
-            local = forward(p, progress if lead else None).log_p
-        log_p = comm.logsumexp_ranks(local)
-        if lw is not None and not bool(torch.isfinite(log_p).any()):
-            raise ValueError("`log_weights` are all -inf (every weight is zero)")
+        log_p = _rows_log_p(x, xs, ys, hs, lw, same, common, progress)
+    else:
+        log_p = _cols_log_p(xs, y, ys, hs, lw, same, names[1], common, progress)
     log_p = log_p.to(out_dtype)
     return log_p if vector else log_p[:, 0]
+
+
+def _tiles_log_p(xs: Source, hs: list[float], common: dict, progress) -> torch.Tensor:
+    """Plan ``tiles``: the triangular sweep of ``x`` against itself, row tiles dealt over the
+    ranks (:func:`_owned_blocks`), partial sums combined, far rows shared out and rescued."""
+    w, r = comm.world_size(), comm.rank()
+    p = Problem(xs, xs, hs, same=True, **common)
+    if not p.same:  # pragma: no cover - guarded by _plan
+        raise RuntimeError("internal: the triangular sweep needs an unweighted self pass")
+    n_blocks = -(-p.n // p.tm)
+    if common["tile_size"] is None:
+        # a multiple of 2W blocks (at least 4W): the folded pairs divide evenly over the
+        # ranks; tiles only shrink, never below 64 rows
+        target = -(-max(n_blocks, 4 * w) // (2 * w)) * (2 * w)
+        p.set_tiles(min(p.tm, max(64, -(-p.n // target))))
+        n_blocks = -(-p.n // p.tm)
+    p.owned = _owned_blocks(n_blocks, w, r)
+    callback, bar = progress_callback(progress, p.n, "kernel sums")
+    try:
+        with full_precision(), torch.no_grad():
+            log_p = comm.logsumexp_ranks(sweep_plain(p, callback).log_p)
+            far_flag = far_rows(p, log_p).to(torch.float64)
+            far = (comm.all_reduce(far_flag, dist.ReduceOp.MAX) > 0).nonzero().squeeze(1)
+            if far.numel() > 0:
+                f0, f1 = comm.shard_range(int(far.numel()))
+                if f1 > f0:
+                    part = sweep_shifted(p.subset_rows(far[f0:f1]))
+                else:
+                    part = torch.empty(0, len(hs), dtype=p.acc, device=p.device)
+                log_p[far] = comm.all_gather_rows(part, comm.shard_counts(int(far.numel())))
+    finally:
+        if bar is not None:
+            bar.close()
+    return log_p
+
+
+def _rows_log_p(x, xs: Source, ys: Source, hs, lw, same: bool, common: dict, progress):
+    """Plan ``rows``: each rank its block of query rows against all references."""
+    r0, r1 = comm.shard_range(xs.n)
+    if r1 > r0:
+        xl = Source(_rows_of(x, r0, r1), xs.name)
+        p = Problem(xl, ys, hs, log_weights=lw, pin=same, offsets=(r0, 0), **common)
+        local = forward(p, progress).log_p
+    else:
+        local = torch.empty(0, len(hs), dtype=torch.float64, device=common["device"])
+    return comm.all_gather_rows(local, comm.shard_counts(xs.n))
+
+
+def _cols_log_p(xs: Source, y, ys: Source, hs, lw, same: bool, name: str, common, progress):
+    """Plan ``cols``: each rank all queries against its block of references (centred on the
+    global mean of the references), partial sums combined by a log-sum-exp over ranks."""
+    dev = common["device"]
+    c0, c1 = comm.shard_range(ys.n)
+    mu = None
+    if common["centre"]:
+        total = torch.zeros(ys.d, dtype=torch.float64, device=dev)
+        if c1 > c0:
+            yl = Source(_rows_of(y, c0, c1), name)
+            chunk = max(1, (1 << 24) // (8 * ys.d))
+            total = yl.check_finite_and_mean(dev, chunk) * (c1 - c0)
+        mu = comm.all_reduce(total, dist.ReduceOp.SUM) / ys.n
+    lw_l = None if lw is None else lw[c0:c1]
+    empty = c1 <= c0 or (lw_l is not None and not bool(torch.isfinite(lw_l).any()))
+    if empty:
+        local = torch.full((xs.n, len(hs)), -math.inf, dtype=torch.float64, device=dev)
+    else:
+        yl = Source(_rows_of(y, c0, c1), name)
+        p = Problem(xs, yl, hs, log_weights=lw_l, pin=same, offsets=(0, c0), mu=mu, **common)
+        local = forward(p, progress).log_p
+    log_p = comm.logsumexp_ranks(local)
+    if lw is not None and not bool(torch.isfinite(log_p).any()):
+        raise ValueError("`log_weights` are all -inf (every weight is zero)")
+    return log_p
 
 
 # --------------------------------------------------------------------------------------------
