@@ -34,6 +34,7 @@ __all__ = [
     "check_k",
     "check_positive_float",
     "check_positive_int",
+    "check_single_bandwidth",
     "check_threshold",
 ]
 
@@ -173,3 +174,12 @@ def check_generator(generator: object, name: str = "generator") -> torch.Generat
             f"`{name}` must be a torch.Generator, an int seed or None, got {generator!r}"
         )
     return gen
+
+
+def check_single_bandwidth(h: object, name: str = "h") -> float:
+    """One positive bandwidth (1/Å), also given as a 1-element sequence; several are refused
+    (the greedy compression and the per-generation running sums take one ``h``)."""
+    hs, vector = check_bandwidths(h, name)
+    if vector:
+        raise ValueError(f"`{name}` must be a single bandwidth here, got several")
+    return hs[0]

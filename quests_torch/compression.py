@@ -1,4 +1,4 @@
-"""Dataset compression and active-learning analytics (SPEC section 3).
+"""Dataset compression: which structures of a dataset carry information.
 
 Which structures of a dataset carry information and which are redundant:
 
@@ -8,11 +8,11 @@ Which structures of a dataset carry information and which are redundant:
   descriptor distances), and the baselines ``random`` and ``k_means``; it returns the
   selection order and the compression curve (entropy, diversity and overlap of the
   selection after every selected structure).
-* :func:`selection_summary` summarises any selection; :func:`generation_report` follows the
-  generations of an active-learning loop (cumulative entropy and diversity, novelty of each
-  generation against all earlier ones).
+* :func:`selection_summary` summarises any selection. (:func:`generation_report`, the
+  generations of an active-learning loop, lives in :mod:`quests_torch.generations` and is
+  re-exported here.)
 
-All of them keep one running log kernel sum per environment,
+Both keep one running log kernel sum per environment,
 ``log K_e = log sum_{y in selected} exp(-|x_e - y|^2 / (2 h^2))``, on the descriptors'
 device, and update it with one tiled kernel pass per selected structure (earlier kernels
 are never recomputed). ``msc`` selects ``argmax_s [ -min_{e in s} log K_e + H_s ]``;
@@ -31,20 +31,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ._memory import memory_budget
-from .checks import Progress, check_bandwidths, check_threshold
-from .kde import (
-    DEFAULT_BANDWIDTH,
-    RunningLogKernelSum,
-    _progress_callback,
-    full_precision,
-    wide_tile_columns,
+from .checks import Progress, check_generator, check_single_bandwidth, check_threshold
+from .generations import GenerationReport, generation_report
+from .grouped import GroupedDescriptors, as_descriptor_tensor, concat_groups, group_descriptors
+from .kde import DEFAULT_BANDWIDTH, RunningLogKernelSum, engine, full_precision
+from .metrics import (
+    diversity_from_log_p,
+    entropy_from_log_p,
+    entropy_per_structure,
 )
-from .metrics import _generator, entropy_per_structure
-from .structures import canonical_device, segment_sum
+from .structures import segment_sum
 
 __all__ = [
     "METHODS",
@@ -64,113 +63,6 @@ METHODS = ("msc", "msc_conditional", "fps", "random", "k_means")
 # --------------------------------------------------------------------------------------------
 # inputs
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Dataset:
-    """Environments grouped by structure: rows of structure ``s`` are ``x[start[s]:end[s]]``."""
-
-    x: torch.Tensor  # [n, d], sorted by structure, on the compute device
-    sid: torch.Tensor  # [n] structure of each row (sorted), long, same device
-    counts: torch.Tensor  # [S] environments per structure, long, same device
-    start: np.ndarray  # [S] host copies for slicing
-    end: np.ndarray
-    order: torch.Tensor  # [n] original row of each sorted row
-
-    @property
-    def n_structures(self) -> int:
-        return int(self.start.shape[0])
-
-    @property
-    def n(self) -> int:
-        return int(self.x.shape[0])
-
-    def rows(self, s: int) -> torch.Tensor:
-        return self.x[int(self.start[s]) : int(self.end[s])]
-
-
-def _as_tensor(x, name: str, device) -> torch.Tensor:
-    if isinstance(x, np.ndarray):
-        if x.dtype not in (np.float32, np.float64):
-            raise TypeError(f"`{name}` must hold float32 or float64 descriptors, got {x.dtype}")
-        x = torch.from_numpy(np.ascontiguousarray(x))
-        if device is not None:
-            x = x.to(device)
-    elif isinstance(x, torch.Tensor):
-        if not x.dtype.is_floating_point:
-            raise TypeError(f"`{name}` must hold floating-point descriptors, got {x.dtype}")
-        if device is not None and x.device != canonical_device(device):
-            raise ValueError(f"`device` is {torch.device(device)} but `{name}` lives on {x.device}")
-    else:
-        raise TypeError(
-            f"`{name}` must be a torch.Tensor, a numpy array [n, d] or a list of per-structure "
-            f"arrays, got {type(x).__name__}"
-        )
-    if x.ndim != 2:
-        raise ValueError(f"`{name}` must be 2-D [n, d], got shape {tuple(x.shape)}")
-    if x.shape[1] == 0:
-        raise ValueError(f"`{name}` has no descriptor columns: shape {tuple(x.shape)}")
-    return x
-
-
-def _concat(parts: Sequence, name: str, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """A list of per-structure ``[n_s, d]`` arrays -> ``(x [n, d], system_idx [n])``."""
-    if len(parts) == 0:
-        raise ValueError(f"`{name}` is empty: no structures")
-    tensors = [_as_tensor(p, f"{name}[{i}]", device) for i, p in enumerate(parts)]
-    widths = {t.shape[1] for t in tensors}
-    if len(widths) > 1:
-        raise ValueError(f"`{name}` mixes descriptor widths {sorted(widths)}")
-    dev = tensors[0].device
-    for i, t in enumerate(tensors):
-        if t.device != dev:
-            raise ValueError(f"`{name}[{i}]` lives on {t.device}, `{name}[0]` on {dev}")
-    counts = torch.tensor([t.shape[0] for t in tensors], device=dev)
-    sid = torch.repeat_interleave(torch.arange(len(tensors), device=dev), counts)
-    return torch.cat(tensors), sid
-
-
-def _dataset(
-    x, system_idx, name: str = "x", device=None, idx: str = "system_idx", unit: str = "structure"
-) -> _Dataset:
-    if isinstance(x, (list, tuple)):
-        if system_idx is not None:
-            raise ValueError(f"`{idx}` must be None when `{name}` is a list of {unit}s")
-        x, sid = _concat(x, name, device)
-    else:
-        x = _as_tensor(x, name, device)
-        if system_idx is None:
-            raise ValueError(
-                f"`{idx}` is required with a single `{name}` array: the {unit} of each environment"
-            )
-        if isinstance(system_idx, np.ndarray):
-            system_idx = torch.from_numpy(system_idx)
-        if not isinstance(system_idx, torch.Tensor) or system_idx.dtype.is_floating_point:
-            raise TypeError(f"`{idx}` must be an integer tensor or numpy array [n]")
-        if system_idx.shape != (x.shape[0],):
-            raise ValueError(
-                f"`{idx}` must have shape ({x.shape[0]},) like the rows of `{name}`, "
-                f"got {tuple(system_idx.shape)}"
-            )
-        sid = system_idx.to(device=x.device, dtype=torch.long)
-    if x.shape[0] == 0:
-        raise ValueError(f"`{name}` is empty: no environments")
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"`{name}` contains NaN or infinite descriptor values")
-    if bool((sid < 0).any()):
-        raise ValueError(f"`{idx}` must be non-negative")
-    order = torch.sort(sid, stable=True).indices
-    sid = sid[order]
-    counts = torch.bincount(sid)
-    empty = torch.nonzero(counts == 0).flatten()
-    if empty.numel():
-        raise ValueError(
-            f"{unit} {int(empty[0])} has no environments (`{idx}` must number the "
-            f"structures 0..{counts.numel() - 1} without gaps)"
-        )
-    end = torch.cumsum(counts, 0).cpu().numpy()
-    start = end - counts.cpu().numpy()
-    return _Dataset(x[order], sid, counts, start, end, order)
 
 
 def _target_size(size, n: int) -> int:
@@ -203,7 +95,7 @@ class _CurveRecorder:
     one comparison pass over all environments (overlap); no host transfer until the end.
     """
 
-    def __init__(self, data: _Dataset, running: RunningLogKernelSum, threshold: float):
+    def __init__(self, data: GroupedDescriptors, running: RunningLogKernelSum, threshold: float):
         self.data, self.running, self.threshold = data, running, threshold
         self.idx = torch.empty(0, dtype=torch.long, device=data.x.device)
         self.n_env = 0
@@ -217,8 +109,8 @@ class _CurveRecorder:
         self.n_env += b - a
         log_k = self.running.log_k
         sel = log_k[self.idx]
-        h = math.log(self.n_env) - sel.mean()
-        div = torch.logsumexp(-sel, 0)
+        h = entropy_from_log_p(sel)  # n_env rows: the selection against itself
+        div = diversity_from_log_p(sel)
         # covered: dH = -log K <= threshold  <=>  log K >= -threshold (exact in IEEE)
         covered = (log_k >= -self.threshold).sum().to(torch.float64) / d.n
         self.rows.append(torch.stack([h, div, covered]))
@@ -312,23 +204,7 @@ class Compression:
 # --------------------------------------------------------------------------------------------
 
 
-def _progress_bar(progress: Progress, total: int, desc: str):
-    """``(tick(done), bar)`` from the engine's progress convention (bar, callable or none)."""
-    update, bar = _progress_callback(progress, total, desc, unit="structure")
-    if update is None:
-        return lambda done: None, None
-    return lambda done: update(done, total), bar
-
-
-def _scalar_h(h) -> float:
-    """A single positive bandwidth (the greedy and per-generation sums take one ``h``)."""
-    hs, vector = check_bandwidths(h)
-    if vector:
-        raise ValueError("`h` must be a single bandwidth here, got several")
-    return hs[0]
-
-
-def _segment_min(values: torch.Tensor, data: _Dataset) -> torch.Tensor:
+def _segment_min(values: torch.Tensor, data: GroupedDescriptors) -> torch.Tensor:
     out = torch.full((data.n_structures,), math.inf, dtype=values.dtype, device=values.device)
     return out.scatter_reduce(0, data.sid, values, "amin", include_self=True)
 
@@ -337,24 +213,21 @@ class _MeanDistances:
     """``mean_j |x_i - y_j|`` of every row of ``x`` to a block ``y``, one wide GEMM per tile."""
 
     def __init__(self, x: torch.Tensor, budget: int):
-        x64 = x.to(torch.float64)
         # [x, |x|^2, 1]^T . [-2 y, 1, |y|^2] = |x - y|^2
-        self.xt = torch.cat([x64, (x64 * x64).sum(1, keepdim=True), torch.ones_like(x64[:, :1])], 1)
-        self.xt = self.xt.T.contiguous()
+        x64 = x.to(torch.float64)
+        self.xt = engine.augment(x64, None, 1.0, norm_first=True).T.contiguous()
         self.budget = budget
 
     def __call__(self, y: torch.Tensor) -> torch.Tensor:
-        y64 = y.to(torch.float64)
-        ya = torch.cat(
-            [-2.0 * y64, torch.ones_like(y64[:, :1]), (y64 * y64).sum(1, keepdim=True)], 1
-        )
+        ya = engine.augment(y.to(torch.float64), -2.0, 1.0, norm_first=False)
         n = self.xt.shape[1]
-        cols = wide_tile_columns(self.xt.device, self.budget, y.shape[0], torch.float64, n)
         out = torch.empty(n, dtype=torch.float64, device=self.xt.device)
         with full_precision():
-            for j0 in range(0, n, cols):
-                d2 = torch.mm(ya, self.xt[:, j0 : j0 + cols])
-                out[j0 : j0 + cols] = d2.clamp_(min=0.0).sqrt_().mean(0)
+            for j0, j1 in engine.wide_spans(
+                self.xt.device, self.budget, y.shape[0], torch.float64, n
+            ):
+                d2 = torch.mm(ya, self.xt[:, j0:j1])
+                out[j0:j1] = d2.clamp_(min=0.0).sqrt_().mean(0)
         return out
 
 
@@ -423,7 +296,9 @@ def _tensor_digest(t: torch.Tensor, chunk_bytes: int = _HASH_CHUNK) -> str:
     return digest.hexdigest()
 
 
-def _checkpoint_key(method: str, data: _Dataset, ref: torch.Tensor | None, parameters: dict) -> str:
+def _checkpoint_key(
+    method: str, data: GroupedDescriptors, ref: torch.Tensor | None, parameters: dict
+) -> str:
     """What a checkpoint must match to be resumed: every parameter that changes the selection
     and sha256 hashes of the descriptors (grouped by structure), the environments per
     structure and the reference. Equal keys mean the same problem, not just equal moments."""
@@ -440,7 +315,7 @@ def _checkpoint_key(method: str, data: _Dataset, ref: torch.Tensor | None, param
 
 def _greedy(
     method: str,
-    data: _Dataset,
+    data: GroupedDescriptors,
     h_s: torch.Tensor,
     size: int,
     h: float,
@@ -509,7 +384,7 @@ def _greedy(
                     separate.log_k = state["curve_log_k"].to(dev)
     # with a checkpoint every update is made (the state can then grow to any size later)
     complete = checkpoint is not None
-    tick, bar = _progress_bar(progress, size, method)
+    tick, bar = engine.progress_ticker(progress, size, method)
     committing = False
     try:
         if order:
@@ -579,8 +454,8 @@ def _assign(points: torch.Tensor, centres: torch.Tensor, budget: int):
     """Nearest centre of every point (ties: lowest index) and its squared distance."""
     rows = max(1, budget // (8 * 2 * max(1, centres.shape[0])))
     labels, dist = [], []
-    for i0 in range(0, points.shape[0], rows):
-        d2 = _sq_dist(points[i0 : i0 + rows], centres)
+    for i0, i1 in engine.spans(0, points.shape[0], rows):
+        d2 = _sq_dist(points[i0:i1], centres)
         v, i = d2.min(1)
         labels.append(i)
         dist.append(v)
@@ -648,7 +523,9 @@ def _k_means(means: torch.Tensor, size: int, gen: torch.Generator, budget: int, 
     return chosen
 
 
-def _curve_for(order: list[int], data: _Dataset, h: float, threshold: float, options: dict):
+def _curve_for(
+    order: list[int], data: GroupedDescriptors, h: float, threshold: float, options: dict
+):
     running = _running(data.x, h, options)
     recorder = _CurveRecorder(data, running, threshold)
     for s in order:
@@ -684,8 +561,9 @@ def compress(
 ) -> Compression:
     """Select the structures of a dataset that carry its information.
 
-    Methods (SPEC section 3; ``H_s`` is the entropy of structure ``s``'s own environments and
-    ``log K_e`` the running log kernel sum of environment ``e`` against the selection):
+    Methods (Yu, Lordi & Schwalbe-Koda 2025; ``H_s`` is the entropy of structure ``s``'s own
+    environments and ``log K_e`` the running log kernel sum of environment ``e`` against the
+    selection):
 
     * ``"msc"``: seed with ``argmax_s H_s``; then repeatedly select
       ``argmax_s [ -min_{e in s} log K_e + H_s ]`` (its least-covered environment is novel
@@ -741,9 +619,9 @@ def compress(
     """
     if method not in METHODS:
         raise ValueError(f"`method` must be one of {', '.join(METHODS)}; got {method!r}")
-    h = _scalar_h(h)
+    h = check_single_bandwidth(h)
     threshold = check_threshold(threshold)
-    data = _dataset(x, system_idx, "x", device)
+    data = group_descriptors(x, system_idx, "x", device)
     n_sel = _target_size(size, data.n_structures)
     options = {"dtype": dtype, "tile_size": tile_size, "budget": budget}
 
@@ -754,9 +632,11 @@ def compress(
                 f"`reference` is used by method 'msc_conditional' only, not {method!r}"
             )
         if isinstance(reference, (list, tuple)):
-            ref = _concat(reference, "reference", data.x.device)[0] if len(reference) else None
+            ref = (
+                concat_groups(reference, "reference", data.x.device)[0] if len(reference) else None
+            )
         else:
-            ref = _as_tensor(reference, "reference", None)
+            ref = as_descriptor_tensor(reference, "reference", None)
             ref = ref.to(data.x.device) if ref.shape[0] else None
         if ref is not None:
             if ref.shape[1] != data.x.shape[1]:
@@ -799,7 +679,7 @@ def compress(
             raise ValueError(
                 f"`checkpoint` applies to msc, msc_conditional and fps, not {method!r}"
             )
-        gen = _generator(generator)
+        gen = check_generator(generator)
         if method == "random":
             order = torch.randperm(data.n_structures, generator=gen)[:n_sel].tolist()
         else:
@@ -889,7 +769,7 @@ def selection_summary(
     """
     from .metrics import diversity, entropy, overlap
 
-    data = _dataset(x, system_idx, "x", options.pop("device", None))
+    data = group_descriptors(x, system_idx, "x", options.pop("device", None))
     if selected is None:
         raise ValueError("`selected` is required: indices of the selected structures")
     sel = torch.as_tensor(selected, dtype=torch.long).flatten().cpu()
@@ -912,132 +792,3 @@ def selection_summary(
         "original_envs": data.n,
         "compressed_envs": int(xs.shape[0]),
     }
-
-
-# --------------------------------------------------------------------------------------------
-# active-learning generations
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class GenerationReport:
-    """Per generation of an active-learning loop (see :func:`generation_report`).
-
-    Attributes (``[G]`` CPU tensors, except ``labels``):
-        labels: the generation labels, in order.
-        n_environments: environments added by each generation.
-        cumulative_environments: environments in generations ``0..g``.
-        entropy: ``H`` of the cumulative dataset (nats).
-        diversity: ``D`` of the cumulative dataset (nats).
-        novelty: fraction of generation ``g``'s environments with
-            ``dH(x | generations < g) > threshold`` (NaN for the first generation).
-        max_dh: largest ``dH`` of generation ``g`` against the earlier ones (NaN for the first).
-    """
-
-    labels: list
-    n_environments: torch.Tensor
-    cumulative_environments: torch.Tensor
-    entropy: torch.Tensor
-    diversity: torch.Tensor
-    novelty: torch.Tensor
-    max_dh: torch.Tensor
-
-    def rows(self) -> list[dict]:
-        """One dict per generation (NaN as ``None``), ready for JSON or a table."""
-        out = []
-        names = [f.name for f in fields(self)][1:]
-        for g, label in enumerate(self.labels):
-            row = {"generation": label}
-            for name in names:
-                v = getattr(self, name)[g].item()
-                row[name] = None if isinstance(v, float) and math.isnan(v) else v
-            out.append(row)
-        return out
-
-    def __repr__(self) -> str:
-        return (
-            f"GenerationReport({len(self.labels)} generations, H -> {float(self.entropy[-1]):.3f})"
-        )
-
-
-def generation_report(
-    x,
-    generation_idx,
-    *,
-    labels: Sequence | None = None,
-    h: float = DEFAULT_BANDWIDTH,
-    threshold: float = 0.0,
-    dtype: torch.dtype | None = None,
-    device: torch.device | str | None = None,
-    tile_size: int | tuple[int, int] | None = None,
-    budget: int | str | None = None,
-    progress: Progress = None,
-) -> GenerationReport:
-    """Entropy, diversity and novelty across the generations of an active-learning loop.
-
-    For generation ``g`` (environments ``X_g``) with earlier data ``P_g = X_0 ∪ ... ∪ X_{g-1}``:
-    ``novelty_g`` = fraction of ``x in X_g`` with ``dH(x | P_g) > threshold``, and ``H``,
-    ``D`` of ``P_g ∪ X_g`` (paper Fig. 2f, g). One running log kernel sum per environment,
-    updated once per generation: the cost is one kernel pass over all pairs.
-
-    Args:
-        x: descriptors ``[n, d]`` of all environments of all generations, or a list of
-            per-generation ``[n_g, d]`` arrays/tensors.
-        generation_idx: ``[n]`` generation of each environment, numbered ``0..G-1`` in
-            order (ignored for a list ``x``).
-        labels: names of the generations (default ``0..G-1``).
-        h: bandwidth (1/Å).
-        threshold: dH threshold of the novelty.
-        dtype, device, tile_size, budget: as :func:`compress`.
-        progress: ``True`` for a tqdm bar or a callable ``(done, total)``.
-
-    Returns:
-        :class:`GenerationReport`.
-    """
-    h = _scalar_h(h)
-    threshold = check_threshold(threshold)
-    if isinstance(x, (list, tuple)):
-        data = _dataset(x, None, "x", device, "generation_idx", "generation")
-    else:
-        data = _dataset(x, generation_idx, "x", device, "generation_idx", "generation")
-    G = data.n_structures
-    if labels is None:
-        labels = list(range(G))
-    elif len(labels) != G:
-        raise ValueError(f"`labels` has {len(labels)} entries for {G} generations")
-    options = {"dtype": dtype, "tile_size": tile_size, "budget": budget}
-    mu = data.x.to(torch.float64).mean(0)
-    xc = (data.x.to(torch.float64) - mu).to(data.x.dtype)
-    running = _running(xc, h, options)
-    tick, bar = _progress_bar(progress, G, "generations")
-    stats = []
-    nan = torch.tensor(math.nan, dtype=torch.float64, device=xc.device)
-    try:
-        for g in range(G):
-            a, b = int(data.start[g]), int(data.end[g])
-            if g == 0:
-                nov, mx = nan, nan
-            else:
-                dh = -running.log_k[a:b]
-                nov = (dh > threshold).to(torch.float64).mean()
-                mx = dh.max()
-            running.add(xc[a:b])
-            lk = running.log_k[:b]
-            ent = math.log(b) - lk.mean()
-            div = torch.logsumexp(-lk, 0)
-            stats.append(torch.stack([ent, div, nov, mx]))
-            tick(g + 1)
-    finally:
-        if bar is not None:
-            bar.close()
-    values = torch.stack(stats).cpu()
-    counts = data.counts.cpu()
-    return GenerationReport(
-        list(labels),
-        counts,
-        torch.cumsum(counts, 0),
-        values[:, 0],
-        values[:, 1],
-        values[:, 2],
-        values[:, 3],
-    )

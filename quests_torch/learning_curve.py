@@ -24,7 +24,7 @@ import torch
 
 from .checks import DEFAULT_BANDWIDTH, check_bandwidths, check_generator, check_positive_int
 from .estimates import resolve_rows, sample_rows, take_rows
-from .kde import ArrayLike, Bandwidth, _Source
+from .kde import ArrayLike, Bandwidth, engine
 from .metrics import entropy, estimate_entropy
 
 __all__ = [
@@ -157,7 +157,7 @@ def plan_learning_curve(
     Returns:
         :class:`LearningCurvePlan`.
     """
-    src = _Source(x, "x")
+    src = engine.Source(x, "x")
     n = src.n
     sizes_t = _curve_sizes(n, sizes)
     repeats = check_positive_int(repeats, "repeats")

@@ -45,11 +45,13 @@ from .kde import (
     DEFAULT_BANDWIDTH,
     ArrayLike,
     Bandwidth,
-    _first_match_within,
-    _kernel_pass,
-    _nearest_neighbors,
-    _Source,
     grouped_log_kernel_sum,
+)
+from .kde.engine import (
+    Source,
+    named_first_match_within,
+    named_kernel_pass,
+    named_nearest_neighbors,
 )
 from .structures import segment_sum
 
@@ -82,17 +84,13 @@ __all__ = [
 ]
 
 
-#: former name of :func:`quests_torch.checks.check_generator` (still imported by compression)
-_generator = check_generator
-
-
 # --------------------------------------------------------------------------------------------
 # dataset metrics
 # --------------------------------------------------------------------------------------------
 
 
 def _self_log_p(x: ArrayLike, h: Bandwidth, name: str, options) -> torch.Tensor:
-    return _kernel_pass(x, x, h, names=(name, name), **options).log_p
+    return named_kernel_pass(x, x, h, names=(name, name), **options).log_p
 
 
 def entropy_from_log_p(log_p: torch.Tensor) -> torch.Tensor:
@@ -180,7 +178,7 @@ def delta_entropy(
     Returns:
         ``[n_y]``, or ``[n_y, n_h]`` for a vector ``h``.
     """
-    return -_kernel_pass(y, x, h, names=("y", "x"), **options).log_p
+    return -named_kernel_pass(y, x, h, names=("y", "x"), **options).log_p
 
 
 def fraction_above(dh: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -264,7 +262,7 @@ def approx_delta_entropy(
         ``[n_y]``, or ``[n_y, n_h]`` for a vector ``h``.
     """
     hs, vector = check_bandwidths(h)
-    dist, _ = _nearest_neighbors(y, x, n, names=("y", "x"), **options)
+    dist, _ = named_nearest_neighbors(y, x, n, names=("y", "x"), **options)
     h_t = torch.tensor(hs, dtype=dist.dtype, device=dist.device)
     expo = -dist.square()[:, :, None] / (2.0 * h_t**2)  # [n_y, n, n_h]
     dh = -torch.logsumexp(expo, dim=1)
@@ -288,13 +286,13 @@ def _sampled_self_log_p(
 
     ``m = n`` takes the symmetric exact pass (``n^2 / 2`` pairs, the rows in order).
     """
-    n = _Source(x, "x").n
+    n = Source(x, "x").n
     m = resolve_rows(rows, n)
     with torch.no_grad():
         if m == n:
             return _self_log_p(x, h, "x", options), n
         pick = sample_rows(n, m, check_generator(generator))
-        return _kernel_pass(take_rows(x, pick), x, h, names=("x", "x"), **options).log_p, n
+        return named_kernel_pass(take_rows(x, pick), x, h, names=("x", "x"), **options).log_p, n
 
 
 def _entropy_estimate(log_p: torch.Tensor, n: int) -> Estimate:
@@ -405,11 +403,11 @@ def estimate_novelty(
     """
     _scalar_h(h, "estimate_novelty")
     threshold = check_threshold(threshold)
-    n = _Source(y, "y").n
+    n = Source(y, "y").n
     m = resolve_rows(rows, n)
     sub = y if m == n else take_rows(y, sample_rows(n, m, check_generator(generator)))
     with torch.no_grad():
-        dh = -_kernel_pass(sub, x, h, names=("y", "x"), **options).log_p
+        dh = -named_kernel_pass(sub, x, h, names=("y", "x"), **options).log_p
     value, se = mean_estimate(dh > threshold, n, "novelty/overlap")
     return Estimate(value, se, m, n)
 
@@ -486,7 +484,7 @@ def entropy_per_structure(
         ``[n_systems]`` (``[n_systems, n_h]`` for a vector ``h``); NaN for structures without
         environments.
     """
-    src = _Source(x, "x")
+    src = Source(x, "x")
     device = src.device if src.device is not None else torch.device(options.get("device") or "cpu")
     idx = _as_index(system_idx, src.n, device)
     n_sys = int(idx.max()) + 1 if n_systems is None else int(n_systems)
@@ -548,7 +546,7 @@ def find_duplicates(x: ArrayLike, tol: float = 1e-5, **options) -> Duplicates:
     Returns:
         :class:`Duplicates` (int64 tensors).
     """
-    first = _first_match_within(x, None, tol, **options)
+    first = named_first_match_within(x, None, tol, **options)
     index = torch.nonzero(first >= 0).squeeze(1)
     return Duplicates(index, first[index])
 
@@ -663,13 +661,13 @@ def dataset_summary(
     _, vector = check_bandwidths(h)
     if vector:
         raise ValueError("`h` must be a single bandwidth for dataset_summary")
-    n = _Source(x, "x").n
+    n = Source(x, "x").n
     if resolve_rows(rows, n) < n:
         gen = check_generator(generator)
         log_p, _ = _sampled_self_log_p(x, h, rows, gen, options)
         est = {"entropy": _entropy_estimate(log_p, n), "diversity": _diversity_estimate(log_p, n)}
         if other is not None:
-            n_other = _Source(other, "other").n
+            n_other = Source(other, "other").n
             est["overlap"] = estimate_overlap(x, other, h, threshold, rows, gen, **options)
             est["overlap_other"] = estimate_overlap(
                 other, x, h, threshold, _other_rows(rows, n_other), gen, **options

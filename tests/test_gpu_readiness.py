@@ -45,9 +45,9 @@ def test_compute_device_accepts_a_bare_cuda_name_for_cuda_inputs(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    assert kde._compute_device([FakeSource()], "cuda") == torch.device("cuda:0")
+    assert kde.engine.compute_device([FakeSource()], "cuda") == torch.device("cuda:0")
     with pytest.raises(ValueError, match="inputs live on cuda:0"):
-        kde._compute_device([FakeSource()], "cuda:1")
+        kde.engine.compute_device([FakeSource()], "cuda:1")
 
 
 # ------------------------------------------------------------------ precision flags

@@ -18,6 +18,7 @@ from quests_torch.kde import (
     log_kernel_sum,
     nearest_neighbors,
 )
+from quests_torch.kde.epilogue import Epilogue
 
 
 def brute_log_p(x, y, h, log_w=None):
@@ -446,7 +447,7 @@ def inject_oom(monkeypatch):
     Returns a dict: ``fail`` (set of call numbers, or ``"always"``) and ``calls`` (count).
     """
     state = {"fail": {0}, "calls": 0}
-    original = kde._Problem.exponent
+    original = kde.engine.Problem.exponent
 
     def exponent(self, *args, **kwargs):
         n = state["calls"]
@@ -455,7 +456,7 @@ def inject_oom(monkeypatch):
             raise torch.OutOfMemoryError("CUDA out of memory (injected by the test)")
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(kde._Problem, "exponent", exponent)
+    monkeypatch.setattr(kde.engine.Problem, "exponent", exponent)
     return state
 
 
@@ -561,12 +562,12 @@ def test_tile_top_is_exact_with_ties(width, k, device):
         a = torch.randint(-levels, 1, (33, width), generator=gen).to(dtype)  # many ties
         a[0] = 0.0  # a row that is one big tie
         v_ref, ix_ref = _stable_top(a, k)
-        v, ix = kde._tile_top(a.to(device), k)
+        v, ix = kde.topk.tile_top(a.to(device), k)
         assert torch.equal(v.cpu(), v_ref) and torch.equal(ix.cpu(), ix_ref)
         # a strided view of a wider buffer, as in the sweeps
         wide = torch.zeros(33, width + 3, dtype=dtype, device=device)
         wide[:, :width] = a.to(device)
-        v2, ix2 = kde._tile_top(wide[:, :width], k)
+        v2, ix2 = kde.topk.tile_top(wide[:, :width], k)
         assert torch.equal(v2.cpu(), v_ref) and torch.equal(ix2.cpu(), ix_ref)
 
 
@@ -623,19 +624,19 @@ def test_nearest_neighbors_random_unchanged(cu):
 @pytest.fixture
 def fresh_epilogue(monkeypatch):
     """A clean compiled-epilogue state (restored after the test)."""
-    monkeypatch.setattr(kde._Epilogue, "fn", None)
-    monkeypatch.setattr(kde._Epilogue, "failed", False)
+    monkeypatch.setattr(Epilogue, "fn", None)
+    monkeypatch.setattr(Epilogue, "failed", False)
     monkeypatch.delenv("QUESTS_TORCH_COMPILE", raising=False)
 
 
 def test_compile_switch(fresh_epilogue, monkeypatch):
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
     monkeypatch.delenv("QUESTS_TORCH_COMPILE", raising=False)
-    assert not kde._Epilogue.wanted(cuda) and not kde._Epilogue.wanted(cpu)  # opt-in
+    assert not Epilogue.wanted(cuda) and not Epilogue.wanted(cpu)  # opt-in
     monkeypatch.setenv("QUESTS_TORCH_COMPILE", "0")
-    assert not kde._Epilogue.wanted(cuda) and not kde._Epilogue.wanted(cpu)
+    assert not Epilogue.wanted(cuda) and not Epilogue.wanted(cpu)
     monkeypatch.setenv("QUESTS_TORCH_COMPILE", "1")
-    assert kde._Epilogue.wanted(cuda) and kde._Epilogue.wanted(cpu)
+    assert Epilogue.wanted(cuda) and Epilogue.wanted(cpu)
 
 
 @pytest.mark.parametrize("where", ["compile", "call"])
@@ -654,7 +655,7 @@ def test_compile_failure_falls_back_to_eager(cu, fresh_epilogue, monkeypatch, wh
     with pytest.warns(RuntimeWarning, match="eager path"):
         got = log_kernel_sum(x, x, [0.015, 0.03])
     assert torch.equal(got, expected)
-    assert kde._Epilogue.failed and not kde._Epilogue.wanted(torch.device("cuda"))
+    assert Epilogue.failed and not Epilogue.wanted(torch.device("cuda"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no second warning: eager from now on
         assert torch.equal(log_kernel_sum(x, x, [0.015, 0.03]), expected)
@@ -681,12 +682,12 @@ def test_unclamped_exp_matches_clamped(cu, monkeypatch):
 
     clamped, g_clamped = run()
 
-    class Unclamped(kde._Problem):  # built as on CUDA: no clamp at the floor before exp
+    class Unclamped(kde.engine.Problem):  # built as on CUDA: no clamp at the floor before exp
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self.clamp = False
 
-    monkeypatch.setattr(kde, "_Problem", Unclamped)
+    monkeypatch.setattr(kde.api, "Problem", Unclamped)
     free, g_free = run()
     for a, b, tol in zip(clamped, free, [1e-12, 1e-12, 1e-12, 1e-6], strict=True):
         assert torch.isfinite(b).all()
@@ -708,9 +709,9 @@ def test_compiled_epilogue_matches_eager(cu, fresh_epilogue, monkeypatch):
     """torch.compile of the tile epilogue on the CPU: same sums to 1e-12 (compiles in
     ~15-90 s on the 2-core CPU, hence slow)."""
     a, cases = _exp_sums_cases()
-    compiled = torch.compile(kde._exp_sums, fullgraph=True)
+    compiled = torch.compile(kde.epilogue.exp_sums, fullgraph=True)
     for scale, lw, mask, both in cases:
-        ref_row, ref_col = kde._exp_sums(a, scale, lw, mask, both)
+        ref_row, ref_col = kde.epilogue.exp_sums(a, scale, lw, mask, both)
         row, col = compiled(a, scale, lw, mask, both)
         assert max_rel(row, ref_row) < 1e-12
         if both:
@@ -726,14 +727,14 @@ def test_compiled_epilogue_matches_eager(cu, fresh_epilogue, monkeypatch):
     eager = [r() for r in runs]
     monkeypatch.setenv("QUESTS_TORCH_COMPILE", "1")
     calls = []
-    original = kde._Epilogue.get
+    original = Epilogue.get
 
     def counted():
         fn = original()
         return None if fn is None else (lambda *args: calls.append(1) or fn(*args))
 
-    monkeypatch.setattr(kde._Epilogue, "get", counted)
+    monkeypatch.setattr(Epilogue, "get", counted)
     fused = [r() for r in runs]
-    assert calls and not kde._Epilogue.failed
+    assert calls and not Epilogue.failed
     for a_, b_, tol in zip(eager, fused, [1e-12, 1e-12, 1e-6], strict=True):
         assert log_err(b_, a_) < tol

@@ -7,7 +7,7 @@ import torch
 
 from quests_torch import _memory
 from quests_torch._memory import memory_budget, parse_bytes, parse_fraction
-from quests_torch.kde import _CUDA_TILE_CAP, _auto_tiles
+from quests_torch.kde.tiles import CUDA_TILE_CAP, auto_tiles
 
 GiB, MiB = 1 << 30, 1 << 20
 
@@ -73,14 +73,14 @@ def test_parse_bytes():
 
 def test_cuda_tiles_capped_and_floored(fake_cuda):
     # an idle H200 (half of ~140 GiB): capped, not 16k x 16k
-    assert _auto_tiles("cuda", memory_budget("cuda"), 8) == (_CUDA_TILE_CAP, _CUDA_TILE_CAP)
-    assert _CUDA_TILE_CAP == 8192
+    assert auto_tiles("cuda", memory_budget("cuda"), 8) == (CUDA_TILE_CAP, CUDA_TILE_CAP)
+    assert CUDA_TILE_CAP == 8192
     fake_cuda.update(free=141 * GiB, reserved=0, allocated=0)
-    assert _auto_tiles("cuda", memory_budget("cuda"), 4) == (8192, 8192)
+    assert auto_tiles("cuda", memory_budget("cuda"), 4) == (8192, 8192)
     # a nearly full GPU: the 256 MiB floor still gives 2048-wide float64 tiles
     fake_cuda.update(free=10 * MiB, reserved=0, allocated=0)
-    assert _auto_tiles("cuda", memory_budget("cuda"), 8) == (2048, 2048)
+    assert auto_tiles("cuda", memory_budget("cuda"), 8) == (2048, 2048)
     # an explicit small budget shrinks them (4 buffers fit)
-    tm, tn = _auto_tiles("cuda", 4 * MiB, 8)
+    tm, tn = auto_tiles("cuda", 4 * MiB, 8)
     assert tm * tn * 8 * 4 <= 4 * MiB
-    assert _auto_tiles("cpu", GiB, 8) == (1024, 1024)
+    assert auto_tiles("cpu", GiB, 8) == (1024, 1024)

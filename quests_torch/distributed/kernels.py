@@ -12,19 +12,20 @@ from .. import metrics as _metrics
 from .._memory import memory_budget
 from ..checks import check_bandwidths, check_threshold
 from ..estimates import resolve_rows
-from ..kde import (
-    DEFAULT_BANDWIDTH,
-    ArrayLike,
-    Bandwidth,
-    _as_log_weights,
-    _compute_device,
-    _forward,
-    _Problem,
-    _progress_callback,
-    _Source,
-    _sweep_plain,
-    _sweep_shifted,
-    full_precision,
+from ..kde import DEFAULT_BANDWIDTH, ArrayLike, Bandwidth, full_precision
+from ..kde.engine import (
+    Problem,
+    Source,
+    as_log_weights,
+    check_log_weights_shape,
+    check_pair,
+    compute_device,
+    far_rows,
+    forward,
+    input_dtypes,
+    progress_callback,
+    sweep_plain,
+    sweep_shifted,
 )
 from ..metrics import (
     DatasetSummary,
@@ -42,64 +43,6 @@ _MIN_ROWS_PER_RANK = 64
 # --------------------------------------------------------------------------------------------
 # sharded kernel sums
 # --------------------------------------------------------------------------------------------
-
-
-class _ShardProblem(_Problem):
-    """:class:`quests_torch.kde._Problem` with global row/column offsets.
-
-    * ``pin``: rows and columns are blocks of one set (global indices ``row_offset + i`` and
-      ``col_offset + j``): the self pairs get an exponent of exactly 0, like the single-process
-      symmetric sweep.
-    * ``mu``: the centring mean to use (the global mean when the references are sharded).
-    * ``owned``: for the triangular sweep, the row blocks this rank evaluates.
-    """
-
-    def __init__(
-        self,
-        xs: _Source,
-        ys: _Source,
-        hs: list[float],
-        *,
-        row_offset: int = 0,
-        col_offset: int = 0,
-        pin: bool = False,
-        mu: torch.Tensor | None = None,
-        centre: bool = True,
-        **kwargs,
-    ):
-        super().__init__(xs, ys, hs, centre=centre and mu is None, **kwargs)
-        self.row_offset, self.col_offset = row_offset, col_offset
-        self.pin = pin
-        self.owned: np.ndarray | None = None
-        if mu is not None and centre:
-            self.mu = mu.to(device=self.device, dtype=torch.float64)
-            if self.cols_resident is not None:
-                self.cols_resident = self._build_cols(0, self.m)
-
-    def exponent_tile(self, i0, i1, j0, j1, xr, xraw, yc, out):
-        if not self.pin:
-            return super().exponent_tile(i0, i1, j0, j1, xr, xraw, yc, out)
-        self.exponent(xr, xraw, yc, out)
-        gi0, gj0 = i0 + self.row_offset, j0 + self.col_offset
-        lo, hi = max(gi0, gj0), min(i1 + self.row_offset, j1 + self.col_offset)
-        if lo < hi:
-            diag = out.diagonal(offset=gi0 - gj0)
-            if self.fold_lw:  # the exponent of a self pair is its log weight, exactly
-                diag.copy_(self.lw[lo - self.col_offset : hi - self.col_offset])
-            else:
-                diag.fill_(0.0)
-        return out
-
-    def col_range(self, i0: int, i1: int, triangular: bool = False) -> tuple[int, int]:
-        if triangular and self.owned is not None and not self.owned[i0 // self.tm]:
-            return i0, i0  # another rank's row block
-        return super().col_range(i0, i1, triangular)
-
-    def subset_rows(self, index: torch.Tensor) -> _Problem:
-        sub = super().subset_rows(index)
-        sub.pin = False  # the subset's rows are no longer aligned with the columns
-        sub.owned = None
-        return sub
 
 
 def _owned_blocks(n_blocks: int, world: int, rank_: int) -> np.ndarray:
@@ -162,26 +105,16 @@ def _sharded_log_p(
     check_shard(shard)
     hs, vector = check_bandwidths(h)
     same = y is x
-    xs = _Source(x, names[0])
-    ys = xs if same else _Source(y, names[1])
-    if xs.d != ys.d:
-        raise ValueError(
-            f"`{names[0]}` and `{names[1]}` must have the same descriptor width, "
-            f"got {xs.d} and {ys.d}"
-        )
-    lw = _as_log_weights(log_weights, device)
-    if lw is not None and tuple(lw.shape) != (ys.n,):
-        raise ValueError(
-            f"`log_weights` must have shape ({ys.n},) like the rows of `{names[1]}`, "
-            f"got {tuple(lw.shape)}"
-        )
+    xs = Source(x, names[0])
+    ys = xs if same else Source(y, names[1])
+    check_pair(xs, ys)
+    lw = as_log_weights(log_weights, device)
+    if lw is not None:
+        check_log_weights_shape(lw, ys)
     if device is None and xs.device is None and ys.device is None:
         device = comm.comm_device()
-    dev = _compute_device([xs, ys], device)
-    out_dtype = torch.promote_types(xs.dtype, ys.dtype)
-    compute_dtype = out_dtype if dtype is None else dtype
-    if compute_dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"`dtype` must be torch.float32 or torch.float64, got {compute_dtype}")
+    dev = compute_device([xs, ys], device)
+    out_dtype, compute_dtype = input_dtypes(xs, ys, dtype)
     plan = _plan(
         shard,
         same and lw is None,
@@ -191,7 +124,6 @@ def _sharded_log_p(
         compute_dtype.itemsize,
         memory_budget(dev, budget),
     )
-    lead = comm.rank() == 0
     common = dict(
         dtype=dtype,
         distance=distance,
@@ -200,74 +132,88 @@ def _sharded_log_p(
         device=dev,
         centre=centre,
     )
-    n_h = len(hs)
-    w, r = comm.world_size(), comm.rank()
-
+    progress = progress if comm.rank() == 0 else None
     if plan == "tiles":
-        p = _ShardProblem(xs, xs, hs, same=True, **common)
-        if not p.same:  # pragma: no cover - guarded by _plan
-            raise RuntimeError("internal: the triangular sweep needs an unweighted self pass")
-        n_blocks = -(-p.n // p.tm)
-        if tile_size is None:
-            # a multiple of 2W blocks (at least 4W): the folded pairs divide evenly over the
-            # ranks; tiles only shrink, never below 64 rows
-            target = -(-max(n_blocks, 4 * w) // (2 * w)) * (2 * w)
-            p._set_tiles(min(p.tm, max(64, -(-p.n // target))))
-            n_blocks = -(-p.n // p.tm)
-        p.owned = _owned_blocks(n_blocks, w, r)
-        callback, bar = _progress_callback(progress if lead else None, p.n, "kernel sums")
-        try:
-            with full_precision(), torch.no_grad():
-                log_p = comm.logsumexp_ranks(_sweep_plain(p, callback).log_p)
-                threshold = p.floor + math.log(p.m) - math.log(p.eps)
-                far_flag = (log_p < threshold).any(1).to(torch.float64)
-                far = (comm.all_reduce(far_flag, dist.ReduceOp.MAX) > 0).nonzero().squeeze(1)
-                if far.numel() > 0:
-                    f0, f1 = comm.shard_range(int(far.numel()))
-                    if f1 > f0:
-                        part = _sweep_shifted(p.subset_rows(far[f0:f1]))
-                    else:
-                        part = torch.empty(0, n_h, dtype=p.acc, device=dev)
-                    log_p[far] = comm.all_gather_rows(part, comm.shard_counts(int(far.numel())))
-        finally:
-            if bar is not None:
-                bar.close()
+        log_p = _tiles_log_p(xs, hs, common, progress)
     elif plan == "rows":
-        r0, r1 = comm.shard_range(xs.n)
-        if r1 > r0:
-            xl = _Source(_rows_of(x, r0, r1), names[0])
-            p = _ShardProblem(
-                xl, ys, hs, log_weights=lw, pin=same, row_offset=r0, col_offset=0, **common
-            )
-            local = _forward(p, progress if lead else None).log_p
-        else:
-            local = torch.empty(0, n_h, dtype=torch.float64, device=dev)
-        log_p = comm.all_gather_rows(local, comm.shard_counts(xs.n))
-    else:  # cols
-        c0, c1 = comm.shard_range(ys.n)
-        mu = None
-        if centre:
-            total = torch.zeros(ys.d, dtype=torch.float64, device=dev)
-            if c1 > c0:
-                yl = _Source(_rows_of(y, c0, c1), names[1])
-                chunk = max(1, (1 << 24) // (8 * ys.d))
-                total = yl.check_finite_and_mean(dev, chunk) * (c1 - c0)
-            mu = comm.all_reduce(total, dist.ReduceOp.SUM) / ys.n
-        lw_l = None if lw is None else lw[c0:c1]
-        empty = c1 <= c0 or (lw_l is not None and not bool(torch.isfinite(lw_l).any()))
-        if empty:
-            local = torch.full((xs.n, n_h), -math.inf, dtype=torch.float64, device=dev)
-        else:
-            yl = _Source(_rows_of(y, c0, c1), names[1])
-            p = _ShardProblem(
-                xs, yl, hs, log_weights=lw_l, pin=same, col_offset=c0, mu=mu, **common
-            )
-            local = _forward(p, progress if lead else None).log_p
-        log_p = comm.logsumexp_ranks(local)
-        if lw is not None and not bool(torch.isfinite(log_p).any()):
-            raise ValueError("`log_weights` are all -inf (every weight is zero)")
+        log_p = _rows_log_p(x, xs, ys, hs, lw, same, common, progress)
+    else:
+        log_p = _cols_log_p(xs, y, ys, hs, lw, same, names[1], common, progress)
     log_p = log_p.to(out_dtype)
     return log_p if vector else log_p[:, 0]
+
+
+def _tiles_log_p(xs: Source, hs: list[float], common: dict, progress) -> torch.Tensor:
+    """Plan ``tiles``: the triangular sweep of ``x`` against itself, row tiles dealt over the
+    ranks (:func:`_owned_blocks`), partial sums combined, far rows shared out and rescued."""
+    w, r = comm.world_size(), comm.rank()
+    p = Problem(xs, xs, hs, same=True, **common)
+    if not p.same:  # pragma: no cover - guarded by _plan
+        raise RuntimeError("internal: the triangular sweep needs an unweighted self pass")
+    n_blocks = -(-p.n // p.tm)
+    if common["tile_size"] is None:
+        # a multiple of 2W blocks (at least 4W): the folded pairs divide evenly over the
+        # ranks; tiles only shrink, never below 64 rows
+        target = -(-max(n_blocks, 4 * w) // (2 * w)) * (2 * w)
+        p.set_tiles(min(p.tm, max(64, -(-p.n // target))))
+        n_blocks = -(-p.n // p.tm)
+    p.owned = _owned_blocks(n_blocks, w, r)
+    callback, bar = progress_callback(progress, p.n, "kernel sums")
+    try:
+        with full_precision(), torch.no_grad():
+            log_p = comm.logsumexp_ranks(sweep_plain(p, callback).log_p)
+            far_flag = far_rows(p, log_p).to(torch.float64)
+            far = (comm.all_reduce(far_flag, dist.ReduceOp.MAX) > 0).nonzero().squeeze(1)
+            if far.numel() > 0:
+                f0, f1 = comm.shard_range(int(far.numel()))
+                if f1 > f0:
+                    part = sweep_shifted(p.subset_rows(far[f0:f1]))
+                else:
+                    part = torch.empty(0, len(hs), dtype=p.acc, device=p.device)
+                log_p[far] = comm.all_gather_rows(part, comm.shard_counts(int(far.numel())))
+    finally:
+        if bar is not None:
+            bar.close()
+    return log_p
+
+
+def _rows_log_p(x, xs: Source, ys: Source, hs, lw, same: bool, common: dict, progress):
+    """Plan ``rows``: each rank its block of query rows against all references."""
+    r0, r1 = comm.shard_range(xs.n)
+    if r1 > r0:
+        xl = Source(_rows_of(x, r0, r1), xs.name)
+        p = Problem(xl, ys, hs, log_weights=lw, pin=same, offsets=(r0, 0), **common)
+        local = forward(p, progress).log_p
+    else:
+        local = torch.empty(0, len(hs), dtype=torch.float64, device=common["device"])
+    return comm.all_gather_rows(local, comm.shard_counts(xs.n))
+
+
+def _cols_log_p(xs: Source, y, ys: Source, hs, lw, same: bool, name: str, common, progress):
+    """Plan ``cols``: each rank all queries against its block of references (centred on the
+    global mean of the references), partial sums combined by a log-sum-exp over ranks."""
+    dev = common["device"]
+    c0, c1 = comm.shard_range(ys.n)
+    mu = None
+    if common["centre"]:
+        total = torch.zeros(ys.d, dtype=torch.float64, device=dev)
+        if c1 > c0:
+            yl = Source(_rows_of(y, c0, c1), name)
+            chunk = max(1, (1 << 24) // (8 * ys.d))
+            total = yl.check_finite_and_mean(dev, chunk) * (c1 - c0)
+        mu = comm.all_reduce(total, dist.ReduceOp.SUM) / ys.n
+    lw_l = None if lw is None else lw[c0:c1]
+    empty = c1 <= c0 or (lw_l is not None and not bool(torch.isfinite(lw_l).any()))
+    if empty:
+        local = torch.full((xs.n, len(hs)), -math.inf, dtype=torch.float64, device=dev)
+    else:
+        yl = Source(_rows_of(y, c0, c1), name)
+        p = Problem(xs, yl, hs, log_weights=lw_l, pin=same, offsets=(0, c0), mu=mu, **common)
+        local = forward(p, progress).log_p
+    log_p = comm.logsumexp_ranks(local)
+    if lw is not None and not bool(torch.isfinite(log_p).any()):
+        raise ValueError("`log_weights` are all -inf (every weight is zero)")
+    return log_p
 
 
 # --------------------------------------------------------------------------------------------
@@ -413,7 +359,7 @@ def dataset_summary(
         check_shard(options.pop("shard", "auto"))
         return _metrics.dataset_summary(x, h, other, threshold, **options)
     rows, generator = options.pop("rows", None), options.pop("generator", None)
-    if resolve_rows(rows, _Source(x, "x").n) < _Source(x, "x").n:
+    if resolve_rows(rows, Source(x, "x").n) < Source(x, "x").n:
         options.pop("shard", None)
         return _metrics.dataset_summary(
             x, h, other, threshold, rows=rows, generator=same_seed(generator), **options

@@ -1,0 +1,167 @@
+"""Descriptor sources, device resolution, weights and progress: the inputs of every sweep."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from ..checks import Progress
+from ..structures import canonical_device
+from .tiles import spans
+
+ArrayLike = torch.Tensor | np.ndarray
+Bandwidth = float | Sequence[float] | torch.Tensor | np.ndarray
+
+
+def shape_of(a: ArrayLike) -> tuple[int, ...]:
+    return tuple(a.shape)
+
+
+class Source:
+    """A descriptor set ``[n, d]``: a torch tensor (any device) or a numpy array / memmap."""
+
+    def __init__(self, data: ArrayLike, name: str):
+        self.name = name
+        if isinstance(data, torch.Tensor):
+            self.tensor: torch.Tensor | None = data
+            self.array: np.ndarray | None = None
+            dtype = data.dtype
+            if not dtype.is_floating_point:
+                raise TypeError(f"`{name}` must hold floating-point descriptors, got {dtype}")
+        elif isinstance(data, np.ndarray):
+            self.tensor = None
+            self.array = data
+            if data.dtype not in (np.float64, np.float32):
+                raise TypeError(
+                    f"`{name}` must hold float32 or float64 descriptors, got {data.dtype}"
+                )
+        else:
+            raise TypeError(
+                f"`{name}` must be a torch.Tensor or a numpy array [n, d], "
+                f"got {type(data).__name__}"
+            )
+        if data.ndim != 2:
+            raise ValueError(f"`{name}` must be 2-D [n, d], got shape {shape_of(data)}")
+        if data.shape[0] == 0:
+            raise ValueError(f"`{name}` is empty: shape {shape_of(data)}, need at least one row")
+        if data.shape[1] == 0:
+            raise ValueError(f"`{name}` has no descriptor columns: shape {shape_of(data)}")
+        self.n, self.d = int(data.shape[0]), int(data.shape[1])
+
+    @property
+    def device(self) -> torch.device | None:
+        return None if self.tensor is None else self.tensor.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        if self.tensor is not None:
+            return self.tensor.dtype
+        return torch.float64 if self.array.dtype == np.float64 else torch.float32
+
+    def rows(self, i0: int, i1: int, device: torch.device, dtype=torch.float64) -> torch.Tensor:
+        """Rows ``i0:i1`` on ``device`` as ``dtype`` (detached)."""
+        if self.tensor is not None:
+            return self.tensor.detach()[i0:i1].to(device=device, dtype=dtype)
+        block = self.array[i0:i1]
+        if not (block.flags.c_contiguous and block.flags.writeable):
+            block = np.array(block)  # read-only memmaps: torch wants writable memory
+        chunk = torch.from_numpy(block)
+        if device.type == "cuda":
+            chunk = chunk.pin_memory()
+            return chunk.to(device=device, dtype=dtype, non_blocking=True)
+        return chunk.to(device=device, dtype=dtype)
+
+    def take(self, index: torch.Tensor) -> Source:
+        """A new source holding the rows ``index`` (a 1-D long tensor)."""
+        if self.tensor is not None:
+            return Source(
+                self.tensor.detach().index_select(0, index.to(self.tensor.device)), self.name
+            )
+        return Source(self.array[index.cpu().numpy()], self.name)
+
+    def chunks(self, device: torch.device, size: int) -> Iterator[torch.Tensor]:
+        for i0, i1 in spans(0, self.n, size):
+            yield self.rows(i0, i1, device)
+
+    def check_finite_and_mean(
+        self, device: torch.device, chunk: int, acc: torch.dtype = torch.float64
+    ) -> torch.Tensor:
+        """Raise on NaN/inf; return the column mean ``[d]`` (in ``acc``) on ``device``."""
+        return self.check_finite_mean_max(device, chunk, acc)[0]
+
+    def check_finite_mean_max(
+        self, device: torch.device, chunk: int, acc: torch.dtype = torch.float64
+    ) -> tuple[torch.Tensor, float]:
+        """Raise on NaN/inf; return the column mean ``[d]`` (in ``acc``, float64 unless
+        float32-only) on ``device`` and the largest absolute value (one host sync for both).
+        The mean only sets the centring point: its rounding does not reach the kernel sums."""
+        total = torch.zeros(self.d, dtype=acc, device=device)
+        amax = torch.zeros((), dtype=acc, device=device)
+        for i0, i1 in spans(0, self.n, chunk):
+            block = self.rows(i0, i1, device, acc)
+            amax = torch.maximum(amax, block.abs().max())  # NaN propagates
+            total += block.sum(0)
+        largest = float(amax)
+        if not math.isfinite(largest):
+            raise ValueError(f"`{self.name}` contains NaN or infinite descriptor values")
+        return total / self.n, largest
+
+
+def compute_device(sources: Sequence[Source], device) -> torch.device:
+    devices = {s.device for s in sources if s.device is not None}
+    if len(devices) > 1:
+        names = ", ".join(f"`{s.name}` on {s.device}" for s in sources if s.device is not None)
+        raise ValueError(f"inputs must be on one device, got {names}")
+    if devices:
+        (dev,) = devices
+        if device is not None and canonical_device(device) != dev:
+            raise ValueError(f"`device` is {torch.device(device)} but the inputs live on {dev}")
+        return dev
+    return canonical_device("cpu" if device is None else device)
+
+
+def progress_callback(progress: Progress, total: int, desc: str, unit: str = "row"):
+    if progress is None or progress is False:
+        return None, None
+    if progress is True:
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:  # pragma: no cover
+            return None, None
+        bar = tqdm(total=total, desc=desc, unit=unit)
+        state = {"done": 0}
+
+        def update(done: int, _total: int) -> None:
+            bar.update(done - state["done"])
+            state["done"] = done
+
+        return update, bar
+    if not callable(progress):
+        raise TypeError("`progress` must be a bool or a callable(done, total)")
+    return progress, None
+
+
+def as_log_weights(log_weights, device) -> torch.Tensor | None:
+    if log_weights is None:
+        return None
+    if isinstance(log_weights, np.ndarray):
+        return torch.from_numpy(np.asarray(log_weights, dtype=np.float64))
+    if isinstance(log_weights, torch.Tensor):
+        if log_weights.ndim != 1:
+            raise ValueError(f"`log_weights` must be 1-D [m], got shape {tuple(log_weights.shape)}")
+        return log_weights
+    raise TypeError(
+        f"`log_weights` must be a tensor or numpy array, got {type(log_weights).__name__}"
+    )
+
+
+def progress_ticker(progress: Progress, total: int, desc: str, unit: str = "structure"):
+    """``(tick(done), bar)``: :func:`progress_callback` as a one-argument ``tick`` (a no-op
+    for no progress) and the bar to close (or ``None``)."""
+    update, bar = progress_callback(progress, total, desc, unit=unit)
+    if update is None:
+        return lambda done: None, None
+    return lambda done: update(done, total), bar
