@@ -58,6 +58,7 @@ __all__ = [
 
 #: compression methods understood by :func:`compress`
 METHODS = ("msc", "msc_conditional", "fps", "random", "k_means")
+"""The selection methods of :func:`compress`."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -148,6 +149,7 @@ class CompressionCurve:
     overlap: torch.Tensor
 
     def as_dict(self) -> dict[str, list]:
+        """The curve as plain lists, one per field (for JSON)."""
         return {f.name: getattr(self, f.name).tolist() for f in fields(self)}
 
     def __repr__(self) -> str:
@@ -719,9 +721,11 @@ def compress_structures(
 
     Args:
         structures: the dataset.
-        size, method: as :func:`compress`.
+        size: structures to select: a count (int) or a fraction of the dataset (float).
+        method: one of :data:`METHODS` (see :func:`compress`).
         reference: ``msc_conditional``: the prior dataset as a list of ``ase.Atoms``.
-        k, cutoff: descriptor parameters (defaults 32 and 5 Å).
+        k: neighbours of the descriptors (default 32).
+        cutoff: descriptor cutoff radius (Å, default 5).
         **kwargs: forwarded to :func:`compress` (``dtype`` and ``device`` also to the
             descriptors).
     """
@@ -757,7 +761,8 @@ def selection_summary(
     selection (``dH(x | selection) <= threshold``).
 
     Args:
-        x, system_idx: the dataset, as in :func:`compress`.
+        x: ``[n, d]`` descriptors of the dataset, as in :func:`compress`.
+        system_idx: ``[n]`` structure index of each environment, as in :func:`compress`.
         selected: indices of the selected structures.
         h: bandwidth (1/Å).
         threshold: dH threshold of the overlap.

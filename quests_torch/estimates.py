@@ -47,10 +47,10 @@ __all__ = [
     "take_rows",
 ]
 
-#: ``rows="auto"``: sets up to this many environments are computed exactly
 EXACT_MAX_ROWS = 200_000
-#: ``rows="auto"``: rows sampled above :data:`EXACT_MAX_ROWS` (``SE ~ std(log p) / 141``)
+"""``rows="auto"``: sets up to this many environments are computed exactly."""
 AUTO_ROWS = 20_000
+"""``rows="auto"``: rows sampled above :data:`EXACT_MAX_ROWS` (``SE ~ std(log p) / 141``)."""
 
 
 class Estimate(NamedTuple):

@@ -91,7 +91,10 @@ def generation_report(
         labels: names of the generations (default ``0..G-1``).
         h: bandwidth (1/Å).
         threshold: dH threshold of the novelty.
-        dtype, device, tile_size, budget: as :func:`compress`.
+        dtype: compute dtype of the kernel sums (default: that of ``x``).
+        device: where to compute (default: where ``x`` lives).
+        tile_size: kernel-sum tile side (default: from the memory budget).
+        budget: bytes a tile's temporaries may use (default: from the device's memory).
         progress: ``True`` for a tqdm bar or a callable ``(done, total)``.
 
     Returns:

@@ -28,41 +28,18 @@ PACKAGE = "quests_torch"
 # modules with a page of their own besides those named in ``quests_torch.__all__``
 EXTRA_MODULES = ["quests_torch.integrations.torch_sim"]
 
-# Public names documented on the site that have no docstring yet (found by this hook on
-# 2026-12-01). The build fails on any other one. Lead engineer: add the docstrings in
-# quests_torch/ and delete the names here; an entry that has gained its docstring is
-# reported, so the list cannot go stale silently.
-MISSING_DOCSTRING_ALLOWLIST: set[str] = {
-    # properties
-    "quests_torch.kde.PreparedReferences.device",
-    "quests_torch.kde.PreparedReferences.n_references",
-    # exported module constants (an attribute docstring: a string literal after them)
-    "quests_torch.compression.METHODS",
-    "quests_torch.estimates.AUTO_ROWS",
-    "quests_torch.estimates.EXACT_MAX_ROWS",
-    # methods
-    "quests_torch.compression.CompressionCurve.as_dict",
-}
+# Public names documented on the site that may lack a docstring: none (emptied on
+# 2026-12-01). The build fails on any public name without one; an entry that has gained its
+# docstring is reported, so the list cannot go stale silently.
+MISSING_DOCSTRING_ALLOWLIST: set[str] = set()
 
 # Docstring problems that griffe reports (a parameter documented that is not in the
 # signature: mostly several parameters on one line, ``k, cutoff: ...``, which the Google
-# style does not allow) and that the build tolerates until they are fixed. Each entry is
-# griffe's message without file and line, so that moving code does not break it. Lead
-# engineer: fix the docstrings in quests_torch/ and delete the entries; an entry that no
-# longer occurs is reported as a warning (which fails the strict build).
+# style does not allow) that the build would tolerate: none. Each entry would be griffe's
+# message without file and line; an entry that no longer occurs is reported as a warning
+# (which fails the strict build).
 _NOT_IN_SIGNATURE = " does not appear in the function signature"
-DOCSTRING_WARNING_ALLOWLIST: set[str] = {
-    # kde.py
-    "Parameter 'dtype, centre, distance, tile_size, budget, device, progress'" + _NOT_IN_SIGNATURE,
-    # compression.py
-    "Parameter 'dtype, device, tile_size, budget'" + _NOT_IN_SIGNATURE,
-    # compression.py
-    "Parameter 'k, cutoff'" + _NOT_IN_SIGNATURE,
-    # compression.py
-    "Parameter 'size, method'" + _NOT_IN_SIGNATURE,
-    # compression.py
-    "Parameter 'x, system_idx'" + _NOT_IN_SIGNATURE,
-}
+DOCSTRING_WARNING_ALLOWLIST: set[str] = set()
 
 # dunder names in ``__all__`` that need no docstring of their own
 EXEMPT = {"quests_torch.__version__"}

@@ -152,8 +152,13 @@ def grouped_log_kernel_sum(
         group_sizes: ``[G]`` rows of each consecutive group (``>= 0``, summing to ``n``).
         h: bandwidth (1/Å) or a 1-D sequence of bandwidths.
         name: the name of ``x`` in error messages.
-        dtype, centre, distance, tile_size, budget, device, progress: as in
-            :func:`kernel_pass` (an explicit ``tile_size`` bounds the elements of a tile).
+        dtype: compute dtype, as in :func:`kernel_pass`.
+        centre: centre the descriptors before the GEMM expansion, as in :func:`kernel_pass`.
+        distance: ``"matmul"`` or ``"direct"``, as in :func:`kernel_pass`.
+        tile_size: bounds the elements of a tile (default: from the memory budget).
+        budget: bytes a tile's temporaries may use, as in :func:`kernel_pass`.
+        device: where to compute, as in :func:`kernel_pass`.
+        progress: ``True`` for a tqdm bar or a callable ``(done, total)``.
 
     Returns:
         ``[n]`` (``[n, n_h]`` for a vector ``h``) in the dtype of ``x``.

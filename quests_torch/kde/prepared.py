@@ -73,10 +73,12 @@ class PreparedReferences:
 
     @property
     def n_references(self) -> int:
+        """Number of reference rows ``m``."""
         return self._template.m
 
     @property
     def device(self) -> torch.device:
+        """The device the prepared references live on."""
         return self._template.device
 
     def problem(
