@@ -22,19 +22,18 @@ of every prefix of the selection for free.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import numbers
 import os
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 
 import torch
 
 from ._memory import memory_budget
+from .checkpoint import Checkpoint, checkpoint_key
 from .checks import Progress, check_generator, check_single_bandwidth, check_threshold
+from .compression_baselines import k_means
 from .generations import GenerationReport, generation_report
 from .grouped import GroupedDescriptors, as_descriptor_tensor, concat_groups, group_descriptors
 from .kde import DEFAULT_BANDWIDTH, RunningLogKernelSum, engine, full_precision
@@ -233,86 +232,120 @@ class _MeanDistances:
         return out
 
 
-class _Checkpoint:
-    """Resumable state of a greedy selection, saved atomically every ``every`` seconds.
+class _GreedySelection:
+    """State of a greedy selection (msc, msc_conditional, fps), kept on the device.
 
-    The state is saved between steps only (never half a step), so a crash loses at most
-    ``every`` seconds of work; an interrupt (``KeyboardInterrupt``, an exception from a
-    progress callback) saves the last completed step first. ``key`` identifies the data and
-    parameters: a checkpoint written for anything else is refused, not overwritten. The
-    target size is not part of the key: a checkpoint extends to a larger size, and a smaller
-    size is answered from its prefix.
+    :meth:`prepare` computes a step's updates and :meth:`commit` applies them together, so
+    the state between steps is always consistent (what :meth:`snapshot` saves).
     """
 
-    def __init__(self, path, key: str, every: float):
-        self.path = Path(path)
-        self.key = key
-        self.every = float(every)
-        self.last = time.monotonic()
+    def __init__(
+        self,
+        method: str,
+        data: GroupedDescriptors,
+        h: float,
+        reference: torch.Tensor | None,
+        curve: bool,
+        threshold: float,
+        options: dict,
+    ):
+        S = data.n_structures
+        dev = data.x.device
+        self.method, self.data = method, data
+        self.taken = torch.zeros(S, dtype=torch.bool, device=dev)
+        self.running = None
+        if method in ("msc", "msc_conditional"):
+            self.running = _running(data.x, h, options)
+            if reference is not None:
+                self.running.add(reference)
+        self.recorder = None
+        if curve:
+            tracked = self.running if method == "msc" else _running(data.x, h, options)
+            self.recorder = _CurveRecorder(data, tracked, threshold)
+        budget = memory_budget(dev, options.get("budget"))
+        self.min_dist = torch.full((S,), math.inf, dtype=torch.float64, device=dev)
+        self.mean_dist = _MeanDistances(data.x, budget) if method == "fps" else None
+        self.counts = data.counts.to(torch.float64)
+        recorder = self.recorder
+        self.shared = recorder is not None and recorder.running is self.running
+        self.separate = recorder.running if recorder is not None and not self.shared else None
+        self.order: list[int] = []
 
-    def load(self) -> dict | None:
-        if not self.path.exists():
-            return None
-        try:
-            state = torch.load(self.path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # a damaged file: say so, do not overwrite it
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            raise ValueError(
-                f"`checkpoint` {self.path} is not a compression checkpoint "
-                f"({type(exc).__name__}: {first[:120]}); delete it or choose another path"
-            ) from None
-        if not isinstance(state, dict) or state.get("key") != self.key:
-            raise ValueError(
-                f"`checkpoint` {self.path} was written for other data or parameters "
-                "(method, h, threshold, dtype, curve, dataset or reference); delete it or "
-                "choose another path"
+    def snapshot(self) -> dict:
+        state = {"order": list(self.order), "min_dist": self.min_dist.cpu()}
+        if self.running is not None:
+            state["log_k"] = self.running.log_k.cpu()
+        recorder = self.recorder
+        if recorder is not None:
+            state["curve_idx"] = recorder.idx.cpu()
+            state["curve_rows"] = (
+                torch.stack(recorder.rows).cpu() if recorder.rows else torch.zeros(0, 3)
             )
+            state["curve_envs"] = list(recorder.envs)
+            if self.separate is not None:
+                state["curve_log_k"] = self.separate.log_k.cpu()
         return state
 
-    def due(self) -> bool:
-        return time.monotonic() - self.last >= self.every
+    def restore(self, state: dict) -> None:
+        dev = self.data.x.device
+        self.order = [int(i) for i in state["order"]]
+        if self.order:
+            self.taken[torch.tensor(self.order, device=dev)] = True
+        self.min_dist = state["min_dist"].to(dev)
+        if self.running is not None:
+            self.running.log_k = state["log_k"].to(dev)
+        recorder = self.recorder
+        if recorder is not None:
+            recorder.idx = state["curve_idx"].to(dev)
+            recorder.rows = list(state["curve_rows"].to(dev).unbind(0))
+            recorder.envs = [int(e) for e in state["curve_envs"]]
+            recorder.n_env = recorder.envs[-1] if recorder.envs else 0
+            if self.separate is not None:
+                self.separate.log_k = state["curve_log_k"].to(dev)
 
-    def save(self, state: dict) -> None:
-        from .io import atomic_write
+    def choose(self, step: int, h_s: torch.Tensor, seed: bool) -> int:
+        """The structure of ``step``; ``seed``: the first step seeds with ``argmax_s H_s``."""
+        if step == 0 and seed:
+            # seed: the structure with the most diverse environments
+            score = h_s
+        elif self.method == "fps":
+            score = torch.where(self.taken, -math.inf, self.min_dist)
+        else:
+            score = -_segment_min(self.running.log_k, self.data) + h_s
+            score = torch.where(self.taken, -math.inf, score)
+        return int(torch.argmax(score))  # the one host sync of the step: which rows to add
 
-        atomic_write(self.path, lambda p: torch.save({"key": self.key, **state}, p))
-        self.last = time.monotonic()
+    def prepare(self, s: int, last: bool) -> tuple:
+        """The updates of selecting ``s`` (``last``: skip those no later step reads)."""
+        rows = self.data.rows(s)
+        running, separate = self.running, self.separate
+        new_log_k = new_min = new_curve = None
+        if running is not None and not (last and not self.shared):
+            new_log_k = torch.logaddexp(running.log_k, running.log_sum(rows))
+        if self.method == "fps" and not last:
+            per_struct = segment_sum(
+                self.mean_dist(rows).to(torch.float64),
+                self.data.sid,
+                self.data.n_structures,
+                is_sorted=True,
+            )
+            new_min = torch.minimum(self.min_dist, per_struct / self.counts)
+        if separate is not None:
+            new_curve = torch.logaddexp(separate.log_k, separate.log_sum(rows))
+        return new_log_k, new_min, new_curve
 
-
-#: bytes hashed per step: large (or CUDA) tensors are streamed to the host in pieces this big
-_HASH_CHUNK = 64 << 20
-
-
-def _tensor_digest(t: torch.Tensor, chunk_bytes: int = _HASH_CHUNK) -> str:
-    """sha256 of a tensor's dtype, shape and values (row-major bytes), streamed in chunks.
-
-    The bytes are those of the contiguous tensor, so the digest does not depend on the memory
-    layout or the chunk size; CUDA tensors are copied to the host one chunk at a time.
-    """
-    digest = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
-    flat = t.detach().contiguous().reshape(-1)
-    step = max(1, chunk_bytes // max(1, flat.element_size()))
-    for i0 in range(0, flat.numel(), step):
-        piece = flat[i0 : i0 + step].cpu().contiguous()
-        digest.update(piece.view(torch.uint8).numpy())
-    return digest.hexdigest()
-
-
-def _checkpoint_key(
-    method: str, data: GroupedDescriptors, ref: torch.Tensor | None, parameters: dict
-) -> str:
-    """What a checkpoint must match to be resumed: every parameter that changes the selection
-    and sha256 hashes of the descriptors (grouped by structure), the environments per
-    structure and the reference. Equal keys mean the same problem, not just equal moments."""
-    parts = [
-        "quests-torch compression v2",
-        method,
-        *(f"{name}={value!r}" for name, value in sorted(parameters.items())),
-        f"x={_tensor_digest(data.x)}",
-        f"counts={_tensor_digest(data.counts)}",
-        f"reference={None if ref is None else _tensor_digest(ref)}",
-    ]
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()
+    def commit(self, s: int, updates: tuple) -> None:
+        new_log_k, new_min, new_curve = updates
+        self.order.append(s)
+        self.taken[s] = True
+        if new_log_k is not None:
+            self.running.log_k = new_log_k
+        if new_min is not None:
+            self.min_dist = new_min
+        if new_curve is not None:
+            self.separate.log_k = new_curve
+        if self.recorder is not None:
+            self.recorder.record(s)
 
 
 def _greedy(
@@ -326,203 +359,50 @@ def _greedy(
     threshold: float,
     options: dict,
     progress: Progress,
-    checkpoint: _Checkpoint | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> tuple[list[int], CompressionCurve | None]:
     """msc, msc_conditional and fps: one structure per step, selection on the device.
 
     Each step computes its updates first and commits them together, so the state between
     steps is always consistent (what a checkpoint saves).
     """
-    S = data.n_structures
-    dev = data.x.device
-    taken = torch.zeros(S, dtype=torch.bool, device=dev)
-    running = None
-    if method in ("msc", "msc_conditional"):
-        running = _running(data.x, h, options)
-        if reference is not None:
-            running.add(reference)
-    recorder = None
-    if curve:
-        tracked = running if method == "msc" else _running(data.x, h, options)
-        recorder = _CurveRecorder(data, tracked, threshold)
-    budget = memory_budget(dev, options.get("budget"))
-    min_dist = torch.full((S,), math.inf, dtype=torch.float64, device=dev)
-    mean_dist = _MeanDistances(data.x, budget) if method == "fps" else None
-    counts = data.counts.to(torch.float64)
-    shared = recorder is not None and recorder.running is running
-    separate = recorder.running if recorder is not None and not shared else None
-
-    order: list[int] = []
-
-    def snapshot() -> dict:
-        state = {"order": list(order), "min_dist": min_dist.cpu()}
-        if running is not None:
-            state["log_k"] = running.log_k.cpu()
-        if recorder is not None:
-            state["curve_idx"] = recorder.idx.cpu()
-            state["curve_rows"] = (
-                torch.stack(recorder.rows).cpu() if recorder.rows else torch.zeros(0, 3)
-            )
-            state["curve_envs"] = list(recorder.envs)
-            if separate is not None:
-                state["curve_log_k"] = separate.log_k.cpu()
-        return state
-
+    run = _GreedySelection(method, data, h, reference, curve, threshold, options)
     if checkpoint is not None:
         state = checkpoint.load()
         if state is not None:
-            order = [int(i) for i in state["order"]]
-            if order:
-                taken[torch.tensor(order, device=dev)] = True
-            min_dist = state["min_dist"].to(dev)
-            if running is not None:
-                running.log_k = state["log_k"].to(dev)
-            if recorder is not None:
-                recorder.idx = state["curve_idx"].to(dev)
-                recorder.rows = list(state["curve_rows"].to(dev).unbind(0))
-                recorder.envs = [int(e) for e in state["curve_envs"]]
-                recorder.n_env = recorder.envs[-1] if recorder.envs else 0
-                if separate is not None:
-                    separate.log_k = state["curve_log_k"].to(dev)
+            run.restore(state)
     # with a checkpoint every update is made (the state can then grow to any size later)
     complete = checkpoint is not None
     tick, bar = engine.progress_ticker(progress, size, method)
     committing = False
     try:
-        if order:
-            tick(min(len(order), size))  # resumed steps count as done
-        for step in range(len(order), size):
-            if step == 0 and reference is None:
-                # seed: the structure with the most diverse environments
-                score = h_s
-            elif method == "fps":
-                score = torch.where(taken, -math.inf, min_dist)
-            else:
-                score = -_segment_min(running.log_k, data) + h_s
-                score = torch.where(taken, -math.inf, score)
-            s = int(torch.argmax(score))  # the one host sync of the step: which rows to add
-            rows = data.rows(s)
-            last = step + 1 == size and not complete
-            new_log_k = new_min = new_curve = None
-            if running is not None and not (last and not shared):
-                new_log_k = torch.logaddexp(running.log_k, running.log_sum(rows))
-            if method == "fps" and not last:
-                per_struct = segment_sum(
-                    mean_dist(rows).to(torch.float64), data.sid, S, is_sorted=True
-                )
-                new_min = torch.minimum(min_dist, per_struct / counts)
-            if separate is not None:
-                new_curve = torch.logaddexp(separate.log_k, separate.log_sum(rows))
+        if run.order:
+            tick(min(len(run.order), size))  # resumed steps count as done
+        for step in range(len(run.order), size):
+            s = run.choose(step, h_s, reference is None)
+            updates = run.prepare(s, last=step + 1 == size and not complete)
             committing = True  # the step's updates, together
-            order.append(s)
-            taken[s] = True
-            if new_log_k is not None:
-                running.log_k = new_log_k
-            if new_min is not None:
-                min_dist = new_min
-            if new_curve is not None:
-                separate.log_k = new_curve
-            if recorder is not None:
-                recorder.record(s)
+            run.commit(s, updates)
             committing = False
             if checkpoint is not None and checkpoint.due():
-                checkpoint.save(snapshot())
+                checkpoint.save(run.snapshot())
             tick(step + 1)
         if checkpoint is not None:
-            checkpoint.save(snapshot())
+            checkpoint.save(run.snapshot())
     except BaseException:
-        if checkpoint is not None and not committing and order:
-            checkpoint.save(snapshot())  # keep every completed step
+        if checkpoint is not None and not committing and run.order:
+            checkpoint.save(run.snapshot())  # keep every completed step
         raise
     finally:
         if bar is not None:
             bar.close()
-    crv = recorder.curve(size) if recorder is not None else None
-    return order[:size], crv
+    crv = run.recorder.curve(size) if run.recorder is not None else None
+    return run.order[:size], crv
 
 
 # --------------------------------------------------------------------------------------------
 # baselines
 # --------------------------------------------------------------------------------------------
-
-
-def _sq_dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    with full_precision():
-        d2 = torch.addmm((b * b).sum(1)[None, :], a, b.T, alpha=-2.0)
-    return d2.add_((a * a).sum(1, keepdim=True)).clamp_(min=0.0)
-
-
-def _assign(points: torch.Tensor, centres: torch.Tensor, budget: int):
-    """Nearest centre of every point (ties: lowest index) and its squared distance."""
-    rows = max(1, budget // (8 * 2 * max(1, centres.shape[0])))
-    labels, dist = [], []
-    for i0, i1 in engine.spans(0, points.shape[0], rows):
-        d2 = _sq_dist(points[i0:i1], centres)
-        v, i = d2.min(1)
-        labels.append(i)
-        dist.append(v)
-    return torch.cat(labels), torch.cat(dist)
-
-
-def _k_means(means: torch.Tensor, size: int, gen: torch.Generator, budget: int, max_iter: int):
-    """k-means++ then Lloyd on the structures' mean descriptors; one member per cluster.
-
-    Each cluster is represented by the structure nearest to its centroid; clusters are ordered
-    by population (largest first). Empty clusters (duplicate points) are filled by
-    farthest-point sampling among the remaining structures.
-    """
-    S, dev = means.shape[0], means.device
-    centres_idx = [int(torch.randint(S, (1,), generator=gen))]
-    d2 = _sq_dist(means, means[centres_idx[0]][None])[:, 0]
-    for _ in range(1, size):
-        total = float(d2.sum())
-        if total > 0:
-            probs = (d2 / total).cpu()
-            nxt = int(torch.multinomial(probs, 1, generator=gen))
-        else:  # every remaining point coincides with a centre
-            free = torch.ones(S, dtype=torch.bool)
-            free[centres_idx] = False
-            nxt = int(torch.nonzero(free)[0])
-        centres_idx.append(nxt)
-        d2 = torch.minimum(d2, _sq_dist(means, means[nxt][None])[:, 0])
-    centres = means[centres_idx].clone()
-    labels = None
-    for _ in range(max_iter):
-        new, _ = _assign(means, centres, budget)
-        if labels is not None and torch.equal(new, labels):
-            break
-        labels = new
-        sums = segment_sum(means, labels, size)
-        pop = torch.bincount(labels, minlength=size).to(means.dtype)
-        filled = pop > 0
-        centres[filled] = sums[filled] / pop[filled, None]
-    labels, dist = _assign(means, centres, budget)
-    pop = torch.bincount(labels, minlength=size)
-    best = torch.full((size,), math.inf, dtype=dist.dtype, device=dev)
-    best = best.scatter_reduce(0, labels, dist, "amin")
-    idx = torch.arange(S, device=dev)
-    # near-ties count as ties (the lowest index wins): the two members of a 2-structure
-    # cluster are equidistant from its centroid by construction, and which one rounding makes
-    # nearer differs between devices. The slack is the expansion's rounding error, ~eps |x|^2.
-    slack = 1e-10 * float((means * means).sum(1).max())
-    cand = torch.where(dist <= best[labels] + slack, idx, S)
-    rep = torch.full((size,), S, dtype=torch.long, device=dev).scatter_reduce(
-        0, labels, cand, "amin"
-    )
-    keys = torch.argsort(-pop * (S + 1) + rep, stable=True)  # population desc, then index
-    chosen = [int(r) for r in rep[keys].tolist() if r < S]
-    if len(chosen) < size:  # empty clusters: farthest points among the rest
-        taken = torch.zeros(S, dtype=torch.bool, device=dev)
-        taken[chosen] = True
-        far = torch.full((S,), math.inf, dtype=means.dtype, device=dev)
-        for c in chosen:
-            far = torch.minimum(far, _sq_dist(means, means[c][None])[:, 0])
-        while len(chosen) < size:
-            nxt = int(torch.argmax(torch.where(taken, -math.inf, far)))
-            chosen.append(nxt)
-            taken[nxt] = True
-            far = torch.minimum(far, _sq_dist(means, means[nxt][None])[:, 0])
-    return chosen
 
 
 def _curve_for(
@@ -539,6 +419,57 @@ def _curve_for(
 # --------------------------------------------------------------------------------------------
 # public API
 # --------------------------------------------------------------------------------------------
+
+
+def _reference(method: str, reference, data: GroupedDescriptors) -> torch.Tensor | None:
+    """``reference`` as a descriptor tensor on the data's device (``None`` if empty), checked."""
+    ref = None
+    if reference is not None:
+        if method != "msc_conditional":
+            raise ValueError(
+                f"`reference` is used by method 'msc_conditional' only, not {method!r}"
+            )
+        if isinstance(reference, (list, tuple)):
+            ref = (
+                concat_groups(reference, "reference", data.x.device)[0] if len(reference) else None
+            )
+        else:
+            ref = as_descriptor_tensor(reference, "reference", None)
+            ref = ref.to(data.x.device) if ref.shape[0] else None
+        if ref is not None:
+            if ref.shape[1] != data.x.shape[1]:
+                raise ValueError(
+                    f"`reference` has descriptor width {ref.shape[1]} but `x` has "
+                    f"{data.x.shape[1]}: they were computed with different k or species"
+                )
+            if not bool(torch.isfinite(ref).all()):
+                raise ValueError("`reference` contains NaN or infinite descriptor values")
+    elif method == "msc_conditional":
+        raise ValueError("method 'msc_conditional' needs a `reference` dataset")
+    return ref
+
+
+def _centre(data: GroupedDescriptors, ref: torch.Tensor | None) -> torch.Tensor | None:
+    """Centre ``data.x`` in place (exact distances through the GEMM expansion); ``ref``
+    shares the shift and is returned centred."""
+    mu = data.x.to(torch.float64).mean(0)
+    data.x = (data.x.to(torch.float64) - mu).to(data.x.dtype)
+    if ref is not None:
+        ref = (ref.to(torch.float64) - mu).to(ref.dtype)
+    return ref
+
+
+def _baseline_order(
+    method: str, data: GroupedDescriptors, n_sel: int, generator, budget, k_means_iter: int
+) -> list[int]:
+    """The selection of ``random`` or ``k_means``."""
+    gen = check_generator(generator)
+    if method == "random":
+        return torch.randperm(data.n_structures, generator=gen)[:n_sel].tolist()
+    means = segment_sum(data.x.to(torch.float64), data.sid, data.n_structures, is_sorted=True)
+    means /= data.counts.to(torch.float64)[:, None]
+    budget_b = memory_budget(data.x.device, budget)
+    return k_means(means, n_sel, gen, budget_b, k_means_iter)
 
 
 def compress(
@@ -626,44 +557,16 @@ def compress(
     data = group_descriptors(x, system_idx, "x", device)
     n_sel = _target_size(size, data.n_structures)
     options = {"dtype": dtype, "tile_size": tile_size, "budget": budget}
-
-    ref = None
-    if reference is not None:
-        if method != "msc_conditional":
-            raise ValueError(
-                f"`reference` is used by method 'msc_conditional' only, not {method!r}"
-            )
-        if isinstance(reference, (list, tuple)):
-            ref = (
-                concat_groups(reference, "reference", data.x.device)[0] if len(reference) else None
-            )
-        else:
-            ref = as_descriptor_tensor(reference, "reference", None)
-            ref = ref.to(data.x.device) if ref.shape[0] else None
-        if ref is not None:
-            if ref.shape[1] != data.x.shape[1]:
-                raise ValueError(
-                    f"`reference` has descriptor width {ref.shape[1]} but `x` has "
-                    f"{data.x.shape[1]}: they were computed with different k or species"
-                )
-            if not bool(torch.isfinite(ref).all()):
-                raise ValueError("`reference` contains NaN or infinite descriptor values")
-    elif method == "msc_conditional":
-        raise ValueError("method 'msc_conditional' needs a `reference` dataset")
+    ref = _reference(method, reference, data)
 
     key = None
     if checkpoint is not None and method in ("msc", "msc_conditional", "fps"):
         # of the data as given (before centring), the problem as solved (``effective``)
         effective = "msc" if method == "msc_conditional" and ref is None else method
         parameters = {"h": h, "threshold": threshold, "dtype": dtype, "curve": curve}
-        key = _checkpoint_key(effective, data, ref, parameters)
+        key = checkpoint_key(effective, data, ref, parameters)
 
-    # centre once (exact distances through the GEMM expansion); ``reference`` shares the shift
-    mu = data.x.to(torch.float64).mean(0)
-    data.x = (data.x.to(torch.float64) - mu).to(data.x.dtype)
-    if ref is not None:
-        ref = (ref.to(torch.float64) - mu).to(ref.dtype)
-
+    ref = _centre(data, ref)
     h_s = entropy_per_structure(data.x, data.sid, h, centre=False, **options).to(torch.float64)
 
     if method in ("msc", "msc_conditional", "fps"):
@@ -672,7 +575,7 @@ def compress(
         if checkpoint is not None:
             if isinstance(checkpoint_every, bool) or not checkpoint_every >= 0:
                 raise ValueError(f"`checkpoint_every` must be >= 0 s, got {checkpoint_every!r}")
-            ckpt = _Checkpoint(checkpoint, key, checkpoint_every)
+            ckpt = Checkpoint(checkpoint, key, checkpoint_every)
         order, crv = _greedy(
             effective, data, h_s, n_sel, h, ref, curve, threshold, options, progress, ckpt
         )
@@ -681,16 +584,7 @@ def compress(
             raise ValueError(
                 f"`checkpoint` applies to msc, msc_conditional and fps, not {method!r}"
             )
-        gen = check_generator(generator)
-        if method == "random":
-            order = torch.randperm(data.n_structures, generator=gen)[:n_sel].tolist()
-        else:
-            means = segment_sum(
-                data.x.to(torch.float64), data.sid, data.n_structures, is_sorted=True
-            )
-            means /= data.counts.to(torch.float64)[:, None]
-            budget_b = memory_budget(data.x.device, budget)
-            order = _k_means(means, n_sel, gen, budget_b, k_means_iter)
+        order = _baseline_order(method, data, n_sel, generator, budget, k_means_iter)
         crv = _curve_for(order, data, h, threshold, options) if curve else None
 
     idx = torch.tensor(order, dtype=torch.long)

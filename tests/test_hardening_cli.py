@@ -75,7 +75,7 @@ def test_checkpoint_key_covers_structure_index_and_parameters(tmp_path):
 
 
 def test_checkpoint_key_hashes_large_tensors_in_chunks():
-    from quests_torch.compression import _tensor_digest
+    from quests_torch.checkpoint import tensor_digest as _tensor_digest
 
     x = torch.randn(3000, 7, dtype=torch.float64)
     whole = _tensor_digest(x, chunk_bytes=1 << 30)
