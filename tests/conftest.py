@@ -55,6 +55,7 @@ SLOW: dict[str, set[str] | None] = {
     "test_cli_parity.py": None,
     "test_cli_compress.py": None,
     "test_readme.py": None,
+    "test_guide.py": {"test_guide_page_examples_run"},  # the guide pages' examples
     "test_notebooks.py": {"test_notebook_runs"},
     "test_docs.py": {  # mkdocs builds of the site
         "site",

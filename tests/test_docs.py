@@ -3,9 +3,9 @@
 The build runs with ``QUESTS_DOCS_EXECUTE=0``: the notebooks are rendered without running
 them here, because ``tests/test_notebooks.py`` already runs each of them (running them
 twice would add about two minutes to the suite); ``make docs`` runs them. The kernel path
-that runs them (nbclient + ipykernel) is tested on the shortest notebook. Python blocks of the
-user's guide pages that are not also in the README (which ``tests/test_readme.py`` runs)
-are executed here, so a block moved from the README to a page stays tested.
+that runs them (nbclient + ipykernel) is tested on the shortest notebook. The Python
+examples of the pages run in ``tests/test_guide.py``, those of the README in
+``tests/test_readme.py``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -118,21 +117,6 @@ def test_missing_docstring_fails_the_build(tmp_path, monkeypatch, caplog):
     with caplog.at_level(logging.WARNING):
         hook.on_pre_build(config)
     assert "quests_torch.entropy" in caplog.text
-
-
-def _python_blocks(text: str) -> list[str]:
-    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
-
-
-def test_guide_examples_not_in_the_readme_run(tmp_path, monkeypatch):
-    readme = set(_python_blocks((ROOT / "README.md").read_text()))
-    monkeypatch.chdir(tmp_path)
-    for page in sorted(DOCS.rglob("*.md")):
-        namespace: dict = {"__name__": "__main__"}
-        for code in _python_blocks(page.read_text()):
-            if code in readme or "md.extxyz" in code:  # run by test_readme / the user's file
-                continue
-            exec(compile(code, str(page), "exec"), namespace)
 
 
 @needs_mkdocs
