@@ -12,6 +12,7 @@ solid-like clusters joined within 3 Å.
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from collections.abc import Callable, Sequence
@@ -26,6 +27,7 @@ __all__ = [
     "DEFAULT_K",
     "MAX_K",
     "Progress",
+    "bind_arguments",
     "check_bandwidths",
     "check_cutoff",
     "check_dtype",
@@ -183,3 +185,34 @@ def check_single_bandwidth(h: object, name: str = "h") -> float:
     if vector:
         raise ValueError(f"`{name}` must be a single bandwidth here, got several")
     return hs[0]
+
+
+def bind_arguments(
+    func: Callable, caller: str, args: tuple, options: dict, *, refuse: Sequence[str] = ()
+) -> dict:
+    """The arguments of the call ``func(*args, **options)`` by name, defaults filled in.
+
+    For a front end that takes the keywords of ``func`` as ``**options`` and forwards them
+    (the distributed twins of the single-process functions): a keyword ``func`` does not
+    take, or one in ``refuse``, raises the ``TypeError`` Python raises for a call of
+    ``caller`` with it (``caller() got an unexpected keyword argument 'name'``).
+
+    Args:
+        func: the function whose signature the call is checked against.
+        caller: the name of the front end, as the message shows it.
+        args: the positional arguments.
+        options: the keyword arguments.
+        refuse: keywords of ``func`` the front end does not take.
+
+    Returns:
+        ``{parameter name: value}`` for every parameter of ``func``.
+    """
+    for name in refuse:
+        if name in options:
+            raise TypeError(f"{caller}() got an unexpected keyword argument '{name}'")
+    try:
+        bound = inspect.signature(func).bind(*args, **options)
+    except TypeError as exc:
+        raise TypeError(f"{caller}() {exc}") from None
+    bound.apply_defaults()
+    return dict(bound.arguments)

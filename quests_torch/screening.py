@@ -56,6 +56,7 @@ from .checks import (
     DEFAULT_CLUSTER_CUTOFF,
     DEFAULT_CUTOFF,
     DEFAULT_K,
+    bind_arguments,
     check_cutoff,
     check_dtype,
     check_h,
@@ -80,7 +81,7 @@ from .screen_io import (
     summarize_frames,
 )
 from .structures import AtomsBatch, centred_copies, resolve_device
-from .uncertainty import per_structure_summary
+from .summaries import per_structure_summary
 
 __all__ = [
     "FRAME_COLUMNS",
@@ -141,6 +142,12 @@ class ScreenConfig:
         }
         for name, value in checked.items():
             object.__setattr__(self, name, value)
+
+    @classmethod
+    def from_arguments(cls, arguments: dict) -> ScreenConfig:
+        """The config of the screening parameters among ``arguments`` (a function's
+        arguments by name, such as :func:`screen_trajectory`'s)."""
+        return cls(**{name: arguments[name] for name in cls.__dataclass_fields__})
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -361,34 +368,22 @@ def screen_frames(
     frames: Iterable,
     reference: torch.Tensor | np.ndarray,
     *,
-    h: float = DEFAULT_BANDWIDTH,
-    threshold: float = 0.0,
-    k: int = DEFAULT_K,
-    cutoff: float = DEFAULT_CUTOFF,
-    cluster_cutoff: float = DEFAULT_CLUSTER_CUTOFF,
-    dtype: torch.dtype = torch.float64,
-    device: torch.device | str | None = "cpu",
-    batch_atoms: int | None = None,
     timings: ScreenTimings | None = None,
+    **parameters,
 ) -> Iterator[FrameScreen]:
     """Screen frames against reference descriptors, one :class:`FrameScreen` per frame.
 
     Frames are consumed lazily (pass ``ase.io.iread(...)`` to stream a file) and processed in
-    batches of about ``batch_atoms`` atoms. The parameters are validated once into a
-    :class:`ScreenConfig`.
+    batches of about ``batch_atoms`` atoms. The parameters are the keywords of
+    :class:`ScreenConfig`, validated once into one.
 
     Args:
         frames: an iterable of ``ase.Atoms``.
         reference: ``[m, 2k - 1]`` reference descriptors (e.g. of a solid).
-        h: bandwidth (1/Å).
-        threshold: dH (nats) above which an atom is novel (paper: 0).
-        k: neighbours of the descriptors (must match the reference's).
-        cutoff: descriptor cutoff (Å, must match the reference's).
-        cluster_cutoff: largest edge of the cluster graph (Å).
-        dtype: compute dtype of descriptors and kernel sums.
-        device: where to compute (``"auto"``/``None``: CUDA, else MPS, else CPU).
-        batch_atoms: atoms per batch, ``None`` for :func:`default_batch_atoms`.
         timings: accumulates the seconds spent per stage when given.
+        **parameters: the screening parameters, keywords of :class:`ScreenConfig` (``h``,
+            ``threshold``, ``k``, ``cutoff``, ``cluster_cutoff``, ``dtype``, ``device``,
+            ``batch_atoms``; defaults as there).
 
     Yields:
         :class:`FrameScreen`, in frame order.
@@ -399,7 +394,7 @@ def screen_frames(
         >>> for f in screen_frames(frames, x_solid):
         ...     print(f.frame, f.dH_max, f.largest_cluster)
     """
-    config = ScreenConfig(h, threshold, k, cutoff, cluster_cutoff, dtype, device, batch_atoms)
+    config = ScreenConfig(**bind_arguments(ScreenConfig, "screen_frames", (), parameters))
     timings = timings if timings is not None else ScreenTimings()
     for batch in _screen_batches(frames, reference, config, start=0, timings=timings):
         yield from batch

@@ -66,6 +66,20 @@ class Groups(NamedTuple):
     hi: np.ndarray  # [n] one past the last column of each row's group
 
 
+SWEEP_OPTIONS = ("dtype", "centre", "distance", "tile_size", "budget", "device")
+"""The keywords of a sweep's numerics and tiles, shared by every kernel-sum entry point (their
+meaning: :func:`quests_torch.kde.kernel_pass`)."""
+
+
+def check_sweep_options(options: dict, caller: str, extra: tuple[str, ...] = ()) -> dict:
+    """``options`` when every key is one of :data:`SWEEP_OPTIONS` (or ``extra``); otherwise the
+    ``TypeError`` Python raises for a call of ``caller`` with the unknown keyword."""
+    for name in options:
+        if name not in SWEEP_OPTIONS and name not in extra:
+            raise TypeError(f"{caller}() got an unexpected keyword argument '{name}'")
+    return options
+
+
 def check_pair(xs: Source, ys: Source) -> None:
     """Queries and references must have the same descriptor width."""
     if xs.d != ys.d:
