@@ -27,6 +27,7 @@ from ..screening import (
     ScreenFiles,
     ScreeningResult,
     ScreenTimings,
+    check_run_keywords,
     screen_file,
 )
 from . import comm
@@ -135,7 +136,8 @@ def screen_trajectory(
 
     Takes every keyword of :func:`quests_torch.screening.screen_trajectory` (the same
     defaults and checks; an unknown keyword is a ``TypeError`` naming it) except
-    ``frame_offset``, which the ranks set for their parts. Per rank: ``device`` is where
+    ``frame_offset`` (of :func:`quests_torch.screening.screen_file`), which the ranks set for
+    their parts. Per rank: ``device`` is where
     each rank computes, ``batch_atoms`` its atoms per batch, ``progress`` a bar on rank 0
     only (of its own block); ``reference_key`` and ``trajectory_key``, when not given, are
     computed once on rank 0.
@@ -155,16 +157,13 @@ def screen_trajectory(
         stage over ranks, ``batch_atoms`` this rank's.
     """
     args = bind_arguments(
-        _screening.screen_trajectory,
-        "screen_trajectory",
-        (trajectory, reference, table),
-        options,
-        refuse=("frame_offset",),
+        _screening.screen_trajectory, "screen_trajectory", (trajectory, reference, table), options
     )
+    run = check_run_keywords(args["run"], "screen_trajectory", refuse=("frame_offset",))
     config = ScreenConfig.from_arguments(args)
     files = ScreenFiles.check(trajectory, table, index=args["index"], extxyz=args["extxyz"])
-    keys = {name: args[name] for name in ("trajectory_key", "reference_key")}
-    overwrite, progress = args["overwrite"], args["progress"]
+    keys = {name: run[name] for name in ("trajectory_key", "reference_key")}
+    overwrite, progress = run["overwrite"], run["progress"]
     if not comm.is_distributed():
         return screen_file(files, reference, config, **keys, overwrite=overwrite, progress=progress)
     t_start = time.perf_counter()

@@ -12,6 +12,7 @@ import torch
 
 from .._memory import memory_budget
 from .._precision import float64_enabled
+from ..checks import check_keywords
 from .epilogue import Epilogue
 from .source import Source, compute_device
 from .tiles import OOM_MIN_SIDE, auto_tiles
@@ -74,10 +75,7 @@ meaning: :func:`quests_torch.kde.kernel_pass`)."""
 def check_sweep_options(options: dict, caller: str, extra: tuple[str, ...] = ()) -> dict:
     """``options`` when every key is one of :data:`SWEEP_OPTIONS` (or ``extra``); otherwise the
     ``TypeError`` Python raises for a call of ``caller`` with the unknown keyword."""
-    for name in options:
-        if name not in SWEEP_OPTIONS and name not in extra:
-            raise TypeError(f"{caller}() got an unexpected keyword argument '{name}'")
-    return options
+    return check_keywords(options, SWEEP_OPTIONS + extra, caller)
 
 
 def check_pair(xs: Source, ys: Source) -> None:
