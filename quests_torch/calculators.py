@@ -41,7 +41,13 @@ from ase.calculators.calculator import (
     all_changes,
 )
 
-from .checks import check_h, check_positive_float, check_positive_int, check_threshold
+from .checks import (
+    bind_arguments,
+    check_h,
+    check_positive_float,
+    check_positive_int,
+    check_threshold,
+)
 from .metrics import entropy as _entropy
 from .metrics import entropy_per_structure
 from .structures import AtomsBatch, segment_sum, strain_rows
@@ -54,6 +60,7 @@ __all__ = [
     "ExtrapolationError",
     "QuestsUncertaintyCalculator",
     "check_bank",
+    "check_bias_keywords",
     "check_bias_options",
     "entropy_bias_energy",
 ]
@@ -311,6 +318,21 @@ def entropy_bias_energy(
     return energy, f
 
 
+def check_bias_keywords(options: dict, caller: str) -> dict:
+    """``options`` when every key is a keyword of :meth:`EntropyBiasTerms.set_bias_options`;
+    else the ``TypeError`` Python raises for a call of ``caller`` with the unknown one.
+
+    Args:
+        options: the bias keywords given to a front end.
+        caller: the front end's name, as the message shows it.
+
+    Returns:
+        ``options``.
+    """
+    bind_arguments(EntropyBiasTerms.set_bias_options, caller, (None,), options)
+    return options
+
+
 class EntropyBiasTerms:
     """The options and the energy of the entropy bias ``E_s = -lambda f_s(dH) - mu H_s``.
 
@@ -326,14 +348,26 @@ class EntropyBiasTerms:
 
     def set_bias_options(
         self,
-        strength: float,
-        reduction: str,
-        beta: float,
-        entropy_strength: float,
-        entropy_h: float | None,
-        saturation: float | None,
+        strength: float = 0.01,
+        *,
+        reduction: str = "mean",
+        beta: float = 1.0,
+        entropy_strength: float = 0.0,
+        entropy_h: float | None = None,
+        saturation: float | None = None,
     ) -> None:
-        """Validate and store the bias options (``self.bank`` must be set)."""
+        """Validate and store the bias options (``self.bank`` must be set); the one list of
+        them (and of their defaults) that both front ends take as keywords.
+
+        Args:
+            strength: ``lambda`` (eV/nat); positive values push towards novel environments.
+            reduction: ``"mean"`` or ``"softmax"``, how ``f`` reduces the per-atom values of
+                a structure.
+            beta: sharpness of ``"softmax"`` (1/nat).
+            entropy_strength: ``mu`` (eV/nat; 0: no entropy term).
+            entropy_h: bandwidth of ``H`` (1/Å, default ``bank.h``).
+            saturation: ``c`` (nats) of the ``c tanh(dH / c)`` cap, or ``None`` (no cap).
+        """
         (
             self.strength,
             self.reduction,
@@ -394,12 +428,11 @@ class EntropyBiasCalculator(EntropyBiasTerms, Calculator):
 
     Args:
         bank: reference environments and bandwidth.
-        strength: ``lambda`` (eV/nat); positive values push towards novel environments.
-        reduction: ``"mean"`` or ``"softmax"``.
-        beta: sharpness of ``"softmax"`` (1/nat).
-        entropy_strength: ``mu`` (eV/nat).
-        entropy_h: bandwidth of ``H`` (default ``bank.h``).
-        saturation: ``c`` (nats) of the ``c tanh(dH / c)`` cap, or ``None`` (no cap).
+        **bias_options: ``strength`` (``lambda``, eV/nat, default 0.01), ``reduction``
+            (``"mean"`` or ``"softmax"``), ``beta``, ``entropy_strength`` (``mu``),
+            ``entropy_h`` and ``saturation``: the keywords of
+            :meth:`EntropyBiasTerms.set_bias_options` (the same defaults and checks; an
+            unknown keyword is a ``TypeError`` naming it).
     """
 
     implemented_properties: ClassVar[list[str]] = [
@@ -411,20 +444,10 @@ class EntropyBiasCalculator(EntropyBiasTerms, Calculator):
         "max_dH",
     ]
 
-    def __init__(
-        self,
-        bank: UncertaintyBank,
-        *,
-        strength: float = 0.01,
-        reduction: str = "mean",
-        beta: float = 1.0,
-        entropy_strength: float = 0.0,
-        entropy_h: float | None = None,
-        saturation: float | None = None,
-    ) -> None:
+    def __init__(self, bank: UncertaintyBank, **bias_options) -> None:
         super().__init__()
         self.bank = check_bank(bank)
-        self.set_bias_options(strength, reduction, beta, entropy_strength, entropy_h, saturation)
+        self.set_bias_options(**check_bias_keywords(bias_options, "EntropyBiasCalculator"))
 
     def bias_terms(
         self, positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor, numbers=None

@@ -12,6 +12,7 @@ solid-like clusters joined within 3 Å.
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from collections.abc import Callable, Sequence
@@ -26,12 +27,16 @@ __all__ = [
     "DEFAULT_K",
     "MAX_K",
     "Progress",
+    "bind_arguments",
     "check_bandwidths",
     "check_cutoff",
+    "check_descriptor_matrix",
     "check_dtype",
     "check_generator",
     "check_h",
+    "check_integer",
     "check_k",
+    "check_keywords",
     "check_positive_float",
     "check_positive_int",
     "check_single_bandwidth",
@@ -60,11 +65,20 @@ def _is_real(v: object) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
+def check_integer(
+    v: object, name: str, *, error: type[Exception] = TypeError, expected: str = "an int"
+) -> int:
+    """``v`` as an int when it is an integer (``bool`` is not); else ``error`` saying that
+    ``name`` must be ``expected``."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        got = repr(v) if error is ValueError else type(v).__name__
+        raise error(f"`{name}` must be {expected}, got {got}")
+    return int(v)
+
+
 def check_k(k: object, name: str = "k") -> int:
     """``k`` as an int in ``[1, MAX_K]``."""
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-        raise TypeError(f"`{name}` must be an int, got {type(k).__name__}")
-    k = int(k)
+    k = check_integer(k, name)
     if k < 1:
         raise ValueError(f"`{name}` must be >= 1, got {k}")
     if k > MAX_K:
@@ -145,11 +159,10 @@ def check_threshold(
 
 def check_positive_int(v: object, name: str) -> int:
     """``v`` as an int >= 1."""
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-        raise TypeError(f"`{name}` must be a positive int, got {type(v).__name__}")
+    v = check_integer(v, name, expected="a positive int")
     if v < 1:
         raise ValueError(f"`{name}` must be a positive int, got {v}")
-    return int(v)
+    return v
 
 
 def check_dtype(dtype: object, name: str = "dtype") -> torch.dtype:
@@ -183,3 +196,89 @@ def check_single_bandwidth(h: object, name: str = "h") -> float:
     if vector:
         raise ValueError(f"`{name}` must be a single bandwidth here, got several")
     return hs[0]
+
+
+def bind_arguments(
+    func: Callable, caller: str, args: tuple, options: dict, *, refuse: Sequence[str] = ()
+) -> dict:
+    """The arguments of the call ``func(*args, **options)`` by name, defaults filled in.
+
+    For a front end that takes the keywords of ``func`` as ``**options`` and forwards them
+    (the distributed twins of the single-process functions): a keyword ``func`` does not
+    take, or one in ``refuse``, raises the ``TypeError`` Python raises for a call of
+    ``caller`` with it (``caller() got an unexpected keyword argument 'name'``).
+
+    Args:
+        func: the function whose signature the call is checked against.
+        caller: the name of the front end, as the message shows it.
+        args: the positional arguments.
+        options: the keyword arguments.
+        refuse: keywords of ``func`` the front end does not take.
+
+    Returns:
+        ``{parameter name: value}`` for every parameter of ``func``.
+    """
+    for name in refuse:
+        if name in options:
+            raise TypeError(f"{caller}() got an unexpected keyword argument '{name}'")
+    try:
+        bound = inspect.signature(func).bind(*args, **options)
+    except TypeError as exc:
+        raise TypeError(f"{caller}() {exc}") from None
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def check_descriptor_matrix(
+    data: object,
+    name: str,
+    *,
+    expected: str = "a torch.Tensor or a numpy array [n, d]",
+    allow_empty: bool = False,
+) -> tuple[int, int]:
+    """A descriptor matrix ``[n, d]``: a floating-point tensor or a float32/float64 numpy
+    array, 2-D, with columns and (unless ``allow_empty``) rows; its shape.
+
+    Args:
+        data: the descriptors.
+        name: the argument's name in the messages.
+        expected: what ``data`` must be, for the ``TypeError`` of another type.
+        allow_empty: accept ``n = 0``.
+
+    Returns:
+        ``(n, d)``.
+    """
+    if isinstance(data, torch.Tensor):
+        if not data.dtype.is_floating_point:
+            raise TypeError(f"`{name}` must hold floating-point descriptors, got {data.dtype}")
+    elif isinstance(data, np.ndarray):
+        if data.dtype not in (np.float32, np.float64):
+            raise TypeError(f"`{name}` must hold float32 or float64 descriptors, got {data.dtype}")
+    else:
+        raise TypeError(f"`{name}` must be {expected}, got {type(data).__name__}")
+    shape = tuple(data.shape)
+    if len(shape) != 2:
+        raise ValueError(f"`{name}` must be 2-D [n, d], got shape {shape}")
+    if shape[0] == 0 and not allow_empty:
+        raise ValueError(f"`{name}` is empty: shape {shape}, need at least one row")
+    if shape[1] == 0:
+        raise ValueError(f"`{name}` has no descriptor columns: shape {shape}")
+    return shape
+
+
+def check_keywords(options: dict, allowed: Sequence[str], caller: str) -> dict:
+    """``options`` when every key is in ``allowed``; otherwise the ``TypeError`` Python raises
+    for a call of ``caller`` with the unknown keyword.
+
+    Args:
+        options: the keywords a front end took as ``**options``.
+        allowed: the keywords it accepts.
+        caller: its name, as the message shows it.
+
+    Returns:
+        ``options``.
+    """
+    for name in options:
+        if name not in allowed:
+            raise TypeError(f"{caller}() got an unexpected keyword argument '{name}'")
+    return options

@@ -49,45 +49,6 @@ def connected_components(n_nodes: int, src: torch.Tensor, dst: torch.Tensor) -> 
         label = new
 
 
-def cluster_labels(
-    positions: torch.Tensor,
-    cell: torch.Tensor,
-    pbc: torch.Tensor,
-    system_idx: torch.Tensor,
-    mask: torch.Tensor,
-    cutoff: float = DEFAULT_CLUSTER_CUTOFF,
-) -> torch.Tensor:
-    """Cluster label of every atom: connected components of the selected atoms.
-
-    Args:
-        positions: ``[n_atoms, 3]`` Cartesian positions (Å).
-        cell: ``[n_systems, 3, 3]`` lattice vectors as rows.
-        pbc: ``[n_systems, 3]`` periodicity.
-        system_idx: ``[n_atoms]`` sorted structure index.
-        mask: ``[n_atoms]`` bool, the selected atoms (graph nodes).
-        cutoff: largest edge length (Å).
-
-    Returns:
-        ``[n_atoms]`` int64: for a selected atom the smallest atom index of its cluster (global
-        index into ``positions``), ``-1`` for atoms not selected.
-    """
-    if mask.shape != system_idx.shape or mask.dtype != torch.bool:
-        raise ValueError(
-            f"`mask` must be a bool tensor of shape {tuple(system_idx.shape)}, "
-            f"got {mask.dtype} {tuple(mask.shape)}"
-        )
-    cutoff = check_cutoff(cutoff)
-    with torch.no_grad():
-        # the pair search keeps d < r; the small margin makes the edges d <= cutoff
-        pairs = find_neighbor_pairs(
-            positions.detach(), cell.detach(), pbc, system_idx, cutoff + _EDGE_MARGIN
-        )
-        i, j = pairs.center, pairs.neighbor
-        keep = mask[i] & mask[j]
-        label = connected_components(positions.shape[0], i[keep], j[keep])
-        return torch.where(mask, label, torch.full_like(label, -1))
-
-
 def largest_cluster(
     positions: torch.Tensor,
     cell: torch.Tensor,
@@ -108,13 +69,42 @@ def largest_cluster(
 
     Returns:
         ``(sizes, labels)``: ``[n_systems]`` int64 number of atoms in the largest cluster
-        of each structure (0 when it has no selected atom) and the ``[n_atoms]`` labels of
-        :func:`cluster_labels`.
+        of each structure (0 when it has no selected atom) and the ``[n_atoms]`` int64
+        cluster label of every atom: for a selected atom the smallest atom index of its
+        cluster (global index into ``positions``), ``-1`` for atoms not selected.
     """
-    labels = cluster_labels(positions, cell, pbc, system_idx, mask, cutoff)
+    if mask.shape != system_idx.shape or mask.dtype != torch.bool:
+        raise ValueError(
+            f"`mask` must be a bool tensor of shape {tuple(system_idx.shape)}, "
+            f"got {mask.dtype} {tuple(mask.shape)}"
+        )
+    cutoff = check_cutoff(cutoff)
+    with torch.no_grad():
+        # the pair search keeps d < r; the small margin makes the edges d <= cutoff
+        pairs = find_neighbor_pairs(
+            positions.detach(), cell.detach(), pbc, system_idx, cutoff + _EDGE_MARGIN
+        )
+        i, j = pairs.center, pairs.neighbor
+        keep = mask[i] & mask[j]
+        label = connected_components(positions.shape[0], i[keep], j[keep])
+        labels = torch.where(mask, label, torch.full_like(label, -1))
     n = positions.shape[0]
     sel = labels[mask]
     size = torch.bincount(sel, minlength=n)  # size[root] = atoms in that cluster
     best = torch.zeros(cell.shape[0], dtype=torch.int64, device=positions.device)
     best.scatter_reduce_(0, system_idx, size, reduce="amax", include_self=True)
     return best, labels
+
+
+def cluster_labels(*args, **kwargs) -> torch.Tensor:
+    """The ``[n_atoms]`` cluster labels alone: ``largest_cluster(...)[1]``.
+
+    Args:
+        *args: the arguments of :func:`largest_cluster`.
+        **kwargs: its keywords.
+
+    Returns:
+        ``[n_atoms]`` int64: for a selected atom the smallest atom index of its cluster,
+        ``-1`` for atoms not selected.
+    """
+    return largest_cluster(*args, **kwargs)[1]

@@ -34,6 +34,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from .checks import check_integer
+
 __all__ = [
     "AUTO_ROWS",
     "EXACT_MAX_ROWS",
@@ -116,9 +118,7 @@ def check_rows(rows, n: int, name: str = "rows") -> int:
     Raises ValueError naming the argument for non-integers (floats, bools, strings), values
     below 1 or above ``n``, and for ``rows = 1 < n`` (no variance from one row).
     """
-    if isinstance(rows, bool) or not isinstance(rows, numbers.Integral):
-        raise ValueError(f"`{name}` must be an integer number of rows, got {rows!r}")
-    rows = int(rows)
+    rows = check_integer(rows, name, error=ValueError, expected="an integer number of rows")
     if rows < 1:
         raise ValueError(f"`{name}` must be positive, got {rows}")
     if rows > n:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from .checks import Progress, check_single_bandwidth, check_threshold
+from .checks import Progress, check_keywords, check_single_bandwidth, check_threshold
 from .grouped import group_descriptors
 from .kde import DEFAULT_BANDWIDTH, RunningLogKernelSum, engine
 from .metrics import diversity_from_log_p, entropy_from_log_p
@@ -63,6 +63,10 @@ class GenerationReport:
         )
 
 
+#: the keywords of generation_report's running sums (``tile_size``: accepted, no effect)
+_RUNNING_OPTIONS = ("dtype", "device", "tile_size", "budget")
+
+
 def generation_report(
     x,
     generation_idx,
@@ -70,11 +74,8 @@ def generation_report(
     labels: Sequence | None = None,
     h: float = DEFAULT_BANDWIDTH,
     threshold: float = 0.0,
-    dtype: torch.dtype | None = None,
-    device: torch.device | str | None = None,
-    tile_size: int | tuple[int, int] | None = None,
-    budget: int | str | None = None,
     progress: Progress = None,
+    **options,
 ) -> GenerationReport:
     """Entropy, diversity and novelty across the generations of an active-learning loop.
 
@@ -91,15 +92,17 @@ def generation_report(
         labels: names of the generations (default ``0..G-1``).
         h: bandwidth (1/Å).
         threshold: dH threshold of the novelty.
-        dtype: compute dtype of the kernel sums (default: that of ``x``).
-        device: where to compute (default: where ``x`` lives).
-        tile_size: kernel-sum tile side (default: from the memory budget).
-        budget: bytes a tile's temporaries may use (default: from the device's memory).
         progress: ``True`` for a tqdm bar or a callable ``(done, total)``.
+        **options: the kernel-sum keywords of :func:`quests_torch.kde.kernel_pass` that apply
+            to running sums: ``dtype`` (default: that of ``x``), ``device`` (default: where
+            ``x`` lives) and ``budget`` (bytes a tile's temporaries may use; the running
+            sums size their tiles from it, so a ``tile_size`` is accepted and has no effect).
 
     Returns:
         :class:`GenerationReport`.
     """
+    check_keywords(options, _RUNNING_OPTIONS, "generation_report")
+    device = options.get("device")
     h = check_single_bandwidth(h)
     threshold = check_threshold(threshold)
     if isinstance(x, (list, tuple)):
@@ -111,10 +114,9 @@ def generation_report(
         labels = list(range(G))
     elif len(labels) != G:
         raise ValueError(f"`labels` has {len(labels)} entries for {G} generations")
-    options = {"dtype": dtype, "tile_size": tile_size, "budget": budget}
     mu = data.x.to(torch.float64).mean(0)
     xc = (data.x.to(torch.float64) - mu).to(data.x.dtype)
-    running = RunningLogKernelSum(xc, h, dtype=options["dtype"], budget=options["budget"])
+    running = RunningLogKernelSum(xc, h, dtype=options.get("dtype"), budget=options.get("budget"))
     tick, bar = engine.progress_ticker(progress, G, "generations")
     stats = []
     nan = torch.tensor(math.nan, dtype=torch.float64, device=xc.device)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .checks import check_descriptor_matrix
 from .structures import canonical_device
 
 __all__ = ["GroupedDescriptors", "as_descriptor_tensor", "concat_groups", "group_descriptors"]
@@ -44,26 +45,18 @@ class GroupedDescriptors:
 
 
 def as_descriptor_tensor(x, name: str, device) -> torch.Tensor:
+    check_descriptor_matrix(
+        x,
+        name,
+        expected="a torch.Tensor, a numpy array [n, d] or a list of per-structure arrays",
+        allow_empty=True,
+    )
     if isinstance(x, np.ndarray):
-        if x.dtype not in (np.float32, np.float64):
-            raise TypeError(f"`{name}` must hold float32 or float64 descriptors, got {x.dtype}")
         x = torch.from_numpy(np.ascontiguousarray(x))
         if device is not None:
             x = x.to(device)
-    elif isinstance(x, torch.Tensor):
-        if not x.dtype.is_floating_point:
-            raise TypeError(f"`{name}` must hold floating-point descriptors, got {x.dtype}")
-        if device is not None and x.device != canonical_device(device):
-            raise ValueError(f"`device` is {torch.device(device)} but `{name}` lives on {x.device}")
-    else:
-        raise TypeError(
-            f"`{name}` must be a torch.Tensor, a numpy array [n, d] or a list of per-structure "
-            f"arrays, got {type(x).__name__}"
-        )
-    if x.ndim != 2:
-        raise ValueError(f"`{name}` must be 2-D [n, d], got shape {tuple(x.shape)}")
-    if x.shape[1] == 0:
-        raise ValueError(f"`{name}` has no descriptor columns: shape {tuple(x.shape)}")
+    elif device is not None and x.device != canonical_device(device):
+        raise ValueError(f"`device` is {torch.device(device)} but `{name}` lives on {x.device}")
     return x
 
 

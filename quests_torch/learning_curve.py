@@ -25,7 +25,8 @@ import torch
 from .checks import DEFAULT_BANDWIDTH, check_bandwidths, check_generator, check_positive_int
 from .estimates import resolve_rows, sample_rows, take_rows
 from .kde import ArrayLike, Bandwidth, engine
-from .metrics import entropy, estimate_entropy
+from .metric_estimates import estimate_entropy
+from .metrics import entropy
 
 __all__ = [
     "AsymptoteFit",

@@ -276,15 +276,10 @@ class ScreenFiles:
             else trajectory_key,
             reference_key=reference_hash(reference) if reference_key is None else reference_key,
             index=self.index,
-            h=config.h,
-            threshold=config.threshold,
-            k=config.k,
-            cutoff=config.cutoff,
-            cluster_cutoff=config.cluster_cutoff,
-            dtype=config.dtype,
             jsonl=self.jsonl,
             xyz_path=self.extxyz,
             frame_offset=frame_offset,
+            **{name: getattr(config, name) for name in config.IDENTITY},
         )
 
     def open_state(self, key: str, params: dict, *, overwrite: bool) -> ResumeState:

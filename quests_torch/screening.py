@@ -56,6 +56,7 @@ from .checks import (
     DEFAULT_CLUSTER_CUTOFF,
     DEFAULT_CUTOFF,
     DEFAULT_K,
+    bind_arguments,
     check_cutoff,
     check_dtype,
     check_h,
@@ -80,7 +81,7 @@ from .screen_io import (
     summarize_frames,
 )
 from .structures import AtomsBatch, centred_copies, resolve_device
-from .uncertainty import per_structure_summary
+from .summaries import per_structure_summary
 
 __all__ = [
     "FRAME_COLUMNS",
@@ -89,6 +90,7 @@ __all__ = [
     "ScreenFiles",
     "ScreenTimings",
     "ScreeningResult",
+    "check_run_keywords",
     "default_batch_atoms",
     "read_frame_table",
     "screen_file",
@@ -126,6 +128,10 @@ class ScreenConfig:
     device: torch.device | str | None = "cpu"
     batch_atoms: int | None = None
 
+    #: the fields that identify a screening's results in its resume state (where and in what
+    #: batches it computes do not change them)
+    IDENTITY = ("h", "threshold", "k", "cutoff", "cluster_cutoff", "dtype")
+
     def __post_init__(self) -> None:
         checked = {
             "h": check_h(self.h),
@@ -141,6 +147,12 @@ class ScreenConfig:
         }
         for name, value in checked.items():
             object.__setattr__(self, name, value)
+
+    @classmethod
+    def from_arguments(cls, arguments: dict) -> ScreenConfig:
+        """The config of the screening parameters among ``arguments`` (a function's
+        arguments by name, such as :func:`screen_trajectory`'s)."""
+        return cls(**{name: arguments[name] for name in cls.__dataclass_fields__})
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -361,34 +373,22 @@ def screen_frames(
     frames: Iterable,
     reference: torch.Tensor | np.ndarray,
     *,
-    h: float = DEFAULT_BANDWIDTH,
-    threshold: float = 0.0,
-    k: int = DEFAULT_K,
-    cutoff: float = DEFAULT_CUTOFF,
-    cluster_cutoff: float = DEFAULT_CLUSTER_CUTOFF,
-    dtype: torch.dtype = torch.float64,
-    device: torch.device | str | None = "cpu",
-    batch_atoms: int | None = None,
     timings: ScreenTimings | None = None,
+    **parameters,
 ) -> Iterator[FrameScreen]:
     """Screen frames against reference descriptors, one :class:`FrameScreen` per frame.
 
     Frames are consumed lazily (pass ``ase.io.iread(...)`` to stream a file) and processed in
-    batches of about ``batch_atoms`` atoms. The parameters are validated once into a
-    :class:`ScreenConfig`.
+    batches of about ``batch_atoms`` atoms. The parameters are the keywords of
+    :class:`ScreenConfig`, validated once into one.
 
     Args:
         frames: an iterable of ``ase.Atoms``.
         reference: ``[m, 2k - 1]`` reference descriptors (e.g. of a solid).
-        h: bandwidth (1/Å).
-        threshold: dH (nats) above which an atom is novel (paper: 0).
-        k: neighbours of the descriptors (must match the reference's).
-        cutoff: descriptor cutoff (Å, must match the reference's).
-        cluster_cutoff: largest edge of the cluster graph (Å).
-        dtype: compute dtype of descriptors and kernel sums.
-        device: where to compute (``"auto"``/``None``: CUDA, else MPS, else CPU).
-        batch_atoms: atoms per batch, ``None`` for :func:`default_batch_atoms`.
         timings: accumulates the seconds spent per stage when given.
+        **parameters: the screening parameters, keywords of :class:`ScreenConfig` (``h``,
+            ``threshold``, ``k``, ``cutoff``, ``cluster_cutoff``, ``dtype``, ``device``,
+            ``batch_atoms``; defaults as there).
 
     Yields:
         :class:`FrameScreen`, in frame order.
@@ -399,7 +399,7 @@ def screen_frames(
         >>> for f in screen_frames(frames, x_solid):
         ...     print(f.frame, f.dH_max, f.largest_cluster)
     """
-    config = ScreenConfig(h, threshold, k, cutoff, cluster_cutoff, dtype, device, batch_atoms)
+    config = ScreenConfig(**bind_arguments(ScreenConfig, "screen_frames", (), parameters))
     timings = timings if timings is not None else ScreenTimings()
     for batch in _screen_batches(frames, reference, config, start=0, timings=timings):
         yield from batch
@@ -477,11 +477,7 @@ def screen_trajectory(
     dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = "cpu",
     batch_atoms: int | None = None,
-    reference_key: str | None = None,
-    trajectory_key: str | None = None,
-    overwrite: bool = False,
-    progress: bool = False,
-    frame_offset: int = 0,
+    **run,
 ) -> ScreeningResult:
     """Screen a trajectory file frame by frame into a per-frame table, resumably.
 
@@ -507,17 +503,10 @@ def screen_trajectory(
         batch_atoms: atoms per batch (``None``: :func:`default_batch_atoms`); on a resumed
             run the value stored at the start is reused (so batches, hence results, are
             those of an uninterrupted run).
-        reference_key: identifies the reference in the resume state (default:
-            :func:`quests_torch.resume.reference_hash` of its values). Restarting with
-            another reference is refused.
-        trajectory_key: identifies the trajectory's content in the resume state (default:
-            :func:`quests_torch.resume.trajectory_key`, its size and SHA-256). Restarting
-            on a different file under the same name is refused.
-        overwrite: start afresh even when outputs of a different screening exist.
-        progress: show a tqdm progress bar (ETA when the frame count is cheap to get).
-        frame_offset: added to the ``frame`` column (used by
-            :func:`quests_torch.distributed.screen_trajectory`, whose ranks each screen a
-            block of the selection into a part file numbered like the whole selection).
+        **run: how the run resumes and reports, the keywords of :func:`screen_file`:
+            ``reference_key`` and ``trajectory_key`` (what identifies the inputs in the
+            resume state), ``overwrite`` (start afresh over another screening's outputs),
+            ``progress`` (a tqdm bar) and ``frame_offset``.
 
     Returns:
         :class:`ScreeningResult`.
@@ -538,12 +527,24 @@ def screen_trajectory(
         ScreenFiles.check(trajectory, table, index=index, extxyz=extxyz),
         reference,
         ScreenConfig(h, threshold, k, cutoff, cluster_cutoff, dtype, device, batch_atoms),
-        reference_key=reference_key,
-        trajectory_key=trajectory_key,
-        overwrite=overwrite,
-        progress=progress,
-        frame_offset=frame_offset,
+        **check_run_keywords(run, "screen_trajectory"),
     )
+
+
+def check_run_keywords(run: dict, caller: str, *, refuse: tuple[str, ...] = ()) -> dict:
+    """The run keywords of :func:`screen_file` among ``run``, defaults filled in; an unknown
+    keyword (or one in ``refuse``) is the ``TypeError`` of a call of ``caller`` with it.
+
+    Args:
+        run: the keywords given to a front end for :func:`screen_file`.
+        caller: the front end's name, as the message shows it.
+        refuse: keywords of :func:`screen_file` the front end does not take.
+
+    Returns:
+        ``{keyword: value}`` for every run keyword of :func:`screen_file`.
+    """
+    args = bind_arguments(screen_file, caller, (None, None, None), run, refuse=refuse)
+    return {name: args[name] for name in _RUN_KEYWORDS}
 
 
 def screen_file(
@@ -562,7 +563,26 @@ def screen_file(
     Holds the table's lock (:func:`quests_torch.resume.table_lock`) for the whole run, opens
     its resume state (refusing the outputs of another screening), resumes after the last
     committed batch or starts afresh, then appends and commits one batch at a time and marks
-    the state complete. Arguments and errors: as :func:`screen_trajectory`.
+    the state complete. Errors: as :func:`screen_trajectory`.
+
+    Args:
+        files: the checked trajectory, selection and outputs (:class:`ScreenFiles`).
+        reference: ``[m, 2k - 1]`` reference descriptors.
+        config: the checked screening parameters (:class:`ScreenConfig`).
+        reference_key: identifies the reference in the resume state (default:
+            :func:`quests_torch.resume.reference_hash` of its values). Restarting with
+            another reference is refused.
+        trajectory_key: identifies the trajectory's content in the resume state (default:
+            :func:`quests_torch.resume.trajectory_key`, its size and SHA-256). Restarting
+            on a different file under the same name is refused.
+        overwrite: start afresh even when outputs of a different screening exist.
+        progress: show a tqdm progress bar (ETA when the frame count is cheap to get).
+        frame_offset: added to the ``frame`` column (used by
+            :func:`quests_torch.distributed.screen_trajectory`, whose ranks each screen a
+            block of the selection into a part file numbered like the whole selection).
+
+    Returns:
+        :class:`ScreeningResult`.
     """
     t_start = time.perf_counter()
     if isinstance(frame_offset, bool) or not isinstance(frame_offset, int) or frame_offset < 0:
@@ -598,6 +618,9 @@ def screen_file(
         timings=timings,
         t_start=t_start,
     )
+
+
+_RUN_KEYWORDS = ("reference_key", "trajectory_key", "overwrite", "progress", "frame_offset")
 
 
 def _screen_into(

@@ -278,6 +278,14 @@ def validate_batch(
     system_idx: torch.Tensor,
 ) -> None:
     """Check shapes, dtypes, devices and finiteness of batch tensors; raise on problems."""
+    n_sys = _check_batch_layout(positions, cell, pbc, system_idx)
+    _check_batch_values(positions, cell, system_idx, n_sys)
+
+
+def _check_batch_layout(
+    positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor, system_idx: torch.Tensor
+) -> int:
+    """Types, shapes, dtypes and the one device of the batch tensors; the structure count."""
     for name, t in (
         ("positions", positions),
         ("cell", cell),
@@ -319,7 +327,14 @@ def validate_batch(
         raise ValueError(
             f"`positions`, `cell`, `pbc`, `system_idx` must be on one device, got {devices}"
         )
-    # value checks: one host transfer for all of them; the details only on failure
+    return n_sys
+
+
+def _check_batch_values(
+    positions: torch.Tensor, cell: torch.Tensor, system_idx: torch.Tensor, n_sys: int
+) -> None:
+    """Finite positions and cells, ``system_idx`` sorted, in range and no structure empty:
+    one host transfer for all of them; the details only on failure."""
     idx = system_idx.long()
     in_range = (idx.min() >= 0) & (idx.max() < n_sys)
     counts = torch.zeros(n_sys, dtype=torch.int64, device=idx.device)

@@ -33,11 +33,10 @@ counter; writes through ``.data`` or to an inference-mode tensor bypass that cou
 from __future__ import annotations
 
 import math
-import numbers
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -61,66 +60,18 @@ from .descriptors import (
 from .io import DescriptorSet, is_descriptor_file, load_descriptors, read_structures
 from .kde import PreparedReferences
 from .metrics import delta_entropy
-from .structures import AtomsBatch, resolve_device, segment_sum
+from .structures import AtomsBatch, resolve_device
+from .summaries import StructureUncertainty, per_structure_summary
 
-__all__ = ["StructureUncertainty", "UncertaintyBank", "parameter_mismatch", "per_structure_summary"]
+__all__ = [
+    "StructureUncertainty",
+    "UncertaintyBank",
+    "parameter_mismatch",
+    "per_structure_summary",
+    "require_same_parameters",
+]
 
 _STATE_VERSION = 1
-
-
-class StructureUncertainty(NamedTuple):
-    """Per-atom dH and its per-structure summaries (see :meth:`UncertaintyBank.evaluate`).
-
-    Attributes:
-        dH: ``[n_atoms]`` per-atom dH (nats).
-        max_dH: ``[n_systems]`` largest dH of each structure.
-        mean_dH: ``[n_systems]`` mean dH of each structure.
-        fraction_above: ``[n_systems]`` fraction of the structure's atoms with
-            ``dH > threshold`` (out of domain).
-    """
-
-    dH: torch.Tensor
-    max_dH: torch.Tensor
-    mean_dH: torch.Tensor
-    fraction_above: torch.Tensor
-
-
-def per_structure_summary(
-    dh: torch.Tensor, system_idx: torch.Tensor, n_systems: int, threshold: float = 0.0
-) -> StructureUncertainty:
-    """Max, mean and fraction above ``threshold`` of per-atom dH, per structure, on device.
-
-    ``scatter_reduce`` and sorted segment sums only: no host synchronisation, the same bits on
-    every run (no float atomics), differentiable (max and mean) with respect to ``dh``.
-
-    Args:
-        dh: ``[n_atoms]`` per-atom dH.
-        system_idx: ``[n_atoms]`` int structure index of each atom in ``[0, n_systems)``.
-        n_systems: number of structures (every one must hold at least one atom).
-        threshold: dH above which an atom counts as out of domain (nats).
-
-    Returns:
-        :class:`StructureUncertainty` with ``[n_systems]`` summaries in the dtype of ``dh``.
-    """
-    if not isinstance(dh, torch.Tensor) or dh.ndim != 1:
-        raise ValueError(f"`dh` must be a 1-D tensor [n_atoms], got {getattr(dh, 'shape', dh)}")
-    if not isinstance(system_idx, torch.Tensor) or system_idx.shape != dh.shape:
-        raise ValueError(
-            f"`system_idx` must be a tensor of shape {tuple(dh.shape)} like `dh`, "
-            f"got {tuple(getattr(system_idx, 'shape', ()))}"
-        )
-    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
-        raise TypeError(f"`threshold` must be a float, got {type(threshold).__name__}")
-    idx = system_idx.to(device=dh.device, dtype=torch.int64)
-    order = torch.sort(idx, stable=True).indices
-    idx_sorted = idx.index_select(0, order)
-    counts = torch.bincount(idx_sorted, minlength=n_systems).to(dh.dtype)
-    top = dh.new_zeros(n_systems).scatter_reduce(0, idx, dh, reduce="amax", include_self=False)
-    # one segmented sum of [dh, above] in sorted order: reproducible bit for bit on CUDA
-    both = torch.stack([dh, (dh.detach() > threshold).to(dh.dtype)], dim=1).index_select(0, order)
-    sums = segment_sum(both, idx_sorted, n_systems, is_sorted=True)
-    mean, above = sums[:, 0] / counts, sums[:, 1] / counts
-    return StructureUncertainty(dh, top, mean, above)
 
 
 class UncertaintyBank(torch.nn.Module):
@@ -501,13 +452,14 @@ class UncertaintyBank(torch.nn.Module):
     # ------------------------------------------------------------------ checks
     def check_parameters(self, k: int | None = None, cutoff: float | None = None, *, name="query"):
         """Raise ``ValueError`` when ``k``/``cutoff`` (where given) differ from the bank's."""
-        bad = parameter_mismatch(k, cutoff, self.k, self.cutoff)
-        if bad is not None:
-            p, given, ours = bad
-            raise ValueError(
-                f"{name} was computed with {p}={given} but the bank uses {p}={ours}: "
-                "descriptors made with different parameters cannot be compared"
-            )
+        require_same_parameters(
+            (k, cutoff),
+            (self.k, self.cutoff),
+            lambda p, given, ours: (
+                f"{name} was computed with {p}={given} but the bank uses "
+                f"{p}={ours}: descriptors made with different parameters cannot be compared"
+            ),
+        )
 
     def _check_width(self, x: torch.Tensor, name: str) -> torch.Tensor:
         if x.ndim != 2:
@@ -531,20 +483,19 @@ class UncertaintyBank(torch.nn.Module):
             )
 
     # ------------------------------------------------------------------ evaluation
-    def descriptors_of(
-        self,
-        positions: torch.Tensor,
-        cell: torch.Tensor,
-        pbc: torch.Tensor,
-        system_idx: torch.Tensor | None = None,
-        numbers: torch.Tensor | None = None,
-        *,
-        budget: int | str | None = None,
-    ) -> torch.Tensor:
+    def descriptors_of(self, *batch: torch.Tensor | None, budget=None) -> torch.Tensor:
         """Descriptors of a batch with the bank's ``k``, ``cutoff`` (and species).
 
         Shapes as in :func:`quests_torch.descriptors.descriptors_from_tensors`; differentiable.
+
+        Args:
+            *batch: ``positions, cell, pbc[, system_idx, numbers]``, as in :meth:`forward`.
+            budget: memory budget of one descriptor chunk (bytes or ``"512M"``).
+
+        Returns:
+            ``[n_atoms, width]`` descriptors on the bank's device.
         """
+        positions, cell, pbc, system_idx, numbers = _batch_tensors(batch, "descriptors_of")
         if isinstance(positions, torch.Tensor) and positions.device != self.device:
             raise ValueError(
                 f"`positions` is on {positions.device} but the bank is on {self.device}: "
@@ -641,21 +592,20 @@ class UncertaintyBank(torch.nn.Module):
         # descriptors of validated (finite) positions are finite: no second NaN check
         return -bank.log_kernel_sum(y, name="y", check_finite=False)
 
-    def evaluate(
-        self,
-        positions: torch.Tensor,
-        cell: torch.Tensor,
-        pbc: torch.Tensor,
-        system_idx: torch.Tensor | None = None,
-        numbers: torch.Tensor | None = None,
-        *,
-        threshold: float = 0.0,
-    ) -> StructureUncertainty:
+    def evaluate(self, *batch: torch.Tensor | None, threshold: float = 0.0) -> StructureUncertainty:
         """Per-atom dH and, per structure, its max, mean and fraction above ``threshold``.
 
         The summaries are reduced on the device (``scatter_reduce``, segment sums), without a
-        host synchronisation of their own. Arguments as in :meth:`forward`.
+        host synchronisation of their own.
+
+        Args:
+            *batch: ``positions, cell, pbc[, system_idx, numbers]``, as in :meth:`forward`.
+            threshold: dH above which an atom counts as out of domain (nats).
+
+        Returns:
+            :class:`StructureUncertainty`.
         """
+        positions, cell, pbc, system_idx, numbers = _batch_tensors(batch, "evaluate")
         dh = self.forward(positions, cell, pbc, system_idx, numbers)
         n_systems = 1 if cell.ndim == 2 else int(cell.shape[0])
         if system_idx is None:
@@ -678,6 +628,17 @@ class UncertaintyBank(torch.nn.Module):
         )
 
 
+def _batch_tensors(batch: tuple, caller: str) -> tuple:
+    """``(positions, cell, pbc, system_idx, numbers)`` of the positional arguments of a
+    method that takes those of :meth:`UncertaintyBank.forward` (the last two optional)."""
+    if not 3 <= len(batch) <= 5:
+        raise TypeError(
+            f"{caller}() takes positions, cell, pbc and optionally system_idx and numbers, "
+            f"got {len(batch)} positional arguments"
+        )
+    return (*batch, None, None)[:5]
+
+
 def _set_name(ds: DescriptorSet) -> str:
     return f"descriptor set {ds.source!r}" if ds.source else "descriptor set"
 
@@ -694,13 +655,32 @@ def parameter_mismatch(
     return None
 
 
-def _check_same_params(ds: DescriptorSet, k: int | None, cutoff: float | None) -> None:
-    bad = parameter_mismatch(k, cutoff, ds.k, ds.cutoff)
+def require_same_parameters(
+    given: tuple[int | None, float | None],
+    expected: tuple[int, float],
+    message: Callable[[str, object, object], str],
+) -> None:
+    """Raise ``ValueError(message(name, given, expected))`` for the first of ``k`` and
+    ``cutoff`` that differs (:func:`parameter_mismatch`).
+
+    Args:
+        given: ``(k, cutoff)`` to check, ``None`` where not given.
+        expected: the ``(k, cutoff)`` they must equal.
+        message: the error message of the parameter's name, given and expected values.
+    """
+    bad = parameter_mismatch(*given, *expected)
     if bad is not None:
-        p, given, theirs = bad
-        raise ValueError(
+        raise ValueError(message(*bad))
+
+
+def _check_same_params(ds: DescriptorSet, k: int | None, cutoff: float | None) -> None:
+    require_same_parameters(
+        (k, cutoff),
+        (ds.k, ds.cutoff),
+        lambda p, given, theirs: (
             f"{_set_name(ds)} was computed with {p}={theirs}, not the requested {p}={given}"
-        )
+        ),
+    )
 
 
 def _dtype_of(x: object) -> torch.dtype:

@@ -6,14 +6,12 @@ process would; this module only deals its tasks out to the ranks and gathers the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import torch.distributed as dist
 
 from .. import learning_curve as _curve
-from ..checks import DEFAULT_BANDWIDTH, check_bandwidths
-from ..kde import ArrayLike, Bandwidth
+from ..checks import bind_arguments, check_bandwidths
+from ..kde import ArrayLike
 from ..learning_curve import CurveTask, LearningCurve, LearningCurvePlan, plan_learning_curve
 from ..metrics import entropy as _entropy
 from . import comm
@@ -21,16 +19,10 @@ from .kernels import check_shard, entropy, same_seed
 
 #: learning-curve subsets with more pairs than this are computed by all ranks together
 _COLLECTIVE_PAIRS = 1 << 24
+_CURVE_ARGS = ("h", "sizes", "repeats", "generator", "rows")
 
 
-def entropy_learning_curve(
-    x: ArrayLike,
-    h: Bandwidth = DEFAULT_BANDWIDTH,
-    sizes: Sequence[int] | torch.Tensor | None = None,
-    repeats: int = 3,
-    generator: torch.Generator | int | None = None,
-    **options,
-) -> LearningCurve:
+def entropy_learning_curve(x: ArrayLike, *args, shard: str = "auto", **options) -> LearningCurve:
     """:func:`quests_torch.metrics.entropy_learning_curve` with the subsets spread over ranks.
 
     Every rank draws the same plan (:func:`quests_torch.learning_curve.plan_learning_curve`)
@@ -43,15 +35,26 @@ def entropy_learning_curve(
     one rank, the others add 0.0). With ``rows`` (sampled estimates) every rank computes the
     whole curve as one process.
 
+    Args:
+        x: descriptors ``[n, d]``, the same on every rank.
+        *args: ``h``, ``sizes``, ``repeats``, ``generator`` and ``rows``, as
+            :func:`quests_torch.metrics.entropy_learning_curve`.
+        shard: how the shared subsets are split (see :func:`entropy`).
+        **options: the keywords of :func:`quests_torch.metrics.entropy_learning_curve`
+            (the same defaults and checks; an unknown keyword is a ``TypeError`` naming it).
+
     Returns:
         :class:`quests_torch.metrics.LearningCurve`, the same on every rank.
     """
+    check_shard(shard)
     if not comm.is_distributed():
-        check_shard(options.pop("shard", "auto"))
-        return _curve.entropy_learning_curve(x, h, sizes, repeats, generator, **options)
-    rows = options.pop("rows", None)
+        return _curve.entropy_learning_curve(x, *args, **options)
+    a = bind_arguments(_curve.entropy_learning_curve, "entropy_learning_curve", (x, *args), options)
+    h, sizes, repeats, generator, rows = (
+        a[n] for n in ("h", "sizes", "repeats", "generator", "rows")
+    )
+    options = a["options"]
     if rows is not None:  # sampled estimates: every rank computes the same
-        options.pop("shard", None)
         return _curve.entropy_learning_curve(
             x, h, sizes, repeats, same_seed(generator), rows=rows, **options
         )
@@ -63,7 +66,7 @@ def entropy_learning_curve(
         dev = x.device
     else:
         dev = torch.device(options.get("device") or comm.comm_device())
-    opts = {key: v for key, v in options.items() if key != "shard"}
+    opts = dict(options)
     if not isinstance(x, torch.Tensor):
         opts["device"] = dev
     shape = (len(plan.sizes), plan.repeats) + ((len(hs),) if vector else ())
@@ -77,10 +80,10 @@ def entropy_learning_curve(
             continue
         if task.rows is None:
             if full is None:
-                full = entropy(x, h, **options)
+                full = entropy(x, h, shard=shard, **options)
             value = full
         else:
-            value = entropy(plan.subset(x, task), h, **options)
+            value = entropy(plan.subset(x, task), h, shard=shard, **options)
         values[task.size_index, task.repeat] = value.to(dev)
     return plan.curve(values)
 

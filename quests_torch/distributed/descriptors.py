@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..descriptors import DEFAULT_CUTOFF, DEFAULT_K
+from ..checks import bind_arguments
 from ..descriptors import get_descriptors as _get_descriptors
 from ..structures import AtomsBatch, resolve_device
 from . import comm
@@ -29,55 +29,33 @@ def _structure_blocks(atoms_per_structure: Sequence[int], world: int) -> list[tu
     return [(cuts[r], max(cuts[r], cuts[r + 1])) for r in range(world)]
 
 
-def get_descriptors(
-    structures: object,
-    k: int = DEFAULT_K,
-    cutoff: float = DEFAULT_CUTOFF,
-    *,
-    dtype: torch.dtype = torch.float64,
-    device: torch.device | str | None = "cpu",
-    multicomponent: bool = False,
-    species: Sequence[str | int] | None = None,
-    budget: int | str | None = None,
-    gather: bool = True,
-) -> torch.Tensor:
+def get_descriptors(structures: object, *args, gather: bool = True, **options) -> torch.Tensor:
     """:func:`quests_torch.descriptors.get_descriptors` with the structures split over ranks.
 
-    Rank ``r`` computes a contiguous block of structures (blocks balanced by atom count, see
-    :func:`shard_range` for the idea); the rows are all-gathered in input order. The species of
-    the multicomponent blocks are fixed from all structures first, so every rank builds the
-    same columns. One structure is never split: a single huge cell is computed by one rank.
+    Takes every argument of :func:`quests_torch.descriptors.get_descriptors` (the same
+    defaults and checks; an unknown keyword is a ``TypeError`` naming it). Rank ``r``
+    computes a contiguous block of structures (blocks balanced by atom count, see
+    :func:`shard_range` for the idea) on ``device``; the rows are all-gathered in input
+    order. The species of the multicomponent blocks are fixed from all structures first
+    (``species`` default: every element of all the structures, not only of this rank's
+    block), so every rank builds the same columns. One structure is never split: a single
+    huge cell is computed by one rank.
 
     Args:
         structures: ``ase.Atoms``, a list of them, or an :class:`AtomsBatch` (the same on
             every rank).
-        k: number of nearest neighbours (default 32, at most
-            :data:`quests_torch.checks.MAX_K`).
-        cutoff: cutoff radius in Å (default 5.0).
-        dtype: ``torch.float64`` (default) or ``torch.float32`` (float32 wherever float64 is
-            off, as in :func:`quests_torch.descriptors.get_descriptors`).
-        device: where this rank computes and where the result lives (default CPU;
-            ``"auto"``: CUDA, else MPS, else CPU).
-        multicomponent: append one descriptor block per species (default ``False``).
-        species: element symbols or atomic numbers of the multicomponent blocks (default:
-            every element of all the structures, not only of this rank's block).
-        budget: memory budget for one chunk on this rank (bytes or ``"512M"``).
+        *args: ``k`` and ``cutoff``, as :func:`quests_torch.descriptors.get_descriptors`.
         gather: ``False`` returns only this rank's rows (its structures' atoms, in order).
+        **options: the keywords of :func:`quests_torch.descriptors.get_descriptors`.
 
     Returns:
         ``[n_atoms, width]`` on ``device`` (every rank), or this rank's block.
     """
     if not comm.is_distributed():
-        return _get_descriptors(
-            structures,
-            k,
-            cutoff,
-            dtype=dtype,
-            device=device,
-            multicomponent=multicomponent,
-            species=species,
-            budget=budget,
-        )
+        return _get_descriptors(structures, *args, **options)
+    kw = bind_arguments(_get_descriptors, "get_descriptors", (structures, *args), options)
+    del kw["structures"]
+    multicomponent, species = kw["multicomponent"], kw["species"]
     if isinstance(structures, AtomsBatch):
         counts = structures.n_atoms_per_system.tolist()
         numbers = torch.unique(structures.numbers).tolist()
@@ -89,31 +67,22 @@ def get_descriptors(
     if multicomponent and species is None:
         spec = sorted(numbers)  # every element of the whole data, not of this rank's block
     s0, s1 = _structure_blocks(counts, comm.world_size())[comm.rank()]
-    dev = resolve_device(device)
+    dev = resolve_device(kw["device"])
     if s1 > s0:
         if isinstance(structures, AtomsBatch):
             block = structures.select(torch.arange(s0, s1))
         else:
             block = list(items[s0:s1])
-        local = _get_descriptors(
-            block,
-            k,
-            cutoff,
-            dtype=dtype,
-            device=dev,
-            multicomponent=multicomponent,
-            species=spec,
-            budget=budget,
-        )
+        local = _get_descriptors(block, **{**kw, "device": dev, "species": spec})
     else:
-        local = torch.empty(0, 0, dtype=dtype, device=dev)
+        local = torch.empty(0, 0, dtype=kw["dtype"], device=dev)
     if not gather:
         return local
     width = int(
         comm.all_reduce(torch.tensor([local.shape[1]], dtype=torch.int64), dist.ReduceOp.MAX)
     )
     if local.shape[1] != width:
-        local = torch.empty(0, width, dtype=dtype, device=dev)
+        local = torch.empty(0, width, dtype=kw["dtype"], device=dev)
     cum = np.concatenate([[0], np.cumsum(counts)])
     blocks = _structure_blocks(counts, comm.world_size())
     return comm.all_gather_rows(local, [int(cum[b] - cum[a]) for a, b in blocks])

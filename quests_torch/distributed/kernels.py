@@ -10,15 +10,17 @@ import torch.distributed as dist
 
 from .. import metrics as _metrics
 from .._memory import memory_budget
-from ..checks import check_bandwidths, check_threshold
+from ..checks import bind_arguments, check_bandwidths, check_threshold
 from ..estimates import resolve_rows
 from ..kde import DEFAULT_BANDWIDTH, ArrayLike, Bandwidth, full_precision
+from ..kde import log_kernel_sum as _kde_log_kernel_sum
 from ..kde.engine import (
     Problem,
     Source,
     as_log_weights,
     check_log_weights_shape,
     check_pair,
+    check_sweep_options,
     compute_device,
     far_rows,
     forward,
@@ -29,6 +31,7 @@ from ..kde.engine import (
 )
 from ..metrics import (
     DatasetSummary,
+    check_summary_arguments,
     diversity_from_log_p,
     entropy_from_log_p,
     fraction_above,
@@ -93,16 +96,13 @@ def _sharded_log_p(
     names: tuple[str, str],
     log_weights=None,
     shard: str = "auto",
-    dtype: torch.dtype | None = None,
-    centre: bool = True,
-    distance: str = "matmul",
-    tile_size=None,
-    budget=None,
-    device=None,
     progress=None,
+    **options,
 ) -> torch.Tensor:
     """``log p(x_i | y)`` computed by all ranks together; the whole result on every rank."""
     check_shard(shard)
+    check_sweep_options(options, "log_kernel_sum")
+    device = options.get("device")
     hs, vector = check_bandwidths(h)
     same = y is x
     xs = Source(x, names[0])
@@ -114,7 +114,7 @@ def _sharded_log_p(
     if device is None and xs.device is None and ys.device is None:
         device = comm.comm_device()
     dev = compute_device([xs, ys], device)
-    out_dtype, compute_dtype = input_dtypes(xs, ys, dtype)
+    out_dtype, compute_dtype = input_dtypes(xs, ys, options.get("dtype"))
     plan = _plan(
         shard,
         same and lw is None,
@@ -122,16 +122,9 @@ def _sharded_log_p(
         ys.n,
         ys.d + 3,
         compute_dtype.itemsize,
-        memory_budget(dev, budget),
+        memory_budget(dev, options.get("budget")),
     )
-    common = dict(
-        dtype=dtype,
-        distance=distance,
-        tile_size=tile_size,
-        budget=budget,
-        device=dev,
-        centre=centre,
-    )
+    common = {"centre": True, "tile_size": None, **options, "device": dev}
     progress = progress if comm.rank() == 0 else None
     if plan == "tiles":
         log_p = _tiles_log_p(xs, hs, common, progress)
@@ -221,14 +214,18 @@ def _cols_log_p(xs: Source, y, ys: Source, hs, lw, same: bool, name: str, common
 # --------------------------------------------------------------------------------------------
 
 
+def _twin(single, args: tuple, options: dict, shard: str, sharded):
+    """``single(*args, **options)`` in one process; with several ranks ``sharded`` of the
+    arguments bound to ``single``'s signature (its defaults and an unknown keyword's
+    ``TypeError``, as a call of ``single`` gives them)."""
+    check_shard(shard)
+    if not comm.is_distributed():
+        return single(*args, **options)
+    return sharded(bind_arguments(single, single.__name__, args, options))
+
+
 def log_kernel_sum(
-    x: ArrayLike,
-    y: ArrayLike,
-    h: Bandwidth = DEFAULT_BANDWIDTH,
-    *,
-    log_weights: torch.Tensor | np.ndarray | None = None,
-    shard: str = "auto",
-    **options,
+    x: ArrayLike, y: ArrayLike, *args, shard: str = "auto", **options
 ) -> torch.Tensor:
     """:func:`quests_torch.kde.log_kernel_sum` computed by all ranks together.
 
@@ -238,23 +235,20 @@ def log_kernel_sum(
     Args:
         x: queries ``[n, d]``, the same on every rank (tensor, numpy array or memmap).
         y: references ``[m, d]``, the same on every rank.
-        h: bandwidth (1/Å) or a 1-D sequence of bandwidths.
-        log_weights: optional ``[m]`` log weights of the references.
+        *args: ``h``, as :func:`quests_torch.kde.log_kernel_sum`.
         shard: ``"auto"``, ``"tiles"`` (``y is x`` only), ``"rows"`` or ``"cols"`` (see the
             module docstring).
-        **options: ``dtype``, ``centre``, ``distance``, ``tile_size``, ``budget``, ``device``,
-            ``progress`` as in :func:`quests_torch.kde.kernel_pass`.
+        **options: the keywords of :func:`quests_torch.kde.log_kernel_sum`.
 
     Returns:
         ``[n]`` (``[n, n_h]`` for a vector ``h``) on every rank; not differentiable when
         distributed.
     """
-    if not comm.is_distributed():
-        check_shard(shard)
-        from ..kde import log_kernel_sum as _single
 
-        return _single(x, y, h, log_weights=log_weights, **options)
-    return _sharded_log_p(x, y, h, names=("x", "y"), log_weights=log_weights, **options)
+    def sharded(a: dict) -> torch.Tensor:
+        return _sharded_log_p(x, y, a["h"], names=("x", "y"), shard=shard, **a["options"])
+
+    return _twin(_kde_log_kernel_sum, (x, y, *args), options, shard, sharded)
 
 
 def same_seed(generator):
@@ -298,7 +292,7 @@ def diversity(x: ArrayLike, h: Bandwidth = DEFAULT_BANDWIDTH, **options) -> torc
 
 
 def delta_entropy(
-    y: ArrayLike, x: ArrayLike, h: Bandwidth = DEFAULT_BANDWIDTH, **options
+    y: ArrayLike, x: ArrayLike, *args, shard: str = "auto", **options
 ) -> torch.Tensor:
     """:func:`quests_torch.metrics.delta_entropy` (``dH(y_i | X) = -log p(y_i | X)``), all
     ranks together.
@@ -306,74 +300,85 @@ def delta_entropy(
     Args:
         y: test descriptors ``[n_y, d]``, the same on every rank.
         x: reference descriptors ``[n_x, d]``, the same on every rank.
-        h: bandwidth (1/Å) or a 1-D sequence of bandwidths.
-        **options: ``shard`` plus the options of :func:`quests_torch.kde.kernel_pass`.
+        *args: ``h``, as :func:`quests_torch.metrics.delta_entropy`.
+        shard: how the pairs are split (see :func:`log_kernel_sum`).
+        **options: the options of :func:`quests_torch.kde.kernel_pass`.
 
     Returns:
         ``[n_y]`` (``[n_y, n_h]``) on every rank.
     """
-    if not comm.is_distributed():
-        check_shard(options.pop("shard", "auto"))
-        return _metrics.delta_entropy(y, x, h, **options)
-    return -_sharded_log_p(y, x, h, names=("y", "x"), **options)
+    return _twin(
+        _metrics.delta_entropy, (y, x, *args), options, shard, lambda a: -_log_p_of(a, shard)
+    )
 
 
-def novelty(
-    y: ArrayLike,
-    x: ArrayLike,
-    h: Bandwidth = DEFAULT_BANDWIDTH,
-    threshold: float = 0.0,
-    **options,
-) -> torch.Tensor:
-    """:func:`quests_torch.metrics.novelty` (fraction with ``dH > threshold``), all ranks."""
-    threshold = check_threshold(threshold)
-    with torch.no_grad():
-        return fraction_above(delta_entropy(y, x, h, **options), threshold)
+def _log_p_of(a: dict, shard: str) -> torch.Tensor:
+    """The sharded ``log p(y | x)`` of the bound arguments ``a`` of a metric of ``(y, x)``."""
+    return _sharded_log_p(a["y"], a["x"], a["h"], names=("y", "x"), shard=shard, **a["options"])
 
 
-def overlap(
-    y: ArrayLike,
-    x: ArrayLike,
-    h: Bandwidth = DEFAULT_BANDWIDTH,
-    threshold: float = 0.0,
-    **options,
-) -> torch.Tensor:
-    """:func:`quests_torch.metrics.overlap` (``1 - novelty``), all ranks together."""
-    return 1.0 - novelty(y, x, h, threshold, **options)
+def _novel_fraction(a: dict, shard: str) -> torch.Tensor:
+    """The sharded fraction with ``dH > threshold`` of the bound arguments ``a``."""
+    threshold = check_threshold(a["threshold"])
+    return fraction_above(-_log_p_of(a, shard), threshold)
 
 
-def dataset_summary(
-    x: ArrayLike,
-    h: float = DEFAULT_BANDWIDTH,
-    other: ArrayLike | None = None,
-    threshold: float = 0.0,
-    **options,
-) -> DatasetSummary:
+def novelty(y: ArrayLike, x: ArrayLike, *args, shard: str = "auto", **options) -> torch.Tensor:
+    """:func:`quests_torch.metrics.novelty` (fraction with ``dH > threshold``), all ranks.
+
+    Args:
+        y: test descriptors ``[n_y, d]``, the same on every rank.
+        x: reference descriptors ``[n_x, d]``, the same on every rank.
+        *args: ``h`` and ``threshold``, as :func:`quests_torch.metrics.novelty`.
+        shard: how the pairs are split (see :func:`log_kernel_sum`).
+        **options: the keywords of :func:`quests_torch.metrics.novelty`.
+
+    Returns:
+        0-d tensor (``[n_h]`` for a vector ``h``) on every rank.
+    """
+    return _twin(
+        _metrics.novelty, (y, x, *args), options, shard, lambda a: _novel_fraction(a, shard)
+    )
+
+
+def overlap(y: ArrayLike, x: ArrayLike, *args, shard: str = "auto", **options) -> torch.Tensor:
+    """:func:`quests_torch.metrics.overlap` (``1 - novelty``), all ranks together; arguments
+    as :func:`novelty`."""
+    return 1.0 - novelty(y, x, *args, shard=shard, **options)
+
+
+def dataset_summary(x: ArrayLike, *args, shard: str = "auto", **options) -> DatasetSummary:
     """:func:`quests_torch.metrics.dataset_summary` (size, ``H``, ``log n``, ``D``, overlaps),
     all ranks together; ``H`` and ``D`` share one sharded kernel pass.
 
     With ``rows`` (sampled estimates, ``m n`` pairs) every rank computes the same estimates
     from the same sampled rows (an int seed, or with ``generator=None`` a seed drawn on rank 0
-    and broadcast); the exact path is sharded."""
-    if not comm.is_distributed():
-        check_shard(options.pop("shard", "auto"))
-        return _metrics.dataset_summary(x, h, other, threshold, **options)
-    rows, generator = options.pop("rows", None), options.pop("generator", None)
+    and broadcast); the exact path is sharded.
+
+    Args:
+        x: descriptors ``[n, d]``, the same on every rank.
+        *args: ``h``, ``other``, ``threshold``, ``rows`` and ``generator``, as
+            :func:`quests_torch.metrics.dataset_summary`.
+        shard: how the pairs are split (see :func:`log_kernel_sum`).
+        **options: the keywords of :func:`quests_torch.metrics.dataset_summary`.
+
+    Returns:
+        :class:`quests_torch.metrics.DatasetSummary`, the same on every rank.
+    """
+    single = _metrics.dataset_summary
+    return _twin(single, (x, *args), options, shard, lambda a: _sharded_summary(a, shard))
+
+
+def _sharded_summary(a: dict, shard: str) -> DatasetSummary:
+    x, h, other, threshold, rows = (a[n] for n in ("x", "h", "other", "threshold", "rows"))
+    options = a["options"]
     if resolve_rows(rows, Source(x, "x").n) < Source(x, "x").n:
-        options.pop("shard", None)
-        return _metrics.dataset_summary(
-            x, h, other, threshold, rows=rows, generator=same_seed(generator), **options
-        )
-    threshold = check_threshold(threshold)
-    _, vector = check_bandwidths(h)
-    if vector:
-        raise ValueError("`h` must be a single bandwidth for dataset_summary")
-    log_p = _self_log_p(x, h, options)
-    n = int(log_p.shape[0])
+        a = {**a, "generator": same_seed(a["generator"])}
+        return _metrics.dataset_summary(**{n: v for n, v in a.items() if n != "options"}, **options)
+    threshold = check_summary_arguments(h, threshold)
+    log_p = _self_log_p(x, h, {"shard": shard, **options})
     ov = ov_other = None
     if other is not None:
-        ov = overlap(x, other, h, threshold, **options)
-        ov_other = overlap(other, x, h, threshold, **options)
-    return DatasetSummary(
-        n, entropy_from_log_p(log_p), math.log(n), diversity_from_log_p(log_p), ov, ov_other
-    )
+        ov = overlap(x, other, h, threshold, shard=shard, **options)
+        ov_other = overlap(other, x, h, threshold, shard=shard, **options)
+    return DatasetSummary.from_log_p(log_p, ov, ov_other)

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..checks import DEFAULT_BANDWIDTH, DEFAULT_CLUSTER_CUTOFF, DEFAULT_CUTOFF, DEFAULT_K
+from .. import screening as _screening
+from ..checks import bind_arguments
 from ..io import atomic_write, count_frames, iter_structures
 from ..resume import ResumeState, TableInUseError, table_lock
 from ..screening import (
@@ -26,6 +27,7 @@ from ..screening import (
     ScreenFiles,
     ScreeningResult,
     ScreenTimings,
+    check_run_keywords,
     screen_file,
 )
 from . import comm
@@ -106,21 +108,8 @@ def screen_trajectory(
     reference: torch.Tensor | np.ndarray,
     table: str | os.PathLike,
     *,
-    index: str = ":",
-    extxyz: str | os.PathLike | None = None,
-    h: float = DEFAULT_BANDWIDTH,
-    threshold: float = 0.0,
-    k: int = DEFAULT_K,
-    cutoff: float = DEFAULT_CUTOFF,
-    cluster_cutoff: float = DEFAULT_CLUSTER_CUTOFF,
-    dtype: torch.dtype = torch.float64,
-    device: torch.device | str | None = "cpu",
-    batch_atoms: int | None = None,
-    reference_key: str | None = None,
-    trajectory_key: str | None = None,
-    overwrite: bool = False,
-    progress: bool = False,
     keep_parts: bool = False,
+    **options,
 ) -> ScreeningResult:
     """:func:`quests_torch.screening.screen_trajectory` with the frames split over ranks.
 
@@ -145,40 +134,36 @@ def screen_trajectory(
     Several nodes need a shared filesystem for the folder of ``table`` (rank 0 reads the
     other ranks' parts). Each rank needs the whole ``reference``.
 
+    Takes every keyword of :func:`quests_torch.screening.screen_trajectory` (the same
+    defaults and checks; an unknown keyword is a ``TypeError`` naming it) except
+    ``frame_offset`` (of :func:`quests_torch.screening.screen_file`), which the ranks set for
+    their parts. Per rank: ``device`` is where
+    each rank computes, ``batch_atoms`` its atoms per batch, ``progress`` a bar on rank 0
+    only (of its own block); ``reference_key`` and ``trajectory_key``, when not given, are
+    computed once on rank 0.
+
     Args:
         trajectory: any ASE-readable trajectory (the same path on every rank).
         reference: ``[m, 2k - 1]`` reference descriptors (the whole of them on every rank).
         table: merged per-frame output table (``.jsonl``: JSON lines, anything else CSV).
-        index: ASE selection of frames, split over the ranks (default ``":"``, all).
-        extxyz: also write every frame with its per-atom dH and cluster labels to this
-            extxyz file (merged from the ranks' parts like the table).
-        h: bandwidth of the kernel (1/Å, default 0.015).
-        threshold: dH (nats) above which an atom is novel (default 0).
-        k: neighbours per environment of the descriptors (default 32; must match the
-            reference's).
-        cutoff: descriptor cutoff radius (Å, default 5.0; must match the reference's).
-        cluster_cutoff: largest edge of the cluster graph (Å, default 3.0).
-        dtype: compute dtype of descriptors and kernel sums (default float64).
-        device: where each rank computes (default CPU; ``"auto"``/``None``: CUDA, else MPS,
-            else CPU).
-        batch_atoms: atoms per batch on each rank (``None``:
-            :func:`quests_torch.screening.default_batch_atoms`).
-        reference_key: identifies the reference in the resume state (default: the hash of
-            its values, computed once on rank 0).
-        trajectory_key: identifies the trajectory's content in the resume state (default:
-            its size and SHA-256, computed once on rank 0).
-        overwrite: start afresh even when outputs of a different screening exist.
-        progress: show a tqdm progress bar, on rank 0 only (of its own block).
         keep_parts: keep ``<table>.parts/`` after the merge (default ``False``: deleted).
+        **options: the keywords of :func:`quests_torch.screening.screen_trajectory`
+            (``index`` is split over the ranks; ``extxyz`` is merged from the ranks' parts
+            like the table).
 
     Returns:
         :class:`quests_torch.screening.ScreeningResult` of the merged table on every rank;
         ``frames_screened``/``frames_resumed`` summed over ranks, ``timings`` the largest per
         stage over ranks, ``batch_atoms`` this rank's.
     """
-    config = ScreenConfig(h, threshold, k, cutoff, cluster_cutoff, dtype, device, batch_atoms)
-    files = ScreenFiles.check(trajectory, table, index=index, extxyz=extxyz)
-    keys = {"trajectory_key": trajectory_key, "reference_key": reference_key}
+    args = bind_arguments(
+        _screening.screen_trajectory, "screen_trajectory", (trajectory, reference, table), options
+    )
+    run = check_run_keywords(args["run"], "screen_trajectory", refuse=("frame_offset",))
+    config = ScreenConfig.from_arguments(args)
+    files = ScreenFiles.check(trajectory, table, index=args["index"], extxyz=args["extxyz"])
+    keys = {name: run[name] for name in ("trajectory_key", "reference_key")}
+    overwrite, progress = run["overwrite"], run["progress"]
     if not comm.is_distributed():
         return screen_file(files, reference, config, **keys, overwrite=overwrite, progress=progress)
     t_start = time.perf_counter()

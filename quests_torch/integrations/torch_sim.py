@@ -42,7 +42,7 @@ except ImportError as _err:  # pragma: no cover - exercised only without torch-s
         "install it with `pip install quests-torch[mlip]`"
     ) from _err
 
-from ..calculators import EntropyBiasTerms
+from ..calculators import EntropyBiasTerms, check_bias_keywords
 from ..checks import check_threshold
 from ..structures import strain_rows
 from ..uncertainty import StructureUncertainty, UncertaintyBank, per_structure_summary
@@ -218,19 +218,17 @@ class EntropyBiasModel(EntropyBiasTerms, _Wrapper):
             device and dtype).
         bank: reference environments (same device and dtype as ``model``).
         strength: ``lambda`` (eV/nat); positive values push towards novel environments.
-        reduction: ``"mean"`` (default) or ``"softmax"``, how ``f_s`` reduces the per-atom
-            values of a system.
-        beta: sharpness of ``"softmax"`` (1/nat, default 1.0).
-        entropy_strength: ``mu`` (eV/nat, default 0: no entropy term).
-        entropy_h: bandwidth of ``H_s`` (1/Å, default ``bank.h``).
-        saturation: ``c`` (nats) of the ``c tanh(dH / c)`` cap, or ``None`` (default: no
-            cap).
         compute_stress: add the bias stress (needs fully periodic systems). Default: the
             wrapped model's ``compute_stress`` (``False`` without a model).
         k: neighbours per environment the bank must have been built with (checked when
             given).
         cutoff: descriptor cutoff radius (Å) the bank must have been built with (checked
             when given).
+        **bias_options: ``reduction`` (``"mean"``, default, or ``"softmax"``: how ``f_s``
+            reduces the per-atom values of a system), ``beta``, ``entropy_strength``,
+            ``entropy_h`` and ``saturation``: the keywords of
+            :meth:`~quests_torch.calculators.EntropyBiasTerms.set_bias_options` (the same
+            defaults and checks), shared with the ASE calculator.
 
     Raises:
         ValueError: bad options (see :func:`~quests_torch.calculators.check_bias_options`),
@@ -245,19 +243,16 @@ class EntropyBiasModel(EntropyBiasTerms, _Wrapper):
         bank: UncertaintyBank,
         strength: float = 0.01,
         *,
-        reduction: str = "mean",
-        beta: float = 1.0,
-        entropy_strength: float = 0.0,
-        entropy_h: float | None = None,
-        saturation: float | None = None,
         compute_stress: bool | None = None,
         k: int | None = None,
         cutoff: float | None = None,
+        **bias_options,
     ) -> None:
         super().__init__()
         self.model = None if model is None else check_model(model)
         self.bank = check_bank_for(bank, model, k, cutoff)
-        self.set_bias_options(strength, reduction, beta, entropy_strength, entropy_h, saturation)
+        bias_options = check_bias_keywords(bias_options, "EntropyBiasModel")
+        self.set_bias_options(strength, **bias_options)
         self._species = SpeciesCheck(self.bank)
         self._stress = self._check_stress(
             bool(getattr(model, "compute_stress", False)) if compute_stress is None else None,

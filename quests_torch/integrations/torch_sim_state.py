@@ -19,7 +19,7 @@ import torch
 
 from ..calculators import check_bank
 from ..structures import canonical_device
-from ..uncertainty import StructureUncertainty, UncertaintyBank, parameter_mismatch
+from ..uncertainty import StructureUncertainty, UncertaintyBank, require_same_parameters
 
 __all__ = [
     "SpeciesCheck",
@@ -101,13 +101,14 @@ def check_bank_for(
 ) -> UncertaintyBank:
     """A non-empty bank with the expected ``k``/``cutoff`` on the model's device and dtype."""
     bank = check_bank(bank)
-    bad = parameter_mismatch(k, cutoff, bank.k, bank.cutoff)
-    if bad is not None:
-        p, given, ours = bad
-        raise ValueError(
-            f"`bank` was built with {p}={ours} but {p}={given} was expected: rebuild the bank "
-            "with the descriptor parameters of the reference data"
-        )
+    require_same_parameters(
+        (k, cutoff),
+        (bank.k, bank.cutoff),
+        lambda p, given, ours: (
+            f"`bank` was built with {p}={ours} but {p}={given} was "
+            "expected: rebuild the bank with the descriptor parameters of the reference data"
+        ),
+    )
     if model is not None:
         if canonical_device(model.device) != canonical_device(bank.device):
             raise ValueError(

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from .._precision import full_precision
-from ..checks import DEFAULT_BANDWIDTH, Progress, check_bandwidths
-from .problem import Groups, KernelSums, Problem
+from ..checks import DEFAULT_BANDWIDTH, Progress, bind_arguments, check_bandwidths
+from .problem import SWEEP_OPTIONS, KernelSums, Problem, check_sweep_options
 from .source import ArrayLike, Bandwidth, Source, as_log_weights
 from .sweeps import LogKernelSumFn, forward
 from .tiles import retry_on_oom, spans, tile_view
@@ -24,40 +24,20 @@ def named_kernel_pass(
     names: tuple[str, str] = ("x", "y"),
     log_weights=None,
     n_nearest: int = 0,
-    dtype: torch.dtype | None = None,
-    centre: bool = True,
-    distance: str = "matmul",
-    tile_size=None,
-    budget=None,
-    device=None,
     progress: Progress = None,
-    groups: Groups | None = None,
-    want_sums: bool = True,
+    **options,
 ) -> KernelSums:
-    """:func:`kernel_pass` with the argument names used in error messages."""
+    """:func:`kernel_pass` with the argument names used in error messages; ``options`` are
+    :data:`~quests_torch.kde.engine.SWEEP_OPTIONS` plus ``groups`` and ``want_sums``."""
+    check_sweep_options(options, "named_kernel_pass", ("groups", "want_sums"))
     hs, vector = check_bandwidths(h)
     same = y is x
     xs = Source(x, names[0])
     ys = xs if same else Source(y, names[1])
     if not isinstance(n_nearest, int) or n_nearest < 0:
         raise ValueError(f"`n_nearest` must be a non-negative int, got {n_nearest!r}")
-    lw = as_log_weights(log_weights, device)
-    problem = Problem(
-        xs,
-        ys,
-        hs,
-        log_weights=lw,
-        dtype=dtype,
-        centre=centre,
-        distance=distance,
-        tile_size=tile_size,
-        budget=budget,
-        device=device,
-        same=same,
-        n_nearest=n_nearest,
-        groups=groups,
-        want_sums=want_sums,
-    )
+    lw = as_log_weights(log_weights, options.get("device"))
+    problem = Problem(xs, ys, hs, log_weights=lw, same=same, n_nearest=n_nearest, **options)
     tensors = [t if isinstance(t, torch.Tensor) else None for t in (x, y, lw)]
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         out = LogKernelSumFn.apply(*tensors, problem, progress)
@@ -117,57 +97,33 @@ def kernel_pass(
         (vector ``h``), in the promoted input dtype; differentiable w.r.t. ``x``, ``y`` and
         ``log_weights`` when they are tensors requiring grad.
     """
+    sweep = (dtype, centre, distance, tile_size, budget, device)
+    options = dict(zip(SWEEP_OPTIONS, sweep, strict=True))
     return named_kernel_pass(
-        x,
-        y,
-        h,
-        log_weights=log_weights,
-        n_nearest=n_nearest,
-        dtype=dtype,
-        centre=centre,
-        distance=distance,
-        tile_size=tile_size,
-        budget=budget,
-        device=device,
-        progress=progress,
+        x, y, h, log_weights=log_weights, n_nearest=n_nearest, progress=progress, **options
     )
 
 
 def log_kernel_sum(
-    x: ArrayLike,
-    y: ArrayLike,
-    h: Bandwidth = DEFAULT_BANDWIDTH,
-    *,
-    log_weights: torch.Tensor | np.ndarray | None = None,
-    dtype: torch.dtype | None = None,
-    centre: bool = True,
-    distance: str = "matmul",
-    tile_size: int | tuple[int, int] | None = None,
-    budget: int | str | None = None,
-    device: torch.device | str | None = None,
-    progress: Progress = None,
+    x: ArrayLike, y: ArrayLike, h: Bandwidth = DEFAULT_BANDWIDTH, **options
 ) -> torch.Tensor:
     """Log kernel density ``log p(x_i | Y) = logsumexp_j(log w_j - |x_i - y_j|^2 / (2 h^2))``.
 
-    Tiled, never builds ``n x m``; finite for arbitrarily distant queries. See
-    :func:`kernel_pass` for the arguments.
+    Tiled, never builds ``n x m``; finite for arbitrarily distant queries.
+
+    Args:
+        x: queries ``[n, d]``, as in :func:`kernel_pass`.
+        y: references ``[m, d]``, as in :func:`kernel_pass`.
+        h: bandwidth ``> 0`` (1/Å), or a 1-D sequence/tensor of bandwidths.
+        **options: every keyword of :func:`kernel_pass` but ``n_nearest`` (``log_weights``,
+            ``dtype``, ``centre``, ``distance``, ``tile_size``, ``budget``, ``device``,
+            ``progress``); an unknown keyword is a ``TypeError`` naming it.
 
     Returns:
         ``[n]`` for a scalar ``h``, ``[n, n_h]`` for a vector of bandwidths.
     """
-    return named_kernel_pass(
-        x,
-        y,
-        h,
-        log_weights=log_weights,
-        dtype=dtype,
-        centre=centre,
-        distance=distance,
-        tile_size=tile_size,
-        budget=budget,
-        device=device,
-        progress=progress,
-    ).log_p
+    args = bind_arguments(kernel_pass, "log_kernel_sum", (x, y, h), options, refuse=("n_nearest",))
+    return kernel_pass(**args).log_p
 
 
 def kernel_sum(

@@ -12,7 +12,7 @@ from torch.autograd.function import once_differentiable
 from .._precision import full_precision
 from ..checks import DEFAULT_BANDWIDTH, Progress, check_bandwidths
 from .prepared import default_tile_elements
-from .problem import Groups, Problem
+from .problem import Groups, Problem, check_sweep_options
 from .source import ArrayLike, Bandwidth, Source, compute_device, progress_callback
 from .sweeps import backward, far_rows, sweep_shifted
 from .tiles import spans
@@ -128,13 +128,8 @@ def grouped_log_kernel_sum(
     h: Bandwidth = DEFAULT_BANDWIDTH,
     *,
     name: str = "x",
-    dtype: torch.dtype | None = None,
-    centre: bool = True,
-    distance: str = "matmul",
-    tile_size: int | tuple[int, int] | None = None,
-    budget: int | str | None = None,
-    device: torch.device | str | None = None,
     progress: Progress = None,
+    **options,
 ) -> torch.Tensor:
     """Log kernel sums of each row over its own group: ``log p(x_i | X_g(i))``.
 
@@ -152,17 +147,15 @@ def grouped_log_kernel_sum(
         group_sizes: ``[G]`` rows of each consecutive group (``>= 0``, summing to ``n``).
         h: bandwidth (1/Å) or a 1-D sequence of bandwidths.
         name: the name of ``x`` in error messages.
-        dtype: compute dtype, as in :func:`kernel_pass`.
-        centre: centre the descriptors before the GEMM expansion, as in :func:`kernel_pass`.
-        distance: ``"matmul"`` or ``"direct"``, as in :func:`kernel_pass`.
-        tile_size: bounds the elements of a tile (default: from the memory budget).
-        budget: bytes a tile's temporaries may use, as in :func:`kernel_pass`.
-        device: where to compute, as in :func:`kernel_pass`.
         progress: ``True`` for a tqdm bar or a callable ``(done, total)``.
+        **options: ``dtype``, ``centre``, ``distance``, ``tile_size``, ``budget`` and
+            ``device``, as in :func:`kernel_pass` (``tile_size`` bounds the elements of a
+            tile; default from the memory budget).
 
     Returns:
         ``[n]`` (``[n, n_h]`` for a vector ``h``) in the dtype of ``x``.
     """
+    check_sweep_options(options, "grouped_log_kernel_sum")
     hs, vector = check_bandwidths(h)
     xs = Source(x, name)
     if isinstance(group_sizes, torch.Tensor):
@@ -175,27 +168,17 @@ def grouped_log_kernel_sum(
         )
     ends = np.cumsum(sizes)
     starts = ends - sizes
-    problem_device = compute_device([xs], device)
+    problem_device = compute_device([xs], options.get("device"))
     labels = torch.from_numpy(np.repeat(np.arange(sizes.size), sizes)).to(problem_device)
     groups = Groups(labels, labels, np.repeat(starts, sizes), np.repeat(ends, sizes))
+    tile_size = options.get("tile_size")
     explicit = tile_size is not None
     if not explicit:
         # the grouped 2-D tiles (backward, far rows) visit the union of their rows' groups:
         # keep them near the group size so small groups do not pay for 1024-wide tiles
         largest = max(1, int(sizes.max(initial=1)))
         tile_size = min(1024, max(64, 1 << (largest - 1).bit_length()))
-    p = Problem(
-        xs,
-        xs,
-        hs,
-        dtype=dtype,
-        centre=centre,
-        distance=distance,
-        tile_size=tile_size,
-        budget=budget,
-        device=device,
-        groups=groups,
-    )
+    p = Problem(xs, xs, hs, groups=groups, **{**options, "tile_size": tile_size})
     elements = p.tm * p.tn if explicit else default_tile_elements(p)
     # runs of consecutive non-empty groups of equal size, found with numpy (no Python loop
     # over the groups: a dataset may hold millions of structures)

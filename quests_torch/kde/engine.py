@@ -19,6 +19,9 @@ Inputs and problems:
   ``owned`` restricts its triangular sweep to some row tiles.
 * :func:`check_pair`, :func:`check_log_weights_shape`, :func:`input_dtypes` -- the checks
   :class:`Problem` makes, for a caller that plans before building one.
+* :data:`SWEEP_OPTIONS`, :func:`check_sweep_options` -- the keywords of a sweep's numerics
+  and tiles (``dtype``, ``centre``, ``distance``, ``tile_size``, ``budget``, ``device``), which
+  the front ends take as ``**options`` and pass to :class:`Problem`.
 * :class:`Groups` -- a pair mask for per-group sums (rows and columns sorted by label).
 
 Sweeps (each runs on the tile iterator :func:`spans`; call them inside
@@ -49,12 +52,14 @@ from __future__ import annotations
 from .._precision import full_precision
 from .api import named_first_match_within, named_kernel_pass, named_nearest_neighbors
 from .problem import (
+    SWEEP_OPTIONS,
     Groups,
     KernelSums,
     Problem,
     augment,
     check_log_weights_shape,
     check_pair,
+    check_sweep_options,
     input_dtypes,
 )
 from .source import (
@@ -70,6 +75,7 @@ from .sweeps import far_rows, forward, sweep_plain, sweep_shifted
 from .tiles import retry_on_oom, spans, wide_spans, wide_tile_columns
 
 __all__ = [
+    "SWEEP_OPTIONS",
     "ArrayLike",
     "Bandwidth",
     "Groups",
@@ -80,6 +86,7 @@ __all__ = [
     "augment",
     "check_log_weights_shape",
     "check_pair",
+    "check_sweep_options",
     "compute_device",
     "far_rows",
     "forward",

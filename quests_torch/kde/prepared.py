@@ -89,7 +89,18 @@ class PreparedReferences:
         check_finite: bool = True,
         tile_size: int | tuple[int, int] | None = None,
     ) -> Problem:
-        """The tiled problem of queries ``x`` against the prepared references."""
+        """The tiled problem of queries ``x`` against the prepared references.
+
+        Args:
+            x: queries ``[n, d]`` on the references' device (tensor, or numpy on CPU).
+            name: the name of ``x`` in error messages.
+            check_finite: raise on NaN/inf in ``x`` (one host sync); ``False`` when ``x`` is
+                finite by construction (descriptors of validated positions).
+            tile_size: rows and columns per tile; default sized from the query.
+
+        Returns:
+            The :class:`~quests_torch.kde.engine.Problem` (a copy of the prepared one).
+        """
         t = self._template
         xs = Source(x, name)
         if xs.d != t.d:
@@ -116,28 +127,18 @@ class PreparedReferences:
             p.tn = min(p.m, max(p.tn, self._tile_elements // p.tm))
         return p
 
-    def log_kernel_sum(
-        self,
-        x: ArrayLike,
-        *,
-        name: str = "x",
-        check_finite: bool = True,
-        tile_size: int | tuple[int, int] | None = None,
-    ) -> torch.Tensor:
+    def log_kernel_sum(self, x: ArrayLike, **options) -> torch.Tensor:
         """``log p(x_i | Y) = log sum_j exp(-|x_i - y_j|^2 / (2 h^2))`` against the references.
 
         Args:
             x: queries ``[n, d]`` on the references' device (tensor, or numpy on CPU).
-            name: the name of ``x`` in error messages.
-            check_finite: raise on NaN/inf in ``x`` (one host sync); ``False`` when ``x`` is
-                finite by construction (descriptors of validated positions).
-            tile_size: rows and columns per tile; default sized from the query.
+            **options: ``name``, ``check_finite`` and ``tile_size``, as in :meth:`problem`.
 
         Returns:
             ``[n]`` (``[n, n_h]`` for a vector ``h``) in the promoted dtype of ``x`` and ``y``,
             differentiable with respect to ``x`` (first derivatives).
         """
-        p = self.problem(x, name=name, check_finite=check_finite, tile_size=tile_size)
+        p = self.problem(x, **options)
         if torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.requires_grad:
             log_p = LogKernelSumFn.apply(x, None, None, p, None)[0]
         else:

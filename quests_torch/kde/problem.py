@@ -12,6 +12,7 @@ import torch
 
 from .._memory import memory_budget
 from .._precision import float64_enabled
+from ..checks import check_keywords
 from .epilogue import Epilogue
 from .source import Source, compute_device
 from .tiles import OOM_MIN_SIDE, auto_tiles
@@ -64,6 +65,17 @@ class Groups(NamedTuple):
     cols: torch.Tensor  # [m] labels of the columns, on the device
     lo: np.ndarray  # [n] first column of each row's group
     hi: np.ndarray  # [n] one past the last column of each row's group
+
+
+SWEEP_OPTIONS = ("dtype", "centre", "distance", "tile_size", "budget", "device")
+"""The keywords of a sweep's numerics and tiles, shared by every kernel-sum entry point (their
+meaning: :func:`quests_torch.kde.kernel_pass`)."""
+
+
+def check_sweep_options(options: dict, caller: str, extra: tuple[str, ...] = ()) -> dict:
+    """``options`` when every key is one of :data:`SWEEP_OPTIONS` (or ``extra``); otherwise the
+    ``TypeError`` Python raises for a call of ``caller`` with the unknown keyword."""
+    return check_keywords(options, SWEEP_OPTIONS + extra, caller)
 
 
 def check_pair(xs: Source, ys: Source) -> None:

@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from ..checks import Progress
+from ..checks import Progress, check_descriptor_matrix
 from ..structures import canonical_device
 from .tiles import spans
 
@@ -16,39 +16,15 @@ ArrayLike = torch.Tensor | np.ndarray
 Bandwidth = float | Sequence[float] | torch.Tensor | np.ndarray
 
 
-def shape_of(a: ArrayLike) -> tuple[int, ...]:
-    return tuple(a.shape)
-
-
 class Source:
     """A descriptor set ``[n, d]``: a torch tensor (any device) or a numpy array / memmap."""
 
     def __init__(self, data: ArrayLike, name: str):
         self.name = name
-        if isinstance(data, torch.Tensor):
-            self.tensor: torch.Tensor | None = data
-            self.array: np.ndarray | None = None
-            dtype = data.dtype
-            if not dtype.is_floating_point:
-                raise TypeError(f"`{name}` must hold floating-point descriptors, got {dtype}")
-        elif isinstance(data, np.ndarray):
-            self.tensor = None
-            self.array = data
-            if data.dtype not in (np.float64, np.float32):
-                raise TypeError(
-                    f"`{name}` must hold float32 or float64 descriptors, got {data.dtype}"
-                )
-        else:
-            raise TypeError(
-                f"`{name}` must be a torch.Tensor or a numpy array [n, d], "
-                f"got {type(data).__name__}"
-            )
-        if data.ndim != 2:
-            raise ValueError(f"`{name}` must be 2-D [n, d], got shape {shape_of(data)}")
-        if data.shape[0] == 0:
-            raise ValueError(f"`{name}` is empty: shape {shape_of(data)}, need at least one row")
-        if data.shape[1] == 0:
-            raise ValueError(f"`{name}` has no descriptor columns: shape {shape_of(data)}")
+        check_descriptor_matrix(data, name)
+        is_tensor = isinstance(data, torch.Tensor)
+        self.tensor: torch.Tensor | None = data if is_tensor else None
+        self.array: np.ndarray | None = None if is_tensor else data
         self.n, self.d = int(data.shape[0]), int(data.shape[1])
 
     @property

@@ -307,23 +307,8 @@ def plan_grids(
     offset = np.cumsum(n_total) - n_total
     n_all = int(n_total.sum())
 
-    # bin of every atom (structures the grid does not apply to: the sink bin n_all, ignored)
     geo_h = np.concatenate([origin, width, n_bins, offset[:, None], applies[:, None]], axis=1)
-    if gd == torch.float64:
-        (geo,) = _upload(device, geo_h)
-        g = geo[loc]
-        gi = g[:, 6:11].to(torch.int64)
-    else:  # float32-only: the integer columns travel as int64 (bin offsets past 2^24)
-        geo, geo_i = _upload_typed(device, geo_h[:, :6].astype(np.float32),
-                                   geo_h[:, 6:11].astype(np.int64))  # fmt: skip
-        g, gi = geo[loc], geo_i[loc]
-    rel = (frac - g[:, 0:3]) / g[:, 3:6]
-    nb = gi[:, 0:3]
-    b3 = torch.minimum(torch.floor(rel).to(torch.int64).clamp_min_(0), nb - 1)
-    bin_id = gi[:, 3] + (b3[:, 0] * nb[:, 1] + b3[:, 1]) * nb[:, 2] + b3[:, 2]
-    bin_id = torch.where(gi[:, 4] > 0, bin_id, n_all)
-    bin_counts = torch.zeros(n_all + 1, dtype=torch.int64, device=device)
-    bin_counts.index_add_(0, bin_id, torch.ones_like(bin_id))
+    bin_id, bin_counts = _bin_of_atoms(frac, loc, geo_h, n_all)
     wrapped = pos - torch.einsum("ni,nij->nj", wrap, full[loc])
     reach = torch.zeros(chosen.size, dtype=gd, device=device)
     reach = reach.scatter_reduce(0, loc, wrapped.abs().amax(dim=1), "amax")
@@ -344,6 +329,35 @@ def plan_grids(
     plan = _Plan(chosen, sel, n_bins, n_total, offset, bin_counts_h, occ, atoms, bin_id,
                  wrapped, wrap.to(torch.int64), full, pbc, positions.shape[0])  # fmt: skip
     return [_group_grid(plan, m) for m in _occupancy_groups(occ, ok, group_ratio)]
+
+
+def _bin_of_atoms(
+    frac: torch.Tensor, loc: torch.Tensor, geo_h: np.ndarray, n_all: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bin of every atom and the atoms per bin ``[n_all + 1]``.
+
+    ``frac`` are the wrapped fractional positions, ``loc`` each atom's structure (a row of
+    ``geo_h``: origin, width, bins per axis, first bin, whether the grid applies); atoms of
+    structures the grid does not apply to go to the sink bin ``n_all`` (ignored). One
+    host-to-device copy of ``geo_h``.
+    """
+    device = frac.device
+    if frac.dtype == torch.float64:
+        (geo,) = _upload(device, geo_h)
+        g = geo[loc]
+        gi = g[:, 6:11].to(torch.int64)
+    else:  # float32-only: the integer columns travel as int64 (bin offsets past 2^24)
+        geo, geo_i = _upload_typed(device, geo_h[:, :6].astype(np.float32),
+                                   geo_h[:, 6:11].astype(np.int64))  # fmt: skip
+        g, gi = geo[loc], geo_i[loc]
+    rel = (frac - g[:, 0:3]) / g[:, 3:6]
+    nb = gi[:, 0:3]
+    b3 = torch.minimum(torch.floor(rel).to(torch.int64).clamp_min_(0), nb - 1)
+    bin_id = gi[:, 3] + (b3[:, 0] * nb[:, 1] + b3[:, 1]) * nb[:, 2] + b3[:, 2]
+    bin_id = torch.where(gi[:, 4] > 0, bin_id, n_all)
+    bin_counts = torch.zeros(n_all + 1, dtype=torch.int64, device=device)
+    bin_counts.index_add_(0, bin_id, torch.ones_like(bin_id))
+    return bin_id, bin_counts
 
 
 @dataclass
@@ -501,6 +515,32 @@ class Selection:
         return neighbor, shift
 
 
+def _selection_keys(v: torch.Tensor, limit: int) -> tuple[torch.Tensor, int]:
+    """The int64 sort keys of the scaled squared distances ``v`` ``[c, P, W]`` (+ 0.5) and
+    the mask of their candidate-slot bits.
+
+    Keys: the quantised level (floor of s d2 + 1/2; the cutoff and beyond share one level),
+    then the candidate slot, all distinct, which topk handles much faster than runs of equal
+    values. Built in place on the float64 bits of ``v``: for 0 <= x the bit patterns order
+    like the values, and an integer below 2^29 leaves the low 23 mantissa bits zero for the
+    slot.
+    """
+    W = v.shape[2]
+    if v.dtype == torch.float64:
+        v.floor_().clamp_(max=limit)
+        slot_mask = (1 << max(1, (W - 1).bit_length())) - 1
+        if slot_mask >= 1 << 23:
+            raise ValueError(f"cell grid: {W} candidates per atom exceed the key space")
+        keys = v.view(torch.int64)
+        keys |= torch.arange(W, device=v.device)
+    else:  # float32-only: the float32 bits (>= 0: ordered) in the high half, the slot below
+        v.floor_().clamp_(min=0, max=limit).add_(0.0)  # + 0.0: no -0.0 (a negative key)
+        slot_mask = (1 << 32) - 1
+        keys = v.view(torch.int32).to(torch.int64).bitwise_left_shift_(32)
+        keys |= torch.arange(W, device=v.device)
+    return keys, slot_mask
+
+
 def select_block(grid: Grid, bins: slice, k: int, cutoff: float) -> Selection:
     """The k nearest neighbours within ``cutoff`` of every atom of the centre bins ``bins``.
 
@@ -538,22 +578,7 @@ def select_block(grid: Grid, bins: slice, k: int, cutoff: float) -> Selection:
     # the device, a sync)
     own_bin = v[:, :, _ZERO_OFFSET * P : (_ZERO_OFFSET + 1) * P]
     own_bin.diagonal(dim1=1, dim2=2).fill_(limit)
-    # keys: the quantised level (floor of s d2 + 1/2; the cutoff and beyond share one level),
-    # then the candidate slot, all distinct, which topk handles much faster than runs of equal
-    # values. Built in place on the float64 bits: for 0 <= x the bit patterns order like the
-    # values, and an integer below 2^29 leaves the low 23 mantissa bits zero for the slot.
-    if v.dtype == torch.float64:
-        v.floor_().clamp_(max=limit)
-        slot_mask = (1 << max(1, (W - 1).bit_length())) - 1
-        if slot_mask >= 1 << 23:
-            raise ValueError(f"cell grid: {W} candidates per atom exceed the key space")
-        keys = v.view(torch.int64)
-        keys |= torch.arange(W, device=v.device)
-    else:  # float32-only: the float32 bits (>= 0: ordered) in the high half, the slot below
-        v.floor_().clamp_(min=0, max=limit).add_(0.0)  # + 0.0: no -0.0 (a negative key)
-        slot_mask = (1 << 32) - 1
-        keys = v.view(torch.int32).to(torch.int64).bitwise_left_shift_(32)
-        keys |= torch.arange(W, device=v.device)
+    keys, slot_mask = _selection_keys(v, limit)
     m = min(k, W)
     if W > m:
         # one more than needed: the (m+1)-th smallest tells whether the m-th is tied with a
