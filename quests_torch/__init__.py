@@ -39,6 +39,8 @@ from .metrics import (
 )
 from .sampling import GenerationResult, generate_to_target, random_walk_to_target
 from .screening import screen_frames, screen_trajectory
+from .store import DescriptorStore, open_store
+from .store_writer import StoreWriter, write_descriptor_store
 from .structures import AtomsBatch
 from .uncertainty import StructureUncertainty, UncertaintyBank, per_structure_summary
 
@@ -47,11 +49,13 @@ __all__ = [
     "DEFAULT_CUTOFF",
     "DEFAULT_K",
     "AtomsBatch",
+    "DescriptorStore",
     "EntropyBiasCalculator",
     "Estimate",
     "ExtrapolationError",
     "GenerationResult",
     "QuestsUncertaintyCalculator",
+    "StoreWriter",
     "StructureUncertainty",
     "UncertaintyBank",
     "__version__",
@@ -79,10 +83,12 @@ __all__ = [
     "log_kernel_sum",
     "metrics",
     "novelty",
+    "open_store",
     "overlap",
     "per_structure_summary",
     "random_walk_to_target",
     "screen_frames",
     "screen_trajectory",
     "selection_summary",
+    "write_descriptor_store",
 ]
