@@ -10,7 +10,7 @@ inference, ASE wrappers, entropy-biased sampling), ``quests_torch.sampling`` (st
 generation to a target dH) and ``quests_torch.distributed`` (torchrun).
 """
 
-from . import compression, distributed, estimates, kde, metrics
+from . import compression, distributed, estimates, kde, metrics, store
 from ._precision import float64_is_fast
 from ._version import __version__
 from .calculators import EntropyBiasCalculator, ExtrapolationError, QuestsUncertaintyCalculator
@@ -90,5 +90,6 @@ __all__ = [
     "screen_frames",
     "screen_trajectory",
     "selection_summary",
+    "store",
     "write_descriptor_store",
 ]

@@ -63,18 +63,21 @@ __all__ = [
     "store_width",
 ]
 
-#: layout version of a store (raised when the files change meaning)
 STORE_FORMAT = 1
-#: conventional suffix of a store folder
+"""Layout version of a store (raised when the files change meaning)."""
 STORE_SUFFIX = ".qstore"
+"""Conventional suffix of a store folder (a path ending in it is taken for a store)."""
 DATA_FILE = "descriptors.npy"
+"""The ``[n, d]`` descriptors in a store folder."""
 N_ATOMS_FILE = "n_atoms.npy"
+"""The ``[n_structures]`` atoms per structure in a store folder."""
 META_FILE = "meta.json"
-#: bytes reserved for the ``.npy`` header at the start of both data files (a multiple of 64,
-#: so rows stay aligned as numpy writes them)
+"""The metadata of a store folder."""
 HEADER_BYTES = 128
-#: what the header region holds until the store is complete (not the ``.npy`` magic)
+"""Bytes reserved for the ``.npy`` header at the start of both data files (a multiple of 64,
+so rows stay aligned as numpy writes them)."""
 WRITING_MARK = b"QUESTS-TORCH STORE: BEING WRITTEN, NOT A COMPLETE .npy FILE\n"
+"""What the header region holds until the store is complete (not the ``.npy`` magic)."""
 _KIND = "quests-torch descriptor store"
 _DTYPES = {"float32": np.float32, "float64": np.float64}
 
@@ -305,6 +308,7 @@ class DescriptorStore:
 
     @property
     def ndim(self) -> int:
+        """2, as for an ``[n, d]`` array."""
         return 2
 
     @property
@@ -314,6 +318,7 @@ class DescriptorStore:
 
     @property
     def n_structures(self) -> int:
+        """Number of structures (``len(n_atoms)``)."""
         return int(self.n_atoms.size)
 
     def as_dtype(self, dtype: torch.dtype) -> DescriptorStore:

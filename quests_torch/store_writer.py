@@ -42,8 +42,8 @@ from .store import (
 
 __all__ = ["DEFAULT_BATCH_ATOMS", "StoreWriter", "file_digest", "write_descriptor_store"]
 
-#: atoms per batch of :func:`write_descriptor_store` (about 50 MB of float64 rows at k=32)
 DEFAULT_BATCH_ATOMS = 100_000
+"""Atoms per batch of :func:`write_descriptor_store` (about 50 MB of float64 rows at k=32)."""
 _OVERWRITE = "overwrite=True (--overwrite)"
 _MARK = WRITING_MARK.ljust(HEADER_BYTES, b" ")
 

@@ -141,14 +141,19 @@ def _interrupt_after(monkeypatch, frames: int):
     monkeypatch.setattr(store_writer, "frames_after", failing)
 
 
+def _interrupted_write(path, out, frames: int) -> None:
+    """Write ``path`` into the store ``out``, stopped by an error after ``frames`` frames."""
+    with pytest.MonkeyPatch.context() as m:
+        _interrupt_after(m, frames)
+        with pytest.raises(RuntimeError, match="interrupted"):
+            qt.write_descriptor_store(path, out, batch_atoms=70)
+
+
 def test_an_interrupted_write_resumes_bit_identically(traj, tmp_path, monkeypatch):
     path, _ = traj
     whole = qt.write_descriptor_store(path, tmp_path / "whole.qstore", batch_atoms=70)
     out = tmp_path / "cut.qstore"
-    with monkeypatch.context() as m:
-        _interrupt_after(m, 5)
-        with pytest.raises(RuntimeError, match="interrupted"):
-            qt.write_descriptor_store(path, out, batch_atoms=70)
+    _interrupted_write(path, out, 5)
     meta = json.loads((out / "meta.json").read_text())
     assert meta["complete"] is False and 0 < meta["frames"] < 10
     with pytest.raises(ValueError, match="incomplete descriptor store"):
@@ -197,13 +202,10 @@ def test_a_killed_writer_resumes_bit_identically(traj, tmp_path):
     assert files_of(out) == files_of(whole.path)
 
 
-def test_a_changed_trajectory_or_parameter_refuses_to_resume(traj, tmp_path, monkeypatch):
+def test_a_changed_trajectory_or_parameter_refuses_to_resume(traj, tmp_path):
     path, frames = traj
     out = tmp_path / "s.qstore"
-    with monkeypatch.context() as m:
-        _interrupt_after(m, 3)
-        with pytest.raises(RuntimeError):
-            qt.write_descriptor_store(path, out, batch_atoms=70)
+    _interrupted_write(path, out, 3)
     with pytest.raises(ValueError, match=r"parameter `k` changed \(32 -> 8\)"):
         qt.write_descriptor_store(path, out, k=8)
     with pytest.raises(ValueError, match=r"parameter `dtype` changed"):
@@ -216,13 +218,10 @@ def test_a_changed_trajectory_or_parameter_refuses_to_resume(traj, tmp_path, mon
     assert torch.equal(torch.from_numpy(np.array(fresh.x)), qt.get_descriptors(frames[::-1]))
 
 
-def test_changed_committed_rows_are_refused_not_truncated(traj, tmp_path, monkeypatch):
+def test_changed_committed_rows_are_refused_not_truncated(traj, tmp_path):
     path, _ = traj
     out = tmp_path / "s.qstore"
-    with monkeypatch.context() as m:
-        _interrupt_after(m, 6)
-        with pytest.raises(RuntimeError):
-            qt.write_descriptor_store(path, out, batch_atoms=70)
+    _interrupted_write(path, out, 6)
     data = out / "descriptors.npy"
     with open(data, "r+b") as fh:
         fh.seek(HEADER_BYTES + 8)
@@ -370,6 +369,9 @@ def test_cli_round_trip(traj, tmp_path, capsys):
     )
     s = qt.open_store(out)
     assert np.array_equal(s.x, per_batch(frames, 70).numpy().astype(np.float32))
+    capsys.readouterr()
+    assert _cli("descriptors", path, "-o", out, "--dtype", "float32") == 0
+    assert "already complete, nothing computed" in capsys.readouterr().out
     assert _cli("descriptors", path, "-o", out, "--dtype", "float64", "-q") == 2
     assert "parameter `dtype` changed" in capsys.readouterr().err
     assert _cli("entropy", out, "-q", "-o", tmp_path / "e.json") == 0

@@ -75,6 +75,7 @@ def _run_store(args: argparse.Namespace, out: Path, k: int, cutoff: float):
         raise CLIError(
             f"-o {out}: a descriptor store is written by one process; run without torchrun"
         )
+    before = _committed(out, args.overwrite)
     t0 = time.perf_counter()
     try:
         store = write_descriptor_store(
@@ -93,7 +94,27 @@ def _run_store(args: argparse.Namespace, out: Path, k: int, cutoff: float):
         raise CLIError(str(exc)) from None
     timings = {"input_descriptors": round(time.perf_counter() - t0, 4)}
     ds = DescriptorSet(store, store.n_atoms, k, cutoff, store.dtype, args.input)
-    return report(args, ds, out, k, cutoff, timings, where=device(args))
+    result, lines = report(args, ds, out, k, cutoff, timings, where=device(args))
+    result["results"].update(frames_resumed=before[0], already_complete=before[1])
+    if before[1]:
+        lines.append(f"{out}: already complete, nothing computed (--overwrite starts again)")
+    elif before[0]:
+        lines.append(f"{out}: resumed after {before[0]} committed structures")
+    return result, lines
+
+
+def _committed(out: Path, overwrite: bool) -> tuple[int, bool]:
+    """``(structures committed, complete)`` of the store at ``out`` before this run."""
+    from ..store import read_meta
+
+    try:
+        meta = read_meta(out)
+    except (OSError, ValueError):
+        return 0, False
+    if overwrite:
+        return 0, False
+    frames = meta.get("frames")
+    return (frames if isinstance(frames, int) else 0), meta.get("complete") is True
 
 
 def report(args, ds, out: Path, k: int, cutoff: float, timings: dict, where=None):

@@ -47,8 +47,8 @@ class Source:
                 )
         else:
             raise TypeError(
-                f"`{name}` must be a torch.Tensor, a numpy array [n, d] or a DescriptorStore, "
-                f"got {type(data).__name__}"
+                f"`{name}` must be a torch.Tensor or a numpy array [n, d] (or a "
+                f"DescriptorStore), got {type(data).__name__}"
             )
         if data.ndim != 2:
             raise ValueError(f"`{name}` must be 2-D [n, d], got shape {shape_of(data)}")
