@@ -345,10 +345,11 @@ class DescriptorStore:
         return np.asarray(self.x[key])
 
     def __array__(self, dtype=None, copy=None):
-        """The memmap itself (no copy) for ``np.asarray(store)``."""
-        if dtype is None or np.dtype(dtype) == self.x.dtype:
-            return self.x
-        return self.x.astype(dtype)
+        """The memmap itself (no copy) for ``np.asarray(store)``; a copy when asked for one or
+        for another dtype."""
+        if copy or (dtype is not None and np.dtype(dtype) != self.x.dtype):
+            return np.array(self.x, dtype=dtype)
+        return self.x
 
     def tensor(self) -> torch.Tensor:
         """The rows as a CPU tensor backed by the file (copy-on-write mapping: nothing is

@@ -64,10 +64,14 @@ def file_digest(path: Path, n_bytes: int):
 
 
 def _storage_dtype(dtype) -> str:
-    name = str(dtype).removeprefix("torch.").removeprefix("numpy.")
-    name = {"float": "float64", "double": "float64", "<f8": "float64", "<f4": "float32"}.get(
-        name, name
-    )
+    """``"float32"`` or ``"float64"`` from a torch dtype, a numpy dtype or a name."""
+    if isinstance(dtype, torch.dtype):
+        name = str(dtype).removeprefix("torch.")
+    else:
+        try:
+            name = np.dtype(dtype).name
+        except TypeError:
+            name = str(dtype)
     if name not in ("float32", "float64"):
         raise ValueError(f"`dtype` must be float32 or float64 storage, got {dtype}")
     return name
@@ -175,15 +179,19 @@ class StoreWriter:
     def _open_meta(self, overwrite: bool, species, source, batch_atoms) -> dict:
         folder = self.path
         known = {DATA_FILE, N_ATOMS_FILE, META_FILE, DATA_FILE + ".lock"}
-        meta = None
-        if (folder / META_FILE).exists():
-            meta = read_meta(folder)
-        elif any(p.name not in known for p in folder.iterdir()):
+        temporary = tuple(f".{name}." for name in known)  # atomic_write's, left by a crash
+        foreign = [
+            p.name
+            for p in folder.iterdir()
+            if p.name not in known and not p.name.startswith(temporary)
+        ]
+        if foreign:  # never discarded, not even with overwrite: not a store's files
             raise ValueError(
-                f"{folder}: exists and is not a descriptor store (no {META_FILE}); use "
-                "another output name"
+                f"{folder}: exists and is not a descriptor store (it holds {foreign[0]!r}); "
+                "use another output name"
             )
-        if meta is not None and not overwrite:
+        meta = read_meta(folder) if (folder / META_FILE).exists() and not overwrite else None
+        if meta is not None:
             if meta.get("key") != self.key:
                 change = describe_change(meta.get("params") or {}, self.params)
                 raise ValueError(

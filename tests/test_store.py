@@ -388,3 +388,19 @@ def test_cli_round_trip(traj, tmp_path, capsys):
     (out / "descriptors.npy.lock").write_text("")
     assert os.path.exists(out / "descriptors.npy.lock")
     assert _cli("entropy", out, "-q") == 0  # a lock file nobody holds is not a writer
+
+
+def test_overwrite_replaces_a_damaged_store_and_accepts_numpy_dtypes(tmp_path):
+    store = _complete(tmp_path)
+    (store.path / "meta.json").write_text("{not json")
+    (store.path / ".meta.json.0123abcd.json").write_text("")  # a crashed atomic write
+    with pytest.raises(ValueError, match="unreadable store metadata"):
+        qt.StoreWriter(store.path, k=32, cutoff=5.0)
+    with qt.StoreWriter(store.path, k=32, cutoff=5.0, dtype=np.float32, overwrite=True) as w:
+        w.append(np.ones((2, 63)), [2])
+        again = w.complete()
+    assert again.dtype == "float32" and len(again) == 2
+    assert np.shares_memory(np.asarray(again), again.x)  # no copy
+    assert np.asarray(again, dtype=np.float64).dtype == np.float64
+    with pytest.raises(ValueError, match="`dtype` must be float32 or float64 storage"):
+        qt.StoreWriter(tmp_path / "x.qstore", k=32, cutoff=5.0, dtype=torch.int64)
