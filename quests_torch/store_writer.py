@@ -398,22 +398,13 @@ def write_descriptor_store(
             changed) or with changed committed bytes.
         StoreInUseError: another process is writing the store.
     """
-    from .descriptors import get_descriptors, species_numbers
+    from .descriptors import get_descriptors
 
     check_index(index)
     trajectory = Path(trajectory)
     if not trajectory.is_file():
         raise FileNotFoundError(f"{trajectory}: no such file")
-    block = None
-    if multicomponent or species is not None:
-        if species is None:
-            raise ValueError(
-                "`species` is required with `multicomponent=True` when streaming: the block "
-                "species must be known before the first frame"
-            )
-        from ase.data import chemical_symbols
-
-        block = [chemical_symbols[z] for z in species_numbers(species)]
+    block = _block_species(multicomponent, species)
     if batch_atoms is not None and (isinstance(batch_atoms, bool) or int(batch_atoms) < 1):
         raise ValueError(f"`batch_atoms` must be a positive integer, got {batch_atoms!r}")
     key = trajectory_key(trajectory)
@@ -436,6 +427,22 @@ def write_descriptor_store(
         if writer.rows == 0 and not writer.done:
             raise ValueError(f"{trajectory}: the selection {index!r} holds no structures")
         return writer.complete()
+
+
+def _block_species(multicomponent: bool, species) -> list[str] | None:
+    """The multicomponent block species (symbols, in column order), or ``None``."""
+    from .descriptors import species_numbers
+
+    if not multicomponent and species is None:
+        return None
+    if species is None:
+        raise ValueError(
+            "`species` is required with `multicomponent=True` when streaming: the block "
+            "species must be known before the first frame"
+        )
+    from ase.data import chemical_symbols
+
+    return [chemical_symbols[z] for z in species_numbers(species)]
 
 
 def _stream(writer, trajectory, index, k, cutoff, device, block, progress, describe) -> None:
