@@ -10,7 +10,7 @@ inference, ASE wrappers, entropy-biased sampling), ``quests_torch.sampling`` (st
 generation to a target dH) and ``quests_torch.distributed`` (torchrun).
 """
 
-from . import compression, distributed, estimates, kde, metrics
+from . import compression, distributed, estimates, kde, metrics, store
 from ._precision import float64_is_fast
 from ._version import __version__
 from .calculators import EntropyBiasCalculator, ExtrapolationError, QuestsUncertaintyCalculator
@@ -39,6 +39,8 @@ from .metrics import (
 )
 from .sampling import GenerationResult, generate_to_target, random_walk_to_target
 from .screening import screen_frames, screen_trajectory
+from .store import DescriptorStore, open_store
+from .store_writer import StoreWriter, write_descriptor_store
 from .structures import AtomsBatch
 from .uncertainty import StructureUncertainty, UncertaintyBank, per_structure_summary
 
@@ -47,11 +49,13 @@ __all__ = [
     "DEFAULT_CUTOFF",
     "DEFAULT_K",
     "AtomsBatch",
+    "DescriptorStore",
     "EntropyBiasCalculator",
     "Estimate",
     "ExtrapolationError",
     "GenerationResult",
     "QuestsUncertaintyCalculator",
+    "StoreWriter",
     "StructureUncertainty",
     "UncertaintyBank",
     "__version__",
@@ -79,10 +83,13 @@ __all__ = [
     "log_kernel_sum",
     "metrics",
     "novelty",
+    "open_store",
     "overlap",
     "per_structure_summary",
     "random_walk_to_target",
     "screen_frames",
     "screen_trajectory",
     "selection_summary",
+    "store",
+    "write_descriptor_store",
 ]

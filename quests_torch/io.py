@@ -141,8 +141,11 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def is_descriptor_file(path: str | os.PathLike) -> bool:
-    """Whether ``path`` names a descriptor file (by its suffix: ``.npz`` or ``.pt``)."""
-    return Path(path).suffix.lower() in DESCRIPTOR_SUFFIXES
+    """Whether ``path`` names a descriptor file (by its suffix: ``.npz`` or ``.pt``) or a
+    descriptor store (:func:`quests_torch.store.is_store`: ``.qstore`` or a store folder)."""
+    from .store import is_store
+
+    return Path(path).suffix.lower() in DESCRIPTOR_SUFFIXES or is_store(path)
 
 
 def _check_exists(path: str | os.PathLike) -> Path:
@@ -530,11 +533,26 @@ def load_descriptors(path: str | os.PathLike) -> DescriptorSet:
     finite ``[n, d]`` descriptors whose width fits ``k``, ``n_atoms`` summing to ``n``,
     ``k >= 1``, ``cutoff > 0``.
 
+    A descriptor store (:mod:`quests_torch.store`) is opened instead: ``x`` is then a CPU
+    tensor backed by its file (nothing is read until used; NaN/inf are caught by the kernels,
+    tile by tile) and ``meta["store"]`` the :class:`~quests_torch.store.DescriptorStore`.
+
     Raises:
         FileNotFoundError: no such file.
         ValueError: not a (plain-data) descriptor file, missing ``k``/``cutoff``, or content
             that does not hold together (the message names the file and the entry).
+        quests_torch.store.StoreInUseError: a store being written by another process.
     """
+    from .store import is_store, open_store
+
+    if is_store(path):
+        store = open_store(path)
+        meta = {key: v for key, v in store.meta.items() if key not in ("k", "cutoff", "dtype")}
+        if not store.multicomponent:
+            meta.pop("species", None)  # descriptor files name multicomponent blocks only
+        meta["store"] = store
+        x = store.tensor()
+        return DescriptorSet(x, store.n_atoms, store.k, store.cutoff, store.dtype, str(path), meta)
     p = _check_exists(path)
     raw = _read_descriptor_file(p, path)
     if "descriptors" not in raw:

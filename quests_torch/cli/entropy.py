@@ -51,7 +51,7 @@ def run(args: argparse.Namespace):
     if per_env == "extxyz":
         frames, ds = from_structures(args.input, args.index, k, cutoff, args, timings, "input")
     else:
-        ds = load(args.input, args.index, k, cutoff, args, stored, timings, "input")
+        ds = load(args.input, args.index, k, cutoff, args, stored, timings, "input", stream=True)
     t0 = time.perf_counter()
     n = ds.x.shape[0]
     if per_env is not None:

@@ -1,8 +1,12 @@
 """Input loading shared by the commands: structures or descriptor files, reconciled parameters.
 
-An input is any file ASE can read (with ``-i`` an ASE index/slice) or a descriptor file
-(``.npz``/``.pt`` written by ``descriptors``) that records ``k`` and the cutoff: comparing
-descriptors made with different parameters is an error.
+An input is any file ASE can read (with ``-i`` an ASE index/slice), a descriptor file
+(``.npz``/``.pt`` written by ``descriptors``) or a descriptor store (``.qstore``, see
+:mod:`quests_torch.store`) that records ``k`` and the cutoff: comparing descriptors made with
+different parameters is an error. A store is memory-mapped: the commands whose kernels read
+tile by tile (``entropy``, ``dh``, ``overlap``: ``load(..., stream=True)``) get the store
+itself, read in ``--dtype`` tile by tile on the CPU; the others a tensor backed by its file
+(a copy only when ``--dtype`` or ``--device`` differ from the store's).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from ..io import (
     load_descriptors,
 )
 from ..io import read_structures as _read_structures
+from ..store import StoreInUseError
 from ..structures import resolve_device
 from .options import CLIError, dtype
 
@@ -59,7 +64,7 @@ def params(args: argparse.Namespace, paths: Sequence[str]) -> tuple[int, float, 
         if path is not None and is_descriptor_file(path):
             try:
                 stored[path] = load_descriptors(path)
-            except (FileNotFoundError, IsADirectoryError, ValueError) as exc:
+            except (FileNotFoundError, IsADirectoryError, ValueError, StoreInUseError) as exc:
                 raise CLIError(str(exc)) from None
     for a, b in zip(list(stored), list(stored)[1:], strict=False):
         da, db = stored[a], stored[b]
@@ -91,16 +96,23 @@ def load(
     timings: dict,
     label: str,
     cache: bool = False,
+    stream: bool = False,
 ) -> DescriptorSet:
     """Descriptors of an input: read from a descriptor file or computed from structures
-    (``cache``: through the descriptor cache of ``--cache-dir``/``--no-cache``)."""
+    (``cache``: through the descriptor cache of ``--cache-dir``/``--no-cache``; ``stream``:
+    a descriptor store on the CPU stays a :class:`~quests_torch.store.DescriptorStore` read
+    tile by tile in ``--dtype``, for commands that only pass it to the kernels)."""
     t0 = time.perf_counter()
     dev, dt = device(args), dtype(args.dtype)
     if path in stored:
         ds = stored[path]
         if index != ":":
             raise CLIError(f"{path}: -i/--index selects frames of structure files only")
-        ds.x = ds.x.to(device=dev, dtype=dt)
+        store = ds.meta.get("store")
+        if store is not None and stream and dev.type == "cpu":
+            ds.x = store.as_dtype(dt)
+        else:
+            ds.x = (store.tensor() if store is not None else ds.x).to(device=dev, dtype=dt)
         timings[f"{label}_read"] = round(time.perf_counter() - t0, 4)
         return ds
     if cache:
@@ -159,8 +171,11 @@ def load_pair(args: argparse.Namespace) -> Pair:
     """Test (``input``, ``-i``) and reference (``-r``, ``--reference-index``) descriptors."""
     k, cutoff, stored = params(args, [args.input, args.reference])
     timings: dict = {}
-    test = load(args.input, args.index, k, cutoff, args, stored, timings, "test")
-    ref = load(args.reference, args.reference_index, k, cutoff, args, stored, timings, "reference")
+    test = load(args.input, args.index, k, cutoff, args, stored, timings, "test", stream=True)
+    ref = load(
+        args.reference, args.reference_index, k, cutoff, args, stored, timings, "reference",
+        stream=True,
+    )  # fmt: skip
     return Pair(k, cutoff, timings, test, ref)
 
 

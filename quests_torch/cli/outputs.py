@@ -6,6 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
+from ..store import is_store
 from .options import CLIError
 from .report import plot_path
 
@@ -58,7 +59,8 @@ def check_outputs(args: argparse.Namespace) -> None:
     plot = getattr(args, "plot", None)
     for path, flag in files:
         if path is not None:
-            check_writable(path, flag)
+            store = args.command == "descriptors" and flag == "-o" and is_store(path)
+            check_writable(path, flag, folder=store)  # a descriptor store is a folder
     if plot is not None:
         check_writable(Path(plot_path(plot, "figure")).parent, "--plot", True, given=plot)
     if getattr(args, "outdir", None) is not None:

@@ -170,7 +170,9 @@ def named_nearest_neighbors(
     idx = res.nearest_index
     dev = idx.device
     out_dtype = res.log_p.dtype
-    xt = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x)).to(dev)
+    # torch wants writable memory: a read-only memmap (a descriptor store) is copied
+    xt = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.require(x, requirements="W"))
+    xt = xt.to(dev)
     yg = gather_rows(y, idx, dev, out_dtype)  # [n_x, n, d]
     dist = (xt.to(out_dtype)[:, None, :] - yg).square().sum(-1).sqrt()
     idx, by_index = idx.sort(dim=1)  # exact ties in distance: lower index first

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ..checks import Progress, check_descriptor_matrix
+from ..store import DescriptorStore
 from ..structures import canonical_device
 from .tiles import spans
 
@@ -17,11 +18,19 @@ Bandwidth = float | Sequence[float] | torch.Tensor | np.ndarray
 
 
 class Source:
-    """A descriptor set ``[n, d]``: a torch tensor (any device) or a numpy array / memmap."""
+    """A descriptor set ``[n, d]``: a torch tensor (any device), a numpy array / memmap, or a
+    :class:`~quests_torch.store.DescriptorStore` (its memmap, read tile by tile; its tiles
+    reach the kernels in the store's ``compute_dtype``, float64 unless asked otherwise)."""
 
-    def __init__(self, data: ArrayLike, name: str):
+    def __init__(self, data: ArrayLike | DescriptorStore, name: str):
         self.name = name
-        check_descriptor_matrix(data, name)
+        self.store_dtype: torch.dtype | None = None  # a store's compute dtype
+        if isinstance(data, DescriptorStore):
+            self.store_dtype = data.compute_dtype
+            data = data.x
+        check_descriptor_matrix(
+            data, name, expected="a torch.Tensor or a numpy array [n, d] (or a DescriptorStore)"
+        )
         is_tensor = isinstance(data, torch.Tensor)
         self.tensor: torch.Tensor | None = data if is_tensor else None
         self.array: np.ndarray | None = None if is_tensor else data
@@ -35,6 +44,8 @@ class Source:
     def dtype(self) -> torch.dtype:
         if self.tensor is not None:
             return self.tensor.dtype
+        if self.store_dtype is not None:
+            return self.store_dtype
         return torch.float64 if self.array.dtype == np.float64 else torch.float32
 
     def rows(self, i0: int, i1: int, device: torch.device, dtype=torch.float64) -> torch.Tensor:
@@ -56,7 +67,9 @@ class Source:
             return Source(
                 self.tensor.detach().index_select(0, index.to(self.tensor.device)), self.name
             )
-        return Source(self.array[index.cpu().numpy()], self.name)
+        taken = Source(self.array[index.cpu().numpy()], self.name)
+        taken.store_dtype = self.store_dtype
+        return taken
 
     def chunks(self, device: torch.device, size: int) -> Iterator[torch.Tensor]:
         for i0, i1 in spans(0, self.n, size):
