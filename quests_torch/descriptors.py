@@ -304,6 +304,11 @@ def _source_descriptors(
     size = max(1, min(max(1, src.n_items), memory_budget(device, budget) // per_item))
     if device.type == "cpu":
         size = min(size, max(1, src.cpu_rows // src.rows_per_item))
+        per_thread = -(-src.n_items // torch.get_num_threads())
+        if out is not None and isinstance(src, GridSource) and per_thread < size:
+            # one MD cell in one grid block: a block per thread (chunk-parallel, each on one
+            # intra-op thread; intra-op threads on a busy machine made it 20x slower)
+            size = per_thread
     if src.n_items == 0:
         return None
 
