@@ -21,14 +21,21 @@ energy with respect to them), so after the first call ``UncertaintyModel`` compu
 autograd graph, as it does inside ``torch_sim.integrate``; the ``uncertainty_model`` case
 measures that real path, ``dh_only`` the graph-free one.
 
-One warm-up per case, then ``--repeats`` rounds that time every case once (round-robin); the
-median per case. One JSON line per case and a summary line per batch and dtype with
-``uncertainty_model / mace``.
+One warm-up per case, then ``--repeats`` rounds that time every case once (round-robin, so
+machine load hits every case alike); the median wall time per case (and the median process
+CPU time, ``cpu_s``, less sensitive to other processes on a shared machine). One JSON line
+per case and a summary line per batch and dtype with ``uncertainty_model / mace``.
+
+``--baseline PATH`` also times another checkout's ``quests_torch`` (e.g. ``/work/main``,
+imported under the name ``quests_torch_baseline``) in the same rounds: the cases
+``baseline_uncertainty_model`` and ``baseline_dh_only`` and ``baseline_overhead`` in the
+summary, so that a gain is told apart from a change of machine load.
 
 Usage::
 
     python benchmarks/bench_mace.py
     python benchmarks/bench_mace.py --batches 1x256 --dtypes float32 --repeats 5 --threads 2
+    python benchmarks/bench_mace.py --dtypes float32 --repeats 15 --baseline /work/main
 
 Threads default to 1: on a shared 2-core machine two intra-op threads per process made MACE
 several times slower (thread oversubscription); ``--threads 2`` measures the other case.
@@ -37,6 +44,7 @@ several times slower (thread oversubscription); ``--threads 2`` measures the oth
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import platform
 import statistics
@@ -51,16 +59,30 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 
-def _cases(mace, wrapped, bank, state, t) -> dict:
+def _cases(mace, wrapped, bank, state, t, prefix: str = "") -> dict:
     def dh_only():
         with torch.no_grad():
             return bank.evaluate(t.positions.detach(), t.cell, t.pbc, t.system_idx)
 
-    return {
-        "mace": lambda: mace(state),
-        "uncertainty_model": lambda: wrapped(state),
-        "dh_only": dh_only,
-    }
+    cases = {} if prefix else {"mace": lambda: mace(state)}
+    cases[prefix + "uncertainty_model"] = lambda: wrapped(state)
+    cases[prefix + "dh_only"] = dh_only
+    return cases
+
+
+def _load_baseline(src: Path):
+    """Another checkout's ``quests_torch`` package, imported as ``quests_torch_baseline``."""
+    name = "quests_torch_baseline"
+    init = src / "quests_torch" / "__init__.py"
+    if not init.is_file():
+        raise SystemExit(f"--baseline {src}: no quests_torch/__init__.py there")
+    spec = importlib.util.spec_from_file_location(
+        name, init, submodule_search_locations=[str(init.parent)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module, importlib.import_module(name + ".integrations.torch_sim")
 
 
 def main() -> None:
@@ -71,6 +93,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=None, help="also append the JSON lines here")
+    parser.add_argument(
+        "--baseline", type=Path, default=None, help="also time this checkout's quests_torch"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -83,6 +108,7 @@ def main() -> None:
     from quests_torch import UncertaintyBank
     from quests_torch.integrations.torch_sim import UncertaintyModel, state_tensors
 
+    base = None if args.baseline is None else _load_baseline(args.baseline.resolve())
     device = torch.device(args.device)
     train = ase.io.read(tm.TRAIN_PATH, ":")
     lines = []
@@ -107,6 +133,11 @@ def main() -> None:
             compute_stress=False,
         )
         wrapped = UncertaintyModel(mace, bank)
+        if base is not None:
+            base_bank = base[0].UncertaintyBank.from_descriptors(
+                bank.descriptors, k=bank.k, cutoff=bank.cutoff, h=bank.h, dtype=dtype
+            )
+            base_wrapped = base[1].UncertaintyModel(mace, base_bank)
         for spec in args.batches.split(","):
             n_sys, n_atoms = (int(v) for v in spec.split("x"))
             rep = round((n_atoms / 4) ** (1 / 3))
@@ -119,17 +150,22 @@ def main() -> None:
             t = state_tensors(state)
 
             cases = _cases(mace, wrapped, bank, state, t)
+            if base is not None:
+                cases.update(_cases(mace, base_wrapped, base_bank, state, t, "baseline_"))
             times: dict[str, list[float]] = {c: [] for c in cases}
+            cpu: dict[str, list[float]] = {c: [] for c in cases}
             for c in cases:  # warm-up
                 cases[c]()
             for _ in range(args.repeats):
                 for c in cases:
                     sync()
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     cases[c]()
                     sync()
                     times[c].append(time.perf_counter() - t0)
+                    cpu[c].append(time.process_time() - c0)
             med = {c: statistics.median(v) for c, v in times.items()}
+            med_cpu = {c: statistics.median(v) for c, v in cpu.items()}
             meta = {
                 "batch": spec,
                 "atoms": int(state.n_atoms),
@@ -140,20 +176,30 @@ def main() -> None:
                 "torch": torch.__version__,
                 "python": platform.python_version(),
             }
+            if base is not None:
+                meta["baseline"] = str(args.baseline)
             for c in cases:
-                emit({"case": c, "median_s": round(med[c], 5), **meta})
-            emit(
-                {
-                    "summary": {
-                        "batch": spec,
-                        "dtype": dtype_name,
-                        "mace_s": round(med["mace"], 5),
-                        "uncertainty_model_s": round(med["uncertainty_model"], 5),
-                        "dh_only_s": round(med["dh_only"], 5),
-                        "overhead": round(med["uncertainty_model"] / med["mace"] - 1, 3),
-                    }
-                }
-            )
+                emit({"case": c, "median_s": round(med[c], 5), "cpu_s": round(med_cpu[c], 5),
+                      "repeats": args.repeats, **meta})  # fmt: skip
+            summary = {
+                "batch": spec,
+                "dtype": dtype_name,
+                "threads": args.threads,
+                "mace_s": round(med["mace"], 5),
+                "uncertainty_model_s": round(med["uncertainty_model"], 5),
+                "dh_only_s": round(med["dh_only"], 5),
+                "overhead": round(med["uncertainty_model"] / med["mace"] - 1, 3),
+                "overhead_cpu": round(med_cpu["uncertainty_model"] / med_cpu["mace"] - 1, 3),
+            }
+            if base is not None:
+                b_model = med["baseline_uncertainty_model"]
+                summary["baseline_uncertainty_model_s"] = round(b_model, 5)
+                summary["baseline_dh_only_s"] = round(med["baseline_dh_only"], 5)
+                summary["baseline_overhead"] = round(b_model / med["mace"] - 1, 3)
+                summary["baseline_overhead_cpu"] = round(
+                    med_cpu["baseline_uncertainty_model"] / med_cpu["mace"] - 1, 3
+                )
+            emit({"summary": summary})
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         with args.out.open("a") as f:

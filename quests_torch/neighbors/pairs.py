@@ -138,8 +138,12 @@ def complete_cell(cell: torch.Tensor, pbc: torch.Tensor) -> torch.Tensor:
         pbc: ``[n_systems, 3]`` bool.
 
     Returns:
-        ``[n_systems, 3, 3]``: periodic rows unchanged, the others orthonormal to them.
+        ``[n_systems, 3, 3]``: periodic rows unchanged, the others orthonormal to them
+        (``cell`` itself when every structure is fully periodic and ``pbc`` is on the CPU).
     """
+    if pbc.device.type == "cpu" and pbc.numpy().all():
+        # fully periodic (every MD cell): nothing to complete (a CPU read, no device sync)
+        return cell
     # every case computed for every structure, then picked with `where`: no host sync
     n_per = pbc.sum(dim=1)[:, None, None]
     rows = torch.arange(cell.shape[0], device=cell.device)
