@@ -73,8 +73,9 @@ _EPS_X1 = 1e-16
 _EPS_X2 = 1e-15
 #: CPU descriptor blocks: this many atoms (cache-sized blocks are faster than big ones on CPU)
 _CPU_CHUNK = 512
-#: descriptor arrays up to this many bytes skip the available-memory check (it reads
-#: /proc/meminfo or queries CUDA: ~0.1 ms, a noticeable part of a small MD step)
+#: descriptor arrays up to this many bytes skip the available-memory check on an accelerator
+#: (``mem_get_info`` waits for the device: a sync in every MD step); on the CPU the check
+#: reads /proc/meminfo (~10 us) and always runs
 _SMALL_OUTPUT = 64 << 20
 #: after out-of-memory errors chunk budgets are halved down to this many bytes, then it gives up
 OOM_FLOOR = 1 << 20
@@ -93,8 +94,8 @@ def _check_output_memory(n_atoms: int, width: int, k: int, dtype, device) -> Non
     ``device`` (free CUDA memory or available RAM): say so before allocating it."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     need = n_atoms * width * itemsize
-    if need <= _SMALL_OUTPUT:  # an MD step's descriptors: no system query
-        return
+    if need <= _SMALL_OUTPUT and torch.device(device).type != "cpu":
+        return  # an MD step's descriptors on a GPU: no device query
     have = available_memory(device)
     if need > have:
         raise ValueError(
