@@ -41,6 +41,8 @@ __all__ = [
     "check_positive_int",
     "check_single_bandwidth",
     "check_threshold",
+    "parameter_mismatch",
+    "require_same_parameters",
 ]
 
 DEFAULT_K = 32
@@ -282,3 +284,33 @@ def check_keywords(options: dict, allowed: Sequence[str], caller: str) -> dict:
         if name not in allowed:
             raise TypeError(f"{caller}() got an unexpected keyword argument '{name}'")
     return options
+
+
+def parameter_mismatch(
+    k: int | None, cutoff: float | None, expected_k: int, expected_cutoff: float
+) -> tuple[str, object, object] | None:
+    """The first of ``k`` and ``cutoff`` (where given) that differs from the expected value
+    (cutoffs to 1e-12 relative), as ``(name, given, expected)``; ``None`` when both agree."""
+    if k is not None and int(k) != expected_k:
+        return "k", k, expected_k
+    if cutoff is not None and not math.isclose(float(cutoff), expected_cutoff, rel_tol=1e-12):
+        return "cutoff", cutoff, expected_cutoff
+    return None
+
+
+def require_same_parameters(
+    given: tuple[int | None, float | None],
+    expected: tuple[int, float],
+    message: Callable[[str, object, object], str],
+) -> None:
+    """Raise ``ValueError(message(name, given, expected))`` for the first of ``k`` and
+    ``cutoff`` that differs (:func:`parameter_mismatch`).
+
+    Args:
+        given: ``(k, cutoff)`` to check, ``None`` where not given.
+        expected: the ``(k, cutoff)`` they must equal.
+        message: the error message of the parameter's name, given and expected values.
+    """
+    bad = parameter_mismatch(*given, *expected)
+    if bad is not None:
+        raise ValueError(message(*bad))

@@ -32,9 +32,8 @@ counter; writes through ``.data`` or to an inference-mode tensor bypass that cou
 
 from __future__ import annotations
 
-import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +49,8 @@ from .checks import (
     check_dtype,
     check_h,
     check_k,
+    parameter_mismatch,
+    require_same_parameters,
 )
 from .descriptors import (
     descriptor_width,
@@ -641,36 +642,6 @@ def _batch_tensors(batch: tuple, caller: str) -> tuple:
 
 def _set_name(ds: DescriptorSet) -> str:
     return f"descriptor set {ds.source!r}" if ds.source else "descriptor set"
-
-
-def parameter_mismatch(
-    k: int | None, cutoff: float | None, expected_k: int, expected_cutoff: float
-) -> tuple[str, object, object] | None:
-    """The first of ``k`` and ``cutoff`` (where given) that differs from the expected value
-    (cutoffs to 1e-12 relative), as ``(name, given, expected)``; ``None`` when both agree."""
-    if k is not None and int(k) != expected_k:
-        return "k", k, expected_k
-    if cutoff is not None and not math.isclose(float(cutoff), expected_cutoff, rel_tol=1e-12):
-        return "cutoff", cutoff, expected_cutoff
-    return None
-
-
-def require_same_parameters(
-    given: tuple[int | None, float | None],
-    expected: tuple[int, float],
-    message: Callable[[str, object, object], str],
-) -> None:
-    """Raise ``ValueError(message(name, given, expected))`` for the first of ``k`` and
-    ``cutoff`` that differs (:func:`parameter_mismatch`).
-
-    Args:
-        given: ``(k, cutoff)`` to check, ``None`` where not given.
-        expected: the ``(k, cutoff)`` they must equal.
-        message: the error message of the parameter's name, given and expected values.
-    """
-    bad = parameter_mismatch(*given, *expected)
-    if bad is not None:
-        raise ValueError(message(*bad))
 
 
 def _check_same_params(ds: DescriptorSet, k: int | None, cutoff: float | None) -> None:
