@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import platform
 import statistics
 import sys
@@ -175,6 +176,7 @@ def main() -> None:
                 "device": str(device),
                 "torch": torch.__version__,
                 "python": platform.python_version(),
+                "load_1min": round(os.getloadavg()[0], 2),  # other work on a shared machine
             }
             if base is not None:
                 meta["baseline"] = str(args.baseline)
