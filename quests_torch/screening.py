@@ -12,7 +12,8 @@ batches of about ``batch_atoms`` atoms to fill the device, and for every batch
 
 and per frame (:func:`quests_torch.uncertainty.per_structure_summary`): the largest and mean
 dH, the fraction of atoms with ``dH > threshold`` (out of domain) and the size of the largest
-cluster of covered atoms, the melting/nucleation indicator of the README's screening section.
+cluster of covered atoms, the melting/nucleation indicator of the screening guide
+(docs/guide/screening.md).
 
 Library API: :func:`screen_frames` (an iterator of :class:`FrameScreen`, for notebooks and
 integrations) and :func:`screen_trajectory` (the resumable file pipeline behind

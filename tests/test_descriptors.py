@@ -379,7 +379,7 @@ def test_atoms_batch_round_trip():
 
 
 def test_descriptor_distance_behind_the_default_bandwidth():
-    """The README's numbers: |x(a=3.58) - x(a=3.54)| ~ 2h and |x(3.58) - x(3.56)| ~ h."""
+    """docs/guide/upstream.md's numbers: |x(a=3.58) - x(a=3.54)| ~ 2h, |x(3.58) - x(3.56)| ~ h."""
     from ase.build import bulk
 
     x = {a: get_descriptors(bulk("Cu", "fcc", a=a, cubic=True))[0] for a in (3.58, 3.56, 3.54)}

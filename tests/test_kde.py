@@ -52,7 +52,7 @@ def log_err(log_a, log_b):
 # enters the exponent divided by 2 h^2, so the error of log p (the relative error of p)
 # grows like 1/h^2. Measured on the thermal Cu data (CPU, torch 2.13): at most
 # 6.6e-5 (0.015 / h)^2 (the 1536 x 1536 self sums, h = 0.005 ... 0.1), cross sums and tiles
-# <= 2.5e-5 at h = 0.015. The bound is the float32 rule of the README, 1e-4 at the default
+# <= 2.5e-5 at h = 0.015. The bound is this file's float32 rule, 1e-4 at the default
 # h = 0.015 (see test_float32_error_on_thermal_cu), scaled by (0.015 / h)^2 per bandwidth.
 F32_LOG_P = 1e-4
 

@@ -19,8 +19,8 @@ from .options import CLIError
 #: kernel passes with more pairs than this show a progress bar (about a second on a CPU)
 PROGRESS_PAIRS = 200_000_000
 #: float64 kernel evaluations per second used by the ``--rows auto`` rule: measured 0.32-0.40
-#: G/s on the 2-core CPU of the benchmarks (README, Benchmarks) and 5.4e10 on one H200
-#: (exact entropy of 10^6 environments, 5e11 pairs, in 9.2 s; README, GPU readiness)
+#: G/s on the 2-core CPU of the benchmarks (docs/guide/benchmarks.md) and 5.4e10 on one H200
+#: (exact entropy of 10^6 environments, 5e11 pairs, in 9.2 s; docs/guide/gpu.md)
 PAIR_RATE = {"cpu": 3e8, "cuda": 5e10}
 #: ``--rows auto`` samples rows when the exact kernel sums would take longer than this (s)
 EXACT_SECONDS = 3600.0
