@@ -32,6 +32,12 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     x, y = ns["x"], ns["y"]
     assert x.shape == (432, 63) and y.shape == (108, 63) and x.dtype == torch.float64
 
+    # the descriptor store: every environment on disk, float32, the same entropy
+    store = ns["store"]
+    assert len(store) == 540 and store.n_atoms.tolist() == [108] * 5
+    assert abs(float(ns["H_store"]) - float(qt.entropy(torch.cat([x, y])))) < 1e-6
+    assert (Path("cu.qstore") / "descriptors.npy").exists()
+
     # entropy, diversity, dH; the estimate's interval holds the exact entropy
     H = float(ns["H"])
     assert 0 < H <= math.log(432)
