@@ -66,6 +66,7 @@ SLOW: dict[str, set[str] | None] = {
     "test_torch_sim.py": {"test_import_quests_torch_does_not_import_torch_sim"},
     "test_cellgrid.py": {"test_grid_gradcheck_small"},
     "test_uncertainty.py": {"test_biased_md_reaches_higher_dh_than_unbiased"},
+    "test_bench_scale.py": None,  # the scale pipeline in subprocesses (~40 s)
 }
 
 

@@ -76,3 +76,26 @@ def test_estimate_error_bar_covers_the_exact_entropy(run):
     assert abs(exact["z"]) < 4.0  # 4 standard errors: fails by chance once in ~16,000 runs
     est = records["estimate"]
     assert 0 < est["stderr"] < 0.1 and np.isfinite(est["H"])
+
+
+def test_upstream_stage_times_only_rows_that_exist(tmp_path):
+    """The upstream comparison never labels a size larger than the data it ran on."""
+    pytest.importorskip("quests", reason="upstream quests (make bench-reference) not installed")
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "bench_scale.py"),
+        "--n-envs", "4000", "--ref", "1000", "--rows", "500", "--exact-subset", "2000",
+        "--quick-md", "--stages", "store", "--upstream-seconds", "2",
+        "--data-dir", str(tmp_path), "--out", str(tmp_path / "out.jsonl"),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    records = {
+        r["stage"]: r for r in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())
+    }
+    up = records["upstream"]
+    assert up["upstream_version"]
+    for kernel in ("descriptors", "entropy", "dH_vs_reference"):
+        sizes = [row["n"] for row in up[kernel]]
+        assert sizes == [4000], (kernel, sizes)  # all the rows there are, and no more
+        assert all(row["seconds"] > 0 and row["ours_seconds"] >= 0 for row in up[kernel])
