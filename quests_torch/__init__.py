@@ -37,6 +37,7 @@ from .metrics import (
     novelty,
     overlap,
 )
+from .neighbors import NeighborCache
 from .sampling import GenerationResult, generate_to_target, random_walk_to_target
 from .screening import screen_frames, screen_trajectory
 from .store import DescriptorStore, open_store
@@ -54,6 +55,7 @@ __all__ = [
     "Estimate",
     "ExtrapolationError",
     "GenerationResult",
+    "NeighborCache",
     "QuestsUncertaintyCalculator",
     "StoreWriter",
     "StructureUncertainty",

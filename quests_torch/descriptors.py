@@ -55,7 +55,7 @@ import torch
 from ._memory import available_memory, memory_budget
 from ._precision import compute_dtype, float64_enabled, full_precision
 from .checks import DEFAULT_CUTOFF, DEFAULT_K, MAX_K, check_cutoff, check_k
-from .neighbors import KNearest, check_search, find_k_nearest
+from .neighbors import KNearest, NeighborCache, check_search, find_k_nearest
 from .neighbors.grid import sq_norm3
 from .neighbors.knearest import GridSource, PairSource
 from .structures import AtomsBatch, centred_copies, resolve_device, validate_batch
@@ -158,6 +158,24 @@ def _pair_sq_distances(vec: torch.Tensor) -> torch.Tensor:
     return d2
 
 
+_DUMMIES: dict[tuple, torch.Tensor] = {}
+
+
+def _dummy_slots(m: int, cutoff: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``[m, 3]`` where padded neighbour slots go: distinct points on a circle of radius
+    3 r_c (w = 0 there, the norm is smooth, and every off-diagonal distance stays > 0, so no
+    clamping is needed). Made once per shape, dtype and device (a few ops less per MD step)."""
+    key = (m, cutoff, dtype, device)
+    dummy = _DUMMIES.get(key)
+    if dummy is None:
+        if len(_DUMMIES) > 64:
+            _DUMMIES.clear()
+        angle = torch.arange(m, dtype=dtype, device=device) * (2 * math.pi / m)
+        dummy = torch.stack([angle.cos(), angle.sin(), torch.zeros_like(angle)], 1) * (3 * cutoff)
+        _DUMMIES[key] = dummy
+    return dummy
+
+
 def _environment_descriptors(
     vec: torch.Tensor, valid: torch.Tensor, k: int, cutoff: float
 ) -> torch.Tensor:
@@ -173,11 +191,7 @@ def _environment_descriptors(
     n, m, _ = vec.shape
     if m == 0:
         return vec.new_zeros((n, 2 * k - 1))
-    # padded slots: distinct dummy points on a circle of radius 3 r_c (w = 0 there, the norm
-    # is smooth, and every off-diagonal distance stays > 0, so no clamping is needed)
-    angle = torch.arange(m, dtype=vec.dtype, device=vec.device) * (2 * math.pi / m)
-    dummy = torch.stack([angle.cos(), angle.sin(), torch.zeros_like(angle)], dim=1) * (3 * cutoff)
-    vec = torch.where(valid[..., None], vec, dummy)
+    vec = torch.where(valid[..., None], vec, _dummy_slots(m, cutoff, vec.dtype, vec.device))
     sq = sq_norm3(vec, dim=-1)  # [n, m]
     r = sq.sqrt()
     rr = r + _EPS_X1
@@ -190,23 +204,13 @@ def _environment_descriptors(
 
     s = 1 - (r.clamp(max=cutoff) / cutoff) ** 2  # sqrt(w), zero at the dummy slots
     if vec.dtype == torch.float64:
-        # |a - b|^2 = |a|^2 + |b|^2 - 2 a.b as one batched matmul of augmented rows
-        # [a, |a|^2, 1] . [-2b, 1, |b|^2]: ~1e-15 relative in float64
-        if vec.requires_grad and torch.is_grad_enabled():
-            one = torch.ones_like(sq)[..., None]
-            lhs = torch.cat([vec, sq[..., None], one], dim=-1)
-            rhs = torch.cat([-2 * vec, one, sq[..., None]], dim=-1).transpose(1, 2)
-        else:  # written in place: fewer passes
-            lhs = vec.new_empty((n, m, 5))
-            lhs[..., :3] = vec
-            lhs[..., 3] = sq
-            lhs[..., 4] = 1.0
-            rhs = vec.new_empty((n, 5, m))
-            torch.mul(vec.transpose(1, 2), -2.0, out=rhs[:, :3])
-            rhs[:, 3] = 1.0
-            rhs[:, 4] = sq
-        # a contiguous right operand: bmm with a transposed view is ~4x slower on CPU
-        d2 = torch.bmm(lhs, rhs.contiguous())
+        # |a - b|^2 = |a|^2 + |b|^2 - 2 a.b, the product as one batched matmul added to the
+        # norms (~1e-15 relative in float64; 5 ops, as fast as augmented rows up to the CPU
+        # blocks of 512 atoms). A contiguous right operand: bmm with a transposed view is ~4x
+        # slower on CPU
+        d2 = torch.baddbmm(
+            sq[:, :, None] + sq[:, None, :], vec, vec.transpose(1, 2).contiguous(), alpha=-2.0
+        )
     else:
         # float32: direct differences (no cancellation, immune to TF32 matmul settings), one
         # component at a time on [n, m, m] planes: ~6x faster than differences of [n, m, m, 3]
@@ -306,7 +310,7 @@ def _source_descriptors(
     if device.type == "cpu":
         size = min(size, max(1, src.cpu_rows // src.rows_per_item))
         per_thread = -(-src.n_items // torch.get_num_threads())
-        if out is not None and isinstance(src, GridSource) and per_thread < size:
+        if out is not None and src.per_thread and per_thread < size:
             # one MD cell in one grid block: a block per thread (chunk-parallel, each on one
             # intra-op thread; intra-op threads on a busy machine made it 20x slower)
             size = per_thread
@@ -368,10 +372,14 @@ def _run_chunks(
         # every worker runs whole chunks single-threaded (torch ops and NumPy sorts release
         # the GIL): beats intra-op threading on these cache-sized blocks
         pool = _pool()  # sized from the thread count: before it is lowered below
+        # grad and inference modes are thread-local: the workers take the caller's (an
+        # inference tensor may only be written to in inference mode)
+        grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
 
         def attempt(r: tuple[int, int]) -> tuple[bool, T | None]:
             try:
-                return True, run(*r)
+                with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                    return True, run(*r)
             except torch.OutOfMemoryError:
                 return False, None
 
@@ -480,6 +488,62 @@ def _check_species(
     return numbers, spec
 
 
+def _reused_neighbors(
+    cache: NeighborCache | None,
+    batch: tuple[torch.Tensor, ...],
+    k: int,
+    cutoff: float,
+    numbers: torch.Tensor | None,
+    species: Sequence[int] | None,
+    search: str,
+) -> KNearest | None:
+    """The neighbours from ``cache``'s list when it is still valid for ``batch`` (then the
+    batch's values need no checks of their own: the same structure, atoms moved a little)."""
+    if cache is None:
+        return None
+    check_search(search)
+    spec = _sorted_species(species) if species is not None else []
+    if spec and numbers is None:
+        return None  # the full checks name the missing argument
+    if spec:
+        numbers = numbers.to(device=batch[0].device, dtype=torch.int64)
+    sources = cache.reuse(*batch, k, cutoff, numbers=numbers if spec else None,
+                          species=spec if len(spec) > 1 else [])  # fmt: skip
+    return None if sources is None else KNearest(batch[0].shape[0], sources)
+
+
+def _new_neighbors(
+    cache: NeighborCache | None,
+    batch: tuple[torch.Tensor, ...],
+    k: int,
+    cutoff: float,
+    numbers: torch.Tensor | None,
+    species: Sequence[int] | None,
+    budget: int | str | None,
+    search: str,
+) -> KNearest:
+    """The batch's values checked, then its neighbours from a new search (and a new list
+    in ``cache`` when one is given)."""
+    positions, cell, pbc, system_idx = batch
+    validate_batch(positions, cell, pbc, system_idx)
+    check_search(search)
+    spec: list[int] = []
+    if species is not None:
+        numbers, spec = _check_species(numbers, species, positions)
+    _check_output_memory(
+        positions.shape[0], descriptor_width(k, len(spec)), k, positions.dtype, positions.device
+    )
+    if cache is not None:
+        cached = cache.build(*batch, k, cutoff, numbers=numbers if spec else None,
+                             species=spec if len(spec) > 1 else [], budget=budget)  # fmt: skip
+        if cached is not None:
+            return KNearest(positions.shape[0], cached)
+    return find_k_nearest(
+        positions, cell, pbc, system_idx, k, cutoff, search,
+        budget=budget, numbers=numbers, species=spec,
+    )  # fmt: skip
+
+
 def descriptors_from_tensors(
     positions: torch.Tensor,
     cell: torch.Tensor,
@@ -492,6 +556,7 @@ def descriptors_from_tensors(
     species: Sequence[int] | None = None,
     budget: int | str | None = None,
     search: str = "auto",
+    neighbors: NeighborCache | None = None,
 ) -> torch.Tensor:
     """QUESTS descriptors of every atom of a batch of structures, on the inputs' device.
 
@@ -517,6 +582,11 @@ def descriptors_from_tensors(
             applies, vesin-torch cell lists otherwise; ``"grid"``: the cell grid wherever it
             applies; ``"pairs"``: never the grid (dense or vesin-torch pair lists). All give
             the same descriptors (to ~1e-15).
+        neighbors: a :class:`quests_torch.neighbors.NeighborCache` to reuse between calls on
+            the same moving structures (an MD loop): the k nearest are then picked from the
+            candidate lists it keeps (atoms within ``cutoff + skin``) while they stay valid,
+            with the same result as a new search. ``search`` applies to its rebuilds only
+            when no list is kept.
 
     Returns:
         ``[n_atoms, 2k - 1]`` (``[n_atoms, (S + 1)(2k - 1)]`` multicomponent), dtype and device
@@ -532,27 +602,23 @@ def descriptors_from_tensors(
         if not isinstance(positions, torch.Tensor):
             raise TypeError(f"`positions` must be a torch.Tensor, got {type(positions).__name__}")
         # shape[:1]: a positions tensor of the wrong rank reaches validate_batch's message
-        system_idx = torch.zeros(positions.shape[:1], dtype=torch.int64, device=positions.device)
+        if neighbors is not None:  # the cache's own (compared by identity: fewer ops)
+            system_idx = neighbors.single_system_idx(positions)
+        else:
+            system_idx = torch.zeros(
+                positions.shape[:1], dtype=torch.int64, device=positions.device
+            )
     if isinstance(pbc, torch.Tensor) and pbc.dtype != torch.bool:
         pbc = pbc.to(torch.bool)
-    validate_batch(positions, cell, pbc, system_idx)
+    validate_batch(positions, cell, pbc, system_idx, values=False)
     system_idx = system_idx.to(torch.int64)
     if compute_dtype(positions.device, positions.dtype) != positions.dtype:  # float32-only
         positions, cell = positions.float(), cell.float()
-    check_search(search)
-
-    spec: list[int] = []
-    if species is not None:
-        numbers, spec = _check_species(numbers, species, positions)
-
-    _check_output_memory(
-        positions.shape[0], descriptor_width(k, len(spec)), k, positions.dtype, positions.device
-    )
+    batch = (positions, cell, pbc, system_idx)
+    near = _reused_neighbors(neighbors, batch, k, cutoff, numbers, species, search)
+    if near is None:
+        near = _new_neighbors(neighbors, batch, k, cutoff, numbers, species, budget, search)
     need_grad = torch.is_grad_enabled() and (positions.requires_grad or cell.requires_grad)
-    near = find_k_nearest(
-        positions, cell, pbc, system_idx, k, cutoff, search,
-        budget=budget, numbers=numbers, species=spec,
-    )  # fmt: skip
     # float32 matmuls (pair search, wrapping, distance blocks) in IEEE precision whatever the
     # caller's TF32/bf16 flags: a rounded distance can swap neighbours at the cutoff
     with full_precision():

@@ -276,10 +276,14 @@ def validate_batch(
     cell: torch.Tensor,
     pbc: torch.Tensor,
     system_idx: torch.Tensor,
+    *,
+    values: bool = True,
 ) -> None:
-    """Check shapes, dtypes, devices and finiteness of batch tensors; raise on problems."""
+    """Check shapes, dtypes, devices and (``values``) finiteness of batch tensors and the
+    order of ``system_idx`` (one host sync); raise on problems."""
     n_sys = _check_batch_layout(positions, cell, pbc, system_idx)
-    _check_batch_values(positions, cell, system_idx, n_sys)
+    if values:
+        _check_batch_values(positions, cell, system_idx, n_sys)
 
 
 def _check_batch_layout(

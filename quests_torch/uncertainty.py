@@ -61,6 +61,7 @@ from .descriptors import (
 from .io import DescriptorSet, is_descriptor_file, load_descriptors, read_structures
 from .kde import PreparedReferences
 from .metrics import delta_entropy
+from .neighbors import DEFAULT_SKIN, NeighborCache
 from .structures import AtomsBatch, resolve_device
 from .summaries import StructureUncertainty, per_structure_summary
 
@@ -97,9 +98,15 @@ class UncertaintyBank(torch.nn.Module):
             ``descriptors``, else CPU.
         species: element symbols or atomic numbers for a multicomponent bank (the descriptor
             of width ``(S + 1)(2k - 1)``; ``forward`` then needs ``numbers``). ``None``: plain.
+        skin: Å beyond the cutoff of the neighbour lists that :meth:`forward` reuses from one
+            call to the next while no atom moved more than ``skin / 2`` (an MD loop: see
+            :class:`quests_torch.neighbors.NeighborCache`; the same dH as a new search).
+            ``None``: a new neighbour search every call.
 
     Attributes:
         descriptors: ``[n, d]`` buffer holding the bank.
+        neighbors: the :class:`~quests_torch.neighbors.NeighborCache` of :meth:`forward` and
+            :meth:`descriptors_of` (``builds``/``reuses`` count its rebuilds), or ``None``.
     """
 
     descriptors: torch.Tensor
@@ -114,8 +121,10 @@ class UncertaintyBank(torch.nn.Module):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         species: Sequence[str | int] | None = None,
+        skin: float | None = DEFAULT_SKIN,
     ) -> None:
         super().__init__()
+        self.neighbors = None if skin is None else NeighborCache(skin)
         self.k = check_k(k)
         self.cutoff = check_cutoff(cutoff)
         self.h = check_h(h)
@@ -368,11 +377,15 @@ class UncertaintyBank(torch.nn.Module):
 
     def _apply(self, fn, recurse=True):
         self.invalidate()  # .to(), .cuda(), .double(): the prepared block lives on the old one
+        if self.neighbors is not None:
+            self.neighbors.clear()
         return super()._apply(fn, recurse)
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__().copy()
         state["_prepared"] = None  # device tensors rebuilt on first use, never pickled
+        if self.neighbors is not None:
+            state["neighbors"] = NeighborCache(self.neighbors.skin)
         return state
 
     def _state_key(self) -> tuple:
@@ -517,6 +530,7 @@ class UncertaintyBank(torch.nn.Module):
                 numbers=numbers,
                 species=self.species,
                 budget=budget,
+                neighbors=self.neighbors,
             )
 
     def delta_entropy(

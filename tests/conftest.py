@@ -35,6 +35,15 @@ DTYPES = [torch.float64, torch.float32]
 # ------------------------------------------------------------------------ devices, dtypes
 
 
+@pytest.fixture
+def one_thread():
+    """Ops run by the CPU chunk pool's threads are invisible to an op counter: one thread."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(params=DEVICES)
 def device(request: pytest.FixtureRequest) -> str:
     return request.param

@@ -19,6 +19,12 @@ from quests_torch.uncertainty import UncertaintyBank
 # 5,120-environment bank: 46 ops and 1 sync on a CPU (two 256 x 4096 tiles); it was 122 and 3
 # before the bank was prepared once
 DH_OPS, DH_SYNCS = 50, 1
+# the whole MD step (issue 19 item 9: at most 150 ops and 2 syncs; it was 470 ops and 7 syncs
+# counting host reads, before the neighbour lists were reused): 144 ops in float64, 160 in
+# float32 (its pair distances are direct differences, component by component); one sync for
+# the list's validity, one for the kernel sums' far rows
+STEP_OPS = {torch.float64: 150, torch.float32: 165}
+STEP_SYNCS = 2
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +45,32 @@ def _count(fn):
     with CountOps() as c:
         out = fn()
     return c, out
+
+
+def _md_positions(b, dtype, steps=3):
+    """Positions of a few MD-like steps (0.02 Å moves): the neighbour list is reused."""
+    gen = torch.Generator().manual_seed(1)
+    pos = b.positions.to(dtype)
+    return [pos + 0.02 * (i + 1) * torch.randn(pos.shape, generator=gen, dtype=dtype)
+            for i in range(steps)]  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_md_step_ops_and_syncs(md_step, dtype, one_thread):
+    shared, b = md_step
+    x = shared.descriptors.to(dtype)
+    bank = UncertaintyBank(x)
+    cell = b.cell.to(dtype)
+    steps = _md_positions(b, dtype)
+    bank(steps[0], cell, b.pbc)  # builds the neighbour list and prepares the bank
+    with CountOps() as c:
+        dh = bank(steps[1], cell, b.pbc)
+    assert bank.neighbors.builds == 1 and bank.neighbors.reuses == 1
+    assert c.ops <= STEP_OPS[dtype], (c.ops, c.by_name.most_common(12))
+    assert c.syncs + c.host_reads <= STEP_SYNCS, (c.syncs, c.host_reads)
+    fresh = UncertaintyBank(x, skin=None)(steps[1], cell, b.pbc)
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    assert torch.allclose(dh, fresh, rtol=tol, atol=tol)
 
 
 def test_bank_forward_ops_and_syncs_per_md_step(md_step):

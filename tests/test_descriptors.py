@@ -385,3 +385,22 @@ def test_descriptor_distance_behind_the_default_bandwidth():
     x = {a: get_descriptors(bulk("Cu", "fcc", a=a, cubic=True))[0] for a in (3.58, 3.56, 3.54)}
     assert float((x[3.58] - x[3.54]).norm()) == pytest.approx(0.0308, abs=5e-5)
     assert float((x[3.58] - x[3.56]).norm()) == pytest.approx(0.0153, abs=5e-5)
+
+
+def test_descriptors_under_inference_mode_with_cpu_worker_threads():
+    """The CPU chunk pool's workers take the caller's inference mode: an MD cell (one block
+    per thread) under ``torch.inference_mode()`` once failed writing its inference-tensor
+    output from a worker thread."""
+    from ase.build import bulk
+
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True) * (4, 4, 4)
+    atoms.rattle(0.05, seed=3)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        expected = get_descriptors(atoms)
+        with torch.inference_mode():
+            got = get_descriptors(atoms)
+    finally:
+        torch.set_num_threads(old)
+    assert got.is_inference() and torch.equal(got, expected)

@@ -33,15 +33,6 @@ def strained_cells(n: int, reps=(5, 5, 5)) -> list:
 
 
 @pytest.fixture
-def one_thread():
-    """Ops run by the CPU chunk pool's threads are invisible to the counter: one thread."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture
 def device_chunking(monkeypatch):
     """Chunks sized from the memory budget alone, as on CUDA (no cache-sized CPU blocks)."""
     monkeypatch.setattr(D, "_CPU_CHUNK", 1 << 40)

@@ -41,15 +41,18 @@ from .pairs import (
     pair_vectors,
 )
 from .plan import GRID_MIN_CANDIDATES, check_search, grid_threshold, route
+from .verlet import DEFAULT_SKIN, NeighborCache
 
 __all__ = [
     "COINCIDENT_TOL",
+    "DEFAULT_SKIN",
     "DENSE_MAX_CANDIDATES",
     "DENSE_MAX_CANDIDATES_FLOAT32",
     "GRID_MIN_CANDIDATES",
     "GridSource",
     "KNearest",
     "NeighborBlock",
+    "NeighborCache",
     "NeighborPairs",
     "PairSource",
     "check_search",

@@ -27,7 +27,7 @@ import torch
 from .grid import Grid, Selection, component_keys, d2_levels, select_block, sq_norm3
 from .pairs import COINCIDENT_TOL, NeighborPairs, pair_vectors, raise_coincident
 
-__all__ = ["GridSource", "NeighborBlock", "PairSource"]
+__all__ = ["GridSource", "NeighborBlock", "NeighborSource", "PairSource"]
 
 _EMPTY_KEY = torch.iinfo(torch.int64).max
 #: CPU blocks of a pair list: this many atoms (cache-sized blocks beat big ones on CPU)
@@ -53,19 +53,21 @@ class NeighborBlock:
     valid: torch.Tensor
 
 
-class _Source:
+class NeighborSource:
     """A set of atoms whose k nearest neighbours come out in blocks of items.
 
     Args:
         positions: ``[n_atoms, 3]``, cell: ``[n_systems, 3, 3]``, system_idx: ``[n_atoms]``
             the (sub-)batch searched (used for differentiable vectors).
-        found: what the search found: a pair list sorted by centre (:class:`PairSource`) or a
-            cell grid (:class:`GridSource`).
+        found: what the search found: a pair list sorted by centre (:class:`PairSource`), a
+            cell grid (:class:`GridSource`) or a reused candidate list
+            (:class:`quests_torch.neighbors.verlet.CachedSource`).
         atoms: global atom index of ``positions``' rows when they are a sub-batch.
 
     Attributes: ``n_items`` items (``rows_per_item`` atoms each, at most), at most ``width``
     neighbours per atom, ``item_bytes`` of search memory per item, blocks of ``cpu_rows`` atoms
-    preferred on CPU.
+    preferred on CPU; ``per_thread``: an MD-sized source is split into one block per CPU
+    thread (chunk-parallel) rather than run as one block.
     """
 
     n_items: int
@@ -73,6 +75,7 @@ class _Source:
     width: int
     item_bytes: int
     cpu_rows: int
+    per_thread: bool = False
 
     def __init__(
         self,
@@ -103,7 +106,7 @@ class _Source:
         return self.atoms[rows]
 
 
-class PairSource(_Source):
+class PairSource(NeighborSource):
     """The k nearest of every atom from a pair list sorted by centre (a top-k per atom over
     tie-breaking keys), by blocks of atoms; ``found``: every pair within ``cutoff``, sorted by
     centre (:func:`quests_torch.neighbors.pairs.find_neighbor_pairs`)."""
@@ -153,7 +156,7 @@ class PairSource(_Source):
         return NeighborBlock(slice(a0, a1), sel_vec, valid)
 
 
-class GridSource(_Source):
+class GridSource(NeighborSource):
     """The k nearest of the atoms binned in a cell grid (the fused selection of
     :func:`quests_torch.neighbors.grid.select_block`), by blocks of centre bins; ``found``: a
     grid from :func:`quests_torch.neighbors.plan.route`."""
@@ -166,6 +169,7 @@ class GridSource(_Source):
         # the candidate block of a centre bin: coordinates, keys, distances
         self.item_bytes = 8 * P * 27 * P * 8 + 256
         self.cpu_rows = GRID_CPU_ROWS
+        self.per_thread = True
 
     def block(self, a0: int, a1: int) -> NeighborBlock:
         """The k nearest of the atoms of centre bins ``a0:a1``."""
