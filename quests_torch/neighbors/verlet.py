@@ -148,7 +148,11 @@ class NeighborCache:
                 back = torch.einsum("ni,nij->nj", wraps, b.lattice)
             moved = d - back  # displacement since the build, modulo the lattice
             q = p - back  # the positions unwrapped to the build's images
-            vec = q[b.neighbor] - q.unsqueeze(1) + b.image
+            vec = (
+                q.index_select(0, b.neighbor.view(-1)).view(b.image.shape)
+                - q.unsqueeze(1)
+                + b.image
+            )
             d2 = (vec * vec).sum(2)
             ok = ((moved * moved).sum(1).amax() <= b.limit2) & (d2.amin() >= COINCIDENT_TOL**2)
             changed = (cell.detach() != b.cell).any() | (pbc != b.pbc).any()
