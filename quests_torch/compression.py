@@ -31,12 +31,13 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from ._memory import memory_budget
+from ._precision import compute_dtype
 from .checkpoint import Checkpoint, checkpoint_key
 from .checks import Progress, check_generator, check_single_bandwidth, check_threshold
-from .compression_baselines import k_means
+from .compression_baselines import MeanDistances, k_means
 from .generations import GenerationReport, generation_report
 from .grouped import GroupedDescriptors, as_descriptor_tensor, concat_groups, group_descriptors
-from .kde import DEFAULT_BANDWIDTH, RunningLogKernelSum, engine, full_precision
+from .kde import DEFAULT_BANDWIDTH, RunningLogKernelSum, engine
 from .metrics import (
     diversity_from_log_p,
     entropy_from_log_p,
@@ -112,7 +113,7 @@ class _CurveRecorder:
         h = entropy_from_log_p(sel)  # n_env rows: the selection against itself
         div = diversity_from_log_p(sel)
         # covered: dH = -log K <= threshold  <=>  log K >= -threshold (exact in IEEE)
-        covered = (log_k >= -self.threshold).sum().to(torch.float64) / d.n
+        covered = (log_k >= -self.threshold).sum().to(log_k.dtype) / d.n
         self.rows.append(torch.stack([h, div, covered]))
         self.envs.append(self.n_env)
 
@@ -210,28 +211,6 @@ def _segment_min(values: torch.Tensor, data: GroupedDescriptors) -> torch.Tensor
     return out.scatter_reduce(0, data.sid, values, "amin", include_self=True)
 
 
-class _MeanDistances:
-    """``mean_j |x_i - y_j|`` of every row of ``x`` to a block ``y``, one wide GEMM per tile."""
-
-    def __init__(self, x: torch.Tensor, budget: int):
-        # [x, |x|^2, 1]^T . [-2 y, 1, |y|^2] = |x - y|^2
-        x64 = x.to(torch.float64)
-        self.xt = engine.augment(x64, None, 1.0, norm_first=True).T.contiguous()
-        self.budget = budget
-
-    def __call__(self, y: torch.Tensor) -> torch.Tensor:
-        ya = engine.augment(y.to(torch.float64), -2.0, 1.0, norm_first=False)
-        n = self.xt.shape[1]
-        out = torch.empty(n, dtype=torch.float64, device=self.xt.device)
-        with full_precision():
-            for j0, j1 in engine.wide_spans(
-                self.xt.device, self.budget, y.shape[0], torch.float64, n
-            ):
-                d2 = torch.mm(ya, self.xt[:, j0:j1])
-                out[j0:j1] = d2.clamp_(min=0.0).sqrt_().mean(0)
-        return out
-
-
 class _GreedySelection:
     """State of a greedy selection (msc, msc_conditional, fps), kept on the device.
 
@@ -263,9 +242,9 @@ class _GreedySelection:
             tracked = self.running if method == "msc" else _running(data.x, h, options)
             self.recorder = _CurveRecorder(data, tracked, threshold)
         budget = memory_budget(dev, options.get("budget"))
-        self.min_dist = torch.full((S,), math.inf, dtype=torch.float64, device=dev)
-        self.mean_dist = _MeanDistances(data.x, budget) if method == "fps" else None
-        self.counts = data.counts.to(torch.float64)
+        self.acc = compute_dtype(dev, torch.float64)  # float32 in float32-only mode
+        self.min_dist = torch.full((S,), math.inf, dtype=self.acc, device=dev)
+        self.mean_dist = MeanDistances(data.x, budget, self.acc) if method == "fps" else None
         recorder = self.recorder
         self.shared = recorder is not None and recorder.running is self.running
         self.separate = recorder.running if recorder is not None and not self.shared else None
@@ -291,17 +270,17 @@ class _GreedySelection:
         self.order = [int(i) for i in state["order"]]
         if self.order:
             self.taken[torch.tensor(self.order, device=dev)] = True
-        self.min_dist = state["min_dist"].to(dev)
+        self.min_dist = state["min_dist"].to(dev, self.acc)
         if self.running is not None:
-            self.running.log_k = state["log_k"].to(dev)
+            self.running.log_k = state["log_k"].to(dev, self.running.log_k.dtype)
         recorder = self.recorder
         if recorder is not None:
             recorder.idx = state["curve_idx"].to(dev)
-            recorder.rows = list(state["curve_rows"].to(dev).unbind(0))
+            recorder.rows = list(state["curve_rows"].to(dev, self.acc).unbind(0))
             recorder.envs = [int(e) for e in state["curve_envs"]]
             recorder.n_env = recorder.envs[-1] if recorder.envs else 0
             if self.separate is not None:
-                self.separate.log_k = state["curve_log_k"].to(dev)
+                self.separate.log_k = state["curve_log_k"].to(dev, self.acc)
 
     def choose(self, step: int, h_s: torch.Tensor, seed: bool) -> int:
         """The structure of ``step``; ``seed``: the first step seeds with ``argmax_s H_s``."""
@@ -324,12 +303,9 @@ class _GreedySelection:
             new_log_k = torch.logaddexp(running.log_k, running.log_sum(rows))
         if self.method == "fps" and not last:
             per_struct = segment_sum(
-                self.mean_dist(rows).to(torch.float64),
-                self.data.sid,
-                self.data.n_structures,
-                is_sorted=True,
-            )
-            new_min = torch.minimum(self.min_dist, per_struct / self.counts)
+                self.mean_dist(rows), self.data.sid, self.data.n_structures, is_sorted=True
+            )  # over the integer counts: the same bits as over float64 counts
+            new_min = torch.minimum(self.min_dist, per_struct / self.data.counts)
         if separate is not None:
             new_curve = torch.logaddexp(separate.log_k, separate.log_sum(rows))
         return new_log_k, new_min, new_curve
@@ -451,11 +427,14 @@ def _reference(method: str, reference, data: GroupedDescriptors) -> torch.Tensor
 
 def _centre(data: GroupedDescriptors, ref: torch.Tensor | None) -> torch.Tensor | None:
     """Centre ``data.x`` in place (exact distances through the GEMM expansion); ``ref``
-    shares the shift and is returned centred."""
-    mu = data.x.to(torch.float64).mean(0)
-    data.x = (data.x.to(torch.float64) - mu).to(data.x.dtype)
+    shares the shift and is returned centred. In float64, or in float32 in float32-only mode:
+    the mean only sets the shift (distances do not depend on it) and the correctly rounded
+    float32 differences keep the relative accuracy of the centred values."""
+    acc = compute_dtype(data.x.device, torch.float64)
+    mu = data.x.to(acc).mean(0)
+    data.x = (data.x.to(acc) - mu).to(data.x.dtype)
     if ref is not None:
-        ref = (ref.to(torch.float64) - mu).to(ref.dtype)
+        ref = (ref.to(acc) - mu).to(ref.dtype)
     return ref
 
 
@@ -466,8 +445,9 @@ def _baseline_order(
     gen = check_generator(generator)
     if method == "random":
         return torch.randperm(data.n_structures, generator=gen)[:n_sel].tolist()
-    means = segment_sum(data.x.to(torch.float64), data.sid, data.n_structures, is_sorted=True)
-    means /= data.counts.to(torch.float64)[:, None]
+    acc = compute_dtype(data.x.device, torch.float64)  # float32 in float32-only mode
+    means = segment_sum(data.x.to(acc), data.sid, data.n_structures, is_sorted=True)
+    means /= data.counts[:, None]  # integer counts: the same bits as float64 ones
     budget_b = memory_budget(data.x.device, budget)
     return k_means(means, n_sel, gen, budget_b, k_means_iter)
 
@@ -567,7 +547,8 @@ def compress(
         key = checkpoint_key(effective, data, ref, parameters)
 
     ref = _centre(data, ref)
-    h_s = entropy_per_structure(data.x, data.sid, h, centre=False, **options).to(torch.float64)
+    acc = compute_dtype(data.x.device, torch.float64)  # float32 in float32-only mode
+    h_s = entropy_per_structure(data.x, data.sid, h, centre=False, **options).to(acc)
 
     if method in ("msc", "msc_conditional", "fps"):
         effective = "msc" if method == "msc_conditional" and ref is None else method
