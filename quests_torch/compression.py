@@ -89,6 +89,15 @@ def _running(x: torch.Tensor, h: float, options: dict) -> RunningLogKernelSum:
     return RunningLogKernelSum(x, h, dtype=options.get("dtype"), budget=options.get("budget"))
 
 
+def _self_start(data: GroupedDescriptors, s: int) -> int | None:
+    """The first row of structure ``s`` in float32-only mode, where the running sums pin its
+    self pairs to an exponent of 0 (float32 rounding, ~1e-5, would otherwise decide whether
+    an environment with dH near 0 is covered); ``None`` in float64, whose bits stay as they
+    were (its rounding there is ~1e-13)."""
+    f32 = compute_dtype(data.x.device, torch.float64) == torch.float32
+    return int(data.start[s]) if f32 else None
+
+
 class _CurveRecorder:
     """Entropy, diversity and overlap of the selection after every step, kept on the device.
 
@@ -296,18 +305,18 @@ class _GreedySelection:
 
     def prepare(self, s: int, last: bool) -> tuple:
         """The updates of selecting ``s`` (``last``: skip those no later step reads)."""
-        rows = self.data.rows(s)
+        rows, start = self.data.rows(s), _self_start(self.data, s)
         running, separate = self.running, self.separate
         new_log_k = new_min = new_curve = None
         if running is not None and not (last and not self.shared):
-            new_log_k = torch.logaddexp(running.log_k, running.log_sum(rows))
+            new_log_k = torch.logaddexp(running.log_k, running.log_sum(rows, start))
         if self.method == "fps" and not last:
             per_struct = segment_sum(
                 self.mean_dist(rows), self.data.sid, self.data.n_structures, is_sorted=True
             )  # over the integer counts: the same bits as over float64 counts
             new_min = torch.minimum(self.min_dist, per_struct / self.data.counts)
         if separate is not None:
-            new_curve = torch.logaddexp(separate.log_k, separate.log_sum(rows))
+            new_curve = torch.logaddexp(separate.log_k, separate.log_sum(rows, start))
         return new_log_k, new_min, new_curve
 
     def commit(self, s: int, updates: tuple) -> None:
@@ -387,7 +396,7 @@ def _curve_for(
     running = _running(data.x, h, options)
     recorder = _CurveRecorder(data, running, threshold)
     for s in order:
-        running.add(data.rows(s))
+        running.add(data.rows(s), _self_start(data, s))
         recorder.record(s)
     return recorder.curve()
 
@@ -544,6 +553,8 @@ def compress(
         # of the data as given (before centring), the problem as solved (``effective``)
         effective = "msc" if method == "msc_conditional" and ref is None else method
         parameters = {"h": h, "threshold": threshold, "dtype": dtype, "curve": curve}
+        if compute_dtype(data.x.device, torch.float64) != torch.float64:
+            parameters["float32_only"] = True  # float32 state: never resumed in float64
         key = checkpoint_key(effective, data, ref, parameters)
 
     ref = _centre(data, ref)
