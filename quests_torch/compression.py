@@ -436,9 +436,9 @@ def _reference(method: str, reference, data: GroupedDescriptors) -> torch.Tensor
 
 def _centre(data: GroupedDescriptors, ref: torch.Tensor | None) -> torch.Tensor | None:
     """Centre ``data.x`` in place (exact distances through the GEMM expansion); ``ref``
-    shares the shift and is returned centred. In float64, or in float32 in float32-only mode:
-    the mean only sets the shift (distances do not depend on it) and the correctly rounded
-    float32 differences keep the relative accuracy of the centred values."""
+    shares the shift and is returned centred. In float64; in float32-only mode in float32,
+    where the mean (a pairwise/tree reduction in torch) only sets the shift, which distances
+    do not depend on, and each difference is rounded once, as the float64 path rounds it."""
     acc = compute_dtype(data.x.device, torch.float64)
     mu = data.x.to(acc).mean(0)
     data.x = (data.x.to(acc) - mu).to(data.x.dtype)
@@ -521,7 +521,9 @@ def compress(
         threshold: dH threshold of the overlap (covered: ``dH <= threshold``; upstream's
             compressor uses ``dH < 1e-5``).
         k_means_iter: maximum Lloyd iterations.
-        dtype: compute dtype of the kernel tiles (default the descriptors' dtype).
+        dtype: compute dtype of the kernel tiles (default the descriptors' dtype). In
+            float32-only mode (:func:`quests_torch._precision.float64_enabled`) everything
+            runs in float32 and the entropies and curve come back float32.
         device: compute device for numpy inputs (tensors are used where they live).
         tile_size: kernel tile size (results do not depend on it).
         budget: memory budget of the tiles (bytes or ``"512M"``).
