@@ -31,12 +31,13 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from ._memory import memory_budget
+from ._precision import compute_dtype
 from .checkpoint import Checkpoint, checkpoint_key
 from .checks import Progress, check_generator, check_single_bandwidth, check_threshold
-from .compression_baselines import k_means
+from .compression_baselines import MeanDistances, k_means
 from .generations import GenerationReport, generation_report
 from .grouped import GroupedDescriptors, as_descriptor_tensor, concat_groups, group_descriptors
-from .kde import DEFAULT_BANDWIDTH, RunningLogKernelSum, engine, full_precision
+from .kde import DEFAULT_BANDWIDTH, RunningLogKernelSum, engine
 from .metrics import (
     diversity_from_log_p,
     entropy_from_log_p,
@@ -88,6 +89,15 @@ def _running(x: torch.Tensor, h: float, options: dict) -> RunningLogKernelSum:
     return RunningLogKernelSum(x, h, dtype=options.get("dtype"), budget=options.get("budget"))
 
 
+def _self_start(data: GroupedDescriptors, s: int) -> int | None:
+    """The first row of structure ``s`` in float32-only mode, where the running sums pin its
+    self pairs to an exponent of 0 (float32 rounding, ~1e-5, would otherwise decide whether
+    an environment with dH near 0 is covered); ``None`` in float64, whose bits stay as they
+    were (its rounding there is ~1e-13)."""
+    f32 = compute_dtype(data.x.device, torch.float64) == torch.float32
+    return int(data.start[s]) if f32 else None
+
+
 class _CurveRecorder:
     """Entropy, diversity and overlap of the selection after every step, kept on the device.
 
@@ -112,7 +122,7 @@ class _CurveRecorder:
         h = entropy_from_log_p(sel)  # n_env rows: the selection against itself
         div = diversity_from_log_p(sel)
         # covered: dH = -log K <= threshold  <=>  log K >= -threshold (exact in IEEE)
-        covered = (log_k >= -self.threshold).sum().to(torch.float64) / d.n
+        covered = (log_k >= -self.threshold).sum().to(log_k.dtype) / d.n
         self.rows.append(torch.stack([h, div, covered]))
         self.envs.append(self.n_env)
 
@@ -210,28 +220,6 @@ def _segment_min(values: torch.Tensor, data: GroupedDescriptors) -> torch.Tensor
     return out.scatter_reduce(0, data.sid, values, "amin", include_self=True)
 
 
-class _MeanDistances:
-    """``mean_j |x_i - y_j|`` of every row of ``x`` to a block ``y``, one wide GEMM per tile."""
-
-    def __init__(self, x: torch.Tensor, budget: int):
-        # [x, |x|^2, 1]^T . [-2 y, 1, |y|^2] = |x - y|^2
-        x64 = x.to(torch.float64)
-        self.xt = engine.augment(x64, None, 1.0, norm_first=True).T.contiguous()
-        self.budget = budget
-
-    def __call__(self, y: torch.Tensor) -> torch.Tensor:
-        ya = engine.augment(y.to(torch.float64), -2.0, 1.0, norm_first=False)
-        n = self.xt.shape[1]
-        out = torch.empty(n, dtype=torch.float64, device=self.xt.device)
-        with full_precision():
-            for j0, j1 in engine.wide_spans(
-                self.xt.device, self.budget, y.shape[0], torch.float64, n
-            ):
-                d2 = torch.mm(ya, self.xt[:, j0:j1])
-                out[j0:j1] = d2.clamp_(min=0.0).sqrt_().mean(0)
-        return out
-
-
 class _GreedySelection:
     """State of a greedy selection (msc, msc_conditional, fps), kept on the device.
 
@@ -263,9 +251,9 @@ class _GreedySelection:
             tracked = self.running if method == "msc" else _running(data.x, h, options)
             self.recorder = _CurveRecorder(data, tracked, threshold)
         budget = memory_budget(dev, options.get("budget"))
-        self.min_dist = torch.full((S,), math.inf, dtype=torch.float64, device=dev)
-        self.mean_dist = _MeanDistances(data.x, budget) if method == "fps" else None
-        self.counts = data.counts.to(torch.float64)
+        self.acc = compute_dtype(dev, torch.float64)  # float32 in float32-only mode
+        self.min_dist = torch.full((S,), math.inf, dtype=self.acc, device=dev)
+        self.mean_dist = MeanDistances(data.x, budget, self.acc) if method == "fps" else None
         recorder = self.recorder
         self.shared = recorder is not None and recorder.running is self.running
         self.separate = recorder.running if recorder is not None and not self.shared else None
@@ -291,17 +279,17 @@ class _GreedySelection:
         self.order = [int(i) for i in state["order"]]
         if self.order:
             self.taken[torch.tensor(self.order, device=dev)] = True
-        self.min_dist = state["min_dist"].to(dev)
+        self.min_dist = state["min_dist"].to(dev, self.acc)
         if self.running is not None:
-            self.running.log_k = state["log_k"].to(dev)
+            self.running.log_k = state["log_k"].to(dev, self.running.log_k.dtype)
         recorder = self.recorder
         if recorder is not None:
             recorder.idx = state["curve_idx"].to(dev)
-            recorder.rows = list(state["curve_rows"].to(dev).unbind(0))
+            recorder.rows = list(state["curve_rows"].to(dev, self.acc).unbind(0))
             recorder.envs = [int(e) for e in state["curve_envs"]]
             recorder.n_env = recorder.envs[-1] if recorder.envs else 0
             if self.separate is not None:
-                self.separate.log_k = state["curve_log_k"].to(dev)
+                self.separate.log_k = state["curve_log_k"].to(dev, self.acc)
 
     def choose(self, step: int, h_s: torch.Tensor, seed: bool) -> int:
         """The structure of ``step``; ``seed``: the first step seeds with ``argmax_s H_s``."""
@@ -317,21 +305,18 @@ class _GreedySelection:
 
     def prepare(self, s: int, last: bool) -> tuple:
         """The updates of selecting ``s`` (``last``: skip those no later step reads)."""
-        rows = self.data.rows(s)
+        rows, start = self.data.rows(s), _self_start(self.data, s)
         running, separate = self.running, self.separate
         new_log_k = new_min = new_curve = None
         if running is not None and not (last and not self.shared):
-            new_log_k = torch.logaddexp(running.log_k, running.log_sum(rows))
+            new_log_k = torch.logaddexp(running.log_k, running.log_sum(rows, start))
         if self.method == "fps" and not last:
             per_struct = segment_sum(
-                self.mean_dist(rows).to(torch.float64),
-                self.data.sid,
-                self.data.n_structures,
-                is_sorted=True,
-            )
-            new_min = torch.minimum(self.min_dist, per_struct / self.counts)
+                self.mean_dist(rows), self.data.sid, self.data.n_structures, is_sorted=True
+            )  # over the integer counts: the same bits as over float64 counts
+            new_min = torch.minimum(self.min_dist, per_struct / self.data.counts)
         if separate is not None:
-            new_curve = torch.logaddexp(separate.log_k, separate.log_sum(rows))
+            new_curve = torch.logaddexp(separate.log_k, separate.log_sum(rows, start))
         return new_log_k, new_min, new_curve
 
     def commit(self, s: int, updates: tuple) -> None:
@@ -411,7 +396,7 @@ def _curve_for(
     running = _running(data.x, h, options)
     recorder = _CurveRecorder(data, running, threshold)
     for s in order:
-        running.add(data.rows(s))
+        running.add(data.rows(s), _self_start(data, s))
         recorder.record(s)
     return recorder.curve()
 
@@ -451,11 +436,14 @@ def _reference(method: str, reference, data: GroupedDescriptors) -> torch.Tensor
 
 def _centre(data: GroupedDescriptors, ref: torch.Tensor | None) -> torch.Tensor | None:
     """Centre ``data.x`` in place (exact distances through the GEMM expansion); ``ref``
-    shares the shift and is returned centred."""
-    mu = data.x.to(torch.float64).mean(0)
-    data.x = (data.x.to(torch.float64) - mu).to(data.x.dtype)
+    shares the shift and is returned centred. In float64; in float32-only mode in float32,
+    where the mean (a pairwise/tree reduction in torch) only sets the shift, which distances
+    do not depend on, and each difference is rounded once, as the float64 path rounds it."""
+    acc = compute_dtype(data.x.device, torch.float64)
+    mu = data.x.to(acc).mean(0)
+    data.x = (data.x.to(acc) - mu).to(data.x.dtype)
     if ref is not None:
-        ref = (ref.to(torch.float64) - mu).to(ref.dtype)
+        ref = (ref.to(acc) - mu).to(ref.dtype)
     return ref
 
 
@@ -466,8 +454,9 @@ def _baseline_order(
     gen = check_generator(generator)
     if method == "random":
         return torch.randperm(data.n_structures, generator=gen)[:n_sel].tolist()
-    means = segment_sum(data.x.to(torch.float64), data.sid, data.n_structures, is_sorted=True)
-    means /= data.counts.to(torch.float64)[:, None]
+    acc = compute_dtype(data.x.device, torch.float64)  # float32 in float32-only mode
+    means = segment_sum(data.x.to(acc), data.sid, data.n_structures, is_sorted=True)
+    means /= data.counts[:, None]  # integer counts: the same bits as float64 ones
     budget_b = memory_budget(data.x.device, budget)
     return k_means(means, n_sel, gen, budget_b, k_means_iter)
 
@@ -532,7 +521,9 @@ def compress(
         threshold: dH threshold of the overlap (covered: ``dH <= threshold``; upstream's
             compressor uses ``dH < 1e-5``).
         k_means_iter: maximum Lloyd iterations.
-        dtype: compute dtype of the kernel tiles (default the descriptors' dtype).
+        dtype: compute dtype of the kernel tiles (default the descriptors' dtype). In
+            float32-only mode (:func:`quests_torch._precision.float64_enabled`) everything
+            runs in float32 and the entropies and curve come back float32.
         device: compute device for numpy inputs (tensors are used where they live).
         tile_size: kernel tile size (results do not depend on it).
         budget: memory budget of the tiles (bytes or ``"512M"``).
@@ -564,10 +555,13 @@ def compress(
         # of the data as given (before centring), the problem as solved (``effective``)
         effective = "msc" if method == "msc_conditional" and ref is None else method
         parameters = {"h": h, "threshold": threshold, "dtype": dtype, "curve": curve}
+        if compute_dtype(data.x.device, torch.float64) != torch.float64:
+            parameters["float32_only"] = True  # float32 state: never resumed in float64
         key = checkpoint_key(effective, data, ref, parameters)
 
     ref = _centre(data, ref)
-    h_s = entropy_per_structure(data.x, data.sid, h, centre=False, **options).to(torch.float64)
+    acc = compute_dtype(data.x.device, torch.float64)  # float32 in float32-only mode
+    h_s = entropy_per_structure(data.x, data.sid, h, centre=False, **options).to(acc)
 
     if method in ("msc", "msc_conditional", "fps"):
         effective = "msc" if method == "msc_conditional" and ref is None else method

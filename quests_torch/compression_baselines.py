@@ -1,5 +1,9 @@
 """Baseline selections of :func:`quests_torch.compression.compress`: k-means on the
-structures' mean descriptors (k-means++ init, Lloyd), one representative per cluster."""
+structures' mean descriptors (k-means++ init, Lloyd), one representative per cluster; and the
+mean descriptor distances of its farthest-point sampling (``fps``).
+
+Both run in the dtype of their inputs: float64 by default, float32 in float32-only mode
+(:func:`quests_torch._precision.float64_enabled`), where the inputs arrive centred."""
 
 from __future__ import annotations
 
@@ -10,7 +14,11 @@ import torch
 from .kde import engine, full_precision
 from .structures import segment_sum
 
-__all__ = ["assign", "k_means", "sq_dist"]
+__all__ = ["MeanDistances", "assign", "k_means", "sq_dist"]
+
+#: near-ties of the cluster representatives, relative to the largest ``|mean|^2``: above the
+#: GEMM expansion's rounding (a few eps), far below real differences
+TIE_SLACK = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
 def sq_dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -72,7 +80,7 @@ def k_means(means: torch.Tensor, size: int, gen: torch.Generator, budget: int, m
     # near-ties count as ties (the lowest index wins): the two members of a 2-structure
     # cluster are equidistant from its centroid by construction, and which one rounding makes
     # nearer differs between devices. The slack is the expansion's rounding error, ~eps |x|^2.
-    slack = 1e-10 * float((means * means).sum(1).max())
+    slack = TIE_SLACK[means.dtype] * float((means * means).sum(1).max())
     cand = torch.where(dist <= best[labels] + slack, idx, S)
     rep = torch.full((size,), S, dtype=torch.long, device=dev).scatter_reduce(
         0, labels, cand, "amin"
@@ -91,3 +99,25 @@ def k_means(means: torch.Tensor, size: int, gen: torch.Generator, budget: int, m
             taken[nxt] = True
             far = torch.minimum(far, sq_dist(means, means[nxt][None])[:, 0])
     return chosen
+
+
+class MeanDistances:
+    """``mean_j |x_i - y_j|`` of every row of ``x`` to a block ``y``, one wide GEMM per tile.
+
+    Computed in ``dtype`` (float64; float32 in float32-only mode, on centred ``x``)."""
+
+    def __init__(self, x: torch.Tensor, budget: int, dtype: torch.dtype = torch.float64):
+        # [x, |x|^2, 1]^T . [-2 y, 1, |y|^2] = |x - y|^2
+        self.dtype = dtype
+        self.xt = engine.augment(x.to(dtype), None, 1.0, norm_first=True).T.contiguous()
+        self.budget = budget
+
+    def __call__(self, y: torch.Tensor) -> torch.Tensor:
+        ya = engine.augment(y.to(self.dtype), -2.0, 1.0, norm_first=False)
+        n = self.xt.shape[1]
+        out = torch.empty(n, dtype=self.dtype, device=self.xt.device)
+        with full_precision():
+            for j0, j1 in engine.wide_spans(self.xt.device, self.budget, y.shape[0], self.dtype, n):
+                d2 = torch.mm(ya, self.xt[:, j0:j1])
+                out[j0:j1] = d2.clamp_(min=0.0).sqrt_().mean(0)
+        return out

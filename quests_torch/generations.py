@@ -3,7 +3,8 @@
 :func:`generation_report` follows the generations of an active-learning loop: the cumulative
 entropy and diversity of the data after each generation and the novelty of each generation
 against all earlier ones (paper Fig. 2f, g), from one running log kernel sum per environment
-(:class:`quests_torch.kde.RunningLogKernelSum`) updated once per generation.
+(:class:`quests_torch.kde.RunningLogKernelSum`) updated once per generation. In float32-only
+mode (:func:`quests_torch._precision.float64_enabled`) all of it runs in float32.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from ._precision import compute_dtype
 from .checks import Progress, check_keywords, check_single_bandwidth, check_threshold
 from .grouped import group_descriptors
 from .kde import DEFAULT_BANDWIDTH, RunningLogKernelSum, engine
@@ -114,12 +116,13 @@ def generation_report(
         labels = list(range(G))
     elif len(labels) != G:
         raise ValueError(f"`labels` has {len(labels)} entries for {G} generations")
-    mu = data.x.to(torch.float64).mean(0)
-    xc = (data.x.to(torch.float64) - mu).to(data.x.dtype)
+    acc = compute_dtype(data.x.device, torch.float64)  # float32 in float32-only mode
+    mu = data.x.to(acc).mean(0)
+    xc = (data.x.to(acc) - mu).to(data.x.dtype)
     running = RunningLogKernelSum(xc, h, dtype=options.get("dtype"), budget=options.get("budget"))
     tick, bar = engine.progress_ticker(progress, G, "generations")
     stats = []
-    nan = torch.tensor(math.nan, dtype=torch.float64, device=xc.device)
+    nan = torch.tensor(math.nan, dtype=acc, device=xc.device)
     try:
         for g in range(G):
             a, b = int(data.start[g]), int(data.end[g])
@@ -127,9 +130,11 @@ def generation_report(
                 nov, mx = nan, nan
             else:
                 dh = -running.log_k[a:b]
-                nov = (dh > threshold).to(torch.float64).mean()
+                nov = (dh > threshold).to(acc).mean()
                 mx = dh.max()
-            running.add(xc[a:b])
+            # float32: the self pairs pinned to 0 (their rounding, ~1e-5, would reach H); the
+            # float64 bits stay as they were
+            running.add(xc[a:b], a if acc == torch.float32 else None)
             lk = running.log_k[:b]
             ent = entropy_from_log_p(lk)
             div = diversity_from_log_p(lk)

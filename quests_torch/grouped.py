@@ -5,6 +5,8 @@ per-generation reports.
 (``system_idx``, ``generation_idx``) or a list of per-group ``[n_g, d]`` arrays, checks them
 (floating point, 2-D, finite, groups numbered ``0..G-1`` without gaps) and returns a
 :class:`GroupedDescriptors` with the rows sorted by group (stable) on the compute device.
+In float32-only mode (:func:`quests_torch._precision.float64_enabled`) float64 descriptors
+are cast to float32 first (numpy arrays on the host): no float64 tensor reaches the device.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ._precision import float64_enabled
 from .checks import check_descriptor_matrix
 from .structures import canonical_device
 
@@ -53,10 +56,15 @@ def as_descriptor_tensor(x, name: str, device) -> torch.Tensor:
     )
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(np.ascontiguousarray(x))
+        target = torch.device("cpu") if device is None else canonical_device(device)
+        if x.dtype == torch.float64 and not float64_enabled(target):
+            x = x.float()  # on the host: float32-only devices get no float64 tensor
         if device is not None:
             x = x.to(device)
     elif device is not None and x.device != canonical_device(device):
         raise ValueError(f"`device` is {torch.device(device)} but `{name}` lives on {x.device}")
+    if x.dtype == torch.float64 and not float64_enabled(x.device):
+        x = x.float()
     return x
 
 

@@ -255,3 +255,120 @@ def test_float64_bank_state_loads_as_float32(monkeypatch):
     bank.load_state_dict(state)
     assert bank.descriptors.dtype == torch.float32
     assert torch.equal(bank.descriptors, state["descriptors"].float())
+
+
+# ---------------------------------------------------------------------------- compression
+# 16 rattled FCC Cu cells (32 atoms; lattice 3.50-3.69 Å, rattle 0.02-0.11 Å: well separated)
+# and a 2-cell prior, float32-only vs float64, measured: the same selection order of all 16
+# structures for msc, msc_conditional, fps and random (generators 0-2), of 6 for k_means
+# (generators 0-2); H_s max abs 5.3e-7 nats; curve entropy max abs 6.0e-7 nats (relative
+# 2.6e-7), diversity relative 1.1e-7; overlap counts equal (without the pinned self pairs of
+# the running sums: H abs 2.5e-6 and one environment's coverage flips). The 40 thermal Cu
+# structures of tests/test_compression.py: the same order (all 40; 10 for k_means) for every
+# method, curve H relative <= 2.5e-7, diversity relative <= 2.4e-7.
+
+
+@pytest.fixture(scope="module")
+def cells():
+    from conftest import rattled_fcc
+
+    from quests_torch import get_descriptors
+
+    S = 16
+    frames = [
+        rattled_fcc(
+            (2, 2, 2), a=3.5 + 0.2 * (7 * s % S) / S, stdev=0.02 + 0.1 * (5 * s % S) / S, seed=s
+        )
+        for s in range(S)
+    ]
+    prior = [rattled_fcc((2, 2, 2), stdev=0.05, seed=100 + i) for i in range(2)]
+    sid = torch.repeat_interleave(torch.arange(S), 32)
+    return get_descriptors(frames), sid, get_descriptors(prior)
+
+
+def _compress(method, x, sid, prior, **kw):
+    from quests_torch.compression import compress
+
+    size = 6 if method == "k_means" else int(sid.max()) + 1  # k_means of all 16 is trivial
+    ref = prior if method == "msc_conditional" else None
+    return compress(x, sid, size, method, reference=ref, **kw)
+
+
+@pytest.mark.parametrize("method", ["msc", "msc_conditional", "fps", "k_means", "random"])
+def test_compression_float32_only(monkeypatch, cells, method):
+    x, sid, prior = cells
+    gens = (0, 1, 2) if method in ("k_means", "random") else (0,)
+    for gen in gens:
+        monkeypatch.delenv("QUESTS_TORCH_FLOAT64", raising=False)
+        want = _compress(method, x, sid, prior, generator=gen)
+        monkeypatch.setenv("QUESTS_TORCH_FLOAT64", "0")
+        with NoFloat64():
+            got = _compress(method, x.float(), sid, prior.float(), generator=gen)
+        assert got.indices.tolist() == want.indices.tolist(), gen  # measured: equal
+        a, b = want.curve, got.curve
+        assert b.entropy.dtype == b.diversity.dtype == got.structure_entropy.dtype == torch.float32
+        assert float((got.structure_entropy.double() - want.structure_entropy).abs().max()) < 2e-6
+        assert float((b.entropy.double() - a.entropy).abs().max()) < 2e-6  # measured 6.0e-7
+        assert float(((b.diversity.double() - a.diversity) / a.diversity).abs().max()) < 1e-6
+        n = x.shape[0]  # covered environments, counted: exactly equal
+        assert torch.equal((b.overlap.double() * n).round(), (a.overlap * n).round())
+
+
+def test_compression_float64_inputs_float32_only(monkeypatch, cells):
+    """float64 tensors and arrays are cast first (arrays on the host): the float32 result."""
+    x, sid, prior = cells
+    monkeypatch.setenv("QUESTS_TORCH_FLOAT64", "0")
+    want = _compress("msc", x.float(), sid, prior)
+    with NoFloat64():
+        got = _compress("msc", x, sid, prior)
+    from_numpy = _compress("msc", x.numpy(), sid.numpy(), prior)
+    for res in (got, from_numpy):
+        assert torch.equal(res.indices, want.indices)
+        assert torch.equal(res.curve.entropy, want.curve.entropy)
+        assert torch.equal(res.structure_entropy, want.structure_entropy)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_compression_checkpoint_float32_only(monkeypatch, cells, tmp_path):
+    x, sid, prior = cells
+    x = x.float()  # float32 data: the same digest in both modes
+    path = tmp_path / "fps.ckpt"
+    monkeypatch.setenv("QUESTS_TORCH_FLOAT64", "0")
+    want = _compress("fps", x, sid, prior)
+
+    def stop_after_5(done, total):
+        if done == 5:
+            raise _Stop
+
+    with NoFloat64():
+        with pytest.raises(_Stop):
+            _compress("fps", x, sid, prior, checkpoint=path, progress=stop_after_5)
+        got = _compress("fps", x, sid, prior, checkpoint=path)
+    assert torch.equal(got.indices, want.indices)
+    assert torch.equal(got.curve.entropy, want.curve.entropy)
+    monkeypatch.delenv("QUESTS_TORCH_FLOAT64")  # float32 state is not resumed in float64
+    with pytest.raises(ValueError, match="written for other data or parameters"):
+        _compress("fps", x, sid, prior, checkpoint=path)
+
+
+def test_generation_report_float32_only(monkeypatch, cells):
+    """Measured (4 generations of 4 cells): H relative 3.4e-8, D 7.6e-8, max dH 5.0e-7,
+    novelty equal; the 40 thermal Cu structures in 4 generations: 7.2e-8, 6.8e-8, 6.7e-7."""
+    from quests_torch.generations import generation_report
+
+    x, sid, _ = cells
+    gen = sid % 4
+    want = generation_report(x, gen)
+    monkeypatch.setenv("QUESTS_TORCH_FLOAT64", "0")
+    with NoFloat64():
+        got = generation_report(x.float(), gen)
+    assert got.entropy.dtype == torch.float32
+    for name, tol in (("entropy", 1e-6), ("diversity", 1e-6), ("max_dh", 5e-6)):
+        a, b = getattr(want, name)[1:].double(), getattr(got, name)[1:].double()
+        assert float(((b - a) / a).abs().max()) < tol, name
+    assert torch.isnan(got.novelty[0]) and torch.isnan(got.max_dh[0])
+    n = got.n_environments[1:]  # novel environments, counted: exactly equal
+    assert torch.equal((got.novelty[1:].double() * n).round(), (want.novelty[1:] * n).round())
