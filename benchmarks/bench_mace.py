@@ -36,6 +36,11 @@ Usage::
     python benchmarks/bench_mace.py
     python benchmarks/bench_mace.py --batches 1x256 --dtypes float32 --repeats 5 --threads 2
     python benchmarks/bench_mace.py --dtypes float32 --repeats 15 --baseline /work/main
+    python benchmarks/bench_mace.py --dtypes float32 --md-steps 100 --repeats 3
+
+``--md-steps N`` also times whole NVT Langevin runs (600 K, 2 fs) of N steps with MACE alone
+and with ``UncertaintyModel``: per step, rebuilds of the bank's neighbour list included
+(the per-call cases evaluate one state again and again, so their list is always reused).
 
 Threads default to 1: on a shared 2-core machine two intra-op threads per process made MACE
 several times slower (thread oversubscription); ``--threads 2`` measures the other case.
@@ -71,6 +76,34 @@ def _cases(mace, wrapped, bank, state, t, prefix: str = "") -> dict:
     return cases
 
 
+def _md_runs(models: dict, state, steps: int, repeats: int, sync) -> dict:
+    """Seconds per MD step of ``steps`` NVT Langevin steps at 600 K (2 fs) from ``state``,
+    for every model (median over ``repeats`` rounds, round-robin), with the neighbour-list
+    builds and reuses of the wrapped models' banks in the last round: the per-call cases
+    time one state again and again (the list always reused), this is what an MD run pays,
+    rebuilds included."""
+    import torch_sim as ts
+
+    nvt = ts.Integrator.nvt_langevin if hasattr(ts, "Integrator") else ts.nvt_langevin
+    times: dict[str, list[float]] = {name: [] for name in models}
+    lists = {}
+    for _ in range(repeats):
+        for name, model in models.items():
+            cache = getattr(getattr(model, "bank", None), "neighbors", None)
+            if cache is not None:
+                cache.clear()
+                cache.builds = cache.reuses = 0
+            sync()
+            t0 = time.perf_counter()
+            ts.integrate(state.clone(), model, integrator=nvt, n_steps=steps,
+                         temperature=600.0, timestep=0.002)  # fmt: skip
+            sync()
+            times[name].append((time.perf_counter() - t0) / steps)
+            if cache is not None:
+                lists[name] = {"builds": cache.builds, "reuses": cache.reuses}
+    return {name: (statistics.median(v), lists.get(name)) for name, v in times.items()}
+
+
 def _load_baseline(src: Path):
     """Another checkout's ``quests_torch`` package, imported as ``quests_torch_baseline``."""
     name = "quests_torch_baseline"
@@ -97,6 +130,10 @@ def main() -> None:
     parser.add_argument(
         "--baseline", type=Path, default=None, help="also time this checkout's quests_torch"
     )
+    parser.add_argument(
+        "--md-steps", type=int, default=0,
+        help="also time NVT MD runs of this many steps (rebuilds of the neighbour list included)",
+    )  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -202,6 +239,26 @@ def main() -> None:
                     med_cpu["baseline_uncertainty_model"] / med_cpu["mace"] - 1, 3
                 )
             emit({"summary": summary})
+            if args.md_steps:
+                models = {"md_mace": mace, "md_uncertainty_model": wrapped}
+                if base is not None:
+                    models["md_baseline_uncertainty_model"] = base_wrapped
+                runs = _md_runs(models, state, args.md_steps, args.repeats, sync)
+                for name, (per_step, lists) in runs.items():
+                    emit({"case": name, "per_step_s": round(per_step, 5), "steps": args.md_steps,
+                          "neighbor_lists": lists, **meta})  # fmt: skip
+                md = {name: v[0] for name, v in runs.items()}
+                md_summary = {
+                    "batch": spec,
+                    "dtype": dtype_name,
+                    "md_steps": args.md_steps,
+                    "md_overhead": round(md["md_uncertainty_model"] / md["md_mace"] - 1, 3),
+                }
+                if base is not None:
+                    md_summary["md_baseline_overhead"] = round(
+                        md["md_baseline_uncertainty_model"] / md["md_mace"] - 1, 3
+                    )
+                emit({"md_summary": md_summary})
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         with args.out.open("a") as f:
