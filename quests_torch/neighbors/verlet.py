@@ -57,8 +57,8 @@ class _Built:
     numbers: torch.Tensor | None  # [N] int64 (multicomponent) or None
     inv: torch.Tensor  # [3, 3] (one structure) or [N, 3, 3]: inverse cell, non-periodic columns 0
     lattice: torch.Tensor  # [3, 3] or [N, 3, 3]: the cell of each atom
-    neighbor: torch.Tensor  # [N, M] int64 candidate atoms (padding: the atom itself)
-    shift: torch.Tensor  # [N, M, 3] int64 lattice translations of the candidates
+    neighbor: torch.Tensor  # [N, M] int32 candidate atoms (padding: the atom itself)
+    shift: torch.Tensor  # [N, M, 3] int16 lattice translations of the candidates
     image: torch.Tensor  # [N, M, 3] shift @ cell (padding: a point far outside the cutoff)
     same_species: list[torch.Tensor]  # per species: [N, M] both atoms of that species
     limit2: float  # squared displacement that forces a rebuild
@@ -200,7 +200,7 @@ class NeighborCache:
             n = p.shape[0]
             counts = torch.bincount(pairs.center, minlength=n)
             m = int(counts.max()) if pairs.n_pairs else 0
-            per_atom = m * (2 * 8 + 2 * 3 * 8 + 4 * p.element_size() + len(species))
+            per_atom = m * (4 + 3 * 2 + 4 * p.element_size() + len(species))  # kept arrays
             if m == 0 or n * per_atom > _BUDGET_FRACTION * memory_budget(p.device, budget):
                 return None
             slot = torch.arange(pairs.n_pairs, device=p.device)
@@ -213,6 +213,10 @@ class NeighborCache:
             real[pairs.center, slot] = True
             lattice = c[system_idx]  # [N, 3, 3]
             image = (shift.to(p.dtype)[..., :, None] * lattice[:, None]).sum(-2)
+            # kept compact: int32 atoms, int16 shifts (the list may outlive a large call)
+            neighbor = neighbor.to(torch.int32) if n < 2**31 else neighbor
+            if int(shift.abs().max()) < 2**15:
+                shift = shift.to(torch.int16)
             image[..., 0].masked_fill_(~real, 4.0 * (cutoff + self.skin))  # padding: far away
             inv = torch.linalg.inv(complete_cell(c, pbc)) * pbc[:, None, :].to(p.dtype)
             inv = inv[system_idx]
