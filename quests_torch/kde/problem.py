@@ -294,8 +294,12 @@ class Problem:
         return torch.promote_types(a, b) if self.f64 else torch.float32
 
     def _build_cols(self, j0: int, j1: int) -> torch.Tensor:
-        """Column block ``[y_c, -|y_c|^2/2, 1, (lw')]`` in the compute dtype."""
-        y = self._centred(self.ys, j0, j1)
+        return self.build_cols(j0, j1, self.ys.rows(j0, j1, self.device, None))
+
+    def build_cols(self, j0: int, j1: int, raw: torch.Tensor) -> torch.Tensor:
+        """Column block ``[y_c, -|y_c|^2/2, 1, (lw')]`` in the compute dtype from the rows
+        ``raw`` of ``y[j0:j1]`` as read (on the device, in the source's storage dtype)."""
+        y = (raw.to(self.acc) - self.mu).to(self.dtype)
         q = y.to(self.acc).square().sum(1).mul(-0.5).to(self.dtype)
         parts = [y, q[:, None], torch.ones_like(q)[:, None]]
         if self.fold_lw:
@@ -306,6 +310,25 @@ class Problem:
         if self.cols_resident is not None:
             return self.cols_resident[j0:j1]
         return self._build_cols(j0, j1)
+
+    def panel_sizes(self) -> tuple[int, int]:
+        """``(row tiles per row panel, columns per column panel)`` of the sweeps.
+
+        Resident columns: one row tile and all columns (the plain tile loop). Otherwise half
+        the budget holds the panels: two column panels in flight (prepared and as read), at
+        least one column tile, a quarter of it at most; the rest a row panel of as many row
+        tiles (prepared and centred rows) as fit, at least one. Each column panel is read once
+        per row panel: ``ceil(n / (tiles * tm))`` passes over the references.
+        """
+        if self.cols_resident is not None:
+            return 1, self.m
+        item = self.dtype.itemsize
+        per_col = 2 * (self.width * item + self.d * self.ys.storage_dtype.itemsize)
+        per_row = (self.width + self.d) * item
+        half = self.budget // 2
+        cols = min(self.m, max(self.tn, (half // 4) // (per_col * self.tn) * self.tn))
+        tiles = max(1, (half - cols * per_col) // (per_row * self.tm))
+        return min(tiles, -(-self.n // self.tm)), cols
 
     def rows(self, i0: int, i1: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Row block ``[c x_c, c, -c|x_c|^2/2, (1)]`` and the centred rows ``x_c``."""

@@ -48,18 +48,40 @@ class Source:
             return self.store_dtype
         return torch.float64 if self.array.dtype == np.float64 else torch.float32
 
-    def rows(self, i0: int, i1: int, device: torch.device, dtype=torch.float64) -> torch.Tensor:
-        """Rows ``i0:i1`` on ``device`` as ``dtype`` (detached)."""
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        """The dtype the rows are held in (the tensor's or the array's, not a store's compute
+        dtype): what a read moves from the host to the device."""
         if self.tensor is not None:
-            return self.tensor.detach()[i0:i1].to(device=device, dtype=dtype)
+            return self.tensor.dtype
+        return torch.float64 if self.array.dtype == np.float64 else torch.float32
+
+    def host_rows(self, i0: int, i1: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows ``i0:i1`` of an array source as a CPU tensor in :attr:`storage_dtype`: the one
+        host read of every array or memmap access (into ``out``, e.g. pinned memory, if given)."""
         block = self.array[i0:i1]
+        if out is not None:
+            np.copyto(out.numpy(), block)
+            return out
         if not (block.flags.c_contiguous and block.flags.writeable):
             block = np.array(block)  # read-only memmaps: torch wants writable memory
-        chunk = torch.from_numpy(block)
+        return torch.from_numpy(block)
+
+    def rows(self, i0: int, i1: int, device: torch.device, dtype=torch.float64) -> torch.Tensor:
+        """Rows ``i0:i1`` on ``device`` as ``dtype`` (``None``: :attr:`storage_dtype`), detached.
+
+        Array rows cross to the device in their storage dtype (a float32 memmap moves 4 bytes
+        a value, through pinned memory on CUDA) and are converted there.
+        """
+        if self.tensor is not None:
+            block = self.tensor.detach()[i0:i1]
+            return block.to(device=device, dtype=block.dtype if dtype is None else dtype)
+        chunk = self.host_rows(i0, i1)
         if device.type == "cuda":
-            chunk = chunk.pin_memory()
-            return chunk.to(device=device, dtype=dtype, non_blocking=True)
-        return chunk.to(device=device, dtype=dtype)
+            chunk = chunk.pin_memory().to(device=device, non_blocking=True)
+        else:
+            chunk = chunk.to(device=device)
+        return chunk if dtype is None else chunk.to(dtype)
 
     def take(self, index: torch.Tensor) -> Source:
         """A new source holding the rows ``index`` (a 1-D long tensor)."""

@@ -11,9 +11,10 @@ from torch.autograd.function import once_differentiable
 from .._precision import full_precision
 from ..checks import Progress
 from .epilogue import tile_sums
+from .panels import row_panels, tile_pairs
 from .problem import KernelSums, Problem
 from .source import progress_callback
-from .tiles import retry_on_oom, spans, tile_view
+from .tiles import retry_on_oom, tile_view
 from .topk import merge_top, tile_top
 
 
@@ -30,13 +31,11 @@ def sweep_plain(p: Problem, progress) -> KernelSums:
         best = torch.full((p.n, k_nn), -math.inf, dtype=p.dtype, device=dev)
         best_idx = torch.full((p.n, k_nn), -1, dtype=torch.long, device=dev)
     storage, tmp_storage = p.buffers(2) if p.multi else (*p.buffers(1), None)
-    for i0, i1 in spans(0, p.n, p.tm):
-        xr, xraw = p.rows(i0, i1)
-        lo, hi = p.col_range(i0, i1, triangular=p.same)
-        for j0, j1 in spans(lo, hi, p.tn):
+    for panel in row_panels(p, triangular=p.same):
+        for (i0, i1, xr, xraw, _, _), j0, j1, yc in tile_pairs(p, panel):
             buf = tile_view(storage, i1 - i0, j1 - j0)
             tmp = tile_view(tmp_storage, i1 - i0, j1 - j0)
-            p.exponent_tile(i0, i1, j0, j1, xr, xraw, p.cols(j0, j1), buf)
+            p.exponent_tile(i0, i1, j0, j1, xr, xraw, yc, buf)
             if k_nn:
                 v, ix = tile_top(buf, min(k_nn, j1 - j0))
                 merge_top(best[i0:i1], best_idx[i0:i1], v, ix.add_(j0), k_nn)
@@ -54,7 +53,7 @@ def sweep_plain(p: Problem, progress) -> KernelSums:
             if both:
                 accumulate(sums, comp, j0, j1, torch.stack(col_parts, 1))
         if progress is not None:
-            progress(i1, p.n)
+            progress(panel[-1].i1, p.n)
     nearest = None
     if k_nn:
         nearest = (best.to(p.acc) * (-2.0 / p.c0)).clamp_(min=0.0)
@@ -86,43 +85,50 @@ def sweep_shifted(p: Problem) -> torch.Tensor:
     out = torch.empty(p.n, n_h, dtype=p.acc, device=dev)
     lowest = torch.finfo(p.dtype).min / 4
     storage, tmp_storage = p.buffers(2) if p.multi else (*p.buffers(1), None)
-    for i0, i1 in spans(0, p.n, p.tm):
-        xr, xraw = p.rows(i0, i1)
-        run_max = torch.full((i1 - i0, n_h), -math.inf, dtype=p.dtype, device=dev)
-        run_sum = torch.zeros(i1 - i0, n_h, dtype=p.acc, device=dev)
+    for panel in row_panels(p):
+        r0, r1 = panel[0].i0, panel[-1].i1  # the running state of the whole row panel
+        run_max = torch.full((r1 - r0, n_h), -math.inf, dtype=p.dtype, device=dev)
+        run_sum = torch.zeros(r1 - r0, n_h, dtype=p.acc, device=dev)
         run_comp = None if p.f64 else torch.zeros_like(run_sum)
-        lo, hi = p.col_range(i0, i1)
-        for j0, j1 in spans(lo, hi, p.tn):
+        for (i0, i1, xr, xraw, _, _), j0, j1, yc in tile_pairs(p, panel):
             buf = tile_view(storage, i1 - i0, j1 - j0)
             tmp = tile_view(tmp_storage, i1 - i0, j1 - j0)
-            p.exponent(xr, xraw, p.cols(j0, j1), buf)
+            p.exponent(xr, xraw, yc, buf)
             mask = p.group_mask(i0, i1, j0, j1)
+            rows = slice(i0 - r0, i1 - r0)
+            comp = None if run_comp is None else run_comp[rows]
             for k in range(n_h):
                 t = p.terms(buf, tmp, j0, j1, k)
                 if mask is not None:
                     t.masked_fill_(mask, lowest)  # finite: keeps the rescale factors NaN-free
-                new_max = torch.maximum(run_max[:, k], t.amax(1))
-                t.sub_(new_max[:, None])
-                if p.clamp:
-                    t.clamp_(min=p.floor)
-                t.exp_()
-                if mask is not None:
-                    t.masked_fill_(mask, 0.0)
-                rescale = torch.exp((run_max[:, k] - new_max).to(p.acc))
-                if run_comp is None:
-                    run_sum[:, k] = run_sum[:, k] * rescale + t.sum(1)
-                else:  # rescale sum and compensation, then a Neumaier step
-                    s = run_sum[:, k] * rescale
-                    run_comp[:, k] *= rescale
-                    v = t.sum(1)
-                    tot = s + v
-                    run_comp[:, k] += torch.where(s.abs() >= v.abs(), (s - tot) + v, (v - tot) + s)
-                    run_sum[:, k] = tot
-                run_max[:, k] = new_max
+                online_step(p, t, mask, run_max[rows], run_sum[rows], comp, k)
         if run_comp is not None:
             run_sum += run_comp
-        out[i0:i1] = run_max.to(p.acc) + run_sum.log()
+        out[r0:r1] = run_max.to(p.acc) + run_sum.log()
     return out
+
+
+def online_step(p: Problem, t, mask, run_max, run_sum, run_comp, k: int) -> None:
+    """Fold the exponents ``t`` of one tile into the running maximum and sum of ``h_k``
+    (in place; ``t`` is overwritten): rescale the sum to the new maximum, add ``exp``."""
+    new_max = torch.maximum(run_max[:, k], t.amax(1))
+    t.sub_(new_max[:, None])
+    if p.clamp:
+        t.clamp_(min=p.floor)
+    t.exp_()
+    if mask is not None:
+        t.masked_fill_(mask, 0.0)
+    rescale = torch.exp((run_max[:, k] - new_max).to(p.acc))
+    if run_comp is None:
+        run_sum[:, k] = run_sum[:, k] * rescale + t.sum(1)
+    else:  # rescale sum and compensation, then a Neumaier step
+        s = run_sum[:, k] * rescale
+        run_comp[:, k] *= rescale
+        v = t.sum(1)
+        tot = s + v
+        run_comp[:, k] += torch.where(s.abs() >= v.abs(), (s - tot) + v, (v - tot) + s)
+        run_sum[:, k] = tot
+    run_max[:, k] = new_max
 
 
 def far_rows(p: Problem, log_p: torch.Tensor) -> torch.Tensor:
@@ -181,12 +187,10 @@ def backward(p: Problem, log_p: torch.Tensor, grad: torch.Tensor, need: Sequence
     storage, tmp_storage, w_storage, v_storage = p.buffers(4 if p.multi else 1) + [None] * (
         0 if p.multi else 3
     )
-    for i0, i1 in spans(0, p.n, p.tm):
-        xr, xraw = p.rows(i0, i1)
-        gxi = torch.zeros(i1 - i0, p.d, dtype=dt, device=dev) if need_x else None
-        lo, hi = p.col_range(i0, i1)
-        for j0, j1 in spans(lo, hi, p.tn):
-            yc = p.cols(j0, j1)
+    for panel in row_panels(p):
+        r0, r1 = panel[0].i0, panel[-1].i1
+        gxp = torch.zeros(r1 - r0, p.d, dtype=dt, device=dev) if need_x else None
+        for (i0, i1, xr, xraw, _, _), j0, j1, yc in tile_pairs(p, panel):
             yraw = yc[:, : p.d]
             buf = tile_view(storage, i1 - i0, j1 - j0)
             tmp = tile_view(tmp_storage, i1 - i0, j1 - j0)
@@ -194,26 +198,15 @@ def backward(p: Problem, log_p: torch.Tensor, grad: torch.Tensor, need: Sequence
             mask = p.group_mask(i0, i1, j0, j1)
             if not p.multi:
                 t = p.terms(buf, tmp, j0, j1, 0)
-                t.sub_(lp[i0:i1, :1])
-                if p.clamp:
-                    t.clamp_(min=p.floor)
-                t.exp_()
-                if mask is not None:
-                    t.masked_fill_(mask, 0.0)
-                v = w = t.mul_(g[i0:i1, :1])  # V = grad * P, W = c0 * V
-                scale = p.c0
+                v = w = weighted_probabilities(p, t, lp[i0:i1, :1], g[i0:i1, :1], mask)
+                scale = p.c0  # V = grad * P, W = c0 * V
             else:
                 w = tile_view(w_storage, i1 - i0, j1 - j0).zero_()
                 v = tile_view(v_storage, i1 - i0, j1 - j0).zero_() if need_w else None
                 for k in range(n_h):
                     t = p.terms(buf, tmp, j0, j1, k)
-                    t.sub_(lp[i0:i1, k : k + 1])
-                    if p.clamp:
-                        t.clamp_(min=p.floor)
-                    t.exp_()
-                    if mask is not None:
-                        t.masked_fill_(mask, 0.0)
-                    t.mul_(g[i0:i1, k : k + 1])
+                    cut = slice(k, k + 1)
+                    t = weighted_probabilities(p, t, lp[i0:i1, cut], g[i0:i1, cut], mask)
                     if v is not None:
                         v.add_(t)
                     w.add_(t, alpha=p.scales[k])
@@ -221,13 +214,26 @@ def backward(p: Problem, log_p: torch.Tensor, grad: torch.Tensor, need: Sequence
             if need_w:
                 gw[j0:j1] += v.sum(0).to(p.acc)
             if need_x:
-                gxi.add_(torch.mm(w, yraw) - w.sum(1)[:, None] * xraw, alpha=scale)
+                part = torch.mm(w, yraw) - w.sum(1)[:, None] * xraw
+                gxp[i0 - r0 : i1 - r0].add_(part, alpha=scale)
             if need_y:
                 part = torch.mm(w.T, xraw) - w.sum(0)[:, None] * yraw
                 gy[j0:j1] += part.to(p.acc).mul_(scale)
         if need_x:
-            gx[i0:i1] = gxi.to(p.acc)
+            gx[r0:r1] = gxp.to(p.acc)
     return gx, gy, gw
+
+
+def weighted_probabilities(p: Problem, t, lp, g, mask) -> torch.Tensor:
+    """``grad * P`` of one tile for one bandwidth, in place in its exponents ``t``:
+    ``exp(t - log p)`` (clamped at the floor off CUDA), masked pairs zeroed, times ``grad``."""
+    t.sub_(lp)
+    if p.clamp:
+        t.clamp_(min=p.floor)
+    t.exp_()
+    if mask is not None:
+        t.masked_fill_(mask, 0.0)
+    return t.mul_(g)
 
 
 class LogKernelSumFn(torch.autograd.Function):
