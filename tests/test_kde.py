@@ -143,7 +143,7 @@ def test_tile_size_independence_weights(cu, device, dtype):
 def test_small_budget_streams_same_result(cu, device, dtype):
     x, y = cu["query"].to(device, dtype), cu["all"].to(device, dtype)
     expected = log_kernel_sum(x, y)
-    got = log_kernel_sum(x, y, budget="256K")  # tiles and column blocks rebuilt per tile
+    got = log_kernel_sum(x, y, budget="256K")  # small tiles, references streamed in panels
     if dtype == torch.float64:
         assert (got - expected).abs().max() < 1e-12
     else:

@@ -71,9 +71,9 @@ def test_each_column_panel_is_read_once_per_row_panel(cu, tmp_path, reads):
     p = streamed(x, y)
     tiles, width = p.panel_sizes()
     row_panel = tiles * p.tm
-    assert (p.tm, p.tn, width, tiles) == (64, 32, 32, 4)
+    assert (p.tm, p.tn, width, tiles) == (64, 32, 32, 3)
     passes = math.ceil(n / row_panel)
-    assert passes < math.ceil(n / p.tm)  # 3 passes here where the row tiles would make 12
+    assert passes < math.ceil(n / p.tm)  # 4 passes here where the row tiles would make 12
     reads.clear()
     log_p = forward(p, None).log_p[:, 0]
     cols = column_reads(reads)
@@ -92,7 +92,7 @@ def test_far_rows_and_backward_stream_by_panels(cu, tmp_path, reads):
     x, y = cu["liquid"], memmap(tmp_path, cu["solid"].numpy())
     p = streamed(x.numpy(), y)
     tiles, _ = p.panel_sizes()
-    sub = p.subset_rows(torch.arange(0, 768, 2))  # 384 rows: 6 row tiles
+    sub = p.subset_rows(torch.arange(0, 768, 2))  # 384 rows: 6 row tiles, 2 panels
     reads.clear()
     far = sweep_shifted(sub)
     passes = math.ceil(sub.n / (tiles * sub.tm))
@@ -208,3 +208,20 @@ def test_top_n_and_groups_stream_to_the_same_answer(cu, tmp_path):
         hh = torch.tensor(h, dtype=torch.float64).reshape(-1)
         brute = torch.logsumexp(-d2[:, None] / (2 * hh**2), 0)
         torch.testing.assert_close(streamed_sums[i].reshape(-1), brute, rtol=1e-12, atol=0)
+
+
+def test_first_match_within_streams_the_earlier_rows_by_panels(cu, tmp_path, reads):
+    from quests_torch.kde import first_match_within
+
+    x = cu["all"].numpy().copy()
+    x[1000:1010] = x[100:110]  # duplicates of earlier rows
+    mm = memmap(tmp_path, x)
+    src = Source(mm, "x")
+    tiles, _ = Problem(src, src, [1.0], dtype=torch.float64, **STREAM).panel_sizes()
+    reads.clear()
+    got = first_match_within(mm, tol=1e-6, **STREAM)
+    assert torch.equal(got, first_match_within(torch.from_numpy(x), tol=1e-6))
+    assert got[1000:1010].tolist() == list(range(100, 110)) and (got[:1000] == -1).all()
+    # the NaN check, the rows once, and for each panel the columns before its last row
+    ends = [b for _, b in spans(0, len(x), tiles * 64)]
+    assert sum(b - a for _, a, b, _ in reads) == 2 * len(x) + sum(ends)

@@ -72,12 +72,16 @@ Memory and devices
 Inputs are torch tensors (any device; compute happens where they live, mixing devices is an
 error) or numpy arrays, including ``np.memmap``, which are streamed to the compute device tile
 by tile. The prepared (centred, augmented) reference set is kept on the device when it fits in
-half of :func:`quests_torch._memory.memory_budget`, otherwise it is rebuilt per tile from the
-source. Tiles: on CPU cache-sized (default 1024 x 1024, the fastest measured on a 2-core Zen 4
-with 1 MB L2 per core), on CUDA as large as the budget allows up to 8192 x 8192 (16384-wide
-tiles measured no faster on an H200); a smaller budget shrinks them. Results do not depend on
-the tile size beyond rounding (tested at 1e-12 relative), so a sweep that raises
-``torch.OutOfMemoryError`` is redone with tiles halved in each direction (after
+half of :func:`quests_torch._memory.memory_budget`; otherwise the sweeps keep a row panel of as
+many row tiles as that half allows and stream the references in column panels, each read once
+per row panel (``ceil(n / row panel)`` passes, not one per row tile), in the source's own dtype
+(a float32 memmap moves 4 bytes a value; converted and centred on the device) and, on CUDA,
+prefetched into pinned memory and copied on a side stream while the previous panel computes
+(:mod:`quests_torch.kde.panels`). Tiles: on CPU cache-sized (default 1024 x 1024, the fastest
+measured on a 2-core Zen 4 with 1 MB L2 per core), on CUDA as large as the budget allows up to
+8192 x 8192 (16384-wide tiles measured no faster on an H200); a smaller budget shrinks them.
+Results do not depend on the tile size beyond rounding (tested at 1e-12 relative), so a sweep
+that raises ``torch.OutOfMemoryError`` is redone with tiles halved in each direction (after
 ``torch.cuda.empty_cache()``, with a ``RuntimeWarning``) down to 64 per side, below which a
 ``torch.OutOfMemoryError`` with advice is raised.
 

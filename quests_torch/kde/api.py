@@ -10,10 +10,11 @@ import torch
 
 from .._precision import full_precision
 from ..checks import DEFAULT_BANDWIDTH, Progress, bind_arguments, check_bandwidths
+from .panels import row_panels, tile_pairs
 from .problem import SWEEP_OPTIONS, KernelSums, Problem, check_sweep_options
 from .source import ArrayLike, Bandwidth, Source, as_log_weights
 from .sweeps import LogKernelSumFn, forward
-from .tiles import retry_on_oom, spans, tile_view
+from .tiles import retry_on_oom, tile_view
 
 
 def named_kernel_pass(
@@ -231,11 +232,11 @@ def named_first_match_within(
     def sweep() -> torch.Tensor:
         first = torch.full((p.n,), big, dtype=torch.long, device=dev)
         (storage,) = p.buffers(1)
-        for i0, i1 in spans(0, p.n, p.tm):
-            xr, xraw = p.rows(i0, i1)
-            hi = i1 if same else p.m  # earlier rows only: the lower triangle
-            for j0, j1 in spans(0, hi, p.tn):
-                buf = p.exponent(xr, xraw, p.cols(j0, j1), tile_view(storage, i1 - i0, j1 - j0))
+        for panel in row_panels(p):
+            if same:  # earlier rows only: the lower triangle
+                panel = [t._replace(hi=t.i1) for t in panel]
+            for (i0, i1, xr, xraw, _, _), j0, j1, yc in tile_pairs(p, panel):
+                buf = p.exponent(xr, xraw, yc, tile_view(storage, i1 - i0, j1 - j0))
                 hit = buf >= limit
                 cols = torch.arange(j0, j1, device=dev)
                 if same and j1 > i0:

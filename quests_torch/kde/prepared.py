@@ -35,7 +35,7 @@ class PreparedReferences:
     rounding (the row sums are split at other column boundaries).
 
     The prepared block is a snapshot of ``y`` when it fits in half of the memory budget (else
-    it is rebuilt per tile from ``y``): after changing ``y`` build a new object
+    it is streamed from ``y`` in column panels): after changing ``y`` build a new object
     (:class:`quests_torch.uncertainty.UncertaintyBank` does so when its buffer changes).
 
     Args:

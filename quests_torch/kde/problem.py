@@ -262,7 +262,7 @@ class Problem:
         if self.same:
             self.tn = self.tm
         if self.cols_resident is not None and self.cols_resident.nbytes > self.budget // 2:
-            self.cols_resident = None  # rebuilt per tile from the source from now on
+            self.cols_resident = None  # streamed in column panels from now on
         return f"{self.tm} x {self.tn} tiles"
 
     def subset_rows(self, index: torch.Tensor) -> Problem:
@@ -317,14 +317,15 @@ class Problem:
         Resident columns: one row tile and all columns (the plain tile loop). Otherwise half
         the budget holds the panels: two column panels in flight (prepared and as read), at
         least one column tile, a quarter of it at most; the rest a row panel of as many row
-        tiles (prepared and centred rows) as fit, at least one. Each column panel is read once
-        per row panel: ``ceil(n / (tiles * tm))`` passes over the references.
+        tiles (prepared and centred rows, and the gradient rows of a backward) as fit, at
+        least one. Each column panel is read once per row panel: ``ceil(n / (tiles * tm))``
+        passes over the references.
         """
         if self.cols_resident is not None:
             return 1, self.m
         item = self.dtype.itemsize
         per_col = 2 * (self.width * item + self.d * self.ys.storage_dtype.itemsize)
-        per_row = (self.width + self.d) * item
+        per_row = (self.width + 2 * self.d) * item  # xr, x_c and a backward's gradient rows
         half = self.budget // 2
         cols = min(self.m, max(self.tn, (half // 4) // (per_col * self.tn) * self.tn))
         tiles = max(1, (half - cols * per_col) // (per_row * self.tm))
