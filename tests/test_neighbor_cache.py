@@ -26,6 +26,13 @@ def _both(cache, positions, cell, pbc, system_idx=None, **kw):
     return fresh, cached
 
 
+def _ready(cache, positions, cell, pbc, system_idx=None, **kw):
+    """Two calls on the same batch: the second builds the list (the first only searches)."""
+    for _ in range(2):
+        descriptors_from_tensors(positions, cell, pbc, system_idx, neighbors=cache, **kw)
+    assert (cache.builds, cache.reuses, cache.searches) == (1, 0, 1), cache
+
+
 def _walk(positions, steps, scale, seed=0):
     gen = torch.Generator().manual_seed(seed)
     out = positions.clone()
@@ -45,29 +52,30 @@ def test_md_walk_gives_the_descriptors_of_a_new_search(dtype):
         fresh, cached = _both(cache, p, cell, pbc)
         worst = max(worst, float((fresh - cached).abs().max()))
     assert worst <= (1e-13 if dtype == torch.float64 else 1e-5), worst
-    # a 0.03 Å random walk: the largest displacement reaches 0.5 Å after ~10-20 steps
-    assert 1 <= cache.builds <= 4 and cache.builds + cache.reuses == 20, cache
+    # a 0.03 Å random walk: the largest displacement reaches 0.5 Å after ~10-20 steps; the
+    # first call and each call that finds the list stale search anew, the next one builds
+    assert 1 <= cache.builds <= 4 and cache.builds + cache.reuses + cache.searches == 20, cache
+    assert 1 <= cache.searches <= cache.builds and cache.reuses >= 12, cache
 
 
 def test_positions_wrapped_into_the_cell_reuse_the_list():
     atoms = rattled_fcc((3, 3, 3), seed=2)
     pos, cell, pbc, _ = _batch(atoms)
     cache = NeighborCache()
-    descriptors_from_tensors(pos, cell, pbc, neighbors=cache)
-    moved = pos + 0.2  # every atom crosses no boundary yet, some after the shift below
-    shifted = moved + torch.tensor([atoms.cell[0][0] * 0.5, 0.0, 0.0], dtype=pos.dtype)
-    frac = shifted @ torch.linalg.inv(cell[0])
-    wrapped = (frac - frac.floor()) @ cell[0]  # torch-sim wraps every step
-    assert not torch.allclose(wrapped, shifted)
-    fresh, cached = _both(cache, wrapped, cell, pbc)
-    assert torch.allclose(fresh, cached, rtol=0, atol=1e-13)
-    assert (cache.builds, cache.reuses) == (2, 0)  # the shift is half a cell: rebuilt
-    for p in _walk(wrapped, 3, 0.01, seed=4):
-        frac = p @ torch.linalg.inv(cell[0])
-        p = (frac - frac.floor()) @ cell[0]
-        fresh, cached = _both(cache, p, cell, pbc)
+    _ready(cache, pos, cell, pbc)
+    inv = torch.linalg.inv(cell[0])
+    for p in _walk(pos - 0.3, 3, 0.01, seed=4):  # moved 0.52 Å... minus its own wrap below
+        p = p + 0.3 - 0.2  # 0.17 Å from the build in all, every atom
+        frac = p @ inv
+        wrapped = (frac - frac.floor()) @ cell[0]  # torch-sim wraps every step
+        assert not torch.allclose(wrapped, p)  # some atoms crossed the cell's faces
+        fresh, cached = _both(cache, wrapped, cell, pbc)
         assert torch.allclose(fresh, cached, rtol=0, atol=1e-13)
-    assert (cache.builds, cache.reuses) == (2, 3)
+    assert (cache.builds, cache.reuses) == (1, 3)
+    half = wrapped + torch.tensor([atoms.cell[0][0] * 0.5, 0.0, 0.0], dtype=pos.dtype)
+    fresh, cached = _both(cache, half, cell, pbc)  # half a cell away: a new search
+    assert torch.allclose(fresh, cached, rtol=0, atol=1e-13)
+    assert (cache.builds, cache.reuses, cache.searches) == (1, 3, 2)
 
 
 def test_two_atoms_moving_towards_each_other_by_almost_half_the_skin_each():
@@ -78,8 +86,7 @@ def test_two_atoms_moving_towards_each_other_by_almost_half_the_skin_each():
     atoms = Atoms("Cu3", positions=[[0, 0, 0], [d0, 0, 0], [0, 3.0, 0]], pbc=False)
     pos, cell, pbc, _ = _batch(atoms)
     cache = NeighborCache(skin)
-    fresh, cached = _both(cache, pos, cell, pbc, k=4, cutoff=cutoff)
-    assert torch.equal(fresh[0] != 0, cached[0] != 0)
+    _ready(cache, pos, cell, pbc, k=4, cutoff=cutoff)
     step = skin / 2 - 2e-3  # just inside the rebuild limit
     moved = pos.clone()
     moved[0, 0] += step
@@ -88,9 +95,9 @@ def test_two_atoms_moving_towards_each_other_by_almost_half_the_skin_each():
     assert cache.reuses == 1
     assert float(fresh[0, 1]) > 0  # atom 0 now has atom 1 as a second neighbour
     assert torch.allclose(fresh, cached, rtol=0, atol=1e-14)
-    moved[0, 0] += 3e-3  # past the limit: rebuilt
+    moved[0, 0] += 3e-3  # past the limit: searched anew
     fresh, cached = _both(cache, moved, cell, pbc, k=4, cutoff=cutoff)
-    assert (cache.builds, cache.reuses) == (2, 1)
+    assert (cache.builds, cache.reuses, cache.searches) == (1, 1, 2)
     assert torch.allclose(fresh, cached, rtol=0, atol=1e-14)
 
 
@@ -105,7 +112,7 @@ def test_mixed_batch_molecule_slab_and_cells():
     for p in _walk(pos, 4, 0.02, seed=1):
         fresh, cached = _both(cache, p, cell, pbc, sid)
         assert torch.allclose(fresh, cached, rtol=0, atol=1e-13)
-    assert cache.builds == 1 and cache.reuses == 3
+    assert (cache.builds, cache.reuses, cache.searches) == (1, 2, 1)
 
 
 def test_perfect_crystal_ties_are_broken_the_same_way():
@@ -137,7 +144,7 @@ def test_multicomponent_descriptors_and_a_change_of_species():
     kw["numbers"] = swapped
     fresh, cached = _both(cache, p, b.cell, b.pbc, **kw)
     assert torch.allclose(fresh, cached, rtol=0, atol=1e-13)
-    assert (cache.builds, cache.reuses) == (2, 2)
+    assert (cache.builds, cache.reuses, cache.searches) == (2, 1, 1)  # new numbers: rebuilt
 
 
 @pytest.mark.parametrize(
@@ -149,7 +156,7 @@ def test_every_change_of_the_structure_or_parameters_rebuilds(change):
     pos, cell, pbc, sid = _batch(structures)
     cache = NeighborCache()
     kw = {"k": 32, "cutoff": 5.0}
-    descriptors_from_tensors(pos, cell, pbc, sid, neighbors=cache, **kw)
+    _ready(cache, pos, cell, pbc, sid, **kw)
     if change == "cell":
         cell = cell * 1.01
     elif change == "pbc":
@@ -166,7 +173,8 @@ def test_every_change_of_the_structure_or_parameters_rebuilds(change):
     elif change == "n_atoms":
         pos, sid = pos[:-1], sid[:-1]
     fresh, cached = _both(cache, pos, cell, pbc, sid, **kw)
-    assert (cache.builds, cache.reuses) == (2, 0), cache
+    # not reused: a new search, or a new list where only pbc or system_idx changed
+    assert cache.reuses == 0 and cache.builds + cache.searches == 3, cache
     # the split puts atoms of two cells 0.05 Å apart (x1 ~ 18): relative agreement
     assert torch.allclose(fresh, cached, rtol=1e-11, atol=1e-5 if change == "dtype" else 1e-13)
 
@@ -175,7 +183,7 @@ def test_gradients_through_a_reused_list_with_wrapped_atoms():
     atoms = rattled_fcc((2, 2, 2), seed=3)
     pos, cell, pbc, _ = _batch(atoms)
     cache = NeighborCache()
-    descriptors_from_tensors(pos, cell, pbc, neighbors=cache)
+    _ready(cache, pos, cell, pbc)
     p = pos + 0.05
     frac = p @ torch.linalg.inv(cell[0])
     p = (frac - frac.floor()) @ cell[0]
@@ -198,7 +206,7 @@ def test_bad_values_on_a_reused_list_get_the_new_search_errors():
     atoms = rattled_fcc((2, 2, 2), seed=4)
     pos, cell, pbc, _ = _batch(atoms)
     cache = NeighborCache()
-    descriptors_from_tensors(pos, cell, pbc, neighbors=cache)
+    _ready(cache, pos, cell, pbc)
     nan = pos.clone()
     nan[3, 1] = float("nan")
     with pytest.raises(ValueError, match="positions"):
@@ -223,9 +231,10 @@ def test_no_list_is_kept_past_the_memory_budget():
     pos, cell, pbc, _ = _batch(atoms)
     cache = NeighborCache()
     fresh = descriptors_from_tensors(pos, cell, pbc)
-    small = descriptors_from_tensors(pos, cell, pbc, neighbors=cache, budget=4096)
+    for _ in range(2):
+        small = descriptors_from_tensors(pos, cell, pbc, neighbors=cache, budget=4096)
     assert torch.allclose(fresh, small, rtol=0, atol=1e-13)
-    assert cache.builds == 0 and cache._built is None
+    assert cache.builds == 0 and cache.searches == 2 and cache._built is None
 
 
 def test_the_bank_reuses_its_list_and_forgets_it_when_moved_or_pickled():
@@ -238,8 +247,19 @@ def test_the_bank_reuses_its_list_and_forgets_it_when_moved_or_pickled():
     assert plain.neighbors is None
     for p in _walk(b.positions, 3, 0.01):
         assert torch.allclose(bank(p, b.cell, b.pbc), plain(p, b.cell, b.pbc), rtol=0, atol=1e-12)
-    assert (bank.neighbors.builds, bank.neighbors.reuses) == (1, 2)
+    assert (bank.neighbors.builds, bank.neighbors.reuses, bank.neighbors.searches) == (1, 1, 1)
     copy = pickle.loads(pickle.dumps(bank))
     assert copy.neighbors._built is None and copy.neighbors.skin == bank.neighbors.skin
     bank.double()
     assert bank.neighbors._built is None
+
+
+def test_unrelated_structures_never_pay_for_a_list():
+    """A bank screening a dataset (a new structure every call) searches anew each time, as
+    without a cache: no list is built for structures that are not seen twice in a row."""
+    cache = NeighborCache()
+    for seed in range(4):
+        pos, cell, pbc, _ = _batch(rattled_fcc((2, 2, 2), seed=seed, stdev=0.3))
+        fresh, cached = _both(cache, pos, cell, pbc)
+        assert torch.allclose(fresh, cached, rtol=0, atol=1e-13)
+    assert (cache.builds, cache.reuses, cache.searches) == (0, 0, 4)

@@ -20,7 +20,7 @@ except ImportError:  # ASE < 3.28
 from ase.md.verlet import VelocityVerlet
 from conftest import check_against_fd
 
-from quests_torch import AtomsBatch, descriptors_from_tensors, get_descriptors
+from quests_torch import AtomsBatch, NeighborCache, descriptors_from_tensors, get_descriptors
 from quests_torch.calculators import (
     EntropyBiasCalculator,
     ExtrapolationError,
@@ -215,15 +215,20 @@ def test_multicomponent_bank_uses_numbers():
     assert torch.allclose(bank.evaluate_atoms(q).dH, expected, rtol=0, atol=1e-12)
 
 
-def test_full_precision_whatever_the_matmul_flags(bank, device, restore_precision_flags):
+@pytest.mark.parametrize("skin", [None, 1.0], ids=["new-search", "reused-list"])
+def test_full_precision_whatever_the_matmul_flags(bank, device, restore_precision_flags, skin):
     b32 = UncertaintyBank.from_descriptors(bank.descriptors, dtype=torch.float32, device=device)
+    b32.neighbors = None if skin is None else NeighborCache(skin)
     q = AtomsBatch.from_ase(_cu((2, 2, 2), 0.1, seed=3), device=device, dtype=torch.float32)
+    b32(q.positions, q.cell, q.pbc)  # with a list: a new search, then `clean` builds it
     clean = b32(q.positions, q.cell, q.pbc)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.set_float32_matmul_precision("medium")
     if hasattr(torch.backends.mkldnn.matmul, "fp32_precision"):
         torch.backends.mkldnn.matmul.fp32_precision = "bf16"
     dirty = b32(q.positions, q.cell, q.pbc)
+    if skin is not None:  # `dirty` reused the list `clean` was computed from
+        assert (b32.neighbors.builds, b32.neighbors.reuses) == (1, 1)
     if device == "cpu":
         assert torch.equal(clean, dirty)
     else:  # GPU reductions need not be bitwise reproducible; TF32 would be off by ~1e-3

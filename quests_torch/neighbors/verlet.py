@@ -9,6 +9,12 @@ was within ``cutoff + skin`` at the build, so the list still holds all of them a
 nearest are the same as a new search's (picked with the same tie-breaking keys as
 :mod:`.knearest`): the descriptors do not depend on whether the list was reused.
 
+A list is built on the second of two consecutive calls for the same kind of batch (atom count,
+structures, dtype, device, ``k``, ``cutoff``, species) whose cell is the same and whose atoms
+moved less than ``skin / 2`` in between: an MD loop. One-off calls on unrelated structures
+(screening a dataset through a bank) get a new search each, as without a cache, and never pay
+for a list they would not reuse.
+
 The list is rebuilt when an atom moved too far, when the cell, ``pbc``, the structure layout
 (``system_idx``), the atomic numbers (multicomponent descriptors), ``k``, ``cutoff``, dtype or
 device changed, or when two atoms came closer than the coincidence tolerance (the new search
@@ -78,7 +84,9 @@ class NeighborCache:
             rebuild less often but give more candidates per atom (``(1 + skin / cutoff)^3``).
 
     Attributes:
-        builds: lists built so far; reuses: calls answered from a list without a rebuild.
+        builds: lists built so far; reuses: calls answered from a list without a rebuild;
+        searches: calls answered by a new search without a list (the first of a run, or
+        unrelated structures).
     """
 
     def __init__(self, skin: float = DEFAULT_SKIN) -> None:
@@ -90,14 +98,28 @@ class NeighborCache:
         self.skin = skin
         self.builds = 0
         self.reuses = 0
+        self.searches = 0
         self._built: _Built | None = None
+        self._last: tuple | None = None  # (key, positions, cell) of the last new search
 
     def __repr__(self) -> str:
-        return f"NeighborCache(skin={self.skin}, builds={self.builds}, reuses={self.reuses})"
+        return (f"NeighborCache(skin={self.skin}, builds={self.builds}, reuses={self.reuses}, "
+                f"searches={self.searches})")  # fmt: skip
 
     def clear(self) -> None:
-        """Forget the list (the next call rebuilds it)."""
+        """Forget the list and the last call (the next two calls search anew, then build)."""
         self._built = None
+        self._last = None
+
+    def _follows_last(self, key: tuple, p: torch.Tensor, c: torch.Tensor) -> bool:
+        """Whether the last call without a list was for the same kind of batch, the same cell
+        and atoms less than ``skin / 2`` away (an MD loop: worth a list). One host sync."""
+        last, self._last = self._last, (key, p.clone(), c.clone())
+        if last is None or last[0] != key:
+            return False
+        d = p - last[1]
+        near = (d * d).sum(1).amax() <= (self.skin / 2) ** 2
+        return bool(near & (c == last[2]).all())
 
     def single_system_idx(self, positions: torch.Tensor) -> torch.Tensor:
         """All-zero ``system_idx`` for one structure of ``positions``' atoms: the list's own
@@ -183,8 +205,9 @@ class NeighborCache:
         budget: int | str | None = None,
     ) -> list[list[NeighborSource]] | None:
         """Build the list from a new pair search at ``cutoff + skin`` and return this batch's
-        sources from it; ``None`` (no list kept) when the candidate arrays would take more
-        than a quarter of the memory budget or no atom has a neighbour.
+        sources from it; ``None`` (no list kept; the caller searches anew) when the last call
+        was not for nearly the same batch (see the module docstring), when the candidate
+        arrays would take more than a quarter of the memory budget or no atom has a neighbour.
 
         The batch must be validated by the caller (values included).
 
@@ -196,12 +219,16 @@ class NeighborCache:
         # normal tensors even when called under inference mode: the list outlives the call
         with torch.inference_mode(False), torch.no_grad(), full_precision():
             p, c = positions.detach(), cell.detach()
+            if not self._follows_last(self._key(positions, cell, k, cutoff, species), p, c):
+                self.searches += 1
+                return None
             pairs = find_neighbor_pairs(p, c, pbc, system_idx, cutoff + self.skin, budget=budget)
             n = p.shape[0]
             counts = torch.bincount(pairs.center, minlength=n)
             m = int(counts.max()) if pairs.n_pairs else 0
             per_atom = m * (4 + 3 * 2 + 4 * p.element_size() + len(species))  # kept arrays
             if m == 0 or n * per_atom > _BUDGET_FRACTION * memory_budget(p.device, budget):
+                self.searches += 1
                 return None
             slot = torch.arange(pairs.n_pairs, device=p.device)
             slot = slot - (torch.cumsum(counts, 0) - counts)[pairs.center]
