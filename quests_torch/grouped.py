@@ -88,6 +88,12 @@ def concat_groups(parts: Sequence, name: str, device) -> tuple[torch.Tensor, tor
 def group_descriptors(
     x, system_idx, name: str = "x", device=None, idx: str = "system_idx", unit: str = "structure"
 ) -> GroupedDescriptors:
+    from .store import DescriptorStore
+
+    if isinstance(x, DescriptorStore):  # a store knows its structures
+        if system_idx is None:
+            system_idx = x.system_idx()
+        x = x.tensor()  # backed by the file; copied to the device and dtype used
     if isinstance(x, (list, tuple)):
         if system_idx is not None:
             raise ValueError(f"`{idx}` must be None when `{name}` is a list of {unit}s")

@@ -62,6 +62,7 @@ from .io import DescriptorSet, is_descriptor_file, load_descriptors, read_struct
 from .kde import PreparedReferences
 from .metrics import delta_entropy
 from .neighbors import DEFAULT_SKIN, NeighborCache
+from .store import DescriptorStore
 from .structures import AtomsBatch, resolve_device
 from .summaries import StructureUncertainty, per_structure_summary
 
@@ -173,7 +174,7 @@ class UncertaintyBank(torch.nn.Module):
     @classmethod
     def from_descriptors(
         cls,
-        descriptors: torch.Tensor | np.ndarray | DescriptorSet,
+        descriptors: torch.Tensor | np.ndarray | DescriptorSet | DescriptorStore,
         *,
         k: int | None = None,
         cutoff: float | None = None,
@@ -185,8 +186,9 @@ class UncertaintyBank(torch.nn.Module):
         """A bank of precomputed descriptors.
 
         Args:
-            descriptors: ``[n, d]`` tensor/array, or a :class:`quests_torch.io.DescriptorSet`
-                (its ``k`` and ``cutoff`` are used and checked against explicit ones).
+            descriptors: ``[n, d]`` tensor/array, a :class:`quests_torch.io.DescriptorSet` or a
+                :class:`quests_torch.DescriptorStore` (their ``k`` and ``cutoff`` are used and
+                checked against explicit ones; a multicomponent store gives its species).
             k: neighbours per environment the descriptors were computed with (default: the
                 DescriptorSet's, else 32 for bare arrays).
             cutoff: cutoff radius the descriptors were computed with (Å; default: the
@@ -203,11 +205,13 @@ class UncertaintyBank(torch.nn.Module):
             ValueError: explicit ``k``/``cutoff`` differ from the DescriptorSet's, or the width
                 does not match ``k`` (and ``species``).
         """
-        if isinstance(descriptors, DescriptorSet):
+        if isinstance(descriptors, (DescriptorSet, DescriptorStore)):
             _check_same_params(descriptors, k, cutoff)
             k, cutoff = descriptors.k, descriptors.cutoff
             if dtype is None:
                 dtype = torch.float32 if descriptors.dtype == "float32" else torch.float64
+            if isinstance(descriptors, DescriptorStore) and species is None:
+                species = list(descriptors.species) if descriptors.multicomponent else None
         k = DEFAULT_K if k is None else k
         cutoff = DEFAULT_CUTOFF if cutoff is None else cutoff
         bank = cls(
@@ -445,6 +449,9 @@ class UncertaintyBank(torch.nn.Module):
         if isinstance(data, DescriptorSet):
             self.check_parameters(data.k, data.cutoff, name=_set_name(data))
             return self._check_width(data.x, "data")
+        if isinstance(data, DescriptorStore):  # read once, as a tensor backed by the file
+            self.check_parameters(data.k, data.cutoff, name=_set_name(data))
+            return self._check_width(data.tensor(), "data")
         if isinstance(data, (torch.Tensor, np.ndarray)):
             x = torch.as_tensor(data) if isinstance(data, np.ndarray) else data
             return self._check_width(x, "data")
@@ -654,11 +661,15 @@ def _batch_tensors(batch: tuple, caller: str) -> tuple:
     return (*batch, None, None)[:5]
 
 
-def _set_name(ds: DescriptorSet) -> str:
+def _set_name(ds: DescriptorSet | DescriptorStore) -> str:
+    if isinstance(ds, DescriptorStore):
+        return f"store {str(ds.path)!r}"
     return f"descriptor set {ds.source!r}" if ds.source else "descriptor set"
 
 
-def _check_same_params(ds: DescriptorSet, k: int | None, cutoff: float | None) -> None:
+def _check_same_params(
+    ds: DescriptorSet | DescriptorStore, k: int | None, cutoff: float | None
+) -> None:
     require_same_parameters(
         (k, cutoff),
         (ds.k, ds.cutoff),

@@ -404,3 +404,26 @@ def test_overwrite_replaces_a_damaged_store_and_accepts_numpy_dtypes(tmp_path):
     assert np.asarray(again, dtype=np.float64).dtype == np.float64
     with pytest.raises(ValueError, match="`dtype` must be float32 or float64 storage"):
         qt.StoreWriter(tmp_path / "x.qstore", k=32, cutoff=5.0, dtype=torch.int64)
+
+
+def test_bank_and_compression_take_a_store(traj, tmp_path):
+    """``UncertaintyBank.from_descriptors`` / ``add`` and ``compress`` read a store as the
+    tensor it holds (its k and cutoff checked, its structures as the groups)."""
+    path, _ = traj
+    store = qt.write_descriptor_store(path, tmp_path / "t.qstore", dtype="float64")
+    x = store.tensor().clone()
+    sid = store.system_idx()
+    bank = qt.UncertaintyBank.from_descriptors(store)
+    assert (bank.k, bank.cutoff, bank.dtype) == (32, 5.0, torch.float64)
+    assert torch.equal(bank.descriptors, x)
+    grown = qt.UncertaintyBank(x[:10]).add(store)
+    assert torch.equal(grown.descriptors, torch.cat([x[:10], x]))
+    with pytest.raises(ValueError, match=r"store .*t\.qstore.*cutoff"):
+        qt.UncertaintyBank(cutoff=4.0).add(store)
+    with pytest.raises(ValueError, match="cutoff"):
+        qt.UncertaintyBank.from_descriptors(store, cutoff=4.0)
+    for method in ("msc", "fps"):
+        a = qt.compress(store, size=4, method=method, generator=0)
+        b = qt.compress(x, sid, size=4, method=method, generator=0)
+        assert torch.equal(a.indices, b.indices), method
+        assert torch.allclose(a.curve.entropy, b.curve.entropy, rtol=1e-12, atol=0)
