@@ -84,9 +84,10 @@ class NeighborCache:
             rebuild less often but give more candidates per atom (``(1 + skin / cutoff)^3``).
 
     Attributes:
-        builds: lists built so far; reuses: calls answered from a list without a rebuild;
+        builds: lists built so far.
+        reuses: calls answered from a list without a rebuild.
         searches: calls answered by a new search without a list (the first of a run, or
-        unrelated structures).
+            unrelated structures).
     """
 
     def __init__(self, skin: float = DEFAULT_SKIN) -> None:
