@@ -594,6 +594,10 @@ def descriptors_from_tensors(
     """
     _check_params(k, cutoff)
     cutoff = float(cutoff)
+    if neighbors is not None and not isinstance(neighbors, NeighborCache):
+        raise TypeError(
+            f"`neighbors` must be a NeighborCache or None, got {type(neighbors).__name__}"
+        )
     if isinstance(cell, torch.Tensor) and cell.ndim == 2:
         cell = cell[None]
     if isinstance(pbc, torch.Tensor) and pbc.ndim == 1:

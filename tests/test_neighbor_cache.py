@@ -217,6 +217,12 @@ def test_bad_values_on_a_reused_list_get_the_new_search_errors():
         descriptors_from_tensors(close, cell, pbc, neighbors=cache)
 
 
+def test_a_wrong_neighbors_argument_is_named():
+    pos, cell, pbc, _ = _batch(rattled_fcc((2, 2, 2), seed=8))
+    with pytest.raises(TypeError, match="`neighbors` must be a NeighborCache"):
+        descriptors_from_tensors(pos, cell, pbc, neighbors=1.0)
+
+
 def test_skin_is_checked():
     with pytest.raises(ValueError, match="skin"):
         NeighborCache(0.0)

@@ -68,7 +68,6 @@ class _Built:
     image: torch.Tensor  # [N, M, 3] shift @ cell (padding: a point far outside the cutoff)
     same_species: list[torch.Tensor]  # per species: [N, M] both atoms of that species
     limit2: float  # squared displacement that forces a rebuild
-    single: bool  # one structure
 
 
 class NeighborCache:
@@ -126,7 +125,7 @@ class NeighborCache:
         """All-zero ``system_idx`` for one structure of ``positions``' atoms: the list's own
         when it was built for one (then :meth:`reuse` need not compare it)."""
         b = self._built
-        if b is not None and b.system_idx.shape == positions.shape[:1] and b.single:
+        if b is not None and b.system_idx.shape == positions.shape[:1] and b.cell.shape[0] == 1:
             if b.system_idx.device == positions.device and b.system_idx._version == 0:
                 return b.system_idx
         return torch.zeros(positions.shape[:1], dtype=torch.int64, device=positions.device)
@@ -270,7 +269,6 @@ class NeighborCache:
                 image=image,
                 same_species=same,
                 limit2=limit * limit,
-                single=c.shape[0] == 1,
             )
         self.builds += 1
         got = self.reuse(positions, cell, pbc, system_idx, k, cutoff, numbers=numbers,
