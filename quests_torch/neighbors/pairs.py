@@ -23,15 +23,17 @@ import math
 import numpy as np
 import torch
 
-from .._memory import memory_budget
+from .._memory import available_memory, memory_budget
 from .._precision import float64_enabled, full_precision
 
 __all__ = [
     "COINCIDENT_TOL",
     "DENSE_MAX_CANDIDATES",
     "DENSE_MAX_CANDIDATES_FLOAT32",
+    "PAIR_BYTES",
     "NeighborPairs",
     "check_cells",
+    "check_pair_memory",
     "complete_cell",
     "find_neighbor_pairs",
     "image_ranges",
@@ -47,6 +49,11 @@ DENSE_MAX_CANDIDATES = 200_000
 #: float32-only mode: the dense search up to here, since vesin-torch computes in float64 (larger
 #: structures the cell grid refuses still go to vesin: float64 inside vesin, float32 results)
 DENSE_MAX_CANDIDATES_FLOAT32 = 64 * DENSE_MAX_CANDIDATES
+#: bytes a pair list holds at its peak per pair within the cutoff (indices, shifts, vectors,
+#: distances, the sort by centre and the back-end's own arrays); 170-280 measured on the CPU
+#: with vesin-torch for 4e5-1e7 pairs, so this undercounts: the check refuses only what
+#: cannot fit
+PAIR_BYTES = 160
 
 
 class NeighborPairs:
@@ -198,6 +205,106 @@ def check_cells(full: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor) -> No
             f"`cell` of structure {s} is singular along its periodic directions "
             f"(pbc = {pbc[s].tolist()}, volume ~ {float(det[s]):.3g} Å^3)"
         )
+
+
+def _ball_volume(radius: torch.Tensor, dim: torch.Tensor) -> torch.Tensor:
+    """Volume of the ``dim``-dimensional ball of ``radius`` (``dim`` 0 to 3, elementwise)."""
+    r = radius.clamp_min(0.0)
+    vol = torch.where(dim == 1, 2 * r, torch.ones_like(r))
+    vol = torch.where(dim == 2, math.pi * r * r, vol)
+    return torch.where(dim == 3, (4 * math.pi / 3) * r * r * r, vol)
+
+
+def min_pairs_within(
+    positions: torch.Tensor,
+    full: torch.Tensor,
+    pbc: torch.Tensor,
+    system_idx: torch.Tensor,
+    counts: torch.Tensor,
+    cutoff: float,
+) -> torch.Tensor:
+    """``[S]`` float64 lower bounds on the directed pairs closer than ``cutoff`` (images
+    included) of each structure: what any pair list of the structure holds, whatever finds it.
+
+    The lattice translations ``T`` of a periodic sublattice of dimension ``p`` (cell
+    ``p``-volume ``V``, longest cell diagonal ``c``) within ``R`` of any point number more than
+    ``vol_p(ball(R - c / 2)) / V``: the cells centred on them tile space, lie within ``c / 2``
+    of their centres, and so cover the ball of radius ``R - c / 2``. Two atoms whose offset
+    has a component ``s`` out of the lattice's span (at most the atoms' extent along the open
+    directions) are closer than ``cutoff`` for every ``T`` within ``sqrt(cutoff^2 - s^2)`` of
+    their in-plane offset; so each of the ``n^2`` ordered pairs of atoms has at least that
+    many images in reach (less the atoms themselves). With no periodic direction the count is
+    1 where the atoms' extent is below ``cutoff``, 0 otherwise. Computed in float64 whatever
+    the positions' dtype; ``inf`` where it overflows.
+    """
+    f64 = torch.float64
+    full = full.detach().to(f64)
+    pos = positions.detach().to(f64)
+    per = pbc.to(torch.bool)
+    dim = per.sum(dim=1)
+    volume = torch.linalg.det(full).abs()  # the complement rows are orthonormal: V_p
+    rows = full * per[..., None]
+    signs = torch.tensor(
+        [[1, 1, 1], [1, 1, -1], [1, -1, 1], [1, -1, -1]], dtype=f64, device=full.device
+    )
+    half_diag = torch.einsum("dj,sjx->sdx", signs, rows).norm(dim=2).amax(dim=1) / 2
+    if per.device.type == "cpu" and bool(per.all()):  # every MD cell: no open direction
+        spread = volume.new_zeros(volume.shape)
+    else:  # extent of the atoms along the open directions (fractional = Cartesian there)
+        frac = torch.einsum("ni,nij->nj", pos, torch.linalg.inv_ex(full).inverse[system_idx])
+        n_sys, index = full.shape[0], system_idx[:, None].expand(-1, 3)
+        hi = frac.new_full((n_sys, 3), -math.inf).scatter_reduce(0, index, frac, "amax")
+        lo = frac.new_full((n_sys, 3), math.inf).scatter_reduce(0, index, frac, "amin")
+        spread = torch.where(per | (counts[:, None] == 0), 0.0, hi - lo).norm(dim=1)
+
+    def translations(radius: torch.Tensor) -> torch.Tensor:  # at least, within radius
+        covered = _ball_volume(radius - half_diag, dim) / volume
+        return torch.where(radius > half_diag, covered, torch.zeros_like(covered))
+
+    n = counts.to(f64)
+    in_plane = (cutoff * cutoff - spread * spread).clamp_min(0.0).sqrt()
+    every = n * n * translations(in_plane) - n
+    own = n * (translations(torch.full_like(spread, cutoff)) - 1)
+    return torch.maximum(torch.maximum(every, own), torch.zeros_like(n))
+
+
+def check_pair_memory(
+    positions: torch.Tensor,
+    full: torch.Tensor,
+    pbc: torch.Tensor,
+    system_idx: torch.Tensor,
+    counts: torch.Tensor,
+    cutoff: float,
+    chosen: torch.Tensor,
+) -> None:
+    """Refuse, before searching, pair lists that cannot fit in the memory available.
+
+    ``chosen``: ``[S]`` bool, the structures whose pairs are to be listed. The need is
+    :func:`min_pairs_within` x :data:`PAIR_BYTES`, a lower bound, against
+    :func:`quests_torch._memory.available_memory` on the positions' device (one host sync).
+
+    Raises:
+        ValueError: naming ``cutoff``, the structure with the most pairs and the bytes.
+    """
+    pairs = min_pairs_within(positions, full, pbc, system_idx, counts, cutoff) * chosen
+    total, worst, n_chosen = torch.stack(
+        [pairs.sum(), pairs.argmax().to(pairs.dtype), chosen.sum().to(pairs.dtype)]
+    ).tolist()
+    need = total * PAIR_BYTES
+    have = available_memory(positions.device)
+    if need <= have:
+        return
+    s = int(worst)
+    n, p = int(counts[s]), int(pbc[s].sum())
+    size = float(torch.linalg.det(full[s].double()).abs())
+    where = f"a periodic cell of {size:.4g} {('Å', 'Å^2', 'Å^3')[p - 1]}" if p else "no cell"
+    raise ValueError(
+        f"`cutoff` = {cutoff:g} Å gives at least {total:.3g} neighbour pairs in "
+        f"{int(n_chosen)} structure(s) (the most in structure {s}: {n} atoms in {where}), "
+        f"a pair list of at least {need / 2**30:.3g} GiB, more than the "
+        f"{have / 2**30:.3g} GiB available on {positions.device}; use a smaller cutoff (the "
+        "default is 5 Å) or fewer structures per call"
+    )
 
 
 def image_ranges(full: torch.Tensor, pbc: torch.Tensor, cutoff: float) -> torch.Tensor:
@@ -424,8 +531,10 @@ def find_neighbor_pairs(
         cell = cell.detach()
         full = complete_cell(cell, pbc)
         check_cells(full, cell, pbc)
-        n_img = image_ranges(full, pbc, cutoff)  # [S, 3]
         counts = torch.bincount(system_idx, minlength=cell.shape[0])
+        listed = counts > 0 if skip is None else (counts > 0) & ~skip
+        check_pair_memory(positions, full, pbc, system_idx, counts, cutoff, listed)
+        n_img = image_ranges(full, pbc, cutoff)  # [S, 3]
         starts = torch.cumsum(counts, 0) - counts
         n_images = (2 * n_img + 1).prod(dim=1)
         cost = counts * counts * n_images
