@@ -133,7 +133,8 @@ def test_cli_k_above_the_cap_exits_2(structures, capsys):
 
 def test_cli_k_over_the_memory_exits_2_before_allocating(structures, capsys, monkeypatch):
     monkeypatch.setattr(_memory, "_available_ram", lambda: 10_000)
-    code, err = _main(capsys, "entropy", structures, "-k", 64, "-q")
+    # the RAM is what is patched: the CPU's check (`--device auto` would take a GPU's memory)
+    code, err = _main(capsys, "entropy", structures, "-k", 64, "-q", "--device", "cpu")
     assert code == 2
     assert "`k` = 64" in err and len(err.strip().splitlines()) == 1
 
