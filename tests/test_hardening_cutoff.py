@@ -96,7 +96,7 @@ def test_pair_bound_is_per_structure_and_finite_in_float32():
     full = complete_cell(cell, pbc)
     b64 = min_pairs_within(positions, full, pbc, system_idx, counts, 40.0)
     b32 = min_pairs_within(positions.float(), full.float(), pbc, system_idx, counts, 40.0)
-    assert b64.dtype == b32.dtype == torch.float64
+    assert b64.dtype == b32.dtype == torch.float64  # float64 unless float32-only mode
     assert torch.allclose(b64, b32, rtol=1e-5)
     assert b64[1] == 20 and b64[0] > 1e5 and b64[2] > 1e5
     huge = min_pairs_within(positions, full, pbc, system_idx, counts, 1e300)

@@ -235,9 +235,10 @@ def min_pairs_within(
     their in-plane offset; so each of the ``n^2`` ordered pairs of atoms has at least that
     many images in reach (less the atoms themselves). With no periodic direction the count is
     1 where the atoms' extent is below ``cutoff``, 0 otherwise. Computed in float64 whatever
-    the positions' dtype; ``inf`` where it overflows.
+    the positions' dtype (float32 in float32-only mode, a bound all the same at its ~1e-7
+    rounding); ``inf`` where it overflows.
     """
-    f64 = torch.float64
+    f64 = torch.float64 if float64_enabled(positions.device) else torch.float32
     full = full.detach().to(f64)
     pos = positions.detach().to(f64)
     per = pbc.to(torch.bool)
