@@ -121,8 +121,8 @@ def is_store(path: str | os.PathLike) -> bool:
 
 def lock_held(folder: Path) -> bool:
     """Whether a writer holds the lock of the store in ``folder`` (never creates the file):
-    :func:`store_lock_path`, or the ``descriptors.npy.lock`` inside the folder of versions
-    before 0.9."""
+    :func:`store_lock_path`, or the ``descriptors.npy.lock`` inside the folder that earlier
+    builds locked."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - no flock (Windows)

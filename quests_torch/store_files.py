@@ -355,7 +355,8 @@ def _check_state(meta: dict, folder: Path) -> None:
         and all(isinstance(sha.get(n), str) and _HEX.fullmatch(sha[n]) for n in _DIGESTS)
     ):
         raise _bad(folder, "sha256", "an object of `descriptors` and `n_atoms` digests", sha)
-    if "species" in sha and sha["species"] != species_digest(meta["species"]):  # since 0.9
+    # the species digest is absent in stores of earlier builds
+    if "species" in sha and sha["species"] != species_digest(meta["species"]):
         raise ValueError(
             f"{folder}: metadata `species` {_show(meta['species'])} do not match their "
             "SHA-256 in `sha256` (edited metadata)"
@@ -442,7 +443,7 @@ def check_store_contents(folder: Path) -> None:
     overwrite)."""
     if not folder.is_dir():
         return
-    known = {DATA_FILE, N_ATOMS_FILE, META_FILE, DATA_FILE + ".lock"}  # .lock: before 0.9
+    known = {DATA_FILE, N_ATOMS_FILE, META_FILE, DATA_FILE + ".lock"}  # .lock: older stores
     temporary = tuple(f".{name}." for name in known)  # atomic_write's, left by a crash
     foreign = [
         p.name for p in folder.iterdir() if p.name not in known and not p.name.startswith(temporary)
