@@ -9,7 +9,8 @@ end :func:`quests_torch.distributed.screen_trajectory`) keeps next to its table 
   and what is committed: frames, and per output file its length in bytes and the SHA-256 of
   those bytes;
 * ``T.lock`` (:func:`table_lock`): an exclusive ``flock`` held for the whole run, so two
-  screenings never append to the same table; removed when the run ends.
+  screenings never append to the same table; the file stays beside the table (the lock is
+  the ``flock``: a dead run's lock frees itself, and there is nothing stale to delete).
 
 A rerun resumes only when the identity matches and the committed bytes are still the ones
 written (:func:`verify_committed`); anything else is refused with a message naming what
@@ -35,6 +36,7 @@ from .io import atomic_write, file_sha256
 
 __all__ = [
     "STATE_VERSION",
+    "HeldLock",
     "ResumeState",
     "TableInUseError",
     "lock_path",
@@ -70,13 +72,56 @@ def lock_path(table: Path) -> Path:
     return table.with_name(table.name + ".lock")
 
 
+class HeldLock:
+    """The exclusive ``flock`` held by :func:`table_lock` on its (permanent) lock file.
+
+    Attributes:
+        path: the lock file.
+    """
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path, self._fd = path, fd
+
+    def check(self) -> None:
+        """Check that the lock file at :attr:`path` is still the one this process locked.
+
+        A lock file removed (or replaced) while its holder runs lets a second process lock a
+        new file at the same path: a writer calls this before each commit and stops instead
+        of writing beside another.
+
+        Raises:
+            TableInUseError: the file at :attr:`path` is no longer the locked one.
+        """
+        if self._fd < 0:  # no flock on this platform
+            return
+        try:
+            same = os.path.samestat(os.fstat(self._fd), os.stat(path := self.path))
+        except FileNotFoundError:
+            same = False
+        if not same:
+            raise TableInUseError(
+                f"{path}: this lock file was removed or replaced while this process held it, "
+                "so another process may be writing the same output; stopping (what was "
+                "committed is kept; rerun to resume). Never delete a lock file: a dead "
+                "process's lock frees itself"
+            )
+
+
 @contextmanager
-def table_lock(table: Path) -> Iterator[None]:
+def table_lock(table: Path) -> Iterator[HeldLock]:
     """Hold an exclusive, non-blocking ``flock`` on ``<table>.lock`` for the ``with`` block.
 
-    The lock file is removed on release. Removing it is safe because a process that locked a
-    file which was meanwhile unlinked (its inode is no longer the one at the path) drops it
-    and locks the file now at the path instead.
+    The lock is the ``flock``, not the file: the lock of a process that died (even by
+    ``SIGKILL``) frees itself, and a lock file found after a crash is no reason to act. The
+    file stays beside an output that exists, so there is nothing stale to delete; a run that
+    leaves no ``table`` removes it on release (while still holding it: a process that locked
+    the removed file sees that it is no longer the one at the path and locks the new one).
+    Deleting a lock file while its run holds it would let a second run lock a new file at the
+    same path: the holder sees it with :meth:`HeldLock.check`. A symbolic link at the lock's
+    path is refused (``O_NOFOLLOW``).
+
+    Yields:
+        the :class:`HeldLock`.
 
     Raises:
         TableInUseError: another process holds the lock.
@@ -85,16 +130,19 @@ def table_lock(table: Path) -> Iterator[None]:
     try:
         import fcntl
     except ImportError:  # pragma: no cover - no flock (Windows): no protection
-        yield
+        yield HeldLock(path, -1)
         return
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
     made_folder = not path.parent.exists()
     fd = -1
     for _ in range(100):
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except FileNotFoundError:  # the folder was removed by a run that just ended
+            fd = os.open(path, flags, 0o644)
+        except FileNotFoundError:  # the folder was removed meanwhile
             continue
+        except OSError as exc:  # ELOOP: a symbolic link
+            raise OSError(f"{path}: cannot open the lock file ({exc.strerror})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -112,14 +160,15 @@ def table_lock(table: Path) -> Iterator[None]:
             same = False
         if same:
             break
-        os.close(fd)  # the holder removed this file as we opened it: lock the new one
+        os.close(fd)  # the file was removed or replaced as we opened it: lock the new one
         fd = -1
     if fd < 0:  # pragma: no cover - the path kept changing under us
         raise TableInUseError(f"{table}: in use by another screening ({path} keeps changing)")
     try:
-        yield
+        yield HeldLock(path, fd)
     finally:
-        path.unlink(missing_ok=True)  # while still locked: a waiter then retries a new file
+        if not os.path.lexists(table):  # no output: leave nothing (unlinked while held)
+            path.unlink(missing_ok=True)
         os.close(fd)
         if made_folder:
             try:
@@ -369,6 +418,7 @@ class ResumeState:
         self.file = state_path(table)
         self.key, self.params, self.header = key, params, header
         self.record: dict | None = None
+        self.lock: HeldLock | None = None  # the table's lock, checked at each commit
         self._digests: dict = {}
         self._handles: dict = {}
 
@@ -458,7 +508,10 @@ class ResumeState:
 
     def commit(self, frames: int) -> None:
         """Record the ``frames`` appended since the last commit as done, with the outputs'
-        sizes and SHA-256, in one atomic write of the state."""
+        sizes and SHA-256, in one atomic write of the state (first checking that the run
+        still holds the table's lock, when :attr:`lock` is set)."""
+        if self.lock is not None:
+            self.lock.check()
         xyz = self._handles.get("extxyz")
         self.record["frames_done"] += frames
         self.record["bytes"] = {

@@ -522,7 +522,8 @@ def screen_trajectory(
             :class:`OSError`).
 
     The outputs and the state are created once the first batch is computed: a run that
-    fails before leaves no file behind. ``<table>.lock`` exists while the run holds it.
+    fails before leaves no file behind. ``<table>.lock`` stays beside the table: the run holds
+    its ``flock`` (a dead run's frees itself); never delete it.
     """
     return screen_file(
         ScreenFiles.check(trajectory, table, index=index, extxyz=extxyz),
@@ -595,8 +596,9 @@ def screen_file(
         reference_key=reference_key,
         frame_offset=frame_offset,
     )
-    with table_lock(files.table):
+    with table_lock(files.table) as lock:
         state = files.open_state(key, params, overwrite=overwrite)
+        state.lock = lock
         if state.frames_done > 0:
             done = state.rewind()  # never cuts an edited file; drops an uncommitted tail
         else:  # nothing committed: start afresh, with the recorded batch size if any

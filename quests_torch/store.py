@@ -24,9 +24,20 @@ Writing is streamed and resumable under the rules of screening (:mod:`quests_tor
 the store is identified by the trajectory's content and every parameter; a rerun with the same
 identity continues after the last committed batch (the files are cut back to the committed
 bytes, whose SHA-256 is checked first), a different identity is refused with a message naming
-what changed, ``overwrite=True`` starts again, and an exclusive lock
-(``descriptors.npy.lock``) makes a second writer fail with :class:`StoreInUseError`; a reader
-refuses a store whose lock is held.
+what changed, ``overwrite=True`` builds the new store beside the old one
+(:func:`replacement_path`) and swaps the two only once it is complete, and an exclusive
+``flock`` on ``<store>.lock`` beside the folder (:func:`store_lock_path`; the file stays, the
+lock of a dead writer frees itself) makes a second writer fail with :class:`StoreInUseError`;
+a reader refuses a store whose lock is held.
+
+What is trusted. Every entry of ``meta.json`` is checked when a store is opened: its type
+(booleans are not numbers), its range, and its agreement with ``params``, the parameters the
+store was written with, whose SHA-256 is ``key`` (:func:`check_meta`); the sizes and headers of
+the data files against the metadata, and ``n_atoms`` against the rows. No file of a store is
+read or written through a symbolic link. An opened store reads the files it opened, whatever
+the path holds later; a file truncated while it is open would end the process with
+``SIGBUS`` when read through the memory map, which
+:meth:`DescriptorStore.check_files` sees before each long read.
 
 Reading never loads the data: :attr:`DescriptorStore.x` is a read-only ``np.memmap`` and every
 metric accepts the store itself (:class:`quests_torch.kde.source.Source` unwraps it), reading
@@ -40,16 +51,42 @@ bits, a relative error <= 6e-8), not a float32 *computation*. The writer is
 from __future__ import annotations
 
 import copy
-import json
+import hashlib
+import math
 import os
+import weakref
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .store_files import (
+    DATA_FILE,
+    HEADER_BYTES,
+    KIND,
+    META_FILE,
+    N_ATOMS_FILE,
+    STORE_FORMAT,
+    STORE_SUFFIX,
+    WRITING_MARK,
+    StoreInUseError,
+    check_meta,
+    interrupted_swap,
+    npy_header,
+    open_store_file,
+    params_key,
+    read_meta,
+    replaced_path,
+    replacement_path,
+    store_lock_path,
+    store_width,
+)
+
 __all__ = [
     "DATA_FILE",
     "HEADER_BYTES",
+    "KIND",
     "META_FILE",
     "N_ATOMS_FILE",
     "STORE_FORMAT",
@@ -57,52 +94,20 @@ __all__ = [
     "WRITING_MARK",
     "DescriptorStore",
     "StoreInUseError",
+    "check_meta",
+    "interrupted_swap",
     "is_store",
+    "lock_held",
     "npy_header",
     "open_store",
+    "open_store_file",
+    "params_key",
+    "read_meta",
+    "replaced_path",
+    "replacement_path",
+    "store_lock_path",
     "store_width",
 ]
-
-STORE_FORMAT = 1
-"""Layout version of a store (raised when the files change meaning)."""
-STORE_SUFFIX = ".qstore"
-"""Conventional suffix of a store folder (a path ending in it is taken for a store)."""
-DATA_FILE = "descriptors.npy"
-"""The ``[n, d]`` descriptors in a store folder."""
-N_ATOMS_FILE = "n_atoms.npy"
-"""The ``[n_structures]`` atoms per structure in a store folder."""
-META_FILE = "meta.json"
-"""The metadata of a store folder."""
-HEADER_BYTES = 128
-"""Bytes reserved for the ``.npy`` header at the start of both data files (a multiple of 64,
-so rows stay aligned as numpy writes them)."""
-WRITING_MARK = b"QUESTS-TORCH STORE: BEING WRITTEN, NOT A COMPLETE .npy FILE\n"
-"""What the header region holds until the store is complete (not the ``.npy`` magic)."""
-_KIND = "quests-torch descriptor store"
-_DTYPES = {"float32": np.float32, "float64": np.float64}
-
-
-class StoreInUseError(OSError):
-    """The store is being written by another process (its lock is held)."""
-
-
-def npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
-    """A ``.npy`` version 1.0 header for ``dtype`` and ``shape``, padded to
-    :data:`HEADER_BYTES` (C order, native byte order written explicitly)."""
-    dtype = np.dtype(dtype)
-    text = repr({"descr": dtype.str, "fortran_order": False, "shape": tuple(shape)})
-    pad = HEADER_BYTES - 10 - len(text) - 1
-    if pad < 0:  # pragma: no cover - a shape with ~30-digit sizes
-        raise ValueError(f"shape {shape}: its .npy header does not fit {HEADER_BYTES} bytes")
-    body = (text + " " * pad + "\n").encode("latin1")
-    return b"\x93NUMPY\x01\x00" + len(body).to_bytes(2, "little") + body
-
-
-def store_width(k: int, species: list | tuple, multicomponent: bool) -> int:
-    """Columns of a store's rows: ``2k - 1``, times ``S + 1`` for the multicomponent form."""
-    from .descriptors import descriptor_width
-
-    return descriptor_width(k, len(species) if multicomponent else 0)
 
 
 def is_store(path: str | os.PathLike) -> bool:
@@ -115,113 +120,101 @@ def is_store(path: str | os.PathLike) -> bool:
 
 
 def lock_held(folder: Path) -> bool:
-    """Whether a writer holds the lock of the store in ``folder`` (never creates the file)."""
+    """Whether a writer holds the lock of the store in ``folder`` (never creates the file):
+    :func:`store_lock_path`, or the ``descriptors.npy.lock`` inside the folder that earlier
+    builds locked."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - no flock (Windows)
         return False
-    try:
-        fd = os.open(folder / f"{DATA_FILE}.lock", os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    except OSError:  # pragma: no cover
-        return False
-    finally:
-        os.close(fd)
+    for path in (store_lock_path(folder), folder / f"{DATA_FILE}.lock"):
+        try:
+            fd = open_store_file(path)
+        except (OSError, ValueError):
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:  # pragma: no cover
+            pass
+        finally:
+            os.close(fd)
     return False
 
 
-def read_meta(folder: Path) -> dict:
-    """``meta.json`` of the store in ``folder``, checked to be a store's JSON object.
+class _OpenFile:
+    """A store file opened once (read-only, never through a link) and closed when the last
+    store view holding it goes: every later read maps or reads this file, never the path."""
 
-    Raises:
-        FileNotFoundError: no such folder.
-        ValueError: not a store folder, or an unreadable ``meta.json``.
-    """
-    if not folder.exists():
-        raise FileNotFoundError(f"{folder}: no such descriptor store")
-    if not folder.is_dir():
-        raise ValueError(f"{folder}: not a descriptor store (a store is a folder)")
-    meta_file = folder / META_FILE
-    if not meta_file.is_file():
-        raise ValueError(f"{folder}: not a descriptor store (no {META_FILE})")
-    try:
-        meta = json.loads(meta_file.read_text())
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{meta_file}: unreadable store metadata ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("kind") != _KIND:
-        raise ValueError(f"{meta_file}: not the metadata of a {_KIND}")
-    fmt = meta.get("store_format")
-    if not isinstance(fmt, int) or fmt > STORE_FORMAT:
-        raise ValueError(
-            f"{folder}: store format {fmt!r} is not one this version reads (<= {STORE_FORMAT})"
-        )
-    return meta
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd = open_store_file(path)
+        weakref.finalize(self, os.close, self.fd)
 
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
 
-def _count(meta: dict, name: str, folder: Path) -> int:
-    v = meta.get(name)
-    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-        raise ValueError(f"{folder}: metadata `{name}` must be a count >= 0, got {v!r}")
-    return v
+    def read(self, offset: int, n_bytes: int) -> bytes:
+        return os.pread(self.fd, n_bytes, offset)
 
+    def blocks(self, n_bytes: int, size: int = 1 << 22) -> Iterator[bytes]:
+        """The ``n_bytes`` data bytes after the header, in blocks."""
+        offset, end = HEADER_BYTES, HEADER_BYTES + n_bytes
+        while offset < end and (block := self.read(offset, min(size, end - offset))):
+            yield block
+            offset += len(block)
+        if offset < end:
+            raise ValueError(f"{self.path}: shorter than its {n_bytes} committed bytes")
 
-def check_meta(meta: dict, folder: Path) -> tuple[int, int, np.dtype]:
-    """``(rows, width, dtype)`` of a store's metadata, checked to hold together.
+    def map(self, dtype: np.dtype, shape: tuple, mode: str) -> np.ndarray:
+        """``np.memmap`` of the data after the header (``"r"`` read-only, ``"c"``
+        copy-on-write)."""
+        if shape[0] == 0:
+            return np.zeros(shape, dtype)
+        with os.fdopen(os.dup(self.fd), "rb") as fh:  # the mapping keeps its own descriptor
+            return np.memmap(fh, dtype=dtype, mode=mode, offset=HEADER_BYTES, shape=shape)
 
-    Raises:
-        ValueError: bad ``k``/``cutoff``/``dtype``/``species`` or a width that ``k`` (and the
-            species, multicomponent) does not give; names the store and the entry.
-    """
-    k, cutoff = meta.get("k"), meta.get("cutoff")
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"{folder}: metadata `k` must be an integer >= 1, got {k!r}")
-    if not isinstance(cutoff, int | float) or not cutoff > 0:
-        raise ValueError(f"{folder}: metadata `cutoff` must be a positive distance, got {cutoff!r}")
-    if meta.get("dtype") not in _DTYPES:
-        raise ValueError(
-            f"{folder}: metadata `dtype` must be float32 or float64, got {meta.get('dtype')!r}"
-        )
-    species = meta.get("species")
-    if not isinstance(species, list) or not all(isinstance(s, str) for s in species):
-        raise ValueError(f"{folder}: metadata `species` must be a list of symbols")
-    width = _count(meta, "width", folder)
-    expected = store_width(k, species, bool(meta.get("multicomponent")))
-    if width != expected:
-        raise ValueError(
-            f"{folder}: metadata width {width} does not fit k={k} (2k-1 = {2 * k - 1}"
-            + (f", {len(species)} species: {expected}" if meta.get("multicomponent") else "")
-            + ")"
-        )
-    return _count(meta, "rows", folder), width, np.dtype(_DTYPES[meta["dtype"]])
-
-
-def _load_npy(path: Path, dtype: np.dtype, shape: tuple, folder: Path) -> np.ndarray:
-    """``path`` memory-mapped read-only, its header and size checked against ``shape``."""
-    expected = HEADER_BYTES + int(np.prod(shape)) * dtype.itemsize
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise ValueError(f"{folder}: {path.name} is missing") from None
-    if size != expected:
-        raise ValueError(
-            f"{path}: {size} bytes, but the metadata ({shape[0]} rows of {dtype}"
-            f"{' x ' + str(shape[1]) if len(shape) > 1 else ''}) needs {expected}: "
-            "the data file does not match its metadata (damaged or edited store)"
-        )
-    with open(path, "rb") as fh:
-        if fh.read(HEADER_BYTES) != npy_header(dtype, shape):
+    def check(self, dtype: np.dtype, shape: tuple, folder: Path) -> None:
+        """The size and the ``.npy`` header against ``shape`` (computed in Python ints: no
+        overflow whatever the metadata says)."""
+        expected = HEADER_BYTES + math.prod(shape) * dtype.itemsize
+        size = self.size()
+        if size != expected:
             raise ValueError(
-                f"{path}: its .npy header does not record {dtype} {shape} as the metadata "
-                "does (an unfinished or edited store)"
+                f"{self.path}: {size} bytes, but the metadata ({shape[0]} rows of {dtype}"
+                f"{' x ' + str(shape[1]) if len(shape) > 1 else ''}) needs {expected}: "
+                "the data file does not match its metadata (damaged or edited store)"
             )
-    if shape[0] == 0:
-        return np.zeros(shape, dtype)
-    return np.load(path, mmap_mode="r", allow_pickle=False)
+        if self.read(0, HEADER_BYTES) != npy_header(dtype, shape):
+            raise ValueError(
+                f"{self.path}: its .npy header does not record {dtype} {shape} as the "
+                "metadata does (an unfinished or edited store)"
+            )
+
+
+def _read_counts(folder: Path, frames: int, rows: int) -> tuple[np.ndarray, _OpenFile]:
+    """``n_atoms.npy`` read whole, checked: each count in ``[0, rows]`` and their sum ``rows``.
+
+    ``rows`` fits the data file, so it is below 2**63: a running int64 sum of counts in
+    ``[0, rows]`` that wraps around turns negative, and is seen.
+    """
+    counts_file = _OpenFile(folder / N_ATOMS_FILE)
+    counts_file.check(np.dtype(np.int64), (frames,), folder)
+    counts = np.frombuffer(b"".join(counts_file.blocks(frames * 8)), dtype=np.int64).copy()
+    if ((counts < 0) | (counts > rows)).any():
+        raise ValueError(
+            f"{folder}: {N_ATOMS_FILE} holds counts outside [0, {rows}] ({DATA_FILE} holds "
+            f"{rows} rows)"
+        )
+    running = np.cumsum(counts)
+    total = int(running[-1]) if frames else 0
+    if (running < 0).any() or total != rows:
+        shown = "more than 2**63" if (running < 0).any() else str(total)
+        raise ValueError(
+            f"{folder}: {N_ATOMS_FILE} sums to {shown} atoms but {DATA_FILE} holds {rows} rows"
+        )
+    return counts, counts_file
 
 
 class DescriptorStore:
@@ -229,6 +222,15 @@ class DescriptorStore:
 
     Pass the store itself wherever descriptors are expected (``qt.entropy(store)``,
     ``qt.delta_entropy(query, store)``, estimates, overlap, ...): rows are read tile by tile.
+
+    The files are opened once, by :meth:`open`: every later read (:attr:`x`, :meth:`tensor`,
+    :meth:`verify`) goes to the files that were opened and checked, even when another process
+    has since replaced the store at :attr:`path` (``--overwrite``). A file *truncated* while
+    open is another matter: reading a row past its new end through the memory map ends the
+    process with ``SIGBUS``, which Python cannot catch. :meth:`check_files` sees it; the
+    metrics, :meth:`tensor` and :meth:`verify` call it where their reading starts, but a
+    truncation during a long read cannot be guarded against: never truncate or edit a store
+    that is being read.
 
     Attributes:
         path: the store folder.
@@ -256,6 +258,8 @@ class DescriptorStore:
         self.source = meta.get("source")
         self.version = str(meta.get("quests_torch", ""))
         self._start = 0  # first row of a view (``store[i:j]``)
+        self._file: _OpenFile | None = None  # the opened descriptors file (set by open)
+        self._counts_file: _OpenFile | None = None  # the opened n_atoms file
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> DescriptorStore:
@@ -264,8 +268,10 @@ class DescriptorStore:
         Raises:
             FileNotFoundError: no such store.
             StoreInUseError: a writer holds its lock.
-            ValueError: not a store, an incomplete store, or metadata that disagrees with the
-                data (file sizes, ``.npy`` headers, ``sum(n_atoms)``, width vs ``k``, dtype).
+            ValueError: not a store, an incomplete store, metadata that disagrees with the
+                data (file sizes, ``.npy`` headers, ``sum(n_atoms)``, width vs ``k``, dtype)
+                or with the parameters it was keyed with, a symbolic link among its files,
+                or an overwrite stopped halfway (each names the store and the problem).
         """
         folder = Path(path)
         meta = read_meta(folder)
@@ -275,22 +281,19 @@ class DescriptorStore:
                 "to finish"
             )
         rows, width, dtype = check_meta(meta, folder)
-        if meta.get("complete") is not True:
+        if meta["complete"] is not True:
             raise ValueError(
                 f"{folder}: an incomplete descriptor store ({rows} rows of "
-                f"{meta.get('frames', '?')} structures committed); rerun the same "
+                f"{meta['frames']} structures committed); rerun the same "
                 "`quests-torch descriptors` / write_descriptor_store to resume it, or "
                 "overwrite it"
             )
-        frames = _count(meta, "frames", folder)
-        x = _load_npy(folder / DATA_FILE, dtype, (rows, width), folder)
-        n_atoms = np.array(_load_npy(folder / N_ATOMS_FILE, np.dtype(np.int64), (frames,), folder))
-        if (n_atoms < 0).any() or int(n_atoms.sum()) != rows:
-            raise ValueError(
-                f"{folder}: {N_ATOMS_FILE} sums to {int(n_atoms.sum())} atoms but "
-                f"{DATA_FILE} holds {rows} rows"
-            )
-        return cls(folder, meta, x, n_atoms)
+        data = _OpenFile(folder / DATA_FILE)
+        data.check(dtype, (rows, width), folder)
+        n_atoms, counts_file = _read_counts(folder, meta["frames"], rows)
+        store = cls(folder, meta, data.map(dtype, (rows, width), "r"), n_atoms)
+        store._file, store._counts_file = data, counts_file
+        return store
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
@@ -342,21 +345,47 @@ class DescriptorStore:
             view.x, view._start = self.x[start:stop], self._start + start
             view.n_atoms = np.array([view.x.shape[0]], dtype=np.int64)
             return view
+        self.check_files()
         return np.asarray(self.x[key])
 
     def __array__(self, dtype=None, copy=None):
         """The memmap itself (no copy) for ``np.asarray(store)``; a copy when asked for one or
         for another dtype."""
+        self.check_files()
         if copy or (dtype is not None and np.dtype(dtype) != self.x.dtype):
             return np.array(self.x, dtype=dtype)
         return self.x
 
+    def _shape(self) -> tuple[int, int]:
+        """``(rows, width)`` of the whole store (a view's too)."""
+        return int(self.meta["rows"]), int(self.meta["width"])
+
+    def check_files(self) -> None:
+        """Check that the opened descriptors file still holds every row (call it before a
+        long read: a row past the end of a truncated file kills the process with ``SIGBUS``
+        when read through the memory map).
+
+        Raises:
+            ValueError: the file was truncated since the store was opened.
+        """
+        if self._file is None:
+            return
+        expected = HEADER_BYTES + math.prod(self._shape()) * self.x.dtype.itemsize
+        size = self._file.size()
+        if size < expected:
+            raise ValueError(
+                f"{self._file.path}: truncated to {size} bytes since the store was opened "
+                f"(its {self._shape()[0]} rows need {expected}); reading it would end the "
+                "process (SIGBUS): the store was damaged while in use"
+            )
+
     def tensor(self) -> torch.Tensor:
-        """The rows as a CPU tensor backed by the file (copy-on-write mapping: nothing is
-        read until used, and writes to the tensor never reach the file)."""
-        if self.x.shape[0] == 0:
+        """The rows as a CPU tensor backed by the file opened by :meth:`open` (copy-on-write
+        mapping: nothing is read until used, and writes to the tensor never reach the file)."""
+        if self.x.shape[0] == 0 or self._file is None:
             return torch.from_numpy(np.array(self.x))
-        mapped = np.load(self.path / DATA_FILE, mmap_mode="c", allow_pickle=False)
+        self.check_files()
+        mapped = self._file.map(self.x.dtype, self._shape(), "c")
         return torch.from_numpy(mapped[self._start : self._start + len(self)])
 
     def system_idx(self) -> torch.Tensor:
@@ -365,18 +394,30 @@ class DescriptorStore:
         return torch.repeat_interleave(torch.arange(counts.numel()), counts)
 
     def verify(self) -> None:
-        """Check the SHA-256 of both files' data against the metadata (reads everything once).
+        """Check the SHA-256 of both files' data against the metadata (reads everything once):
+        the files opened by :meth:`open`, those this store reads, even when the path now
+        holds others.
 
         Raises:
             ValueError: the data changed since it was written.
         """
-        from .store_writer import file_digest
-
-        for name, key in ((DATA_FILE, "descriptors"), (N_ATOMS_FILE, "n_atoms")):
-            path = self.path / name
-            digest = file_digest(path, path.stat().st_size - HEADER_BYTES).hexdigest()
-            if digest != self.meta.get("sha256", {}).get(key):
-                raise ValueError(f"{path}: its data changed since it was written (SHA-256)")
+        self.check_files()
+        rows, width = self._shape()
+        n_bytes = {
+            "descriptors": rows * width * self.x.dtype.itemsize,
+            "n_atoms": 8 * int(self.meta["frames"]),
+        }
+        for name, key, opened in (
+            (DATA_FILE, "descriptors", self._file),
+            (N_ATOMS_FILE, "n_atoms", self._counts_file),
+        ):
+            digest = hashlib.sha256()
+            for block in opened.blocks(n_bytes[key]) if opened is not None else ():
+                digest.update(block)
+            if digest.hexdigest() != self.meta["sha256"][key]:
+                raise ValueError(
+                    f"{self.path / name}: its data changed since it was written (SHA-256)"
+                )
 
 
 def open_store(path: str | os.PathLike) -> DescriptorStore:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -22,30 +23,49 @@ import numpy as np
 import torch
 
 from ._version import __version__
-from .checks import DEFAULT_CUTOFF, DEFAULT_K
+from .checks import DEFAULT_CUTOFF, DEFAULT_K, check_cutoff, check_k, check_positive_int
 from .io import DESCRIPTOR_FORMAT, atomic_write, check_index, count_frames
-from .resume import TableInUseError, describe_change, table_lock, trajectory_key
+from .resume import HeldLock, TableInUseError, describe_change, table_lock, trajectory_key
 from .screen_io import batches_of, frames_after, prefetched
-from .store import (
+from .store import DescriptorStore
+from .store_files import (
     DATA_FILE,
     HEADER_BYTES,
+    KIND,
     META_FILE,
     N_ATOMS_FILE,
     STORE_FORMAT,
     WRITING_MARK,
-    DescriptorStore,
     StoreInUseError,
+    check_meta,
+    check_store_contents,
+    check_unused,
+    discard_replacement,
+    finish_swap,
     npy_header,
+    open_store_file,
+    params_key,
     read_meta,
+    replacement_path,
+    species_digest,
+    store_lock_path,
     store_width,
+    swap_in,
+    try_flock,
 )
 
-__all__ = ["DEFAULT_BATCH_ATOMS", "StoreWriter", "file_digest", "write_descriptor_store"]
+__all__ = [
+    "DEFAULT_BATCH_ATOMS",
+    "StoreWriter",
+    "file_digest",
+    "write_descriptor_store",
+]
 
 DEFAULT_BATCH_ATOMS = 100_000
 """Atoms per batch of :func:`write_descriptor_store` (about 50 MB of float64 rows at k=32)."""
 _OVERWRITE = "overwrite=True (--overwrite)"
 _MARK = WRITING_MARK.ljust(HEADER_BYTES, b" ")
+_DIGESTS = ("descriptors", "n_atoms")
 
 
 def file_digest(path: Path, n_bytes: int):
@@ -81,10 +101,22 @@ class StoreWriter:
     """Append descriptor batches to the store at ``path``; resumable, locked while open.
 
     Opening takes the store's lock (:class:`~quests_torch.store.StoreInUseError` when another
-    writer holds it) and then either starts a fresh store, continues an incomplete one with
-    the same identity (files cut back to the committed bytes, checked by SHA-256), or finds it
-    complete (:attr:`done`; :meth:`complete` then just opens it). Use it as a context manager
-    or call :meth:`close`.
+    writer holds it), finishes or undoes an overwrite stopped during its swap
+    (:func:`finish_swap`), and then either starts a fresh store, continues an incomplete one
+    with the same identity (files cut back to the committed bytes, checked by SHA-256), or
+    finds it complete (:attr:`done`; :meth:`complete` then just opens it). Use it as a
+    context manager or call :meth:`close`.
+
+    With ``overwrite``, the new store is written beside the old one, in
+    :func:`~quests_torch.store.replacement_path` (``.<name>.overwrite``), and :meth:`complete`
+    swaps the two: until then the old store stays whole, a failure leaves it as it was, and
+    a rerun with the same identity and ``overwrite`` resumes the new one.
+
+    Every file the writer writes, truncates or replaces is opened without following a
+    symbolic link and must be a regular file with no other hard link; its data files also
+    hold an exclusive ``flock`` while open, so a second writer is refused even if the lock
+    file was deleted, and :meth:`commit` / :meth:`complete` stop when the lock file at its
+    path is no longer the one locked (:meth:`quests_torch.resume.HeldLock.check`).
 
     Args:
         path: the store folder (``name.qstore``); created when missing.
@@ -92,16 +124,20 @@ class StoreWriter:
         cutoff: cutoff radius (Å).
         dtype: storage dtype, ``"float32"`` / ``"float64"`` (or the torch/numpy dtype).
         multicomponent: rows hold the multicomponent descriptor of ``species``.
-        species: the block species (multicomponent), else elements known up front.
+        species: the block species (multicomponent), else elements known up front
+            (chemical symbols).
         identity: further parameters identifying the store (the trajectory's key, the
-            selection, ...): a rerun with other values is refused.
-        source: recorded as the store's ``source``.
-        overwrite: discard an existing store and start again.
+            selection, ...; JSON values): a rerun with other values is refused.
+        source: recorded as the store's ``source`` (a JSON object or ``None``).
+        overwrite: replace an existing store (built beside it, swapped in when complete).
         batch_atoms: recorded, so that a resumed run batches as the first one did.
 
     Raises:
-        ValueError: the existing store has another identity (the message names what changed),
-            its committed bytes changed, or ``path`` exists and is not a store.
+        TypeError: a parameter of the wrong type (``k`` not an int, ...).
+        ValueError: a bad parameter (checked before anything is written), the existing store
+            has another identity (the message names what changed), its committed bytes
+            changed, ``path`` exists and is not a store, or one of its files is a symbolic
+            link or not a regular file.
     """
 
     def __init__(
@@ -119,26 +155,28 @@ class StoreWriter:
         batch_atoms: int | None = None,
     ) -> None:
         self.path = Path(path)
-        self.dtype = np.dtype(_storage_dtype(dtype))
-        species = sorted(species) if not multicomponent else list(species)
-        self.width = store_width(int(k), species, multicomponent)
-        self.params = {
-            "k": int(k),
-            "cutoff": float(cutoff),
-            "dtype": self.dtype.name,
-            "width": self.width,
-            "multicomponent": bool(multicomponent),
-            "block_species": species if multicomponent else None,
-            "descriptor_format": DESCRIPTOR_FORMAT,
-            **(identity or {}),
-        }
-        self.key = hashlib.sha256(json.dumps(self.params, sort_keys=True).encode()).hexdigest()
+        self.params = _params(k, cutoff, dtype, multicomponent, species, identity)
+        self.dtype = np.dtype(self.params["dtype"])
+        self.width = self.params["width"]
+        species = self.params["block_species"] or sorted(set(_symbols(species, "species")))
+        if not isinstance(source, dict | None):
+            raise TypeError(f"`source` must be a dict or None, got {type(source).__name__}")
+        if batch_atoms is not None:
+            batch_atoms = check_positive_int(batch_atoms, "batch_atoms")
+        try:
+            self.key = params_key(self.params)
+            json.dumps(source)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"`identity` and `source` must hold JSON values ({exc})") from None
         self._stack = ExitStack()
         self._handles: dict = {}
         self._digests: dict = {}
         self._pending = [0, 0]  # rows, structures appended since the last commit
+        self._dir = self.path  # the folder written: the store, or its replacement
+        self._closed = False
         try:
-            self._lock()
+            self._lock = self._take_lock()
+            finish_swap(self.path)
             self.meta = self._open_meta(overwrite, species, source, batch_atoms)
         except BaseException:
             self._stack.close()
@@ -164,50 +202,68 @@ class StoreWriter:
         """Atoms per batch recorded when the store was started."""
         return self.meta.get("batch_atoms")
 
-    def _lock(self) -> None:
+    def _take_lock(self) -> HeldLock:
         if self.path.exists() and not self.path.is_dir():
             raise ValueError(f"{self.path}: exists and is not a descriptor store folder")
         try:
-            self._stack.enter_context(table_lock(self.path / DATA_FILE))
+            return self._stack.enter_context(table_lock(Path(os.path.realpath(self.path))))
         except TableInUseError:
             raise StoreInUseError(
                 f"{self.path}: being written by another process (its lock "
-                f"{self.path / (DATA_FILE + '.lock')} is held); wait for it to finish or use "
+                f"{store_lock_path(self.path)} is held); wait for it to finish or use "
                 "another output name"
             ) from None
 
     def _open_meta(self, overwrite: bool, species, source, batch_atoms) -> dict:
-        folder = self.path
-        known = {DATA_FILE, N_ATOMS_FILE, META_FILE, DATA_FILE + ".lock"}
-        temporary = tuple(f".{name}." for name in known)  # atomic_write's, left by a crash
-        foreign = [
-            p.name
-            for p in folder.iterdir()
-            if p.name not in known and not p.name.startswith(temporary)
-        ]
-        if foreign:  # never discarded, not even with overwrite: not a store's files
-            raise ValueError(
-                f"{folder}: exists and is not a descriptor store (it holds {foreign[0]!r}); "
-                "use another output name"
-            )
-        meta = read_meta(folder) if (folder / META_FILE).exists() and not overwrite else None
-        if meta is not None:
-            if meta.get("key") != self.key:
-                change = describe_change(meta.get("params") or {}, self.params)
-                raise ValueError(
-                    f"{folder}: holds descriptors of another run ({change}, per {META_FILE}); "
-                    f"rerun with the original inputs, use another output name or {_OVERWRITE}"
-                )
-            if meta.get("complete") is not True:
-                self._rewind(meta)
-            return meta
-        return self._start(species, source, batch_atoms)
+        check_store_contents(self.path)  # never discarded, not even with overwrite
+        if overwrite:
+            self._dir = replacement_path(self.path)
+            meta = self._resumable(self._dir)
+            if meta is None:
+                discard_replacement(self._dir)
+        elif os.path.lexists(self.path / META_FILE):
+            meta = read_meta(self.path)
+            check_meta(meta, self.path)
+            if meta["key"] != self.key:
+                raise self._another_run(meta)
+        else:
+            meta = None
+        if meta is None:
+            return self._start(species, source, batch_atoms)
+        if meta["complete"] is not True:
+            self._open_data()
+            self._rewind(meta)
+        return meta
+
+    def _resumable(self, folder: Path) -> dict | None:
+        """The metadata of an interrupted overwrite in ``folder`` with this identity."""
+        if not folder.exists():
+            return None
+        check_store_contents(folder)
+        try:
+            meta = read_meta(folder)
+            check_meta(meta, folder)
+        except (OSError, ValueError):
+            return None
+        return meta if meta["key"] == self.key else None
+
+    def _another_run(self, meta: dict) -> ValueError:
+        change = describe_change(meta["params"], self.params)
+        hint = ""
+        if self._resumable(new := replacement_path(self.path)) is not None:
+            hint = f"; an interrupted overwrite with these inputs waits in {new}"
+        return ValueError(
+            f"{self.path}: holds descriptors of another run ({change}, per {META_FILE}); "
+            f"rerun with the original inputs, use another output name or {_OVERWRITE}{hint}"
+        )
 
     def _start(self, species, source, batch_atoms) -> dict:
+        folder = self._dir
+        check_unused(folder)
         for name in (DATA_FILE, N_ATOMS_FILE, META_FILE):
-            (self.path / name).unlink(missing_ok=True)
+            (folder / name).unlink(missing_ok=True)  # a link is removed, never followed
         meta = {
-            "kind": "quests-torch descriptor store",
+            "kind": KIND,
             "store_format": STORE_FORMAT,
             "quests_torch": __version__,
             "key": self.key,
@@ -219,84 +275,112 @@ class StoreWriter:
             "rows": 0,
             "frames": 0,
             "complete": False,
-            "sha256": {"descriptors": hashlib.sha256().hexdigest(), "n_atoms": None},
+            "sha256": {key: hashlib.sha256().hexdigest() for key in _DIGESTS},
         }
-        meta["sha256"]["n_atoms"] = meta["sha256"]["descriptors"]
+        meta["sha256"]["species"] = species_digest(meta["species"])
         for name in (DATA_FILE, N_ATOMS_FILE):
-            atomic_write(self.path / name, lambda p: p.write_bytes(_MARK))
+            atomic_write(folder / name, lambda p: p.write_bytes(_MARK))
         self._save(meta)
+        self._open_data()
+        self._digests = {key: hashlib.sha256() for key in _DIGESTS}
         return meta
+
+    def _open_data(self) -> None:
+        """Open both data files for writing (never through a link) and ``flock`` them."""
+        for key, name in zip(_DIGESTS, (DATA_FILE, N_ATOMS_FILE), strict=True):
+            path = self._dir / name
+            try:
+                fd = open_store_file(path, write=True)
+            except FileNotFoundError:
+                raise ValueError(
+                    f"{path}: missing, but {META_FILE} records committed rows; use {_OVERWRITE}"
+                ) from None
+            fh = self._stack.enter_context(os.fdopen(fd, "r+b"))
+            if not try_flock(fd):
+                raise StoreInUseError(
+                    f"{path}: being written by another process (the file is locked although "
+                    f"the store's lock {store_lock_path(self.path)} was free: was that lock "
+                    "file deleted?); wait for it to finish"
+                )
+            fh.seek(0, os.SEEK_END)  # rows are appended (_rewind cuts first when resuming)
+            self._handles[key] = fh
 
     def _rewind(self, meta: dict) -> None:
         """Check the committed bytes of both files and cut what follows them."""
-        sizes = {DATA_FILE: meta["rows"] * self.width * self.dtype.itemsize}
-        sizes[N_ATOMS_FILE] = meta["frames"] * 8
-        for (name, n_bytes), key in zip(sizes.items(), ("descriptors", "n_atoms"), strict=True):
-            path = self.path / name
-            try:
-                digest = file_digest(path, n_bytes)
-            except (FileNotFoundError, ValueError):
+        sizes = {"descriptors": meta["rows"] * self.width * self.dtype.itemsize}
+        sizes["n_atoms"] = meta["frames"] * 8
+        for key, fh in self._handles.items():
+            path = self._dir / (DATA_FILE if key == "descriptors" else N_ATOMS_FILE)
+            fh.seek(0)
+            head = fh.read(HEADER_BYTES)
+            if head != _MARK and not head.startswith(b"\x93NUMPY"):
                 raise ValueError(
-                    f"{path}: missing or shorter than the {n_bytes} bytes committed in "
-                    f"{META_FILE}; use {_OVERWRITE}"
-                ) from None
+                    f"{path}: does not start with a store's header or its writing mark: not "
+                    f"a file of this store; refusing to truncate it; use {_OVERWRITE}"
+                )
+            digest = hashlib.sha256()
+            left = sizes[key]
+            while left and (block := fh.read(min(1 << 22, left))):
+                digest.update(block)
+                left -= len(block)
+            if left:
+                raise ValueError(
+                    f"{path}: shorter than the {sizes[key]} bytes committed in {META_FILE}; "
+                    f"use {_OVERWRITE}"
+                )
             if digest.hexdigest() != meta["sha256"][key]:
                 raise ValueError(
                     f"{path}: its committed rows changed since they were written (SHA-256 "
                     f"differs from {META_FILE}); refusing to truncate it; use {_OVERWRITE}"
                 )
-            with open(path, "r+b") as fh:
-                fh.write(_MARK)  # a completion cut short may have written the header
-                fh.truncate(HEADER_BYTES + n_bytes)
-                os.fsync(fh.fileno())
+            fh.seek(0)
+            fh.write(_MARK)  # a completion cut short may have written the header
+            fh.truncate(HEADER_BYTES + sizes[key])
+            fh.flush()
+            os.fsync(fh.fileno())
+            fh.seek(0, os.SEEK_END)
             self._digests[key] = digest
 
     def _save(self, meta: dict) -> None:
-        atomic_write(self.path / META_FILE, lambda p: p.write_text(json.dumps(meta, indent=1)))
-
-    def _open_files(self) -> None:
-        if not self._digests:
-            self._digests = {"descriptors": hashlib.sha256(), "n_atoms": hashlib.sha256()}
-        for key, name in (("descriptors", DATA_FILE), ("n_atoms", N_ATOMS_FILE)):
-            fh = self._stack.enter_context(open(self.path / name, "r+b"))
-            fh.seek(0, os.SEEK_END)
-            self._handles[key] = fh
+        atomic_write(self._dir / META_FILE, lambda p: p.write_text(json.dumps(meta, indent=1)))
 
     def append(self, x, n_atoms, *, species=()) -> None:
         """Append rows (not committed until :meth:`commit`).
 
         Args:
-            x: ``[r, d]`` descriptors (tensor or array), cast to the storage dtype.
-            n_atoms: atoms per structure of these rows (sums to ``r``).
+            x: ``[r, d]`` descriptors (tensor or array), cast to the storage dtype; finite.
+            n_atoms: atoms per structure of these rows (integers summing to ``r``).
             species: chemical symbols present in these rows (recorded when not
                 multicomponent).
 
         Raises:
-            ValueError: wrong width or ``n_atoms`` that does not sum to ``r``.
+            ValueError: wrong width, a row with NaN or infinite values (after the cast: a
+                float64 value beyond the float32 range too; names the row), or ``n_atoms``
+                that does not sum to ``r``.
+            TypeError: ``n_atoms`` not integers.
         """
         if self.done:
             raise ValueError(f"{self.path}: the store is complete; nothing can be appended")
-        if isinstance(x, torch.Tensor):
-            x = x.detach().cpu().numpy()
-        x = np.ascontiguousarray(x, dtype=self.dtype)
-        counts = np.ascontiguousarray(n_atoms, dtype=np.int64).reshape(-1)
-        if x.ndim != 2 or x.shape[1] != self.width:
-            raise ValueError(f"`x` must be [r, {self.width}], got shape {x.shape}")
-        if (counts < 0).any() or int(counts.sum()) != x.shape[0]:
-            raise ValueError(f"`n_atoms` sums to {int(counts.sum())}, `x` has {x.shape[0]} rows")
-        if not self._handles:
-            self._open_files()
+        x, counts = _checked_batch(x, n_atoms, self.dtype, self.width)
+        symbols = _symbols(species, "species")
+        self._lock.check()
         for key, data in (("descriptors", x), ("n_atoms", counts)):
             self._handles[key].write(data.tobytes())
             self._digests[key].update(data.tobytes())
         self._pending[0] += x.shape[0]
         self._pending[1] += counts.size
         if not self.meta["multicomponent"]:
-            self.meta["species"] = sorted(set(self.meta["species"]) | set(species))
+            self.meta["species"] = sorted(set(self.meta["species"]) | set(symbols))
 
     def commit(self) -> None:
         """Make the rows appended so far durable: files flushed and ``fsync``-ed, then the
-        metadata (rows, structures, digests) replaced atomically."""
+        metadata (rows, structures, digests) replaced atomically.
+
+        Raises:
+            quests_torch.resume.TableInUseError: the lock file was removed or replaced while
+                this writer held it (nothing more is committed).
+        """
+        self._lock.check()
         for fh in self._handles.values():
             fh.flush()
             os.fsync(fh.fileno())
@@ -305,11 +389,13 @@ class StoreWriter:
         self._pending = [0, 0]
         if self._digests:
             self.meta["sha256"] = {k: d.hexdigest() for k, d in self._digests.items()}
+        self.meta["sha256"]["species"] = species_digest(self.meta["species"])
         self._save(self.meta)
 
     def complete(self) -> DescriptorStore:
-        """Commit, write the ``.npy`` headers, mark the store complete, release the lock and
-        return it opened (:meth:`DescriptorStore.open`).
+        """Commit, write the ``.npy`` headers, mark the store complete (an overwrite: swap it
+        in for the old one), release the lock and return it opened
+        (:meth:`DescriptorStore.open`).
 
         Raises:
             ValueError: the store holds no rows.
@@ -322,8 +408,6 @@ class StoreWriter:
                 ("descriptors", (self.rows, self.width), self.dtype),
                 ("n_atoms", (self.frames,), np.dtype(np.int64)),
             ):
-                if key not in self._handles:
-                    self._open_files()
                 fh = self._handles[key]
                 fh.seek(0)
                 fh.write(npy_header(dtype, shape))
@@ -331,20 +415,100 @@ class StoreWriter:
                 os.fsync(fh.fileno())
             self.meta["complete"] = True
             self._save(self.meta)
+        if self._dir != self.path:
+            self._lock.check()
+            self._close_files()
+            swap_in(self._dir, self.path)
+            self._dir = self.path
         self.close()
         return DescriptorStore.open(self.path)
 
+    def _close_files(self) -> None:
+        for fh in self._handles.values():
+            fh.close()
+        self._handles = {}
+
     def close(self) -> None:
         """Close the files and release the lock (what was not committed is dropped at the
-        next open)."""
-        self._handles = {}
-        self._stack.close()
+        next open; an overwrite that committed nothing is removed, the old store untouched)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._close_files()
+        try:
+            if self._dir != self.path and not self.done and self.rows == 0:
+                shutil.rmtree(self._dir, ignore_errors=True)  # nothing to resume in it
+        finally:
+            self._stack.close()
 
     def __enter__(self) -> StoreWriter:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _params(k, cutoff, dtype, multicomponent, species, identity) -> dict:
+    """The checked parameters identifying a store (its ``params``; their hash is its key)."""
+    k, cutoff = check_k(k), check_cutoff(cutoff)
+    if not isinstance(multicomponent, bool | np.bool_):
+        raise TypeError(f"`multicomponent` must be a bool, got {type(multicomponent).__name__}")
+    if identity is not None and not isinstance(identity, dict):
+        raise TypeError(f"`identity` must be a dict or None, got {type(identity).__name__}")
+    block = _symbols(species, "species") if multicomponent else None
+    if block is not None and len(set(block)) != len(block):
+        raise ValueError(f"`species` must be distinct chemical symbols, got {block}")
+    name = _storage_dtype(dtype)
+    return {
+        "k": k,
+        "cutoff": cutoff,
+        "dtype": name,
+        "width": store_width(k, block or [], bool(multicomponent)),
+        "multicomponent": bool(multicomponent),
+        "block_species": block,
+        "descriptor_format": DESCRIPTOR_FORMAT,
+        **(identity or {}),
+    }
+
+
+def _symbols(species, name: str) -> list[str]:
+    """``species`` as a list of chemical symbols (strings ASE knows)."""
+    from ase.data import atomic_numbers
+
+    if isinstance(species, str):
+        raise TypeError(f"`{name}` must be a sequence of chemical symbols, got a str")
+    symbols = list(species)
+    bad = [s for s in symbols if not (isinstance(s, str) and s in atomic_numbers and s != "X")]
+    if bad:
+        raise ValueError(f"`{name}` must be chemical symbols, got {bad[0]!r}")
+    return symbols
+
+
+def _checked_batch(x, n_atoms, dtype: np.dtype, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """``x`` cast to the storage dtype and ``n_atoms`` as int64, checked."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    x = np.asarray(x)
+    if x.ndim != 2 or x.shape[1] != width:
+        raise ValueError(f"`x` must be [r, {width}], got shape {x.shape}")
+    if x.dtype.kind not in "fiu":
+        raise TypeError(f"`x` must hold real numbers, got {x.dtype}")
+    with np.errstate(over="ignore"):  # beyond float32: infinite, refused below
+        x = np.ascontiguousarray(x, dtype=dtype)
+    finite = np.isfinite(x).all(axis=1)
+    if not finite.all():
+        row = int(np.flatnonzero(~finite)[0])
+        raise ValueError(
+            f"`x` row {row} holds NaN or infinite values (as {dtype}); a store holds finite "
+            "descriptors"
+        )
+    counts = np.asarray(n_atoms).reshape(-1)
+    if counts.size and counts.dtype.kind not in "iu":
+        raise TypeError(f"`n_atoms` must be integers, got {counts.dtype}")
+    counts = np.ascontiguousarray(counts, dtype=np.int64)
+    if ((counts < 0) | (counts > x.shape[0])).any() or int(counts.sum()) != x.shape[0]:
+        raise ValueError(f"`n_atoms` sums to {int(counts.sum())}, `x` has {x.shape[0]} rows")
+    return x, counts
 
 
 def _species_of(frames: list) -> set[str]:
@@ -405,8 +569,8 @@ def write_descriptor_store(
     if not trajectory.is_file():
         raise FileNotFoundError(f"{trajectory}: no such file")
     block = _block_species(multicomponent, species)
-    if batch_atoms is not None and (isinstance(batch_atoms, bool) or int(batch_atoms) < 1):
-        raise ValueError(f"`batch_atoms` must be a positive integer, got {batch_atoms!r}")
+    if batch_atoms is not None:
+        batch_atoms = check_positive_int(batch_atoms, "batch_atoms")
     key = trajectory_key(trajectory)
     writer = StoreWriter(
         path,

@@ -241,7 +241,9 @@ def test_a_locked_store_gives_a_clear_error(traj, tmp_path):
             qt.open_store(out)
         with pytest.raises(StoreInUseError, match="being written by another process"):
             qt.write_descriptor_store(path, out)
-    assert not (out / "descriptors.npy.lock").exists()
+    # the lock file stays beside the store (a dead writer's flock frees itself), unheld
+    assert (tmp_path / "s.qstore.lock").exists() and not (out / "descriptors.npy.lock").exists()
+    assert qt.open_store(out).n_structures == 10
 
 
 def _complete(tmp_path, rows=12, frames=(5, 7)):
@@ -263,7 +265,7 @@ def _edit_meta(store, **changes):
         ({"rows": 13}, "does not match its metadata"),
         ({"width": 60}, "metadata width 60 does not fit k=32"),
         ({"k": 16}, "metadata width 63 does not fit k=16"),
-        ({"dtype": "float32"}, "needs"),
+        ({"dtype": "float32"}, "`dtype` is 'float32' but the parameters the store was written"),
         ({"dtype": "int8"}, "`dtype` must be float32 or float64"),
         ({"complete": False}, "incomplete descriptor store"),
         ({"kind": "x"}, "not the metadata of a quests-torch descriptor store"),

@@ -26,6 +26,7 @@ class Source:
         self.name = name
         self.store_dtype: torch.dtype | None = None  # a store's compute dtype
         if isinstance(data, DescriptorStore):
+            data.check_files()  # a truncated file would end the process (SIGBUS) mid-read
             self.store_dtype = data.compute_dtype
             data = data.x
         check_descriptor_matrix(
