@@ -186,6 +186,14 @@ def _check_count(name: str, v) -> int:
     return v
 
 
+def _check_seed(seed) -> int | None:
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63:
+        raise ValueError(f"`seed` must be None or an int from 0 to 2**63 - 1, got {seed!r}")
+    return int(seed)
+
+
 def _start(obj: _Objective, min_distance: float) -> float:
     d0 = obj.min_distance(obj.positions0, min_distance)
     if d0 < min_distance:
@@ -330,7 +338,8 @@ def random_walk_to_target(
         min_distance: smallest allowed interatomic distance (Å).
         kT: Metropolis temperature on the score (nats).
         max_evaluations: budget of descriptor evaluations.
-        seed: seed of the proposals (a CPU ``torch.Generator``), ``None`` for a random one.
+        seed: seed of the proposals (a CPU ``torch.Generator``), ``0 <= seed < 2**63``;
+            ``None`` for a random one.
 
     Returns:
         :class:`GenerationResult` (``method="random_walk"``, ``n_backward = 0``).
@@ -344,12 +353,13 @@ def random_walk_to_target(
     min_distance = _check_positive("min_distance", min_distance, allow_zero=True)
     kT = _check_positive("kT", kT)
     _check_count("max_evaluations", max_evaluations)
+    seed = _check_seed(seed)
     gen = torch.Generator()
     if seed is None:
         gen.seed()
     else:
-        gen.manual_seed(int(seed))
-    rng = np.random.default_rng(None if seed is None else int(seed) + 1)
+        gen.manual_seed(seed)
+    rng = np.random.default_rng(None if seed is None else seed + 1)
     dmins = [_start(obj, min_distance)]
     x = obj.positions0.clone()
     value = obj.value(x)

@@ -104,3 +104,84 @@ def test_cli_dh_approx_counts_no_duplicate_as_novel(md, tmp_path, capsys):
 
     results = json.loads(out.read_text())["results"]
     assert results["n_novel"] == 0, results
+
+
+# --------------------------------------------------------------------------------------------
+# 13. integer options name themselves and their range
+# --------------------------------------------------------------------------------------------
+
+_SEED_USERS = [
+    ["entropy", "{s}", "--rows", "5"],
+    ["overlap", "{s}", "-r", "{s}", "--rows", "5"],
+    ["learning-curve", "{s}", "--sizes", "2,3"],
+    ["compress", "{s}", "-s", "1", "-m", "random"],
+    ["generate", "{s}", "--target", "0", "-w", "{tmp}/g.extxyz", "-m", "random-walk"],
+]
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**63), str(2**70), "1.5", "x"])
+@pytest.mark.parametrize("argv", _SEED_USERS, ids=lambda a: a[0])
+def test_cli_seed_out_of_range_names_the_option_and_range(argv, seed, structures, tmp_path, capsys):
+    argv = [a.format(s=structures, tmp=tmp_path) for a in argv] + ["--seed", seed, "-q"]
+    code, err = _main(capsys, *argv)
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1
+    assert "argument --seed:" in err and f"from 0 to {2**63 - 1}" in err and repr(seed) in err
+
+
+def test_cli_largest_seed_is_accepted(structures, capsys):
+    code, err = _main(capsys, "entropy", structures, "--rows", 5, "--seed", 2**63 - 1, "-q")
+    assert code == 0, err
+
+
+def test_cli_generate_seeds_of_all_runs_must_be_seeds(structures, tmp_path, capsys, monkeypatch):
+    from quests_torch.cli import generate
+
+    def boom(*args, **kwargs):
+        raise AssertionError("generated before the seeds were checked")
+
+    monkeypatch.setattr(generate, "_generate_all", boom)
+    top = 2**63 - 1
+    code, err = _main(
+        capsys, "generate", structures, "--target", 0, "-w", tmp_path / "g.extxyz",
+        "--seed", top - 1, "-n", 3,
+    )  # fmt: skip
+    assert code == 2, err
+    assert f"--seed {top - 1} with -n/--count 3" in err and f"at most {top - 2}" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "option"),
+    [
+        (["dh", "{s}", "-r", "{s}", "--top", "0"], "--top"),
+        (["dh", "{s}", "-r", "{s}", "--approx", "-1"], "--approx"),
+        (["learning-curve", "{s}", "--repeats", "0"], "--repeats"),
+        (["generate", "{s}", "--target", "0", "-w", "{tmp}/g.xyz", "-n", "0"], "-n/--count"),
+        (["generate", "{s}", "--target", "0", "-w", "{tmp}/g.xyz", "--steps", "-3"], "--steps"),
+        (["screen", "{s}", "-r", "{s}", "--batch-atoms", "0"], "--batch-atoms"),
+        (["descriptors", "{s}", "-o", "{tmp}/d.npz", "--batch-atoms", "1e3"], "--batch-atoms"),
+    ],
+)
+def test_cli_positive_int_names_option_and_range(argv, option, structures, tmp_path, capsys):
+    argv = [a.format(s=structures, tmp=tmp_path) for a in argv]
+    code, err = _main(capsys, *argv)
+    assert code == 2
+    assert f"argument {option}:" in err and "positive integer (1 or more)" in err
+
+
+def test_generate_library_refuses_a_seed_numpy_or_torch_cannot_take():
+    atoms = rattled_fcc()
+    bank = qt.UncertaintyBank(qt.get_descriptors(atoms))
+    for seed in (-2, 2**63, 1.0):
+        with pytest.raises(ValueError, match=r"`seed` must be None or an int from 0 to 2\*\*63"):
+            qt.random_walk_to_target(atoms, bank, 1.0, seed=seed, max_evaluations=2)
+
+
+def test_cli_generate_start_index_out_of_range_names_the_range(structures, tmp_path, capsys):
+    code, err = _main(
+        capsys, "generate", structures, "--target", 0, "-w", tmp_path / "g.xyz", "-i", 2**70
+    )
+    assert (
+        code == 2
+        and f"-i {2**70}: the dataset has 3 structures (give an index from -3 to 2)" in err
+    )

@@ -21,6 +21,7 @@ from ..checks import DEFAULT_CUTOFF, DEFAULT_K
 from ..io import atomic_write, is_descriptor_file
 from .inputs import dist, from_structures
 from .options import (
+    SEED_MAX,
     CLIError,
     add_bandwidth,
     add_device,
@@ -140,7 +141,10 @@ def _starts(args: argparse.Namespace, n_frames: int) -> list[int]:
     if args.start is not None:
         start = args.start + n_frames if args.start < 0 else args.start
         if not 0 <= start < n_frames:
-            raise CLIError(f"-i {args.start}: the dataset has {n_frames} structures")
+            raise CLIError(
+                f"-i {args.start}: the dataset has {n_frames} structures "
+                f"(give an index from {-n_frames} to {n_frames - 1})"
+            )
         return [start] * args.count
     rng = np.random.default_rng(args.seed)
     return [int(i) for i in rng.integers(0, n_frames, size=args.count)]
@@ -227,9 +231,21 @@ def _output_structures(args, frames, runs: list[tuple]) -> list:
     return out
 
 
+def _check_seeds(args: argparse.Namespace) -> None:
+    """Run ``j`` of ``-n`` uses seed ``--seed + j``: the last one must still be a seed."""
+    last = args.seed + args.count - 1
+    if last > SEED_MAX:
+        raise CLIError(
+            f"--seed {args.seed} with -n/--count {args.count}: the runs use the seeds "
+            f"{args.seed}..{last}, above the largest seed {SEED_MAX}; give --seed at most "
+            f"{SEED_MAX - args.count + 1}"
+        )
+
+
 def run(args: argparse.Namespace):
     from ..uncertainty import UncertaintyBank
 
+    _check_seeds(args)
     fmt = write_format(args.write, "--write")
     if is_descriptor_file(args.input):
         raise CLIError(f"{args.input}: generate needs structures to start from, not descriptors")
