@@ -151,7 +151,10 @@ class _Objective:
     def value_and_grad(self, positions: torch.Tensor) -> tuple[float, torch.Tensor]:
         p = positions.detach().clone().requires_grad_(True)
         s = self._stat(p)
-        (g,) = torch.autograd.grad(s, p)
+        if s.requires_grad:
+            (g,) = torch.autograd.grad(s, p)
+        else:  # no atom has a neighbour (moved out of the cutoff): a stationary point
+            g = torch.zeros_like(p)
         self.n_evaluations += 1
         self.n_backward += 1
         value = float(s.detach())
@@ -195,6 +198,19 @@ def _check_seed(seed) -> int | None:
 
 
 def _start(obj: _Objective, min_distance: float) -> float:
+    """Check the start structure; returns its smallest interatomic distance."""
+    cutoff = obj.bank.cutoff
+    pairs, _ = _close_pairs(obj.positions0, obj.cell, obj.pbc, cutoff)
+    if not pairs.n_pairs:
+        # every descriptor is the no-neighbour one whatever small moves are made: no gradient
+        # to follow, and a random walk would only spend its budget on the same dH
+        n = obj.positions0.shape[0]
+        raise ValueError(
+            f"no atom of the start structure ({n} atom{'s' * (n != 1)}) has a neighbour within "
+            f"the cutoff ({cutoff:g} Å), periodic images included: its dH does not depend on "
+            "the positions, so it cannot be moved towards a target; start from a structure "
+            "whose atoms are within the cutoff of each other"
+        )
     d0 = obj.min_distance(obj.positions0, min_distance)
     if d0 < min_distance:
         raise ValueError(
@@ -255,7 +271,9 @@ def generate_to_target(
         :class:`GenerationResult` (``method="gradient"``).
 
     Raises:
-        ValueError: invalid arguments, or a starting structure that violates ``min_distance``.
+        ValueError: invalid arguments, a starting structure that violates ``min_distance``,
+            or one without any pair of atoms within the bank's cutoff (its dH does not depend
+            on the positions).
     """
     t0 = time.perf_counter()
     obj = _Objective(bank, atoms, statistic)
@@ -343,6 +361,10 @@ def random_walk_to_target(
 
     Returns:
         :class:`GenerationResult` (``method="random_walk"``, ``n_backward = 0``).
+
+    Raises:
+        ValueError: invalid arguments, a starting structure that violates ``min_distance``,
+            or one without any pair of atoms within the bank's cutoff.
     """
     t0 = time.perf_counter()
     obj = _Objective(bank, atoms, statistic)

@@ -185,3 +185,48 @@ def test_cli_generate_start_index_out_of_range_names_the_range(structures, tmp_p
         code == 2
         and f"-i {2**70}: the dataset has 3 structures (give an index from -3 to 2)" in err
     )
+
+
+# --------------------------------------------------------------------------------------------
+# 10. generate from a structure whose atoms have no neighbour
+# --------------------------------------------------------------------------------------------
+
+
+def _lonely() -> list:
+    from ase import Atoms
+
+    far = Atoms("Cu2", positions=[[0, 0, 0], [10, 0, 0]])  # 10 Å apart, no cell
+    one = Atoms("Cu", positions=[[0, 0, 0]])  # one atom without a cell
+    return [far, one]
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["two-far-atoms", "one-atom"])
+@pytest.mark.parametrize("method", ["gradient", "random_walk"])
+def test_generate_without_neighbours_is_a_clear_value_error(which, method):
+    atoms = _lonely()[which]
+    bank = qt.UncertaintyBank(qt.get_descriptors(rattled_fcc()))
+    run = qt.generate_to_target if method == "gradient" else qt.random_walk_to_target
+    with pytest.raises(ValueError, match=r"no atom of the start structure .* within the cutoff"):
+        run(atoms, bank, 3.0, max_evaluations=5)
+
+
+def test_generate_gradient_of_a_structure_without_pairs_is_zero():
+    """Moved out of every cutoff during a run: a stationary point, not a RuntimeError."""
+    from quests_torch.sampling import _Objective
+
+    bank = qt.UncertaintyBank(qt.get_descriptors(rattled_fcc()))
+    obj = _Objective(bank, _lonely()[0], "max")
+    value, grad = obj.value_and_grad(obj.positions0)
+    assert value > 0 and torch.equal(grad, torch.zeros_like(obj.positions0))
+
+
+@pytest.mark.parametrize("method", ["gradient", "random-walk"])
+def test_cli_generate_without_neighbours_exits_2(method, tmp_path, capsys):
+    far = tmp_path / "far.xyz"
+    ase.io.write(far, _lonely()[0])
+    out = tmp_path / "g.extxyz"
+    code, err = _main(capsys, "generate", far, "--target", 3, "-w", out, "-m", method)
+    assert code == 2, err
+    assert "internal error" not in err and len(err.strip().splitlines()) == 1
+    assert f"{far} structure 0 (start of run 0): no atom of the start structure" in err
+    assert not out.exists()

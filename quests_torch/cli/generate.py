@@ -152,8 +152,6 @@ def _starts(args: argparse.Namespace, n_frames: int) -> list[int]:
 
 def _generate_all(args, frames, bank, starts: list[int], steps: int) -> list[tuple]:
     """``(start, seed, GenerationResult)`` of each run, a progress bar for more than one."""
-    from ..sampling import generate_to_target, random_walk_to_target
-
     common = {
         "statistic": args.statistic,
         "tolerance": args.tolerance,
@@ -167,21 +165,12 @@ def _generate_all(args, frames, bank, starts: list[int], steps: int) -> list[tup
         bar = tqdm(total=len(starts), desc="generate", unit="structure", file=sys.stderr)
     try:
         for j, start in enumerate(starts):
-            if args.method == "gradient":
-                r = generate_to_target(
-                    frames[start], bank, args.target, max_evaluations=steps, **common
-                )
-            else:
-                r = random_walk_to_target(
-                    frames[start],
-                    bank,
-                    args.target,
-                    max_evaluations=steps,
-                    step_std=args.step_std,
-                    kT=args.kT,
-                    seed=args.seed + j,
-                    **common,
-                )
+            try:
+                r = _generate_one(args, frames[start], bank, steps, args.seed + j, common)
+            except ValueError as exc:  # the start structure cannot be generated from
+                raise CLIError(
+                    f"{args.input} structure {start} (start of run {j}): {exc}"
+                ) from None
             runs.append((start, args.seed + j, r))
             if bar is not None:
                 bar.update(1)
@@ -190,6 +179,24 @@ def _generate_all(args, frames, bank, starts: list[int], steps: int) -> list[tup
         if bar is not None:
             bar.close()
     return runs
+
+
+def _generate_one(args, atoms, bank, steps: int, seed: int, common: dict):
+    """One run of ``--method`` from ``atoms``."""
+    from ..sampling import generate_to_target, random_walk_to_target
+
+    if args.method == "gradient":
+        return generate_to_target(atoms, bank, args.target, max_evaluations=steps, **common)
+    return random_walk_to_target(
+        atoms,
+        bank,
+        args.target,
+        max_evaluations=steps,
+        step_std=args.step_std,
+        kT=args.kT,
+        seed=seed,
+        **common,
+    )
 
 
 def _check_reached(args, runs: list[tuple], steps: int) -> None:
