@@ -230,3 +230,55 @@ def test_cli_generate_without_neighbours_exits_2(method, tmp_path, capsys):
     assert "internal error" not in err and len(err.strip().splitlines()) == 1
     assert f"{far} structure 0 (start of run 0): no atom of the start structure" in err
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------------------------
+# 8. generate -n beyond the memory is refused before generating
+# --------------------------------------------------------------------------------------------
+
+
+def test_cli_generate_count_beyond_memory_is_refused_before_allocating(
+    structures, tmp_path, capsys, monkeypatch
+):
+    from quests_torch import _memory
+    from quests_torch.cli import generate
+
+    def boom(*args, **kwargs):
+        raise AssertionError("allocated before the memory was checked")
+
+    monkeypatch.setattr(_memory, "_available_ram", lambda: 50 << 20)  # 50 MiB
+    monkeypatch.setattr(generate, "_starts", boom)  # -n start indices
+    monkeypatch.setattr(generate, "_generate_all", boom)
+    out = tmp_path / "g.extxyz"
+    code, err = _main(capsys, "generate", structures, "--target", 3, "-w", out, "-n", 10**9)
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and "internal error" not in err
+    need = generate.generation_bytes(10**9, 32, 32, False)
+    assert f"-n/--count {10**9}: holding {10**9} generated structures of up to 32 atoms" in err
+    assert f"about {need / 2**40:,.1f} TiB" in err and "0.049 GiB of memory available" in err
+    assert not out.exists()
+
+
+def test_cli_generate_count_that_fits_runs(structures, tmp_path, capsys, monkeypatch):
+    from quests_torch import _memory
+
+    monkeypatch.setattr(_memory, "_available_ram", lambda: 50 << 20)
+    out = tmp_path / "g.extxyz"
+    code, err = _main(
+        capsys, "generate", structures, "--target", 3, "-w", out, "-n", 2, "--steps", 2,
+        "--best-effort", "-q",
+    )  # fmt: skip
+    assert code == 0, err
+    assert len(ase.io.read(out, ":")) == 2
+
+
+def test_generation_bytes_bounds_what_a_run_holds():
+    """The estimate grows with -n, the structure size, --compare and k."""
+    from quests_torch.cli.generate import generation_bytes
+
+    base = generation_bytes(1000, 32, 32, False)
+    assert generation_bytes(2000, 32, 32, False) > 1.9 * base
+    assert generation_bytes(1000, 64, 32, False) > base
+    assert generation_bytes(1000, 32, 32, True) > 1.9 * base
+    assert generation_bytes(1000, 32, 64, False) > base
+    assert base >= 1000 * 4300  # measured: ~4.3 KiB per 32-atom result

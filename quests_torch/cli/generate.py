@@ -249,6 +249,44 @@ def _check_seeds(args: argparse.Namespace) -> None:
         )
 
 
+#: memory held per generated structure besides its atoms (result, history, atoms.info, the
+#: JSON record and its text), measured on 32-atom cells (~4.3 KiB, ~6.7 KiB with --compare)
+#: and rounded up
+_RUN_BYTES = 6 << 10
+#: bytes per atom of each structure kept (ase.Atoms arrays, the positions tensor)
+_ATOM_BYTES = 64
+
+
+def generation_bytes(count: int, n_atoms: int, k: int, compare: bool) -> int:
+    """Bytes ``generate -n count`` holds at once: every result (with ``--compare`` its start
+    copy too) until they are written, plus one evaluation's descriptor work (forward and
+    backward, ``[n_atoms, 2k - 1]`` float64 arrays, a generous 16 of them)."""
+    copies = 2 if compare else 1
+    per_run = copies * (_RUN_BYTES + _ATOM_BYTES * n_atoms)
+    return count * per_run + 16 * 8 * n_atoms * (2 * k - 1)
+
+
+def _check_memory(args: argparse.Namespace, frames, k: int) -> None:
+    """Refuse ``-n`` structures that cannot be held in memory, before generating any."""
+    from .._memory import available_memory
+
+    n_atoms = max(len(a) for a in frames)
+    need = generation_bytes(args.count, n_atoms, k, args.compare)
+    have = available_memory("cpu")
+    if need > have:
+        each = need / args.count
+        raise CLIError(
+            f"-n/--count {args.count}: holding {args.count} generated structures of up to "
+            f"{n_atoms} atoms until they are written needs about {_gib(need)} "
+            f"(~{each / 1024:.3g} KiB each), more than the {_gib(have)} of memory available; "
+            f"generate at most {max(1, int(args.count * have / need))} per call"
+        )
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:,.3f} GiB" if n < 2**40 else f"{n / 2**40:,.1f} TiB"
+
+
 def run(args: argparse.Namespace):
     from ..uncertainty import UncertaintyBank
 
@@ -259,6 +297,7 @@ def run(args: argparse.Namespace):
     k, cutoff = args.k or DEFAULT_K, args.cutoff or DEFAULT_CUTOFF
     timings: dict = {}
     frames, ds = from_structures(args.input, ":", k, cutoff, args, timings, "input")
+    _check_memory(args, frames, k)
     starts = _starts(args, len(frames))
     bank = UncertaintyBank(ds.x, k=k, cutoff=cutoff, h=args.bandwidth)
     steps = args.steps or _DEFAULT_STEPS[args.method]
