@@ -282,3 +282,266 @@ def test_generation_bytes_bounds_what_a_run_holds():
     assert generation_bytes(1000, 32, 32, True) > 1.9 * base
     assert generation_bytes(1000, 32, 64, False) > base
     assert base >= 1000 * 4300  # measured: ~4.3 KiB per 32-atom result
+
+
+# --------------------------------------------------------------------------------------------
+# 3. an output may not name an input, lie inside a store, or repeat another output
+# --------------------------------------------------------------------------------------------
+
+from quests_torch.cli import outputs as cli_outputs  # noqa: E402
+
+
+def _subparsers() -> dict:
+    import argparse
+
+    parser = cli.build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(sub.choices)
+
+
+#: options that take text but no path
+_NOT_PATHS = {"index", "reference_index", "device", "dtype", "method", "statistic", "sizes", "key"}
+#: path options that name several files or a folder read and written (checked elsewhere)
+_FOLDERS = {"plot", "outdir", "cache_dir"}
+_INPUTS = {attr: name for attr, name in cli_outputs.INPUT_OPTIONS}
+_OUTPUTS = {attr for attr, _ in cli_outputs._FILE_OPTIONS} | {"outputs", "table"}
+
+
+def test_every_path_option_of_every_command_is_an_input_or_an_output():
+    """A new option that takes a path must be classified, or the alias check misses it."""
+    for command, parser in _subparsers().items():
+        for action in parser._actions:
+            if action.type is not None or action.nargs == 0:
+                continue  # numbers (typed values), flags, help
+            dest = action.dest
+            if dest in _NOT_PATHS or dest in _FOLDERS:
+                continue
+            assert dest in _INPUTS or dest in _OUTPUTS, (command, dest)
+
+
+# minimal arguments of each command: {IN} the input (every input option gets a file), {OUT}
+# a default output where the command requires one
+_TEMPLATES = {
+    "descriptors": ["{input}", "-o", "{tmp}/d.npz"],
+    "entropy": ["{input}"],
+    "dh": ["{input}", "-r", "{reference}"],
+    "overlap": ["{input}", "-r", "{reference}"],
+    "learning-curve": ["{input}"],
+    "bandwidth": ["{input}"],
+    "screen": ["{trajectory}", "-r", "{reference}"],
+    "compress": ["{input}", "-s", "1", "-r", "{reference}"],
+    "generations": ["{inputs}", "{tmp}/other.xyz"],
+    "generate": ["{input}", "--target", "1", "-w", "{tmp}/g.extxyz"],
+}
+
+
+def _option(parser, dest: str) -> str:
+    """The option string of ``dest`` that the messages use (the output table's flag)."""
+    flags = dict(cli_outputs._FILE_OPTIONS) | {"outputs": "-o", "table": "--table"}
+    strings = next(a.option_strings for a in parser._actions if a.dest == dest)
+    assert flags[dest] in strings
+    return flags[dest]
+
+
+def _alias_cases() -> list:
+    cases = []
+    for command, parser in _subparsers().items():
+        dests = {a.dest for a in parser._actions}
+        for out in sorted(dests & _OUTPUTS):
+            for inp in sorted(dests & set(_INPUTS)):
+                cases.append((command, _option(parser, out), inp))
+    return cases
+
+
+_ALIAS_CASES = _alias_cases()
+
+
+def test_alias_cases_cover_every_command_with_inputs_and_outputs():
+    assert {c for c, _, _ in _ALIAS_CASES} == set(_TEMPLATES)
+    assert len(_ALIAS_CASES) >= 25
+
+
+def _alias_forms(tmp: Path) -> dict:
+    """Ways of naming ``tmp/in.xyz`` (the cwd is ``tmp``)."""
+    (tmp / "sub").mkdir(exist_ok=True)
+    link = tmp / "link.xyz"
+    if not link.exists():
+        link.symlink_to(tmp / "in.xyz")
+    hard = tmp / "hard.xyz"
+    if not hard.exists():
+        import os
+
+        os.link(tmp / "in.xyz", hard)
+    return {
+        "same": "in.xyz",
+        "dot": "./in.xyz",
+        "dotdot": "sub/../in.xyz",
+        "absolute": str(tmp / "in.xyz"),
+        "symlink": "link.xyz",
+        "hardlink": "hard.xyz",
+    }
+
+
+def _argv_with_output(command: str, flag: str, inp: str, alias: str, tmp: Path) -> list[str]:
+    values = {"input": "in.xyz", "reference": "ref.xyz", "trajectory": "in.xyz"}
+    values["inputs"] = "in.xyz"
+    if inp == "reference":
+        values = {**values, "input": "other.xyz", "trajectory": "other.xyz", "reference": "in.xyz"}
+    argv = [command] + [a.format(tmp=tmp, **values) for a in _TEMPLATES[command]]
+    if flag in argv:  # a required output given by the template: replace its value
+        argv[argv.index(flag) + 1] = alias
+    else:
+        argv += [flag, alias]
+    return argv
+
+
+def _no_work(monkeypatch) -> None:
+    def boom(args):
+        raise AssertionError(f"{args.command} computed before its outputs were checked")
+
+    for command in cli.COMMANDS:
+        monkeypatch.setattr(command, "run", boom)
+
+
+@pytest.fixture
+def aliasing(structures, tmp_path, monkeypatch):
+    """A folder (the cwd) with ``in.xyz``, ``ref.xyz``, ``other.xyz``; no command computes."""
+    import shutil
+
+    for name in ("in.xyz", "ref.xyz", "other.xyz"):
+        shutil.copy(structures, tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    _no_work(monkeypatch)
+    return tmp_path
+
+
+@pytest.mark.parametrize("form", ["same", "dot", "dotdot", "absolute", "symlink", "hardlink"])
+@pytest.mark.parametrize(("command", "flag", "inp"), _ALIAS_CASES)
+def test_cli_output_naming_an_input_is_refused(command, flag, inp, form, aliasing, capsys):
+    alias = _alias_forms(aliasing)[form]
+    before = (aliasing / "in.xyz").read_bytes()
+    argv = _argv_with_output(command, flag, inp, alias, aliasing)
+    code, err = _main(capsys, *argv)
+    assert code == 2, (argv, err)
+    assert len(err.strip().splitlines()) == 1
+    assert f"{flag} {alias}: is the input {_INPUTS[inp]} (in.xyz); give another file name" in err
+    assert (aliasing / "in.xyz").read_bytes() == before
+
+
+def test_cli_input_given_by_another_path_than_the_output(aliasing, capsys):
+    """The input named through a symlink, the output by the real name: the same file."""
+    _alias_forms(aliasing)
+    code, err = _main(capsys, "entropy", "link.xyz", "-o", "./in.xyz")
+    assert code == 2 and "-o ./in.xyz: is the input INPUT (link.xyz)" in err
+
+
+def test_cli_output_through_a_symlinked_folder_is_the_input(aliasing, capsys):
+    (aliasing / "alias-dir").symlink_to(aliasing)
+    code, err = _main(capsys, "dh", "in.xyz", "-r", "ref.xyz", "--save", "alias-dir/ref.xyz")
+    assert code == 2 and "--save alias-dir/ref.xyz: is the input -r/--reference (ref.xyz)" in err
+
+
+def test_cli_outputs_of_other_names_still_run(structures, tmp_path, capsys):
+    """Near misses are not refused: a sibling file, a file of the same name elsewhere."""
+    (tmp_path / "sub").mkdir()
+    out = tmp_path / "sub" / structures.name  # same name, other folder
+    code, err = _main(capsys, "entropy", structures, "-q", "--per-environment", out)
+    assert code == 0, err
+    assert out.exists()
+
+
+@pytest.fixture(scope="module")
+def store(structures, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("store") / "m.qstore"
+    assert cli.main(["descriptors", str(structures), "-o", str(path), "-q"]) == 0
+    return path
+
+
+def _store_cases() -> list:
+    cases = []
+    for command, parser in _subparsers().items():
+        dests = {a.dest for a in parser._actions}
+        for out in sorted(dests & _OUTPUTS):
+            cases.append((command, _option(parser, out)))
+        if "plot" in dests:
+            cases.append((command, "--plot"))
+    return [*cases, ("demo", "--outdir")]
+
+
+@pytest.mark.parametrize(("command", "flag"), _store_cases())
+def test_cli_output_inside_a_store_is_refused(command, flag, store, aliasing, capsys):
+    before = sorted(p.name for p in store.iterdir())
+    target = f"{store}/x.out" if flag != "--outdir" else f"{store}/demo"
+    if command == "demo":
+        argv = ["demo", "--outdir", target]
+    elif command == "descriptors" and flag == "-o":
+        argv = ["descriptors", "in.xyz", "-o", target]
+    else:
+        argv = _argv_with_output(command, flag, "input", target, aliasing)
+    code, err = _main(capsys, *argv)
+    assert code == 2, (argv, err)
+    assert f"{flag} {target}: lies inside the descriptor store {store}" in err
+    assert sorted(p.name for p in store.iterdir()) == before
+
+
+def test_cli_output_inside_the_input_store_names_it(store, tmp_path, capsys, monkeypatch):
+    """The issue's case: entropy m.qstore --per-environment m.qstore/x.npy."""
+    _no_work(monkeypatch)
+    code, err = _main(capsys, "entropy", store, "--per-environment", f"{store}/x.npy")
+    assert code == 2
+    assert f"lies inside the descriptor store {store}, the input INPUT ({store})" in err
+
+
+def test_cli_descriptors_json_inside_its_own_store_is_refused(structures, tmp_path, capsys):
+    out = tmp_path / "new.qstore"
+    code, err = _main(capsys, "descriptors", structures, "-o", out, "--json", f"{out}/r.json")
+    assert code == 2
+    assert f"the output -o ({out})" in err and not out.exists()
+
+
+def test_cli_descriptors_store_holding_its_input_is_refused(structures, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "d.qstore"
+    out.mkdir()
+    shutil.copy(structures, out / "in.xyz")
+    code, err = _main(capsys, "descriptors", out / "in.xyz", "-o", out)
+    assert code == 2 and f"-o {out}: the store would hold the input INPUT" in err
+
+
+def test_cli_descriptors_resumes_its_own_store(structures, store, capsys):
+    """The store output of descriptors is not 'inside a store': rerunning it resumes."""
+    code, err = _main(capsys, "descriptors", structures, "-o", store, "-q")
+    assert code == 0, err
+
+
+_SCREEN = ["screen", "in.xyz", "-r", "ref.xyz", "--table", "t.csv"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "first", "second"),
+    [
+        (["dh", "in.xyz", "-r", "ref.xyz", "-o", "a.out", "--save", "a.out"], "-o", "--save"),
+        (["entropy", "in.xyz", "-o", "a", "--per-environment", "./a"], "-o", "--per-environment"),
+        ([*_SCREEN, "--extxyz", "t.csv"], "--extxyz", "--table"),
+        ([*_SCREEN, "-o", "t.csv"], "-o", "--table"),
+        (["compress", "in.xyz", "-s", "1", "-o", "a.json", "-o", "sub/../a.json"], "-o", "-o"),
+        (["compress", "in.xyz", "-s", "1", "-o", "c", "--checkpoint", "c"], "--checkpoint", "-o"),
+        (["descriptors", "in.xyz", "-o", "d.npz", "--json", "d.npz"], "--json", "-o"),
+        (["generate", "in.xyz", "--target", "1", "-w", "g.xyz", "-o", "g.xyz"], "--write", "-o"),
+    ],
+)
+def test_cli_two_outputs_naming_one_file_are_refused(argv, first, second, aliasing, capsys):
+    _alias_forms(aliasing)
+    code, err = _main(capsys, *argv)
+    assert code == 2, err
+    assert "is also the output" in err and err.count(first) >= 1 and err.count(second) >= 1
+
+
+def test_cli_resumed_checkpoint_is_not_an_alias(structures, tmp_path, capsys):
+    """compress --checkpoint is read and written: running twice resumes, it is not refused."""
+    ckpt = tmp_path / "c.pt"
+    argv = ["compress", structures, "-s", 2, "--checkpoint", ckpt, "-q"]
+    assert _main(capsys, *argv)[0] == 0 and ckpt.exists()
+    code, err = _main(capsys, *argv)
+    assert code == 0, err
