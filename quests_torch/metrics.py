@@ -249,7 +249,10 @@ def approx_delta_entropy(
     ``dH_n(y_i | X) = -log sum_{j in NN_n(y_i)} exp(-|y_i - x_j|^2 / (2 h^2)) >= dH(y_i | X)``.
     The neighbours are exact (running top-n over the same distance tiles as the kernel sums,
     no approximate index), the distances are recomputed by explicit differences, and the
-    result is differentiable w.r.t. ``y`` and ``x``. Finite for far outliers.
+    result is differentiable w.r.t. ``y`` and ``x``. Finite for far outliers. A kernel term
+    that is 1 in the dtype (a reference equal to ``y_i`` up to rounding) counts as exactly 1,
+    as in the exact kernel sums: a duplicate's ``dH_n`` is ``<= 0``, never rounding noise
+    above 0.
 
     Args:
         y: test descriptors ``[n_y, d]``.
@@ -265,8 +268,18 @@ def approx_delta_entropy(
     dist, _ = named_nearest_neighbors(y, x, n, names=("y", "x"), **options)
     h_t = torch.tensor(hs, dtype=dist.dtype, device=dist.device)
     expo = -dist.square()[:, :, None] / (2.0 * h_t**2)  # [n_y, n, n_h]
-    dh = -torch.logsumexp(expo, dim=1)
-    return dh if vector else dh[:, 0]
+    return _neg_log_sum_exp(expo) if vector else _neg_log_sum_exp(expo)[:, 0]
+
+
+def _neg_log_sum_exp(expo: torch.Tensor) -> torch.Tensor:
+    """``-log sum_j exp(expo[:, j])`` over dim 1, shifted by the largest exponent ``m``
+    (finite for far outliers) unless ``exp(m)`` is 1 in the dtype: then the kernel terms are
+    summed unshifted, as the exact kernel sums evaluate them, so a reference that duplicates
+    a row up to rounding (``0 < |m| < eps/2``) contributes exactly 1 and its dH carries no
+    positive rounding noise (``dH > 0`` would count the duplicate as novel)."""
+    m = expo.amax(1, keepdim=True)
+    shift = torch.where(torch.exp(m.detach()) == 1.0, torch.zeros_like(m), m)
+    return -(torch.log(torch.exp(expo - shift).sum(1)) + shift[:, 0])
 
 
 # --------------------------------------------------------------------------------------------

@@ -151,7 +151,10 @@ class _Objective:
     def value_and_grad(self, positions: torch.Tensor) -> tuple[float, torch.Tensor]:
         p = positions.detach().clone().requires_grad_(True)
         s = self._stat(p)
-        (g,) = torch.autograd.grad(s, p)
+        if s.requires_grad:
+            (g,) = torch.autograd.grad(s, p)
+        else:  # no atom has a neighbour (moved out of the cutoff): a stationary point
+            g = torch.zeros_like(p)
         self.n_evaluations += 1
         self.n_backward += 1
         value = float(s.detach())
@@ -186,7 +189,28 @@ def _check_count(name: str, v) -> int:
     return v
 
 
+def _check_seed(seed) -> int | None:
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63:
+        raise ValueError(f"`seed` must be None or an int from 0 to 2**63 - 1, got {seed!r}")
+    return int(seed)
+
+
 def _start(obj: _Objective, min_distance: float) -> float:
+    """Check the start structure; returns its smallest interatomic distance."""
+    cutoff = obj.bank.cutoff
+    pairs, _ = _close_pairs(obj.positions0, obj.cell, obj.pbc, cutoff)
+    if not pairs.n_pairs:
+        # every descriptor is the no-neighbour one whatever small moves are made: no gradient
+        # to follow, and a random walk would only spend its budget on the same dH
+        n = obj.positions0.shape[0]
+        raise ValueError(
+            f"no atom of the start structure ({n} atom{'s' * (n != 1)}) has a neighbour within "
+            f"the cutoff ({cutoff:g} Å), periodic images included: its dH does not depend on "
+            "the positions, so it cannot be moved towards a target; start from a structure "
+            "whose atoms are within the cutoff of each other"
+        )
     d0 = obj.min_distance(obj.positions0, min_distance)
     if d0 < min_distance:
         raise ValueError(
@@ -247,7 +271,9 @@ def generate_to_target(
         :class:`GenerationResult` (``method="gradient"``).
 
     Raises:
-        ValueError: invalid arguments, or a starting structure that violates ``min_distance``.
+        ValueError: invalid arguments, a starting structure that violates ``min_distance``,
+            or one without any pair of atoms within the bank's cutoff (its dH does not depend
+            on the positions).
     """
     t0 = time.perf_counter()
     obj = _Objective(bank, atoms, statistic)
@@ -330,10 +356,15 @@ def random_walk_to_target(
         min_distance: smallest allowed interatomic distance (Å).
         kT: Metropolis temperature on the score (nats).
         max_evaluations: budget of descriptor evaluations.
-        seed: seed of the proposals (a CPU ``torch.Generator``), ``None`` for a random one.
+        seed: seed of the proposals (a CPU ``torch.Generator``), ``0 <= seed < 2**63``;
+            ``None`` for a random one.
 
     Returns:
         :class:`GenerationResult` (``method="random_walk"``, ``n_backward = 0``).
+
+    Raises:
+        ValueError: invalid arguments, a starting structure that violates ``min_distance``,
+            or one without any pair of atoms within the bank's cutoff.
     """
     t0 = time.perf_counter()
     obj = _Objective(bank, atoms, statistic)
@@ -344,12 +375,13 @@ def random_walk_to_target(
     min_distance = _check_positive("min_distance", min_distance, allow_zero=True)
     kT = _check_positive("kT", kT)
     _check_count("max_evaluations", max_evaluations)
+    seed = _check_seed(seed)
     gen = torch.Generator()
     if seed is None:
         gen.seed()
     else:
-        gen.manual_seed(int(seed))
-    rng = np.random.default_rng(None if seed is None else int(seed) + 1)
+        gen.manual_seed(seed)
+    rng = np.random.default_rng(None if seed is None else seed + 1)
     dmins = [_start(obj, min_distance)]
     x = obj.positions0.clone()
     value = obj.value(x)

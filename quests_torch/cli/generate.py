@@ -21,6 +21,7 @@ from ..checks import DEFAULT_CUTOFF, DEFAULT_K
 from ..io import atomic_write, is_descriptor_file
 from .inputs import dist, from_structures
 from .options import (
+    SEED_MAX,
     CLIError,
     add_bandwidth,
     add_device,
@@ -140,7 +141,10 @@ def _starts(args: argparse.Namespace, n_frames: int) -> list[int]:
     if args.start is not None:
         start = args.start + n_frames if args.start < 0 else args.start
         if not 0 <= start < n_frames:
-            raise CLIError(f"-i {args.start}: the dataset has {n_frames} structures")
+            raise CLIError(
+                f"-i {args.start}: the dataset has {n_frames} structures "
+                f"(give an index from {-n_frames} to {n_frames - 1})"
+            )
         return [start] * args.count
     rng = np.random.default_rng(args.seed)
     return [int(i) for i in rng.integers(0, n_frames, size=args.count)]
@@ -148,8 +152,6 @@ def _starts(args: argparse.Namespace, n_frames: int) -> list[int]:
 
 def _generate_all(args, frames, bank, starts: list[int], steps: int) -> list[tuple]:
     """``(start, seed, GenerationResult)`` of each run, a progress bar for more than one."""
-    from ..sampling import generate_to_target, random_walk_to_target
-
     common = {
         "statistic": args.statistic,
         "tolerance": args.tolerance,
@@ -163,21 +165,12 @@ def _generate_all(args, frames, bank, starts: list[int], steps: int) -> list[tup
         bar = tqdm(total=len(starts), desc="generate", unit="structure", file=sys.stderr)
     try:
         for j, start in enumerate(starts):
-            if args.method == "gradient":
-                r = generate_to_target(
-                    frames[start], bank, args.target, max_evaluations=steps, **common
-                )
-            else:
-                r = random_walk_to_target(
-                    frames[start],
-                    bank,
-                    args.target,
-                    max_evaluations=steps,
-                    step_std=args.step_std,
-                    kT=args.kT,
-                    seed=args.seed + j,
-                    **common,
-                )
+            try:
+                r = _generate_one(args, frames[start], bank, steps, args.seed + j, common)
+            except ValueError as exc:  # the start structure cannot be generated from
+                raise CLIError(
+                    f"{args.input} structure {start} (start of run {j}): {exc}"
+                ) from None
             runs.append((start, args.seed + j, r))
             if bar is not None:
                 bar.update(1)
@@ -186,6 +179,24 @@ def _generate_all(args, frames, bank, starts: list[int], steps: int) -> list[tup
         if bar is not None:
             bar.close()
     return runs
+
+
+def _generate_one(args, atoms, bank, steps: int, seed: int, common: dict):
+    """One run of ``--method`` from ``atoms``."""
+    from ..sampling import generate_to_target, random_walk_to_target
+
+    if args.method == "gradient":
+        return generate_to_target(atoms, bank, args.target, max_evaluations=steps, **common)
+    return random_walk_to_target(
+        atoms,
+        bank,
+        args.target,
+        max_evaluations=steps,
+        step_std=args.step_std,
+        kT=args.kT,
+        seed=seed,
+        **common,
+    )
 
 
 def _check_reached(args, runs: list[tuple], steps: int) -> None:
@@ -227,15 +238,66 @@ def _output_structures(args, frames, runs: list[tuple]) -> list:
     return out
 
 
+def _check_seeds(args: argparse.Namespace) -> None:
+    """Run ``j`` of ``-n`` uses seed ``--seed + j``: the last one must still be a seed."""
+    last = args.seed + args.count - 1
+    if last > SEED_MAX:
+        raise CLIError(
+            f"--seed {args.seed} with -n/--count {args.count}: the runs use the seeds "
+            f"{args.seed}..{last}, above the largest seed {SEED_MAX}; give --seed at most "
+            f"{SEED_MAX - args.count + 1}"
+        )
+
+
+#: memory held per generated structure besides its atoms (result, history, atoms.info, the
+#: JSON record and its text), measured on 32-atom cells (~4.3 KiB, ~6.7 KiB with --compare)
+#: and rounded up
+_RUN_BYTES = 6 << 10
+#: bytes per atom of each structure kept (ase.Atoms arrays, the positions tensor)
+_ATOM_BYTES = 64
+
+
+def generation_bytes(count: int, n_atoms: int, k: int, compare: bool) -> int:
+    """Bytes ``generate -n count`` holds at once: every result (with ``--compare`` its start
+    copy too) until they are written, plus one evaluation's descriptor work (forward and
+    backward, ``[n_atoms, 2k - 1]`` float64 arrays, a generous 16 of them)."""
+    copies = 2 if compare else 1
+    per_run = copies * (_RUN_BYTES + _ATOM_BYTES * n_atoms)
+    return count * per_run + 16 * 8 * n_atoms * (2 * k - 1)
+
+
+def _check_memory(args: argparse.Namespace, frames, k: int) -> None:
+    """Refuse ``-n`` structures that cannot be held in memory, before generating any."""
+    from .._memory import available_memory
+
+    n_atoms = max(len(a) for a in frames)
+    need = generation_bytes(args.count, n_atoms, k, args.compare)
+    have = available_memory("cpu")
+    if need > have:
+        each = need / args.count
+        raise CLIError(
+            f"-n/--count {args.count}: holding {args.count} generated structures of up to "
+            f"{n_atoms} atoms until they are written needs about {_gib(need)} "
+            f"(~{each / 1024:.3g} KiB each), more than the {_gib(have)} of memory available; "
+            f"generate at most {max(1, int(args.count * have / need))} per call"
+        )
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:,.3f} GiB" if n < 2**40 else f"{n / 2**40:,.1f} TiB"
+
+
 def run(args: argparse.Namespace):
     from ..uncertainty import UncertaintyBank
 
+    _check_seeds(args)
     fmt = write_format(args.write, "--write")
     if is_descriptor_file(args.input):
         raise CLIError(f"{args.input}: generate needs structures to start from, not descriptors")
     k, cutoff = args.k or DEFAULT_K, args.cutoff or DEFAULT_CUTOFF
     timings: dict = {}
     frames, ds = from_structures(args.input, ":", k, cutoff, args, timings, "input")
+    _check_memory(args, frames, k)
     starts = _starts(args, len(frames))
     bank = UncertaintyBank(ds.x, k=k, cutoff=cutoff, h=args.bandwidth)
     steps = args.steps or _DEFAULT_STEPS[args.method]

@@ -34,12 +34,32 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+#: the largest ``--seed``: torch's generators take at most a signed 64-bit seed
+SEED_MAX = 2**63 - 1
+
+
 def positive_int(text: str) -> int:
     """An integer >= 1 (:func:`quests_torch.checks.check_positive_int`)."""
     try:
         return check_positive_int(int(text), "value")
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected a positive integer (1 or more), got {text!r}"
+        ) from None
+
+
+def seed_option(text: str) -> int:
+    """``--seed``: an integer in ``0..SEED_MAX`` (numpy refuses negative seeds, torch's
+    generators more than 64 bits)."""
+    try:
+        v = int(text)
+    except ValueError:
+        v = None
+    if v is None or not 0 <= v <= SEED_MAX:
+        raise argparse.ArgumentTypeError(
+            f"expected an integer from 0 to {SEED_MAX} (2**63 - 1), got {text!r}"
+        )
+    return v
 
 
 def positive_float(text: str) -> float:
@@ -166,7 +186,7 @@ def add_threshold(p: argparse.ArgumentParser, help: str = "novel if dH > this") 
 
 
 def add_seed(p: argparse.ArgumentParser, help: str = "random seed (default 0)") -> None:
-    p.add_argument("--seed", type=int, default=0, help=help)
+    p.add_argument("--seed", type=seed_option, default=0, help=help)
 
 
 def add_rows(p: argparse.ArgumentParser) -> None:

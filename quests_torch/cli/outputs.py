@@ -22,6 +22,17 @@ _FILE_OPTIONS = (
 )
 
 
+#: (attribute, name in messages) of every input path a command reads: the positional inputs
+#: and ``-r``; ``compress --checkpoint`` and ``screen --cache-dir`` are read and written (a
+#: resume), so they are outputs that may exist, never inputs an output must avoid
+INPUT_OPTIONS = (
+    ("input", "INPUT"),
+    ("trajectory", "TRAJECTORY"),
+    ("inputs", "INPUTS"),
+    ("reference", "-r/--reference"),
+)
+
+
 def screen_table(args: argparse.Namespace) -> Path:
     """The per-frame table of ``screen``: ``--table`` or ``TRAJECTORY-STEM.screen.csv``."""
     return Path(args.table or f"{Path(args.trajectory).stem}.screen.csv")
@@ -50,17 +61,121 @@ def check_writable(
         raise CLIError(f"{name}: cannot write in {existing} (permission denied)")
 
 
-def check_outputs(args: argparse.Namespace) -> None:
-    """Every output path of a command, checked before it reads or computes anything."""
-    files = [(getattr(args, name, None), flag) for name, flag in _FILE_OPTIONS]
-    files += [(out, "-o") for out in getattr(args, "outputs", None) or []]
+def command_inputs(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """``(name, path)`` of every input path of the parsed command (:data:`INPUT_OPTIONS`)."""
+    out = []
+    for attr, name in INPUT_OPTIONS:
+        value = getattr(args, attr, None)
+        for path in value if isinstance(value, list) else [value]:
+            if path is not None:
+                out.append((name, str(path)))
+    return out
+
+
+def command_outputs(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """``(option, path)`` of every single-file output of the parsed command (``--plot`` and
+    ``--outdir``, which name several files, excepted)."""
+    files = [(flag, getattr(args, name, None)) for name, flag in _FILE_OPTIONS]
+    files += [("-o", out) for out in getattr(args, "outputs", None) or []]
     if args.command == "screen":
-        files.append((screen_table(args), "--table"))
+        files.append(("--table", args.table or screen_table(args)))  # as given
+    return [(flag, str(path)) for flag, path in files if path is not None]
+
+
+class _Path:
+    """A path as the file system sees it: the real path (symbolic links and ``..`` resolved)
+    and, for an existing file, its device and inode (hard links are the same file)."""
+
+    def __init__(self, path: str):
+        self.given = path
+        self.real = os.path.realpath(path)
+        try:
+            st = os.stat(self.real)
+            self.inode = (st.st_dev, st.st_ino)
+        except OSError:
+            self.inode = None
+
+    def same(self, other: _Path) -> bool:
+        return self.real == other.real or (self.inode is not None and self.inode == other.inode)
+
+    def within(self, folder: _Path) -> bool:
+        return Path(self.real).is_relative_to(folder.real) and self.real != folder.real
+
+    def store(self) -> str | None:
+        """The descriptor store this path lies inside, if any (``is_store`` on each parent)."""
+        for parent in Path(self.real).parents:
+            if is_store(parent):
+                return str(parent)
+        return None
+
+
+def check_aliases(args: argparse.Namespace) -> None:
+    """Refuse an output that is an input, that lies inside a descriptor store, or that another
+    output of the command names too (each would lose data: an input replaced, a store that
+    later writers refuse, one result written over another)."""
+    inputs = [(name, path, _Path(path)) for name, path in command_inputs(args)]
+    own_store = args.command == "descriptors" and is_store(args.output)
+    # the stores an output could land in, named in the message
+    owners = [(f"the input {name}", given, inp) for name, given, inp in inputs]
+    if own_store:
+        owners.append(("the output -o", args.output, _Path(args.output)))
+    seen: list[tuple[str, str, _Path]] = []
+    for flag, path in command_outputs(args):
+        out = _Path(path)
+        for name, given, inp in inputs:
+            if out.same(inp):
+                raise CLIError(
+                    f"{flag} {path}: is the input {name} ({given}); give another file name"
+                )
+        if own_store and flag == "-o":  # the store this command writes: no input inside it
+            for name, given, inp in inputs:
+                if inp.within(out):
+                    raise CLIError(
+                        f"-o {path}: the store would hold the input {name} ({given}); give "
+                        "a store folder that does not contain the input"
+                    )
+        else:
+            _check_not_in_store(flag, path, out, owners)
+        for other_flag, other, prev in seen:
+            if out.same(prev):
+                raise CLIError(
+                    f"{flag} {path}: is also the output {other_flag} ({other}); give "
+                    "each output its own name"
+                )
+        seen.append((flag, path, out))
     plot = getattr(args, "plot", None)
-    for path, flag in files:
-        if path is not None:
-            store = args.command == "descriptors" and flag == "-o" and is_store(path)
-            check_writable(path, flag, folder=store)  # a descriptor store is a folder
+    if plot is not None:
+        folder = _Path(str(Path(plot_path(plot, "figure")).parent))
+        _check_not_in_store("--plot", plot, folder, owners, folder_itself=True)
+    if getattr(args, "outdir", None) is not None:
+        _check_not_in_store("--outdir", args.outdir, _Path(args.outdir), owners, True)
+
+
+def _check_not_in_store(flag, path, out: _Path, owners, folder_itself: bool = False) -> None:
+    """Refuse an output below a descriptor store (``folder_itself``: or that store), naming
+    the input or output that the store is when it is one (``owners``)."""
+    store = out.store()
+    if folder_itself and is_store(out.real):
+        store = out.real
+    if store is None:
+        return
+    whose = [f"{what} ({given})" for what, given, p in owners if p.real == store]
+    raise CLIError(
+        f"{flag} {path}: lies inside the descriptor store {store}"
+        + (f", {whose[0]}" if whose else "")
+        + "; a store holds only its own files: write it outside the store"
+    )
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Every output path of a command, checked before it reads or computes anything: none may
+    be an input, lie inside a descriptor store or repeat another output
+    (:func:`check_aliases`), and each must be writable (:func:`check_writable`)."""
+    check_aliases(args)
+    plot = getattr(args, "plot", None)
+    for flag, path in command_outputs(args):
+        store = args.command == "descriptors" and flag == "-o" and is_store(path)
+        check_writable(path, flag, folder=store)  # a descriptor store is a folder
     if plot is not None:
         check_writable(Path(plot_path(plot, "figure")).parent, "--plot", True, given=plot)
     if getattr(args, "outdir", None) is not None:
