@@ -28,6 +28,9 @@ import torch
 DATA = Path(__file__).parent / "data"
 
 CUDA_AVAILABLE = torch.cuda.is_available()
+if not CUDA_AVAILABLE:  # Triton kernels run on CPU tensors through its interpreter, which it
+    # reads when triton.language is imported: before any test module imports triton
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 DEVICES = ["cpu"] + (["cuda"] if CUDA_AVAILABLE else [])
 DTYPES = [torch.float64, torch.float32]
 

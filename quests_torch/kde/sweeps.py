@@ -11,6 +11,7 @@ from torch.autograd.function import once_differentiable
 from .._precision import full_precision
 from ..checks import Progress
 from .epilogue import tile_sums
+from .fused import fused_log_sums, use_fused
 from .panels import row_panels, tile_pairs
 from .problem import KernelSums, Problem
 from .source import progress_callback
@@ -143,13 +144,18 @@ def far_rows(p: Problem, log_p: torch.Tensor) -> torch.Tensor:
 
 
 def forward(p: Problem, progress: Progress) -> KernelSums:
-    """Plain sweep, then the shifted sweep for the rows whose sums are too small.
+    """Plain sweep, then the shifted sweep for the rows whose sums are too small; or the
+    fused Triton kernel where it is chosen and covers the problem (:mod:`.fused`).
 
     Each sweep is redone with smaller tiles after an out-of-memory error.
     """
     callback, bar = progress_callback(progress, p.n, "kernel sums")
     try:
         with full_precision(), torch.no_grad():
+            if use_fused(p):  # one pass, far rows included: the online sums are shifted
+                log_p = fused_log_sums(p, callback)
+                log_p += p.lw_max
+                return KernelSums(log_p, None, None)
             res = retry_on_oom(lambda: sweep_plain(p, callback), p.shrink, p.device, "kernel sums")
             log_p = res.log_p
             if not p.want_sums:

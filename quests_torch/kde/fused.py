@@ -1,0 +1,302 @@
+"""Fused kernel sums in Triton: every pair evaluated in registers, never written to memory.
+
+The torch path (:mod:`.sweeps`) writes each ``[rows x columns]`` tile of exponents to device
+memory with a GEMM and reads it back for ``exp`` and the sums: tens of bytes per pair, which
+bounds it by memory bandwidth on a GPU. The kernel here keeps the tile in registers: a program
+owns a block of rows and walks the column blocks, computing ``g = x_i . y_j`` (``tl.dot``,
+IEEE precision, or fused multiply-adds), the exponent ``(g - |x_i|^2/2 - |y_j|^2/2) / h_k^2 +
+lw'_j`` for up to :data:`MAX_BANDWIDTHS` bandwidths at once, and folding it into a running row
+maximum and a running sum of exponentials (the online log-sum-exp of attention kernels). Only
+``log p_i`` is written. Far rows therefore need no second pass: the shifted sum is the only sum.
+
+Numerics, as the torch path: rows and columns centred on the references' mean (by
+:class:`.problem.Problem`), the exponent in the compute dtype (float64, or float32 tiles),
+the running sums in float64 (float32 in float32-only mode), the self pair of ``x is y`` set to
+exactly ``lw'_i`` (0 without weights). Results equal the torch path's to rounding (1e-12
+relative in float64, tested under the interpreter).
+
+Dispatch (:func:`kernel_choice`): ``$QUESTS_TORCH_KERNEL`` = ``torch`` (the default until a
+GPU run of ``benchmarks/gpu_check.py`` decides), ``triton`` (this kernel for every problem it
+covers, on CUDA, or on CPU tensors under Triton's interpreter, ``TRITON_INTERPRET=1``) or
+``auto`` (today: ``torch``). Covered: resident tensors on one device, any number of
+bandwidths up to 8, column log-weights, self pairs (also of a block of a sharded problem);
+not covered, so on the torch path: per-group sums, exact top-n, ``distance="direct"``, streamed
+(numpy, memmap, store) sources, row ownership of the sharded triangular sweep.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from .problem import Problem
+
+__all__ = [
+    "KERNEL_ENV",
+    "MAX_BANDWIDTHS",
+    "covers",
+    "dot_status",
+    "fused_log_sums",
+    "kernel_choice",
+    "use_fused",
+]
+
+KERNEL_ENV = "QUESTS_TORCH_KERNEL"
+"""The environment variable that picks the kernel-sum implementation."""
+MAX_BANDWIDTHS = 8
+"""Bandwidths one fused pass evaluates (one running sum each); more go to the torch path."""
+_CHOICES = ("auto", "torch", "triton")
+tl = None  # triton.language, bound by _kernel() (Triton is imported only when it is used)
+
+
+def kernel_choice() -> str:
+    """``"torch"`` or ``"triton"`` from ``$QUESTS_TORCH_KERNEL`` (``auto``/unset: ``torch``
+    until a GPU run measures the fused kernels).
+
+    Raises:
+        ValueError: an unknown value, or ``triton`` where Triton is not importable.
+    """
+    value = os.environ.get(KERNEL_ENV, "auto").strip().lower() or "auto"
+    if value not in _CHOICES:
+        raise ValueError(f"${KERNEL_ENV} must be one of {', '.join(_CHOICES)}, got {value!r}")
+    if value == "auto":
+        return "torch"
+    if value == "triton" and not triton_available():
+        raise ValueError(
+            f"${KERNEL_ENV}=triton but Triton is not importable (pip install triton, or unset "
+            f"${KERNEL_ENV})"
+        )
+    return value
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether ``import triton`` works (it ships with the CUDA builds of torch)."""
+    try:
+        import triton
+        import triton.language  # noqa: F401
+    except Exception:  # a broken install is as good as none
+        return False
+    return True
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def covers(p: Problem) -> bool:
+    """Whether the fused kernel computes problem ``p`` (see the module notes), on its device."""
+    if p.device.type == "cuda":
+        runs_here = True
+    else:
+        runs_here = p.device.type == "cpu" and _interpreting()
+    return (
+        runs_here
+        and p.f64
+        and p.want_sums
+        and p.n_nearest == 0
+        and p.groups is None
+        and p.owned is None
+        and not p.direct
+        and len(p.hs) <= MAX_BANDWIDTHS
+        and p.cols_resident is not None
+        and p.xs.tensor is not None
+        and p.xs.tensor.device == p.device
+    )
+
+
+def use_fused(p: Problem) -> bool:
+    """:func:`kernel_choice` is ``triton`` and the kernel covers ``p``."""
+    return kernel_choice() == "triton" and covers(p)
+
+
+def _lse_kernel(
+    X,
+    Y,
+    QX,
+    QY,
+    LW,
+    S,
+    OUT,
+    n,
+    m,
+    d,
+    stride_x,
+    stride_y,
+    n_h,
+    diag_offset,
+    HAS_LW: tl.constexpr,
+    PIN: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    NB: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """One program: ``BLOCK_M`` rows against every column, online log-sum-exp per bandwidth.
+
+    ``X [n, d]``, ``Y [m, d]``: centred rows and columns (compute dtype); ``QX [n]``,
+    ``QY [m]``: ``-|x|^2/2`` and ``-|y|^2/2``; ``LW [m]``: ``lw'`` (``HAS_LW``); ``S [n_h]``:
+    ``1/h_k^2``; ``OUT [n, n_h]`` float64/accumulator: ``log sum_j exp(t_ijk)``. ``PIN``: the
+    pair ``i + diag_offset == j`` is a point with itself (exponent exactly ``lw'_j``).
+    """
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < n
+    dims = tl.arange(0, BLOCK_D)
+    dmask = dims < d
+    x = tl.load(X + rows[:, None] * stride_x + dims[None, :],
+                mask=rmask[:, None] & dmask[None, :], other=0.0)  # fmt: skip
+    qx = tl.load(QX + rows, mask=rmask, other=0.0)
+    ks = tl.arange(0, NB)
+    s = tl.load(S + ks, mask=ks < n_h, other=0.0)
+    acc_dtype = OUT.dtype.element_ty
+    run_max = tl.full((BLOCK_M, NB), float("-inf"), x.dtype)
+    run_sum = tl.zeros((BLOCK_M, NB), acc_dtype)
+    for j0 in range(0, m, BLOCK_N):
+        cols = j0 + tl.arange(0, BLOCK_N)
+        cmask = cols < m
+        qy = tl.load(QY + cols, mask=cmask, other=0.0)
+        if USE_DOT:
+            y = tl.load(Y + cols[:, None] * stride_y + dims[None, :],
+                        mask=cmask[:, None] & dmask[None, :], other=0.0)  # fmt: skip
+            g = tl.dot(x, tl.trans(y), input_precision="ieee", out_dtype=x.dtype)
+        else:  # fused multiply-adds, one descriptor column at a time
+            g = tl.zeros((BLOCK_M, BLOCK_N), x.dtype)
+            for c in range(0, d):
+                xc = tl.load(X + rows * stride_x + c, mask=rmask, other=0.0)
+                yc = tl.load(Y + cols * stride_y + c, mask=cmask, other=0.0)
+                g += xc[:, None] * yc[None, :]
+        e = tl.minimum(g + qx[:, None] + qy[None, :], 0.0)  # -|x - y|^2 / 2, rounding cut
+        t = e[:, :, None] * s[None, None, :]
+        if HAS_LW:
+            lw = tl.load(LW + cols, mask=cmask, other=0.0)
+            t = t + lw[None, :, None]
+        if PIN:
+            self_pair = (rows[:, None] + diag_offset) == cols[None, :]
+            pinned = tl.zeros((BLOCK_M, BLOCK_N), x.dtype)
+            if HAS_LW:
+                pinned = pinned + lw[None, :]
+            t = tl.where(self_pair[:, :, None], pinned[:, :, None], t)
+        t = tl.where(cmask[None, :, None], t, float("-inf"))
+        new_max = tl.maximum(run_max, tl.max(t, axis=1))
+        rescale = tl.exp((run_max - new_max).to(acc_dtype))
+        terms = tl.exp(t - new_max[:, None, :]).to(acc_dtype)
+        run_sum = run_sum * rescale + tl.sum(terms, axis=1)
+        run_max = new_max
+    log_p = run_max.to(acc_dtype) + tl.log(run_sum)
+    out_mask = rmask[:, None] & (ks[None, :] < n_h)
+    tl.store(OUT + rows[:, None] * n_h + ks[None, :], log_p, mask=out_mask)
+
+
+@functools.cache
+def _kernel(interpret: bool):
+    """``_lse_kernel`` jitted (Triton reads ``TRITON_INTERPRET`` when it decorates)."""
+    import triton
+    import triton.language as tl
+
+    if interpret and type(tl.zeros).__name__ != "InterpretedFunction":
+        raise RuntimeError(
+            "TRITON_INTERPRET=1 was set after triton was imported: Triton's interpreter needs it "
+            "in the environment before (e.g. when the process starts)"
+        )
+    globals()["tl"] = tl  # the kernel's `tl`, resolved by Triton from this module's globals
+    return triton.jit(_lse_kernel)
+
+
+def _blocks(p: Problem) -> tuple[int, int, int]:
+    """``(BLOCK_M, BLOCK_N, BLOCK_D)``: 64 x 64 pairs a program step (32 x 32 with several
+    bandwidths: the ``[rows, columns, bandwidths]`` exponents stay in registers), the width
+    padded to a power of two."""
+    block_d = max(16, 1 << max(0, math.ceil(math.log2(max(p.d, 1)))))
+    side = 64 if len(p.hs) == 1 else 32
+    if p.device.type == "cpu":  # the interpreter: numpy per program, larger is faster
+        side = 128
+    return side, side, block_d
+
+
+def fused_log_sums(p: Problem, progress=None) -> torch.Tensor:
+    """``[n, n_h]`` ``log sum_j exp(-|x_i - y_j|^2 / (2 h_k^2) + lw'_j)`` of problem ``p``
+    (add ``p.lw_max`` for the weighted log density), in the accumulator dtype.
+
+    One launch per row tile of the problem (``p.tm`` rows: the rows of a launch do not affect
+    each other, so the results do not depend on it), ``progress(rows_done, n)`` after each.
+    """
+    n, m, n_h = p.n, p.m, len(p.hs)
+    out = torch.full((n, n_h), -math.inf, dtype=p.acc, device=p.device)
+    if n == 0 or m == 0:
+        return out
+    cols = p.cols_resident
+    y = cols[:, : p.d].contiguous()
+    qy = cols[:, p.d].contiguous()
+    hs = torch.tensor([1.0 / h**2 for h in p.hs], dtype=p.dtype, device=p.device)
+    lw = p.lw if p.lw is not None else qy  # a placeholder the kernel does not read
+    block_m, block_n, block_d = _blocks(p)
+    meta = dict(HAS_LW=p.lw is not None, PIN=bool(p.self_pairs), USE_DOT=_use_dot(p),
+                NB=1 << max(0, math.ceil(math.log2(n_h))), BLOCK_M=block_m, BLOCK_N=block_n,
+                BLOCK_D=block_d)  # fmt: skip
+    kernel = _kernel(_interpreting())
+    launch = _launcher(kernel, p, meta)
+    step = p.tm
+    for i0 in range(0, n, step):
+        i1 = min(n, i0 + step)
+        x = (p.xs.tensor.detach()[i0:i1].to(p.acc) - p.mu).to(p.dtype).contiguous()
+        qx = x.to(p.acc).square().sum(1).mul(-0.5).to(p.dtype)
+        part = out[i0:i1]
+        grid = (-(-(i1 - i0) // block_m),)
+        launch(grid, x, y, qx, qy, lw, hs, part, i1 - i0, m, p.d, x.stride(0), y.stride(0), n_h,
+               i0 + p.row_offset - p.col_offset)  # fmt: skip
+        if progress is not None:
+            progress(i1, n)
+    return out
+
+
+#: per (device type, dtype): ``"dot"`` once ``tl.dot`` compiled and ran, ``"fma"`` after it
+#: failed to compile (the fused multiply-add loop is used from then on)
+_DOT: dict[tuple[str, torch.dtype], str] = {}
+
+
+def dot_status() -> dict[str, str]:
+    """How the Gram products were computed so far: ``{"cuda float64": "dot" | "fma"}``."""
+    return {f"{dev} {str(dt).removeprefix('torch.')}": v for (dev, dt), v in _DOT.items()}
+
+
+def _use_dot(p: Problem) -> bool:
+    """``tl.dot`` (tensor cores: FP64 on sm_80/sm_90, IEEE float32) where the device has
+    them and it compiled; fused multiply-adds on older GPUs or after ``tl.dot`` failed to
+    compile for the dtype. Under the interpreter both are numpy."""
+    if p.device.type != "cuda":
+        return True
+    if _DOT.get(("cuda", p.dtype)) == "fma":
+        return False
+    major, _ = torch.cuda.get_device_capability(p.device)
+    return major >= 8
+
+
+def _launcher(kernel, p: Problem, meta: dict):
+    """``launch(grid, *args)``: the kernel with ``meta``; on CUDA a ``tl.dot`` that does not
+    compile for the dtype (an older Triton without float64 dots) falls back to the
+    multiply-add loop once, remembered for the process."""
+    key = (p.device.type, p.dtype)
+
+    def launch(grid, *args):
+        if not meta["USE_DOT"] or _DOT.get(key) == "dot" or p.device.type != "cuda":
+            kernel[grid](*args, **meta)
+            return
+        try:
+            kernel[grid](*args, **meta)
+        except Exception as exc:  # triton's CompilationError and the lowering's errors
+            if "dot" not in str(exc).lower() and "mma" not in str(exc).lower():
+                raise
+            _DOT[key] = "fma"
+            meta["USE_DOT"] = False
+            kernel[grid](*args, **meta)
+            return
+        _DOT[key] = "dot"
+
+    return launch
