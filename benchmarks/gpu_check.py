@@ -87,8 +87,8 @@ class Report:
             rec["error"] = f"{type(exc).__name__}: {exc}"
             rec["traceback"] = traceback.format_exc()[-3000:]
             print(rec["traceback"], flush=True)
-        finally:
-            rec["seconds"] = round(time.perf_counter() - t, 3)
+        finally:  # the section's wall time, apart from the `seconds` a timing stored
+            rec["section_seconds"] = round(time.perf_counter() - t, 3)
             _empty_cache()
             shown = {k: v for k, v in rec.items() if k != "traceback"}
             print(f"   {name}: {json.dumps(shown, default=str)[:800]}", flush=True)
@@ -570,6 +570,101 @@ def epilogue(rep: Report, peak: dict, scale: int) -> None:
         rec["nearest_2m_vs_100k_n3_s"] = round(t, 3)
 
 
+def fused_kernels(rep: Report, peak: dict, scale: int) -> None:
+    """The fused Triton kernel sums (``QUESTS_TORCH_KERNEL=triton``) beside the torch path in
+    the same run: agreement, then the timed cases of issue 29 with their pair rates and GEMM
+    shares (the torch path's figures are those of the `timings` sections)."""
+    from quests_torch import kde
+    from quests_torch.kde import fused
+
+    with rep.section("fused_agreement") as rec:
+        if not fused.triton_available():
+            rec["status"] = "skipped"
+            rec["why"] = "triton is not importable"
+            return
+        import triton
+
+        rec["triton"] = triton.__version__
+        g = torch.Generator(DEV).manual_seed(1)
+        x = 0.2 + 0.3 * torch.rand(20_000, D, device=DEV, dtype=torch.float64, generator=g)
+        y = x[:5000] + 1e-3 * torch.randn(5000, D, device=DEV, dtype=torch.float64, generator=g)
+        lw = torch.linspace(-2.0, 1.0, 5000, device=DEV, dtype=torch.float64)
+        cases = {
+            "entropy": lambda dtype: qt.entropy(x.to(dtype)),
+            "log_p_cross": lambda dtype: kde.log_kernel_sum(x.to(dtype), y.to(dtype)),
+            "log_p_2h": lambda dtype: kde.log_kernel_sum(
+                x.to(dtype), y.to(dtype), [0.01, 0.015, 0.05]
+            ),
+            "log_p_weights": lambda dtype: kde.log_kernel_sum(
+                x.to(dtype), y.to(dtype), log_weights=lw
+            ),
+            "dH_far": lambda dtype: qt.delta_entropy(x[:100].to(dtype) + 1.0, y.to(dtype)),
+        }
+        for name, fn in cases.items():
+            for dtype in (torch.float64, torch.float32):
+                os.environ[fused.KERNEL_ENV] = "torch"
+                want = fn(dtype)
+                os.environ[fused.KERNEL_ENV] = "triton"
+                got = fn(dtype)
+                scale_ = want.double().abs().clamp_min(1.0)
+                rec[f"{name}_{str(dtype)[6:]}_max_rel"] = float(
+                    ((got.double() - want.double()).abs() / scale_).max()
+                )
+        rec["fp64_dot"] = fused.dot_status()
+        os.environ.pop(fused.KERNEL_ENV, None)
+
+    n = 1_000_000 // scale
+    g = torch.Generator(DEV).manual_seed(2)
+    x = 0.2 + 0.3 * torch.rand(n, D, device=DEV, dtype=torch.float64, generator=g)
+    os.environ[fused.KERNEL_ENV] = "triton"
+    try:
+        for dtype in (torch.float64, torch.float32):
+            with rep.section(f"fused_entropy_{n}_{str(dtype)[6:]}") as rec:
+                xd = x.to(dtype)
+                n0 = n // 10
+                t0_, _ = timed(lambda xd=xd, n0=n0: qt.entropy(xd[:n0]), warmup=1)
+                rec["n_small"], rec["seconds_small"] = n0, round(t0_, 3)
+                if t0_ * 100 > rep.left() - 90:
+                    rec["status"], rec["why"] = "skipped", f"predicted {t0_ * 100:.0f} s"
+                    continue
+                t, h = timed(lambda xd=xd: qt.entropy(xd))
+                rec["n"], rec["seconds"], rec["H"] = n, round(t, 3), float(h)
+                pair_rate(rec, n * n, t, peak, dtype)  # every pair evaluated (no symmetry)
+                torch_rec = rep.data["sections"].get(f"entropy_{n}_{str(dtype)[6:]}", {})
+                if "seconds" in torch_rec:
+                    rec["torch_path_seconds"] = torch_rec["seconds"]
+                    rec["speedup"] = round(torch_rec["seconds"] / t, 2)
+                    rec["H_rel_diff_vs_torch"] = abs(float(h) - torch_rec["H"]) / torch_rec["H"]
+        with rep.section("fused_dh_10m_vs_100k") as rec:
+            n_ref, n_q = 100_000 // scale, 10_000_000 // scale
+            q = x.repeat(max(1, n_q // n), 1)[:n_q]
+            n0 = n_q // 10
+            t0_, _ = timed(lambda: qt.delta_entropy(q[:n0], x[:n_ref]), warmup=1)
+            rec["n_small"], rec["seconds_small"] = n0, round(t0_, 3)
+            if t0_ * 10 > rep.left() - 60:
+                rec["status"], rec["why"] = "skipped", f"predicted {t0_ * 10:.0f} s"
+            else:
+                t, _ = timed(lambda: qt.delta_entropy(q, x[:n_ref]))
+                rec["seconds"] = round(t, 3)
+                pair_rate(rec, n_q * n_ref, t, peak, torch.float64)
+                torch_rec = rep.data["sections"].get("dh_10m_vs_100k", {})
+                if "seconds" in torch_rec:
+                    rec["torch_path_seconds"] = torch_rec["seconds"]
+                    rec["speedup"] = round(torch_rec["seconds"] / t, 2)
+            with rep.section("fused_entropy_estimate_10m") as rec2:
+                m = max(2, 10_000 // scale)
+                t, est = timed(lambda: qt.estimate_entropy(q, rows=m, generator=0))
+                rec2.update(n=int(q.shape[0]), rows=est.rows, value=est.value)
+                rec2["seconds"] = round(t, 3)
+                pair_rate(rec2, m * q.shape[0], t, peak, torch.float64)
+                torch_rec = rep.data["sections"].get("entropy_estimate_10m", {})
+                if "seconds" in torch_rec:
+                    rec2["torch_path_seconds"] = torch_rec["seconds"]
+                    rec2["speedup"] = round(torch_rec["seconds"] / t, 2)
+    finally:
+        os.environ.pop(fused.KERNEL_ENV, None)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("gpu_check.json"))
@@ -615,6 +710,7 @@ def main(argv=None) -> int:
         run_tests(rep, min(args.test_timeout, max(30.0, rep.left() - 240)))
     if not args.skip_timings and peak:
         timings(rep, peak, args.scale)
+        fused_kernels(rep, peak, args.scale)
         epilogue(rep, peak, args.scale)
     rep.save()
     bad = [k for k, v in rep.data["sections"].items() if v.get("status") in ("error", "failed")]
