@@ -7,6 +7,9 @@ and the tile iterator :func:`~.tiles.spans`):
 * :mod:`.tiles` -- the tile plan: default sizes from the memory budget, the tile iterator,
   out-of-memory retries with halved tiles.
 * :mod:`.problem` -- the prepared problem: checks, centring, augmented GEMM blocks.
+* :mod:`.fused` -- the fused Triton kernel sums (every pair in registers, an online
+  log-sum-exp per row), chosen by ``QUESTS_TORCH_KERNEL=triton``; the torch path below stays
+  the default and the reference.
 * :mod:`.epilogue`, :mod:`.topk` -- what one tile does after its GEMM (``exp`` and sums,
   nearest references).
 * :mod:`.sweeps` -- plain/triangular and shifted sweeps, the forward driver (far-row rescue)
