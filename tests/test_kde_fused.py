@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -98,6 +99,58 @@ def test_self_sums_pin_the_self_pair(interpret):
     got, want = _both(far, far, [0.015], same=True)
     assert torch.equal(got, torch.zeros(5, 1, dtype=torch.float64)) and torch.equal(got, want)
     _close(*_both(x, x, [0.015, 0.05], same=True))
+
+
+@pytest.mark.parametrize("n", [1, 63, 64, 65, 300])
+@pytest.mark.parametrize("hs", [[0.015], [0.01, 0.015, 0.04]])
+def test_symmetric_self_sums(interpret, n, hs):
+    """``x is y`` walks the upper triangle of blocks (each block above the diagonal counts for
+    its rows and its columns): equal to the torch path and to the all-pairs kernel."""
+    x = _close_data(n)
+    got, want = _both(x, x, hs, same=True)
+    _close(got, want)
+    p = Problem(Source(x, "x"), Source(x.clone(), "y"), hs)  # not `x is y`: every pair
+    assert not fused.symmetric(p)
+    all_pairs = fused.fused_log_sums(p)
+    _close(got, all_pairs)  # the same sums from half the pairs
+
+
+def _close_data(n: int, seed: int = 11) -> torch.Tensor:
+    """Rows of the thermal Cu descriptors (tests/data), a few h apart: the kernel terms matter,
+    unlike far random rows."""
+    from conftest import load_reference
+
+    ref = load_reference("kde")
+    x = torch.from_numpy(np.concatenate([ref["x_solid"], ref["x_liquid"]]))
+    g = torch.Generator().manual_seed(seed)
+    return x[torch.randperm(x.shape[0], generator=g)[:n]].contiguous()
+
+
+def test_symmetric_self_sums_in_panels_are_repeatable(interpret, monkeypatch):
+    """Row blocks cut into panels (each program's column sums in its own slot, summed in a
+    fixed order): the same numbers as one panel, and bit for bit the same on a second run."""
+    x = _close_data(400)
+    xs = Source(x, "x")
+    one = fused.fused_log_sums(Problem(xs, xs, [0.015], same=True))
+    block = fused._blocks(Problem(xs, xs, [0.015], same=True))[0]
+    n_blocks = -(-400 // block)
+    assert fused.panel_blocks(Problem(xs, xs, [0.015], same=True), block) == n_blocks
+    monkeypatch.setattr(fused, "panel_blocks", lambda p, block: 2)
+    calls = []
+    panels = fused.fused_log_sums(Problem(xs, xs, [0.015], same=True), lambda d, t: calls.append(d))
+    assert n_blocks >= 3 and calls == [min(400, b * block) for b in range(2, n_blocks + 2, 2)]
+    _close(panels, one)
+    assert torch.equal(panels, fused.fused_log_sums(Problem(xs, xs, [0.015], same=True)))
+    want = _torch(lambda: forward(Problem(xs, xs, [0.015], same=True), None).log_p)
+    _close(panels, want)
+
+
+def test_symmetric_float32_tiles(interpret):
+    x = _close_data(200)
+    exact = _torch(lambda: qt.kde.log_kernel_sum(x, x, 0.015))
+    got, want = _both(x.float(), x.float(), [0.015], same=True)
+    own = float((want[:, 0] - exact).abs().max())
+    assert float((got[:, 0] - exact).abs().max()) <= 2 * own + 1e-12
 
 
 def test_block_of_a_sharded_problem_pins_its_global_diagonal(interpret):

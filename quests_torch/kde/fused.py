@@ -15,6 +15,11 @@ the running sums in float64 (float32 in float32-only mode), the self pair of ``x
 exactly ``lw'_i`` (0 without weights). Results equal the torch path's to rounding (1e-12
 relative in float64, tested under the interpreter).
 
+Self sums (``x is y``, no weights: entropy, diversity) take the triangular kernel
+(:func:`fused_self_sums`): half the pairs, each block above the diagonal counted for its rows
+and its columns, the column sums of each program in a slot of its own and summed in a fixed
+order (no atomics: repeatable bit for bit).
+
 Dispatch (:func:`kernel_choice`): ``$QUESTS_TORCH_KERNEL`` = ``torch`` (the default until a
 GPU run of ``benchmarks/gpu_check.py`` decides), ``triton`` (this kernel for every problem it
 covers, on CUDA, or on CPU tensors under Triton's interpreter, ``TRITON_INTERPRET=1``) or
@@ -159,7 +164,7 @@ def _lse_kernel(
     run_max = tl.full((BLOCK_M, NB), float("-inf"), x.dtype)
     run_sum = tl.zeros((BLOCK_M, NB), acc_dtype)
     for j0 in range(0, m, BLOCK_N):
-        cols = j0 + tl.arange(0, BLOCK_N)
+        cols = (j0 + tl.arange(0, BLOCK_N)).to(tl.int64)  # offsets past 2^31
         cmask = cols < m
         qy = tl.load(QY + cols, mask=cmask, other=0.0)
         if USE_DOT:
@@ -194,9 +199,76 @@ def _lse_kernel(
     tl.store(OUT + rows[:, None] * n_h + ks[None, :], log_p, mask=out_mask)
 
 
+def _self_kernel(
+    X,
+    QX,
+    S,
+    ROWS,
+    COLS,
+    n,
+    d,
+    stride_x,
+    n_h,
+    b0,
+    n_blocks,
+    USE_DOT: tl.constexpr,
+    NB: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Self sums ``sum_j exp(-|x_i - x_j|^2 / (2 h_k^2))`` over the upper triangle of blocks.
+
+    Program ``pid`` owns row block ``bi = b0 + pid`` and walks the column blocks ``bj >= bi``:
+    each pair block adds its row sums to ``ROWS[rows]`` (``[n, NB]``, written once, by the
+    block's owner) and, above the diagonal, its column sums to ``COLS[pid, cols]`` (``[panel,
+    n, NB]``, one slot per program: summed by the caller in a fixed order, so the result is
+    the same bit for bit on every run, with no atomics). The self pair is exactly 1 and every
+    other term at most 1, so no running maximum is needed: the plain sums cannot underflow.
+    """
+    pid = tl.program_id(0)
+    bi = b0 + pid
+    rows = (bi * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)  # offsets past 2^31
+    rmask = rows < n
+    dims = tl.arange(0, BLOCK_D)
+    dmask = dims < d
+    x = tl.load(X + rows[:, None] * stride_x + dims[None, :],
+                mask=rmask[:, None] & dmask[None, :], other=0.0)  # fmt: skip
+    qx = tl.load(QX + rows, mask=rmask, other=0.0)
+    ks = tl.arange(0, NB)
+    s = tl.load(S + ks, mask=ks < n_h, other=0.0)
+    acc_dtype = ROWS.dtype.element_ty
+    row_sum = tl.zeros((BLOCK, NB), acc_dtype)
+    for bj in range(bi, n_blocks):
+        cols = (bj * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+        cmask = cols < n
+        qy = tl.load(QX + cols, mask=cmask, other=0.0)
+        if USE_DOT:
+            y = tl.load(X + cols[:, None] * stride_x + dims[None, :],
+                        mask=cmask[:, None] & dmask[None, :], other=0.0)  # fmt: skip
+            g = tl.dot(x, tl.trans(y), input_precision="ieee", out_dtype=x.dtype)
+        else:
+            g = tl.zeros((BLOCK, BLOCK), x.dtype)
+            for c in range(0, d):
+                xc = tl.load(X + rows * stride_x + c, mask=rmask, other=0.0)
+                yc = tl.load(X + cols * stride_x + c, mask=cmask, other=0.0)
+                g += xc[:, None] * yc[None, :]
+        e = tl.minimum(g + qx[:, None] + qy[None, :], 0.0)
+        e = tl.where(rows[:, None] == cols[None, :], 0.0, e)  # the self pair, exactly
+        t = e[:, :, None] * s[None, None, :]
+        valid = rmask[:, None] & cmask[None, :]
+        terms = tl.where(valid[:, :, None], tl.exp(t), 0.0).to(acc_dtype)
+        row_sum += tl.sum(terms, axis=1)
+        if bj > bi:
+            col_sum = tl.sum(terms, axis=0)
+            out = COLS + pid.to(tl.int64) * n * n_h + cols[:, None] * n_h + ks[None, :]
+            tl.store(out, col_sum, mask=cmask[:, None] & (ks[None, :] < n_h))
+    tl.store(ROWS + rows[:, None] * n_h + ks[None, :], row_sum,
+             mask=rmask[:, None] & (ks[None, :] < n_h))  # fmt: skip
+
+
 @functools.cache
-def _kernel(interpret: bool):
-    """``_lse_kernel`` jitted (Triton reads ``TRITON_INTERPRET`` when it decorates)."""
+def _kernel(interpret: bool, name: str = "_lse_kernel"):
+    """The kernel ``name`` jitted (Triton reads ``TRITON_INTERPRET`` when it decorates)."""
     import triton
     import triton.language as tl
 
@@ -206,7 +278,7 @@ def _kernel(interpret: bool):
             "in the environment before (e.g. when the process starts)"
         )
     globals()["tl"] = tl  # the kernel's `tl`, resolved by Triton from this module's globals
-    return triton.jit(_lse_kernel)
+    return triton.jit(globals()[name])
 
 
 def _blocks(p: Problem) -> tuple[int, int, int]:
@@ -220,6 +292,49 @@ def _blocks(p: Problem) -> tuple[int, int, int]:
     return side, side, block_d
 
 
+def symmetric(p: Problem) -> bool:
+    """Whether ``p`` is a dataset against itself that the triangular kernel computes: ``x is
+    y``, no weights, not a block of a sharded problem."""
+    return p.same and p.lw is None and p.row_offset == 0 and p.col_offset == 0
+
+
+def panel_blocks(p: Problem, block: int) -> int:
+    """Row blocks per panel of :func:`fused_self_sums`: as many ``[n, n_h]`` column-sum slots
+    as a quarter of the memory budget holds (at least one; all blocks at most)."""
+    per_slot = p.n * len(p.hs) * p.acc.itemsize
+    return max(1, min(-(-p.n // block), (p.budget // 4) // per_slot))
+
+
+def fused_self_sums(p: Problem, progress=None) -> torch.Tensor:
+    """``[n, n_h]`` log self sums of ``x is y`` over the upper triangle of blocks (half the
+    pairs): each block above the diagonal counts for its rows and its columns.
+
+    The column sums of each program go to a slot of their own, summed in a fixed order after
+    each panel of row blocks (as many as half the memory budget holds), so the result is
+    repeatable bit for bit. ``progress(rows_done, n)`` after each panel.
+    """
+    n, n_h = p.n, len(p.hs)
+    cols = p.cols_resident
+    x, qx = cols[:, : p.d].contiguous(), cols[:, p.d].contiguous()
+    hs = torch.tensor([1.0 / h**2 for h in p.hs], dtype=p.dtype, device=p.device)
+    block = _blocks(p)[0]
+    n_blocks = -(-n // block)
+    rows = torch.empty((n, n_h), dtype=p.acc, device=p.device)
+    col_total = torch.zeros((n, n_h), dtype=p.acc, device=p.device)
+    panel = panel_blocks(p, block)
+    meta = dict(USE_DOT=_use_dot(p), NB=1 << max(0, math.ceil(math.log2(n_h))), BLOCK=block,
+                BLOCK_D=_blocks(p)[2])  # fmt: skip
+    launch = _launcher(_kernel(_interpreting(), "_self_kernel"), p, meta)
+    for b0 in range(0, n_blocks, panel):
+        b1 = min(n_blocks, b0 + panel)
+        part = torch.zeros((b1 - b0, n, n_h), dtype=p.acc, device=p.device)
+        launch((b1 - b0,), x, qx, hs, rows, part, n, p.d, x.stride(0), n_h, b0, n_blocks)
+        col_total += part.sum(0)
+        if progress is not None:
+            progress(min(n, b1 * block), n)
+    return (rows + col_total).log_()
+
+
 def fused_log_sums(p: Problem, progress=None) -> torch.Tensor:
     """``[n, n_h]`` ``log sum_j exp(-|x_i - y_j|^2 / (2 h_k^2) + lw'_j)`` of problem ``p``
     (add ``p.lw_max`` for the weighted log density), in the accumulator dtype.
@@ -231,6 +346,8 @@ def fused_log_sums(p: Problem, progress=None) -> torch.Tensor:
     out = torch.full((n, n_h), -math.inf, dtype=p.acc, device=p.device)
     if n == 0 or m == 0:
         return out
+    if symmetric(p):
+        return fused_self_sums(p, progress)
     cols = p.cols_resident
     y = cols[:, : p.d].contiguous()
     qy = cols[:, p.d].contiguous()
