@@ -341,8 +341,8 @@ def run_tests(rep: Report, timeout: float) -> None:
             "-m",
             "pytest",
             "-q",
-            "-k",
-            "cuda",
+            "-m",
+            "cuda",  # the marker (conftest: also every test parametrised on a CUDA device)
             "-p",
             "no:cacheprovider",
             "tests",

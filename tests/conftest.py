@@ -92,12 +92,21 @@ def _is_slow(item: pytest.Item) -> bool:
     return base in names or bool(names & set(getattr(item, "fixturenames", ())))
 
 
+def _on_cuda(item: pytest.Item) -> bool:
+    """A test parametrised with a CUDA device (the ``device`` fixture's ``"cuda"``)."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return any(isinstance(v, str) and v.startswith("cuda") for v in params.values())
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark the ``slow`` tests of :data:`SLOW`; skip the ``cuda`` ones without CUDA."""
+    """Mark the ``slow`` tests of :data:`SLOW` and the tests parametrised on a CUDA device as
+    ``cuda``; skip the ``cuda`` ones without CUDA."""
     skip = pytest.mark.skip(reason="needs CUDA")
     for item in items:
         if _is_slow(item):
             item.add_marker(pytest.mark.slow)
+        if _on_cuda(item):  # `-m cuda` selects every test that runs on the GPU
+            item.add_marker(pytest.mark.cuda)
         if not CUDA_AVAILABLE and item.get_closest_marker("cuda") is not None:
             item.add_marker(skip)
 
