@@ -689,6 +689,129 @@ def fused_kernels(rep: Report, peak: dict, scale: int) -> None:
         os.environ.pop(fused.KERNEL_ENV, None)
 
 
+#: a production-size MACE of the family of the committed fixture: the architecture of
+#: MACE-MP-0 "small" (128 scalar channels, L = 3 messages, correlation 3, r_max 6 Å), built
+#: with random weights (the time of a call does not depend on the weights)
+MACE_MP_SMALL = {
+    "r_max": 6.0,
+    "num_bessel": 8,
+    "num_polynomial_cutoff": 5,
+    "max_ell": 3,
+    "num_interactions": 2,
+    "hidden_irreps": "128x0e",
+    "MLP_irreps": "16x0e",
+    "correlation": 3,
+    "radial_MLP": [64, 64, 64],
+    "atomic_numbers": [29],
+    "interaction_first": "RealAgnosticInteractionBlock",
+    "interaction": "RealAgnosticResidualInteractionBlock",
+}
+
+
+def _cu_cells(n_sys: int, n_atoms: int, seed: int = 0) -> list:
+    reps = max(1, round((n_atoms / 4) ** (1 / 3)))
+    return [fcc((reps, reps, reps), stdev=0.05, seed=seed + i) for i in range(n_sys)]
+
+
+def mace_costs(rep: Report, scale: int, batches=("1x256", "1x4000", "32x108"), calls=20) -> None:
+    """The cost of dH next to MACE as users run it: torch-sim's ``MaceModel`` alone and wrapped
+    in ``UncertaintyModel`` (a bank of the fixture's training environments), the committed
+    fixture and a production-size model, float32 and float64; medians of ``calls`` round-robin
+    calls, synchronised."""
+    try:
+        import torch_sim as ts
+        from torch_sim.models.mace import MaceModel
+
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        import train_mace_cu as tm
+    except ImportError as exc:
+        with rep.section("mace") as rec:
+            rec["status"], rec["why"] = "skipped", f"not installed: {exc}"
+        return
+    import ase.io
+
+    from quests_torch.integrations.torch_sim import UncertaintyModel
+
+    train = ase.io.read(tm.TRAIN_PATH, ":")
+    models = {
+        "fixture_16ch": lambda dtype: tm.load_mace(dtype=dtype, device=DEV),
+        "mace_mp_small_random": lambda dtype: (
+            tm.build_mace(MACE_MP_SMALL, atomic_energy=-3.7, scale=1.0, avg_num_neighbors=40.0)
+            .to(device=DEV, dtype=dtype)
+            .eval()
+        ),
+    }
+    for name, build in models.items():
+        for dtype in (torch.float32, torch.float64):
+            with rep.section(f"mace_{name}_{str(dtype)[6:]}") as rec:
+                torch.manual_seed(0)
+                bank = qt.UncertaintyBank.from_atoms(train, dtype=dtype, device=DEV)
+                mace = MaceModel(build(dtype), device=torch.device(DEV), dtype=dtype,
+                                 compute_forces=True, compute_stress=False)  # fmt: skip
+                wrapped = UncertaintyModel(mace, bank)
+                rec["bank"] = bank.n_references
+                for spec in batches:
+                    n_sys, n_atoms = (int(v) for v in spec.split("x"))
+                    n_atoms = max(4, n_atoms // scale)
+                    state = ts.io.atoms_to_state(_cu_cells(n_sys, n_atoms), DEV, dtype)
+                    cases = {"mace": mace, "wrapped": wrapped}
+                    times: dict[str, list[float]] = {c: [] for c in cases}
+                    for c in cases:  # warm-up: compile, caches, the bank's neighbour list
+                        cases[c](state)
+                        cases[c](state)
+                    for _ in range(calls):
+                        for c, fn in cases.items():
+                            sync()
+                            t0 = time.perf_counter()
+                            fn(state)
+                            sync()
+                            times[c].append(time.perf_counter() - t0)
+                    med = {c: float(np.median(v)) for c, v in times.items()}
+                    rec[f"{spec}_atoms"] = int(state.n_atoms)
+                    rec[f"{spec}_mace_ms"] = round(med["mace"] * 1e3, 3)
+                    rec[f"{spec}_wrapped_ms"] = round(med["wrapped"] * 1e3, 3)
+                    rec[f"{spec}_added_percent"] = round(
+                        100 * (med["wrapped"] / med["mace"] - 1), 1
+                    )
+
+
+def screening_end_to_end(rep: Report, scale: int) -> None:
+    """A trajectory of 10^6 atoms (at scale 1) screened end to end from its extxyz file:
+    frames and atoms per second and the time shares of reading, descriptors, kernel sums and
+    clusters (the stage timings of :func:`quests_torch.screening.screen_trajectory`)."""
+    import ase.io
+
+    from quests_torch import screening
+
+    with rep.section("screening_end_to_end") as rec:
+        n_frames, per = max(4, 2000 // scale), 500
+        work = Path(tempfile.mkdtemp(prefix="gpu_check_screen_"))
+        traj = work / "md.extxyz"
+        t0 = time.perf_counter()
+        frames = [fcc((5, 5, 5), stdev=0.05 + 0.1 * (i % 7 == 0), seed=i) for i in range(n_frames)]
+        ase.io.write(traj, frames)
+        rec["write_seconds"] = round(time.perf_counter() - t0, 2)
+        ref = qt.get_descriptors(frames[1 : max(2, n_frames // 50)], device=DEV)
+        rec.update(frames=n_frames, atoms=n_frames * per, references=int(ref.shape[0]))
+        res = screening.screen_trajectory(traj, ref, work / "t.csv", device=DEV)
+        sync()
+        rec["seconds"] = round(res.seconds, 3)
+        rec["frames_per_s"] = round(n_frames / res.seconds, 1)
+        rec["atoms_per_s"] = round(n_frames * per / res.seconds)
+        # stage seconds (reading runs in a prefetch thread, overlapping the others)
+        stages = res.timings.as_dict()
+        rec["stage_seconds"] = stages
+        busy = sum(stages.values())
+        rec["stage_shares"] = {k: round(v / busy, 3) for k, v in stages.items()} if busy else {}
+        shutil_rm(work)
+
+
+def shutil_rm(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("gpu_check.json"))
@@ -698,6 +821,12 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-tests", action="store_true")
     ap.add_argument("--skip-timings", action="store_true")
     ap.add_argument("--test-timeout", type=float, default=150.0)
+    groups = ("timings", "fused", "mace", "screening", "epilogue")
+    ap.add_argument(
+        "--only",
+        default=",".join(groups),
+        help="timed groups to run, comma-separated (default all)",
+    )
     args = ap.parse_args(argv)
     global DEV
     if args.dry_run_cpu:
@@ -733,9 +862,17 @@ def main(argv=None) -> int:
     if not args.skip_tests:
         run_tests(rep, min(args.test_timeout, max(30.0, rep.left() - 240)))
     if not args.skip_timings and peak:
-        timings(rep, peak, args.scale)
-        fused_kernels(rep, peak, args.scale)
-        epilogue(rep, peak, args.scale)
+        only = set(args.only.split(","))
+        if "timings" in only:
+            timings(rep, peak, args.scale)
+        if "fused" in only:
+            fused_kernels(rep, peak, args.scale)
+        if "mace" in only:
+            mace_costs(rep, args.scale)
+        if "screening" in only:
+            screening_end_to_end(rep, args.scale)
+        if "epilogue" in only:
+            epilogue(rep, peak, args.scale)
     rep.save()
     bad = [k for k, v in rep.data["sections"].items() if v.get("status") in ("error", "failed")]
     print(f"gpu_check: {len(rep.data['sections'])} sections, problems: {bad or 'none'}")
