@@ -142,6 +142,25 @@ def _drawn(gen: torch.Generator, n: int, m: int) -> torch.Tensor:
     return state
 
 
+#: bytes a planned subset holds beside its row indices (the task, its generator state)
+_TASK_BYTES = 512
+
+
+def _check_plan_memory(n: int, sizes: torch.Tensor, repeats: int) -> None:
+    """Refuse, before drawing anything, a plan whose subsets cannot be held in memory: each
+    repeat of a size below ``n`` keeps its ``size`` int64 row indices and a task."""
+    from ._memory import available_memory
+
+    per_repeat = sum(8 * s + _TASK_BYTES for s in sizes.tolist() if s < n) + _TASK_BYTES
+    need, have = repeats * per_repeat, available_memory()
+    if need > have:
+        raise ValueError(
+            f"`repeats` = {repeats} needs the row indices of {repeats} subsets per size, "
+            f"{need / 2**30:.3g} GiB, more than the {have / 2**30:.3g} GiB available; "
+            f"use fewer repeats (at most {max(1, have // per_repeat)} here)"
+        )
+
+
 def plan_learning_curve(
     x: ArrayLike,
     sizes: Sequence[int] | torch.Tensor | None = None,
@@ -162,6 +181,7 @@ def plan_learning_curve(
     n = src.n
     sizes_t = _curve_sizes(n, sizes)
     repeats = check_positive_int(repeats, "repeats")
+    _check_plan_memory(n, sizes_t, repeats)
     resolve_rows(rows, n)  # checks `rows` once, against the whole set
     gen = check_generator(generator)
     tasks: list[CurveTask] = []

@@ -545,3 +545,41 @@ def test_cli_resumed_checkpoint_is_not_an_alias(structures, tmp_path, capsys):
     assert _main(capsys, *argv)[0] == 0 and ckpt.exists()
     code, err = _main(capsys, *argv)
     assert code == 0, err
+
+
+# --------------------------------------------------------------------------------------------
+# learning-curve --repeats beyond the memory (noticed while fixing item 8): it hung drawing
+# 2**70 subsets one by one; now refused before drawing, with exit 2 naming --repeats
+# --------------------------------------------------------------------------------------------
+
+
+def test_learning_curve_repeats_beyond_the_memory_exit_2_at_once(structures, capsys):
+    import time
+
+    start = time.perf_counter()
+    code, err = _main(capsys, "learning-curve", structures, "--repeats", 2**70, "-q")
+    assert code == 2 and time.perf_counter() - start < 30
+    assert "`repeats` = 1180591620717411303424" in err and "use fewer repeats" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_learning_curve_plan_refuses_before_drawing(monkeypatch):
+    """The library refuses too, before one subset is drawn; a plan that fits is unchanged."""
+    from quests_torch import _memory, learning_curve
+
+    x = torch.rand(40, 5, dtype=torch.float64)
+    plan = learning_curve.plan_learning_curve(x, [10, 20, 40], repeats=3, generator=0)
+    assert len(plan.tasks) == 9
+    per_repeat = 8 * (10 + 20) + 3 * learning_curve._TASK_BYTES
+    monkeypatch.setattr(_memory, "_available_ram", lambda: 3 * per_repeat)
+    again = learning_curve.plan_learning_curve(x, [10, 20, 40], repeats=3, generator=0)
+    assert [t.rows is None or t.rows.tolist() for t in again.tasks] == [
+        t.rows is None or t.rows.tolist() for t in plan.tasks
+    ]
+
+    def no_draw(*args, **kwargs):
+        raise AssertionError("a subset was drawn before the refusal")
+
+    monkeypatch.setattr(learning_curve, "sample_rows", no_draw)
+    with pytest.raises(ValueError, match=r"`repeats` = 4 .* \(at most 3 here\)"):
+        learning_curve.plan_learning_curve(x, [10, 20, 40], repeats=4, generator=0)
