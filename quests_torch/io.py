@@ -44,6 +44,7 @@ __all__ = [
     "count_frames",
     "default_cache_dir",
     "file_sha256",
+    "fsync_dir",
     "is_descriptor_file",
     "iter_structures",
     "load_descriptors",
@@ -106,7 +107,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _new_temp_file(path: Path) -> Path:
@@ -127,7 +128,8 @@ def _new_temp_file(path: Path) -> Path:
     raise FileExistsError(f"{path}: could not create a temporary file next to it")
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """``fsync`` a folder, so that the renames and new files in it are durable."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:  # pragma: no cover - platforms without directory fds

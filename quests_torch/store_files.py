@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .checks import MAX_K
+from .io import fsync_dir
 from .resume import lock_path
 
 __all__ = [
@@ -425,17 +426,9 @@ def is_complete(folder: Path) -> bool:
 
 
 def sync_folder(folder: Path) -> None:
-    """``fsync`` a folder, so that the renames in it are durable."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # pragma: no cover - a platform without folder descriptors
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
+    """``fsync`` a folder, so that the renames in it are durable (as :mod:`quests_torch.io`
+    does after its atomic writes)."""
+    fsync_dir(folder)
 
 
 def check_store_contents(folder: Path) -> None:
