@@ -47,7 +47,11 @@ __all__ = [
     "covers",
     "dot_status",
     "fused_log_sums",
+    "fused_self_sums",
     "kernel_choice",
+    "panel_blocks",
+    "symmetric",
+    "triton_available",
     "use_fused",
 ]
 
