@@ -1,0 +1,199 @@
+"""quests_torch.readers: the (ext)xyz frame index, the fast parser against ASE bit for bit,
+the reader pool (order, bounded read-ahead, errors) and the wiring into the readers of
+trajectories."""
+
+from __future__ import annotations
+
+import os
+
+import ase.io
+import numpy as np
+import pytest
+from ase import Atoms
+from ase.calculators.singlepoint import SinglePointCalculator
+
+from quests_torch.readers import frame_index, parse_frame, read_frames, scan_xyz, select_frames
+
+LATTICE = 'Lattice="4.1 0.0 0.0 0.0 4.2 0.0 0.0 0.0 4.3"'
+TRICLINIC = 'Lattice="4.0 0.1 0.0 0.7 3.9 0.2 -0.3 0.4 5.1"'
+
+#: name -> (file text, whether every frame takes the fast path)
+CORPUS = {
+    "plain_xyz_molecule": (
+        "3\nwater\nO 0.0 0.0 0.1173\nH 0.0 0.7572 -0.4692\nH 0 -0.7572 -0.4692\n",
+        True,
+    ),
+    "empty_comment": ("2\n\nC 0 0 0\nO 0 0 1.128\n", True),
+    "lattice_default_pbc": (
+        f"2\n{LATTICE} Properties=species:S:1:pos:R:3\nCu 0 0 0\nCu 2.05 2.1 2.15\n",
+        True,
+    ),
+    "pbc_mixed": (
+        f'2\n{LATTICE} Properties=species:S:1:pos:R:3 pbc="T F T"\nCu 0 0 0\nAu 1 2 3\n',
+        True,
+    ),
+    "pbc_no_lattice": ('1\nProperties=species:S:1:pos:R:3 pbc="F F F"\nNe 0.5 0.25 0.125\n', True),
+    "triclinic": (
+        f"2\n{TRICLINIC} Properties=species:S:1:pos:R:3\nSi 0.1 0.2 0.3\nSi 1.1e0 2.2E-1 -3.3\n",
+        True,
+    ),
+    "integer_lattice": (
+        '1\nLattice="5 0 0 0 5 0 0 0 5" Properties=species:S:1:pos:R:3\nAr 1 2 3\n',
+        True,
+    ),
+    "pos_before_species": (
+        f"2\n{LATTICE} Properties=pos:R:3:species:S:1\n0 0 0 Cu\n1.5 1.5 1.5 Zn\n",
+        True,
+    ),
+    "forces_masses_after": (
+        f"2\n{LATTICE} Properties=species:S:1:pos:R:3:forces:R:3:masses:R:1 energy=-1.5\n"
+        "Cu 0 0 0 0.1 0.2 0.3 63.5\nCu 1 1 1 -0.1 -0.2 -0.3 63.5\n",
+        True,
+    ),
+    "ids_before": (
+        f"2\n{LATTICE} Properties=id:I:1:species:S:1:pos:R:3\n1 Cu 0 0 0\n2 Cu 1 1 1\n",
+        True,
+    ),
+    "logical_column": (
+        f"2\n{LATTICE} Properties=species:S:1:pos:R:3:fix:L:1\nCu 0 0 0 T\nFe 1 1 1 F\n",
+        True,
+    ),
+    "info_quotes_spaces": (
+        f"1\n{LATTICE} comment=\"a frame with spaces\" name='x y' Properties=species:S:1:pos:R:3 "
+        'tag={1 2 3} pbc="T T T"\nCu 0.5 0.5 0.5\n',
+        True,
+    ),
+    "lowercase_symbols": ("2\n\ncu 0 0 0\nFE 1 1 1\n", True),
+    "blank_trailing_lines": ("1\nx\nH 0 0 0\n1\ny\nH 0 0 1\n\n\n\n", True),
+    "windows_line_endings": (
+        f"2\r\n{LATTICE} Properties=species:S:1:pos:R:3\r\nCu 0 0 0\r\nCu 1 1 1\r\n",
+        True,
+    ),
+    "no_final_newline": ("1\nx\nH 0 0 0\n1\ny\nH 0 0 1", True),
+    "varying_sizes": (
+        "1\na\nH 0 0 0\n3\nb\nH 0 0 0\nH 0 0 1\nO 0 1 0\n2\nc\nC 0 0 0\nC 0 0 1.2\n",
+        True,
+    ),
+    # read by ASE: layouts the fast path does not map
+    "plain_xyz_extra_columns": ("2\nno properties\nCu 0 0 0 9 9\nCu 1 1 1 9 9\n", False),
+    "z_column": (f"2\n{LATTICE} Properties=Z:I:1:pos:R:3\n29 0 0 0\n29 1 1 1\n", False),
+    "vec_lines": ("2\ncell\nC 0 0 0\nC 1 1 1\nVEC1 3.0 0 0\nVEC2 0 3.0 0\nVEC3 0 0 3.0\n", False),
+}
+
+
+def _write(tmp_path, name: str, text: str) -> str:
+    path = tmp_path / f"{name}.extxyz"
+    path.write_bytes(text.encode())
+    return str(path)
+
+
+def _assert_same(got: list, ref: list) -> None:
+    assert len(got) == len(ref)
+    for g, r in zip(got, ref, strict=True):
+        np.testing.assert_array_equal(g.numbers, r.numbers)
+        assert g.positions.dtype == np.float64
+        assert g.positions.tobytes() == np.asarray(r.positions, dtype=np.float64).tobytes()
+        assert g.cell.tobytes() == np.asarray(r.cell.array, dtype=np.float64).tobytes()
+        np.testing.assert_array_equal(g.pbc, r.pbc)
+
+
+@pytest.mark.parametrize("name", sorted(CORPUS))
+def test_fast_reader_gives_the_frames_ase_gives_bit_for_bit(tmp_path, name):
+    text, fast = CORPUS[name]
+    path = _write(tmp_path, name, text)
+    index = scan_xyz(path)
+    got = read_frames(path, index.starts, index.stops)
+    _assert_same(got, ase.io.read(path, ":"))
+    with open(path, "rb") as fh:
+        blob = fh.read()
+    parsed = [parse_frame(blob[a:b]) for a, b in zip(index.starts, index.stops, strict=True)]
+    assert all(p is not None for p in parsed) == fast
+
+
+def test_fast_reader_matches_ase_on_written_trajectories(tmp_path):
+    rng = np.random.default_rng(3)
+    frames = []
+    for i in range(6):
+        a = Atoms(
+            ["Cu", "Zn", "O"][: 1 + i % 3] * 4,
+            positions=rng.normal(size=(4 * (1 + i % 3), 3)) * 3,
+            cell=rng.normal(size=(3, 3)) + 6 * np.eye(3) if i % 2 else None,
+            pbc=[True, i % 3 == 0, True] if i % 2 else False,
+        )
+        a.calc = SinglePointCalculator(a, energy=float(i), forces=rng.normal(size=(len(a), 3)))
+        a.info["note"] = f"frame {i} of six"
+        a.arrays["charge_like"] = rng.normal(size=len(a))
+        frames.append(a)
+    path = tmp_path / "written.extxyz"
+    ase.io.write(path, frames, format="extxyz")
+    index = scan_xyz(path)
+    _assert_same(read_frames(path, index.starts, index.stops), ase.io.read(path, ":"))
+
+
+def test_fast_path_off_reads_through_ase(tmp_path):
+    path = _write(tmp_path, "x", CORPUS["forces_masses_after"][0])
+    index = scan_xyz(path)
+    _assert_same(read_frames(path, index.starts, index.stops, fast=False), ase.io.read(path, ":"))
+
+
+@pytest.mark.parametrize("block", [7, 64, 1 << 20])
+def test_scan_finds_every_frame_at_any_block_size(tmp_path, block):
+    text = CORPUS["varying_sizes"][0] * 5
+    path = _write(tmp_path, "v", text)
+    index = scan_xyz(path, block=block)
+    assert index.n_atoms.tolist() == [1, 3, 2] * 5
+    blob = text.encode()
+    assert all(blob[a : a + 1].strip() for a in index.starts)  # each starts at its count
+    assert index.stops[-1] == len(blob)
+    assert (index.starts[1:] == index.stops[:-1]).all()
+
+
+def test_scan_refuses_a_truncated_frame_and_a_bad_header(tmp_path):
+    bad = _write(tmp_path, "short", "3\nx\nH 0 0 0\n")
+    with pytest.raises(ValueError, match="frame 1 claims 3 atoms"):
+        scan_xyz(bad)
+    bad = _write(tmp_path, "header", "1\nx\nH 0 0 0\nten\nx\n")
+    with pytest.raises(ValueError, match="line 4 should be the atom count of frame 2"):
+        scan_xyz(bad)
+
+
+@pytest.mark.parametrize("index", [":", "0:3", "1::2", "-1", "-2:", "::-1", "7", "2:1", "-3:-1"])
+def test_selection_maps_to_the_frames_ase_selects(tmp_path, index):
+    frames = [Atoms("H", positions=[[0, 0, i]]) for i in range(5)]
+    path = tmp_path / "h.extxyz"
+    ase.io.write(path, frames)
+    chosen = select_frames(5, index)
+    ref = ase.io.read(path, index) if index != "7" else []
+    ref = ref if isinstance(ref, list) else [ref]
+    assert [float(a.positions[0, 2]) for a in ref] == chosen.astype(float).tolist()
+
+
+def test_select_frames_refuses_a_bad_index():
+    with pytest.raises(ValueError, match="invalid index"):
+        select_frames(3, "a:b")
+
+
+def test_index_is_cached_and_refused_once_the_file_changes(tmp_path, monkeypatch):
+    from quests_torch.readers import index as index_module
+
+    cache = tmp_path / "cache"
+    path = _write(tmp_path, "c", CORPUS["varying_sizes"][0])
+    first = frame_index(path, cache_dir=cache)
+    assert len(list((cache / "frame-index").glob("*.npz"))) == 1
+    scans = []
+    real = index_module.scan_xyz
+    monkeypatch.setattr(index_module, "scan_xyz", lambda p: scans.append(p) or real(p))
+    again = frame_index(path, cache_dir=cache)  # a hit: no rescan
+    assert scans == [] and again.starts.tolist() == first.starts.tolist()
+    # rewritten with the same size: the identity (mtime, head hash) changes, the entry is refused
+    text = CORPUS["varying_sizes"][0].replace("O 0 1 0", "N 0 1 0")  # same size
+    with open(path, "wb") as fh:
+        fh.write(text.encode())
+    os.utime(path, ns=(0, 0))
+    assert frame_index(path, cache_dir=cache).n_atoms.tolist() == [1, 3, 2]
+    assert len(scans) == 1  # the entry was refused: rescanned
+    frame_index(path, cache_dir=cache)
+    assert len(scans) == 1  # and replaced
+    with open(path, "ab") as fh:  # grown by a frame
+        fh.write(b"1\nd\nH 0 0 0\n")
+    assert frame_index(path, cache_dir=cache).n_atoms.tolist() == [1, 3, 2, 1]
