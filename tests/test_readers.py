@@ -197,3 +197,84 @@ def test_index_is_cached_and_refused_once_the_file_changes(tmp_path, monkeypatch
     with open(path, "ab") as fh:  # grown by a frame
         fh.write(b"1\nd\nH 0 0 0\n")
     assert frame_index(path, cache_dir=cache).n_atoms.tolist() == [1, 3, 2, 1]
+
+
+# --- the reader pool: one pool of 2 processes for the module (spawn costs ~1-2 s each) ---
+
+
+def _numbered(tmp_path, n_frames: int, name: str = "numbered", garbage_at: int | None = None):
+    """Frames of 1-3 atoms whose z coordinate is the frame number."""
+    parts = []
+    for i in range(n_frames):
+        atoms = 1 + i % 3
+        lines = [f"{'Xx' if i == garbage_at else 'H'} 0.5 0.25 {i}" for _ in range(atoms)]
+        if i == garbage_at:
+            lines = ["H 0.5 0.25 nope-not-a-number"] * atoms
+        parts.append(f"{atoms}\n{LATTICE} Properties=species:S:1:pos:R:3\n" + "\n".join(lines))
+    path = tmp_path / f"{name}.extxyz"
+    path.write_text("\n".join(parts) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def pool():
+    from quests_torch.readers.pool import ReaderPool
+
+    with ReaderPool(2, in_flight=3, chunk_atoms=4) as p:
+        yield p
+
+
+def test_pool_hands_frames_back_in_order(tmp_path, pool):
+    path = _numbered(tmp_path, 60)
+    index = frame_index(path, cache=False)
+    for selection in (":", "5:50:3", "::-2"):
+        frames = select_frames(len(index), selection)
+        got = [int(r.positions[0, 2]) for r in pool.records(path, index, frames)]
+        assert got == frames.tolist()
+    ref = read_frames(path, index.starts, index.stops)
+    _assert_same(list(pool.records(path, index, np.arange(60))), [r.to_atoms() for r in ref])
+
+
+def test_pool_reads_ahead_a_bounded_number_of_chunks(tmp_path, pool):
+    import time
+
+    path = _numbered(tmp_path, 40, "slow")
+    index = frame_index(path, cache=False)
+    pool.max_ahead = 0
+    for i, _ in enumerate(pool.records(path, index, np.arange(40))):
+        if i < 6:
+            time.sleep(0.05)  # a slow consumer: the readers wait for it
+    assert 1 <= pool.max_ahead <= pool.in_flight == 3
+
+
+def test_pool_error_names_the_frame_and_leaves_no_process(tmp_path, pool):
+    import multiprocessing
+
+    path = _numbered(tmp_path, 30, "garbage", garbage_at=17)
+    index = frame_index(path, cache=False)
+    with pytest.raises(ValueError, match=r"structure 17 of the selection, frame 17 of the file"):
+        list(pool.records(path, index, np.arange(30)))
+    with pytest.raises(ValueError, match=r"structure 7 of the selection, frame 17 of the file"):
+        list(pool.records(path, index, np.arange(10, 30)))
+    # an abandoned iteration: the pool stays usable
+    records = pool.records(path, index, np.arange(10))
+    next(records)
+    records.close()
+    assert [int(r.positions[0, 2]) for r in pool.records(path, index, np.arange(3))] == [0, 1, 2]
+    pool.close()
+    assert multiprocessing.active_children() == []
+
+
+def test_in_process_reader_names_the_bad_frame(tmp_path):
+    from quests_torch.readers.pool import iter_records
+
+    path = _numbered(tmp_path, 8, "bad", garbage_at=5)
+    with pytest.raises(ValueError, match=r"structure 3 of the selection, frame 5 of the file"):
+        list(iter_records(path, "2:", cache=False))
+
+
+def test_readers_must_be_a_count():
+    from quests_torch.readers.pool import ReaderPool
+
+    with pytest.raises(ValueError, match="`readers` must be an integer >= 0"):
+        ReaderPool(-1)

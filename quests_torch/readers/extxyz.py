@@ -96,16 +96,30 @@ def _columns(properties: str) -> tuple[int, int, int, bool] | None:
     return species, pos, col, loose
 
 
+_LAST_COMMENT: list = [None, None]  # the last comment line and what it held
+
+
+def _comment_info(line: bytes) -> dict:
+    """``Lattice``, ``Properties`` and ``pbc`` of a comment line, by ASE's key=value parser
+    (the previous line's result again when the line repeats, as in most trajectories)."""
+    if line == _LAST_COMMENT[0]:
+        return _LAST_COMMENT[1]
+    from ase.io.extxyz import key_val_str_to_dict
+
+    comment = line.decode().strip()
+    info = key_val_str_to_dict(comment) if comment else {}
+    info = {key: info[key] for key in ("Lattice", "Properties", "pbc") if key in info}
+    _LAST_COMMENT[:] = [line, info]
+    return info
+
+
 def parse_frame(data: bytes) -> FrameRecord | None:
     """One frame (its header, comment and atom lines, as bytes) by the fast path, or ``None``
     when it is not a layout the fast path maps (then :func:`read_frame_ase` reads it)."""
-    from ase.io.extxyz import key_val_str_to_dict
-
     lines = data.split(b"\n", 2)
     try:
         n = int(lines[0].split()[0])
-        comment = lines[1].decode().strip()
-        info = key_val_str_to_dict(comment) if comment else {}
+        info = _comment_info(lines[1])
     except Exception:
         return None
     properties = info.get("Properties", _DEFAULT_PROPERTIES)
