@@ -278,3 +278,100 @@ def test_readers_must_be_a_count():
 
     with pytest.raises(ValueError, match="`readers` must be an integer >= 0"):
         ReaderPool(-1)
+
+
+# --- wiring: iter_structures, the descriptor store and the screening read through the readers
+
+
+@pytest.fixture
+def md(tmp_path):
+    """12 rattled fcc frames of two sizes, with forces and an energy (written by ASE)."""
+    from ase.build import bulk
+
+    rng = np.random.default_rng(7)
+    frames = []
+    for i in range(12):
+        a = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 2, 2 + i % 2))
+        a.positions += rng.normal(scale=0.08, size=a.positions.shape)
+        a.calc = SinglePointCalculator(a, energy=-float(i), forces=rng.normal(size=(len(a), 3)))
+        frames.append(a)
+    path = tmp_path / "md.extxyz"
+    ase.io.write(path, frames, format="extxyz")
+    return path
+
+
+@pytest.fixture
+def pool_for_small_files(monkeypatch):
+    """Reader processes for any selection (they start only above MIN_POOL_ATOMS atoms)."""
+    from quests_torch.readers import pool as pool_module
+
+    monkeypatch.setattr(pool_module, "MIN_POOL_ATOMS", 0)
+
+
+@pytest.mark.parametrize("index", [":", "3:9:2", "-1"])
+def test_iter_structures_fast_gives_ases_frames(md, index):
+    from quests_torch import io
+
+    ref = list(io.iter_structures(md, index))
+    _assert_same(list(io.iter_structures(md, index, readers=0)), ref)
+
+
+def test_iter_structures_fast_refuses_nan_and_bad_headers(tmp_path):
+    from quests_torch import io
+
+    nan = _write(tmp_path, "t", "1\nx\nH 0 0 0\n1\nx\nH nan 0 0\n")
+    with pytest.raises(ValueError, match=r"t\.extxyz: structure 1 .* non-finite positions"):
+        list(io.iter_structures(nan, readers=0))
+    bad = _write(tmp_path, "bad", "1\nx\nH 0 0 0\n100000000000\nx\nH 0 0 0\n")
+    with pytest.raises(ValueError, match=r"bad\.extxyz: cannot read structures \(frame 2 claims"):
+        next(io.iter_structures(bad, readers=2))
+
+
+def test_store_resumed_with_readers_equals_the_in_process_store(md, tmp_path, monkeypatch,
+                                                                pool_for_small_files):  # fmt: skip
+    import quests_torch as qt
+    from quests_torch import store_writer
+
+    whole = qt.write_descriptor_store(md, tmp_path / "whole.qstore", batch_atoms=70)
+    ase_frames = ase.io.read(md, ":")
+    real = store_writer.frames_after
+    out = tmp_path / "cut.qstore"
+    with monkeypatch.context() as m:
+
+        def failing(trajectory, index, done, **kw):
+            for i, atoms in enumerate(real(trajectory, index, done, **kw)):
+                if i == 7:
+                    raise RuntimeError("interrupted")
+                yield atoms
+
+        m.setattr(store_writer, "frames_after", failing)
+        with pytest.raises(RuntimeError, match="interrupted"):
+            qt.write_descriptor_store(md, out, batch_atoms=70, readers=2)
+    seen = []
+    with monkeypatch.context() as m:
+        m.setattr(store_writer, "frames_after",
+                  lambda t, i, d, **kw: seen.append((d, kw)) or real(t, i, d, **kw))  # fmt: skip
+        resumed = qt.write_descriptor_store(md, out, readers=2)
+    assert 0 < seen[0][0] < 12 and seen[0][1] == {"readers": 2}
+    for name in ("descriptors.npy", "n_atoms.npy"):
+        assert (out / name).read_bytes() == (whole.path / name).read_bytes()
+    assert resumed.n_atoms.tolist() == [len(a) for a in ase_frames]
+
+
+def test_screening_tables_do_not_depend_on_the_reader(md, tmp_path, pool_for_small_files):
+    import torch
+
+    import quests_torch as qt
+
+    reference = qt.get_descriptors(ase.io.read(md, "0:2"), dtype=torch.float64)
+    tables = {}
+    for name, kw in {
+        "ase": {"extxyz": tmp_path / "ase.extxyz"},  # a per-atom extxyz: frames read by ASE
+        "fast": {"readers": 0},
+        "pool": {"readers": 2},
+    }.items():
+        qt.screen_trajectory(md, reference, tmp_path / f"{name}.csv", batch_atoms=100, **kw)
+        tables[name] = (tmp_path / f"{name}.csv").read_bytes()
+    assert tables["fast"] == tables["ase"] and tables["pool"] == tables["ase"]
+    with pytest.raises(ValueError, match="`readers` must be an integer >= 0"):
+        qt.screen_trajectory(md, reference, tmp_path / "x.csv", readers=-1)

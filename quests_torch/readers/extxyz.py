@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["FrameRecord", "parse_frame", "read_frame_ase", "read_frames"]
+__all__ = ["FrameReadError", "FrameRecord", "parse_frame", "read_frame_ase", "read_frames"]
 
 
 @dataclass(frozen=True)
@@ -202,13 +202,18 @@ def read_frames(
                 try:
                     record = read_frame_ase(data)
                 except Exception as exc:
-                    raise _FrameError(i, f"{type(exc).__name__}: {exc}") from None
+                    raise FrameReadError(i, f"{type(exc).__name__}: {exc}") from None
             out.append(record)
     return out
 
 
-class _FrameError(ValueError):
-    """A frame that cannot be read: ``.frame`` is its position among the ranges read."""
+class FrameReadError(ValueError):
+    """A frame that neither the fast path nor ASE reads (raised by :func:`read_frames`).
+
+    Attributes:
+        frame: its position among the ranges read (from 0).
+        message: what went wrong (ASE's error).
+    """
 
     def __init__(self, frame: int, message: str) -> None:
         super().__init__(message)
@@ -216,4 +221,4 @@ class _FrameError(ValueError):
         self.message = message
 
     def __reduce__(self):  # picklable across reader processes
-        return (_FrameError, (self.frame, self.message))
+        return (FrameReadError, (self.frame, self.message))

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..io import atomic_write, check_index, default_cache_dir
+
 __all__ = ["FrameIndex", "file_identity", "frame_index", "scan_xyz", "select_frames"]
 
 #: version of the cached index layout; an entry of another version is rescanned
@@ -162,8 +164,6 @@ def frame_index(
     Raises:
         ValueError: as :func:`scan_xyz`.
     """
-    from ..io import atomic_write, default_cache_dir
-
     path = Path(path)
     if not cache:
         return scan_xyz(path)
@@ -207,8 +207,6 @@ def select_frames(n_frames: int, index: str) -> np.ndarray:
     Raises:
         ValueError: not an ASE index/slice string.
     """
-    from ..io import check_index
-
     check_index(index)
     from ase.io.formats import string2index
 

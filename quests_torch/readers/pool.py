@@ -21,7 +21,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 
 import numpy as np
 
-from .extxyz import FrameRecord, _FrameError, read_frames
+from .extxyz import FrameReadError, FrameRecord, read_frames
 from .index import FrameIndex, frame_index, select_frames
 
 __all__ = ["DEFAULT_CHUNK_ATOMS", "ReaderPool", "default_readers", "iter_records"]
@@ -127,7 +127,7 @@ class ReaderPool:
         chunks = _chunks(index.n_atoms[frames], self.chunk_atoms)
         path = os.fspath(path)
 
-        def failed(exc: _FrameError, first: int) -> ValueError:
+        def failed(exc: FrameReadError, first: int) -> ValueError:
             at = first + exc.frame
             return ValueError(
                 f"{path}: cannot read structures (structure {at} of the selection, frame "
@@ -138,7 +138,7 @@ class ReaderPool:
             for a, b in chunks:
                 try:
                     yield from read_frames(path, starts[a:b], stops[a:b], fast=fast)
-                except _FrameError as exc:
+                except FrameReadError as exc:
                     raise failed(exc, a) from None
             return
         pool = self._pool()
@@ -159,7 +159,7 @@ class ReaderPool:
                 a, future = pending.popleft()
                 try:
                     records = future.result()
-                except _FrameError as exc:
+                except FrameReadError as exc:
                     raise failed(exc, a) from None
                 yield from records
         finally:
@@ -188,9 +188,13 @@ def iter_records(
         fast: the fast parser (``False``: every frame through ASE).
 
     Raises:
-        ValueError: an unreadable file or frame (named).
+        ValueError: an unreadable file (``<path>: cannot read structures (...)``: a header
+            that is not an atom count, a frame cut short) or frame (named).
     """
-    fi = frame_index(path, cache=cache)
+    try:
+        fi = frame_index(path, cache=cache)
+    except ValueError as exc:
+        raise ValueError(f"{path}: cannot read structures ({exc})") from None
     frames = select_frames(len(fi), index)
     if pool is not None:
         yield from pool.records(path, fi, frames, fast=fast)
