@@ -314,8 +314,10 @@ def count_frames(path: str | os.PathLike, index: str = ":") -> int | None:
 
             with Trajectory(str(p)) as traj:
                 total = len(traj)
-        elif _is_xyz(p):
-            total = _count_xyz_frames(p)
+        elif _is_xyz(p):  # the readers' frame index (cached: a resume does not rescan)
+            from .readers.index import frame_index
+
+            total = len(frame_index(p))
     except Exception:
         return None
     if total is None:

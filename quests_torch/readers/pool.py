@@ -49,6 +49,37 @@ def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def _read_packed(path: str, starts: np.ndarray, stops: np.ndarray, fast: bool) -> tuple:
+    """A reader's chunk as five arrays (one pickle, not four per frame): the atoms of each
+    frame, numbers and positions of all, cells and pbc per frame."""
+    records = read_frames(path, starts, stops, fast=fast)
+    counts = np.array([len(r.numbers) for r in records], dtype=np.int64)
+    if not records:
+        return (
+            counts,
+            np.zeros(0, np.int64),
+            np.zeros((0, 3)),
+            np.zeros((0, 3, 3)),
+            np.zeros((0, 3), bool),
+        )
+    return (
+        counts,
+        np.concatenate([r.numbers for r in records]),
+        np.concatenate([r.positions for r in records]),
+        np.stack([r.cell for r in records]),
+        np.stack([r.pbc for r in records]),
+    )
+
+
+def _unpacked(packed: tuple) -> Iterator[FrameRecord]:
+    counts, numbers, positions, cells, pbcs = packed
+    ends = np.cumsum(counts).tolist()
+    a = 0
+    for i, b in enumerate(ends):
+        yield FrameRecord(numbers[a:b], positions[a:b], cells[i], pbcs[i])
+        a = b
+
+
 def _chunks(n_atoms: np.ndarray, chunk_atoms: int) -> list[tuple[int, int]]:
     """``[start, stop)`` positions cutting ``n_atoms`` into runs of about ``chunk_atoms``."""
     out = []
@@ -151,17 +182,17 @@ class ReaderPool:
                     if chunk is None:
                         break
                     a, b = chunk
-                    future = pool.submit(read_frames, path, starts[a:b], stops[a:b], fast=fast)
+                    future = pool.submit(_read_packed, path, starts[a:b], stops[a:b], fast)
                     pending.append((a, future))
                 self.max_ahead = max(self.max_ahead, len(pending))
                 if not pending:
                     return
                 a, future = pending.popleft()
                 try:
-                    records = future.result()
+                    packed = future.result()
                 except FrameReadError as exc:
                     raise failed(exc, a) from None
-                yield from records
+                yield from _unpacked(packed)
         finally:
             for _, future in pending:
                 future.cancel()
