@@ -3,17 +3,24 @@ reader processes, in the same run on the same machine.
 
 Data: a plain extxyz of ``--frames`` frames of 500 Cu atoms (a 5x5x5 fcc cell cut to 500,
 rattled 0.1 Å), written once by ASE (``Lattice``, ``Properties=species:S:1:pos:R:3``, a
-per-frame ``step`` key, ``pbc``; about 50 MB for the default 1,250 frames) to ``--data-dir``
+per-frame ``step`` key, ``pbc``; about 50 MB for the default 1,850 frames) to ``--data-dir``
 and reused.
 
 Cases, each timed over the whole file after a warm-up, median of ``--repeats``:
 
 - ``ase``: ``list(ase.io.iread(path))``, the reader of quests-torch before issue 27;
-- ``fast_readers_R``: ``quests_torch.io.iter_structures(path, readers=R)`` end to end
-  (``ase.Atoms`` out, NaN/inf checks, index from the cache, reader processes started and
-  stopped inside the timing) for R in ``--readers``;
-- ``pool_warm_R``: the same frames from a :class:`quests_torch.readers.pool.ReaderPool`
-  started before the timing (what a long run sees once the readers are up);
+- ``fast_in_process``: ``quests_torch.io.iter_structures(path, readers=0)`` end to end
+  (``ase.Atoms`` out, NaN/inf checks, the frame index from the cache);
+- ``pool_cold_R``: the frames as ``ase.Atoms`` from a new
+  :class:`quests_torch.readers.pool.ReaderPool` of R processes, started and stopped inside
+  the timing (the forkserver already up: the warm-up started it), for R in ``--readers``
+  above 1 (``iter_structures`` itself reads selections under ``MIN_POOL_ATOMS`` atoms in
+  process);
+- ``pool_warm_R``: the same from a pool started before the timing (what a long run sees
+  once the readers are up), with the CPU seconds of the consuming process and of the
+  readers for one more read, and the rate they would give with a free core each
+  (``projected_atoms_per_s_free_cores``: atoms / max(parent, readers / R); a model, for
+  machines shared with other jobs);
 - ``index_scan``: the cold byte-offset scan of the file (no cache).
 
 One JSON line per case (atoms/s, seconds, speed-up over ASE) and a summary line with the
@@ -22,7 +29,7 @@ CPU-heavy jobs the reader processes compete with them: read ``load_avg_1min``.
 
 Usage::
 
-    python benchmarks/bench_readers.py                     # 1,250 x 500 atoms, readers 1 and 2
+    python benchmarks/bench_readers.py                     # 1,850 x 500 atoms, readers 2
     python benchmarks/bench_readers.py --frames 200 --repeats 5 --readers 1 2 4
 """
 
@@ -76,9 +83,9 @@ def timed(read, repeats: int) -> tuple[float, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--frames", type=int, default=1250, help="frames of 500 atoms")
+    parser.add_argument("--frames", type=int, default=1850, help="frames of 500 atoms")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--readers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--readers", type=int, nargs="+", default=[2])
     parser.add_argument("--data-dir", default=str(Path(tempfile.gettempdir()) / "qt-bench"))
     parser.add_argument("--out", default=None, help="also append the JSON lines here")
     args = parser.parse_args()
@@ -100,28 +107,48 @@ def main() -> None:
         print(text, flush=True)
         lines.append(text)
 
-    def case(name: str, read, extra: dict | None = None) -> float:
+    def case(name: str, read, pool=None) -> float:
         seconds, atoms = timed(read, args.repeats)
         rate = atoms / seconds
-        emit({"case": name, "atoms": atoms, "seconds": round(seconds, 3),
-              "atoms_per_s": round(rate), "mb_per_s": round(size_mb / seconds, 1),
-              **(extra or {})})  # fmt: skip
+        record = {"case": name, "atoms": atoms, "seconds": round(seconds, 3),
+                  "atoms_per_s": round(rate), "mb_per_s": round(size_mb / seconds, 1)}  # fmt: skip
+        if pool is not None:  # one more read, its CPU time split between parent and readers
+            pool.reader_cpu_seconds = 0.0
+            cpu0 = time.process_time()
+            read()
+            parent = time.process_time() - cpu0
+            readers = pool.reader_cpu_seconds
+            record.update(
+                parent_cpu_s=round(parent, 3),
+                readers_cpu_s=round(readers, 3),
+                # each process on a free core: the slower of the parent and the readers
+                projected_atoms_per_s_free_cores=round(atoms / max(parent, readers / pool.readers)),
+            )
+        emit(record)
         return rate
 
     ase_rate = case("ase", lambda: sum(len(a) for a in ase.io.iread(path)))
-    rates = {}
-    for r in args.readers:
-        rate = case(
-            f"fast_readers_{r}", lambda r=r: sum(len(a) for a in iter_structures(path, readers=r))
+    rates = {
+        "fast_in_process": case(
+            "fast_in_process", lambda: sum(len(a) for a in iter_structures(path, readers=0))
         )
-        rates[f"fast_readers_{r}"] = rate
+    }
     index = frame_index(path)
     frames = select_frames(len(index), ":")
-    for r in (r for r in args.readers if r > 1):
+
+    def from_pool(pool) -> int:
+        return sum(len(rec.to_atoms()) for rec in pool.records(path, index, frames))
+
+    def cold(r: int) -> int:
         with ReaderPool(r) as pool:
-            rate = case(f"pool_warm_{r}", lambda pool=pool: sum(
-                len(rec.to_atoms()) for rec in pool.records(path, index, frames)))  # fmt: skip
-            rates[f"pool_warm_{r}"] = rate
+            return from_pool(pool)
+
+    for r in (r for r in args.readers if r > 1):
+        rates[f"pool_cold_{r}"] = case(f"pool_cold_{r}", lambda r=r: cold(r))
+        with ReaderPool(r) as pool:
+            rates[f"pool_warm_{r}"] = case(
+                f"pool_warm_{r}", lambda pool=pool: from_pool(pool), pool=pool
+            )
     t0 = time.perf_counter()
     scanned = scan_xyz(path)
     scan_s = time.perf_counter() - t0

@@ -145,10 +145,11 @@ def parse_frame(data: bytes) -> FrameRecord | None:
         symbols = flat[species::width]
         lut = {s: _number(s) for s in set(symbols)}
         numbers = np.fromiter(map(lut.__getitem__, symbols), dtype=np.int64, count=n)
-        xyz = [list(map(float, flat[pos + c :: width])) for c in range(3)]
+        columns = flat[pos::width] + flat[pos + 1 :: width] + flat[pos + 2 :: width]
+        xyz = np.fromiter(map(float, columns), dtype=np.float64, count=3 * n)
     except (KeyError, ValueError, UnicodeDecodeError):
         return None
-    positions = np.array(xyz, dtype=np.float64).T.reshape(n, 3)
+    positions = xyz.reshape(3, n).T
     cell = np.zeros((3, 3))
     pbc = np.zeros(3, dtype=bool)
     try:

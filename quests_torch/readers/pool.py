@@ -5,7 +5,9 @@ ranges of the file, from its :class:`~quests_torch.readers.index.FrameIndex`); e
 parsed by one reader process (:func:`~quests_torch.readers.extxyz.read_frames`) and the
 chunks come back in the order of the selection. At most ``in_flight`` chunks are submitted
 and not yet consumed: a slow consumer stops the readers, memory stays bounded. The processes
-are started with ``spawn`` (torch is loaded in the parent: ``fork`` is not safe), ignore
+are started with ``forkserver`` (``spawn`` where there is none; torch is loaded in the
+parent, so ``fork`` is not safe): the first pool of a process waits for the server to import
+the package (~2 s), later pools start in milliseconds. They ignore
 SIGINT (the parent handles an interrupt and shuts them down) and are joined when the
 iteration ends, fails or is abandoned. ``readers`` of 0 or 1 parses in the calling process.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -28,8 +31,9 @@ __all__ = ["DEFAULT_CHUNK_ATOMS", "ReaderPool", "default_readers", "iter_records
 
 #: atoms per chunk handed to one reader (~1 MB of extxyz text)
 DEFAULT_CHUNK_ATOMS = 1 << 14
-#: selections with fewer atoms are read in process: starting readers costs more (~1-2 s)
-MIN_POOL_ATOMS = 1 << 18
+#: selections with fewer atoms are read in process (~1.5 s of parsing): starting the readers
+#: (~2 s for the first pool of a process) would cost more than they save
+MIN_POOL_ATOMS = 1 << 22
 
 
 def default_readers(compute_threads: int | None = None) -> int:
@@ -45,34 +49,36 @@ def default_readers(compute_threads: int | None = None) -> int:
     return max(1, cores - compute_threads)
 
 
-def _ignore_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _context() -> multiprocessing.context.BaseContext:
+    """``forkserver`` where there is one (readers are forked from a server process that
+    imported this module once, not from the parent, whose torch threads make ``fork``
+    unsafe), else ``spawn``."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():  # pragma: no cover
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
 
 
 def _read_packed(path: str, starts: np.ndarray, stops: np.ndarray, fast: bool) -> tuple:
     """A reader's chunk as five arrays (one pickle, not four per frame): the atoms of each
-    frame, numbers and positions of all, cells and pbc per frame."""
+    frame, numbers and positions of all, cells and pbc per frame; and the CPU seconds the
+    reader spent on it."""
+    t0 = time.process_time()
     records = read_frames(path, starts, stops, fast=fast)
     counts = np.array([len(r.numbers) for r in records], dtype=np.int64)
-    if not records:
-        return (
-            counts,
-            np.zeros(0, np.int64),
-            np.zeros((0, 3)),
-            np.zeros((0, 3, 3)),
-            np.zeros((0, 3), bool),
-        )
     return (
         counts,
-        np.concatenate([r.numbers for r in records]),
-        np.concatenate([r.positions for r in records]),
-        np.stack([r.cell for r in records]),
-        np.stack([r.pbc for r in records]),
+        np.concatenate([r.numbers for r in records] or [np.zeros(0, np.int64)]),
+        np.concatenate([r.positions for r in records] or [np.zeros((0, 3))]),
+        np.stack([r.cell for r in records] or [np.zeros((3, 3))])[: len(records)],
+        np.stack([r.pbc for r in records] or [np.zeros(3, bool)])[: len(records)],
+        time.process_time() - t0,
     )
 
 
 def _unpacked(packed: tuple) -> Iterator[FrameRecord]:
-    counts, numbers, positions, cells, pbcs = packed
+    counts, numbers, positions, cells, pbcs = packed[:5]
     ends = np.cumsum(counts).tolist()
     a = 0
     for i, b in enumerate(ends):
@@ -105,6 +111,8 @@ class ReaderPool:
 
     Attributes:
         max_ahead: the most chunks that were submitted and not yet consumed at once.
+        reader_cpu_seconds: CPU seconds the reader processes spent parsing (for benchmarks:
+            what the readers cost whatever else the machine runs).
     """
 
     def __init__(
@@ -116,6 +124,7 @@ class ReaderPool:
         self.in_flight = max(1, in_flight if in_flight is not None else 2 * readers)
         self.chunk_atoms = max(1, int(chunk_atoms))
         self.max_ahead = 0
+        self.reader_cpu_seconds = 0.0
         self._executor: ProcessPoolExecutor | None = None
 
     def __enter__(self) -> ReaderPool:
@@ -128,8 +137,9 @@ class ReaderPool:
         if self._executor is None:
             self._executor = ProcessPoolExecutor(
                 max_workers=self.readers,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=_ignore_sigint,
+                mp_context=_context(),
+                initializer=signal.signal,
+                initargs=(signal.SIGINT, signal.SIG_IGN),
             )
         return self._executor
 
@@ -192,6 +202,7 @@ class ReaderPool:
                     packed = future.result()
                 except FrameReadError as exc:
                     raise failed(exc, a) from None
+                self.reader_cpu_seconds += packed[5]
                 yield from _unpacked(packed)
         finally:
             for _, future in pending:
