@@ -375,3 +375,31 @@ def test_screening_tables_do_not_depend_on_the_reader(md, tmp_path, pool_for_sma
     assert tables["fast"] == tables["ase"] and tables["pool"] == tables["ase"]
     with pytest.raises(ValueError, match="`readers` must be an integer >= 0"):
         qt.screen_trajectory(md, reference, tmp_path / "x.csv", readers=-1)
+
+
+def test_an_interrupted_consumer_leaves_no_reader_process(tmp_path):
+    import multiprocessing
+
+    from quests_torch.readers.pool import ReaderPool
+
+    path = _numbered(tmp_path, 200, "interrupted")
+    index = frame_index(path, cache=False)
+    with pytest.raises(KeyboardInterrupt), ReaderPool(2, in_flight=2, chunk_atoms=4) as pool:
+        for i, _ in enumerate(pool.records(path, index, np.arange(200))):
+            if i == 5:
+                raise KeyboardInterrupt
+    assert multiprocessing.active_children() == []
+
+
+def test_readers_option_and_default():
+    import argparse
+
+    from quests_torch.cli.options import readers_option
+    from quests_torch.readers.pool import default_readers
+
+    assert readers_option("0") == 0 and readers_option("3") == 3
+    for bad in ("-1", "two"):
+        with pytest.raises(argparse.ArgumentTypeError, match="integer >= 0"):
+            readers_option(bad)
+    assert default_readers(compute_threads=10**6) == 1
+    assert default_readers(compute_threads=0) >= 1
