@@ -96,20 +96,23 @@ def _columns(properties: str) -> tuple[int, int, int, bool] | None:
     return species, pos, col, loose
 
 
-_LAST_COMMENT: list = [None, None]  # the last comment line and what it held
+#: the last comment line parsed and what it held, as one tuple (replaced whole: a reader
+#: thread never sees a line paired with another line's values)
+_LAST_COMMENT: list[tuple] = [(None, None)]
 
 
 def _comment_info(line: bytes) -> dict:
     """``Lattice``, ``Properties`` and ``pbc`` of a comment line, by ASE's key=value parser
     (the previous line's result again when the line repeats, as in most trajectories)."""
-    if line == _LAST_COMMENT[0]:
-        return _LAST_COMMENT[1]
+    last_line, last_info = _LAST_COMMENT[0]
+    if line == last_line:
+        return last_info
     from ase.io.extxyz import key_val_str_to_dict
 
     comment = line.decode().strip()
     info = key_val_str_to_dict(comment) if comment else {}
     info = {key: info[key] for key in ("Lattice", "Properties", "pbc") if key in info}
-    _LAST_COMMENT[:] = [line, info]
+    _LAST_COMMENT[0] = (line, info)
     return info
 
 
