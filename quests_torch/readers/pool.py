@@ -10,6 +10,8 @@ parent, so ``fork`` is not safe): the first pool of a process waits for the serv
 the package (~2 s), later pools start in milliseconds. They ignore
 SIGINT (the parent handles an interrupt and shuts them down) and are joined when the
 iteration ends, fails or is abandoned. ``readers`` of 0 or 1 parses in the calling process.
+As with any ``spawn``/``forkserver`` pool, a script using readers keeps its top level under
+``if __name__ == "__main__":`` (each reader imports the main module).
 """
 
 from __future__ import annotations
