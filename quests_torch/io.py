@@ -227,21 +227,37 @@ def _check_finite(atoms, path: str | os.PathLike, i: int) -> None:
             )
 
 
-def iter_structures(path: str | os.PathLike, index: str = ":") -> Iterator:
-    """Stream the selected structures of a file one at a time (``ase.io.iread``).
+def iter_structures(
+    path: str | os.PathLike, index: str = ":", *, readers: int | None = None
+) -> Iterator:
+    """Stream the selected structures of a file one at a time.
 
-    Only one frame is held in memory at a time (for formats whose ASE reader streams: extxyz,
-    xyz, ASE .traj, LAMMPS dumps, ...).
+    Only one frame (or, with reader processes, a bounded number of chunks of frames) is held
+    in memory at a time.
+
+    Args:
+        path: any file ASE reads frame by frame (extxyz, xyz, ASE .traj, LAMMPS dumps, ...).
+        index: ASE index/slice string (``":"``, ``"0:10"``, ``"-1"``, ``"::2"``).
+        readers: ``None`` (default): every format through ``ase.io.iread``, the frames as
+            ASE makes them (``info``, calculator, per-atom arrays). An integer: an
+            ``.xyz``/``.extxyz`` file is read by the fast reader of
+            :mod:`quests_torch.readers` (its frame index cached, the frames carrying
+            numbers, positions, cell and pbc only, equal to ASE's bit for bit), in process
+            for 0 or 1, by that many reader processes otherwise; other formats by ASE.
 
     Raises:
         FileNotFoundError: no such file.
         ValueError: unreadable file (raised when the first frame is read; an xyz file's
-            frame headers are all checked then), or a frame with NaN/inf positions or cell.
+            frame headers are all checked then), a frame that cannot be read (named), or a
+            frame with NaN/inf positions or cell.
     """
-    import ase.io
-
     _check_exists(path)
     check_index(index)
+    if readers is not None and _is_xyz(path):
+        yield from _iter_xyz_fast(path, index, readers)
+        return
+    import ase.io
+
     _check_xyz(path)
     frames = ase.io.iread(str(path), index=index)
     for i in itertools.count():
@@ -259,67 +275,30 @@ def iter_structures(path: str | os.PathLike, index: str = ":") -> Iterator:
         yield atoms
 
 
-def _count_xyz_frames(path: Path, block: int = 1 << 24) -> int:
-    """Frames of an (ext)xyz file, checking every frame header against the lines left.
+def _iter_xyz_fast(path: str | os.PathLike, index: str, readers: int) -> Iterator:
+    """The selected frames of an (ext)xyz file by :mod:`quests_torch.readers` (index cached,
+    fast parser, ``readers`` processes), each checked for NaN/inf."""
+    from .readers.pool import iter_records
 
-    Reads the file once in ``block``-byte pieces; the newlines of a piece are found by numpy
-    and only the header lines are parsed (one Python step per frame, ~1 GB/s). A header
-    claiming more atoms than the file has lines left is an error found at the end of the file,
-    never a loop over the claimed count: ASE's own frame index would spin through
-    ``range(n_atoms)`` of empty reads on such a file (``10**11`` atoms: hours).
+    for i, record in enumerate(iter_records(path, index, readers=readers)):
+        atoms = record.to_atoms()
+        _check_finite(atoms, path, i)
+        yield atoms
+
+
+def _count_xyz_frames(path: Path, block: int = 1 << 24) -> int:
+    """Frames of an (ext)xyz file, checking every frame header against the lines left
+    (:func:`quests_torch.readers.index.scan_xyz`: one read in ``block``-byte pieces, never a
+    loop over a claimed count; ASE's own frame index would spin through ``range(n_atoms)``
+    of empty reads on a header of ``10**11`` atoms).
 
     Raises:
         ValueError: a header that is not a non-negative atom count, or a frame that runs past
             the end of the file (names the frame and the line).
     """
-    frames = 0
-    header = 0  # line number (0-based) of the next frame header
-    line = 0  # line number of the first line starting in ``data``
-    carry = b""  # the start of a header line cut by the end of the previous piece
-    claimed = 0  # atoms claimed by the last header
-    open_line = False  # a line has started and not ended
-    done = False
-    with open(path, "rb") as fh:
-        while not done:
-            piece = fh.read(block)
-            data = carry + piece
-            ends = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 0x0A)
-            if not piece:  # end of file: a last line without newline still counts
-                if open_line:
-                    ends = np.append(ends, len(data))
-                done = True
-            while header < line + len(ends):
-                i = header - line
-                text = data[(int(ends[i - 1]) + 1 if i else 0) : int(ends[i])]
-                if not text.strip():  # a blank header line ends the frames, as in ASE
-                    return frames
-                if text.lstrip().startswith(b"VEC"):  # extxyz lattice lines after a frame
-                    header += 1
-                    continue
-                try:
-                    claimed = int(text.split()[0])
-                except ValueError:
-                    claimed = -1
-                if claimed < 0:
-                    raise ValueError(
-                        f"line {header + 1} should be the atom count of frame "
-                        f"{frames + 1}, got {text[:40].decode(errors='replace')!r}"
-                    )
-                frames += 1
-                header += claimed + 2
-            tail = int(ends[-1]) + 1 if len(ends) else 0
-            line += len(ends)
-            # keep a cut line only when it is a header (an atom line's content is not needed)
-            carry = data[tail:] if header == line else b""
-            open_line = open_line if not piece else tail < len(data)
-            if len(carry) > 1 << 20:
-                raise ValueError(f"line {line + 1} is not an xyz header (over 1 MiB)")
-    if header > line:
-        raise ValueError(
-            f"frame {frames} claims {claimed} atoms but the file ends "
-            f"{header - line} lines short of it (truncated or malformed file)"
-        )
-    return frames
+    from .readers.index import scan_xyz
+
+    return len(scan_xyz(path, block))
 
 
 def count_frames(path: str | os.PathLike, index: str = ":") -> int | None:
@@ -337,8 +316,10 @@ def count_frames(path: str | os.PathLike, index: str = ":") -> int | None:
 
             with Trajectory(str(p)) as traj:
                 total = len(traj)
-        elif _is_xyz(p):
-            total = _count_xyz_frames(p)
+        elif _is_xyz(p):  # the readers' frame index (cached: a resume does not rescan)
+            from .readers.index import frame_index
+
+            total = len(frame_index(p))
     except Exception:
         return None
     if total is None:

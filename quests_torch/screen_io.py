@@ -197,10 +197,12 @@ def extxyz_bytes(results: list) -> bytes:
     return buf.getvalue().encode()
 
 
-def frames_after(trajectory: Path, index: str, done: int) -> Iterator:
+def frames_after(
+    trajectory: Path, index: str, done: int, *, readers: int | None = None
+) -> Iterator:
     """The selected frames after the first ``done``; the reader skips them unparsed when the
     selection is a forward slice (``":"``, ``"10:"``, ``"::2"``), else they are parsed and
-    dropped."""
+    dropped. ``readers``: as :func:`quests_torch.io.iter_structures` (``None``: ASE)."""
     from ase.io.formats import string2index
 
     sel = string2index(index)
@@ -210,19 +212,27 @@ def frames_after(trajectory: Path, index: str, done: int) -> Iterator:
             return iter(())
         stop = "" if sel.stop is None else str(sel.stop)
         step = "" if sel.step is None else str(sel.step)
-        return iter_structures(trajectory, f"{start}:{stop}:{step}")
-    return itertools.islice(iter_structures(trajectory, index), done, None)
+        return iter_structures(trajectory, f"{start}:{stop}:{step}", readers=readers)
+    return itertools.islice(iter_structures(trajectory, index, readers=readers), done, None)
 
 
 @dataclass(frozen=True)
 class ScreenFiles:
     """The files of one resumable screening: the trajectory and its frame selection, the
-    per-frame table and the optional per-atom extxyz (see :func:`screen_trajectory`)."""
+    per-frame table and the optional per-atom extxyz (see :func:`screen_trajectory`), and
+    how the trajectory is read (``readers``: :func:`quests_torch.io.iter_structures`)."""
 
     trajectory: Path
     index: str
     table: Path
     extxyz: Path | None = None
+    readers: int = 0
+
+    @property
+    def frame_readers(self) -> int | None:
+        """The ``readers`` the frames are read with: ``None`` (ASE, the frames' ``info`` and
+        arrays kept) when a per-atom extxyz is written, so that it carries them as before."""
+        return None if self.extxyz is not None else self.readers
 
     @classmethod
     def check(
@@ -232,13 +242,19 @@ class ScreenFiles:
         *,
         index: str = ":",
         extxyz: str | os.PathLike | None = None,
+        readers: int = 0,
     ) -> ScreenFiles:
-        """The files, checked: a valid ASE selection and an existing trajectory."""
+        """The files, checked: a valid ASE selection, an existing trajectory and a count of
+        reader processes (``readers >= 0``)."""
         check_index(index)
+        if isinstance(readers, bool) or not isinstance(readers, int) or readers < 0:
+            raise ValueError(f"`readers` must be an integer >= 0, got {readers!r}")
         trajectory = Path(trajectory)
         if not trajectory.exists():
             raise FileNotFoundError(f"{trajectory}: no such file")
-        return cls(trajectory, index, Path(table), None if extxyz is None else Path(extxyz))
+        return cls(
+            trajectory, index, Path(table), None if extxyz is None else Path(extxyz), readers
+        )
 
     @property
     def jsonl(self) -> bool:

@@ -478,12 +478,14 @@ def screen_trajectory(
     dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = "cpu",
     batch_atoms: int | None = None,
+    readers: int = 0,
     **run,
 ) -> ScreeningResult:
     """Screen a trajectory file frame by frame into a per-frame table, resumably.
 
     Args:
-        trajectory: any ASE-readable trajectory (streamed with ``ase.io.iread``).
+        trajectory: any ASE-readable trajectory (streamed: ``.xyz``/``.extxyz`` by the fast
+            reader of :mod:`quests_torch.readers`, other formats with ``ase.io.iread``).
         reference: ``[m, 2k - 1]`` reference descriptors.
         table: per-frame output table: ``.jsonl`` writes JSON lines, anything else CSV
             (columns :data:`FRAME_COLUMNS`, floats written exactly with ``repr``).
@@ -504,6 +506,10 @@ def screen_trajectory(
         batch_atoms: atoms per batch (``None``: :func:`default_batch_atoms`); on a resumed
             run the value stored at the start is reused (so batches, hence results, are
             those of an uninterrupted run).
+        readers: reader processes parsing an ``.xyz``/``.extxyz`` trajectory (0 or 1: in
+            this process; :func:`quests_torch.io.iter_structures`). The results do not depend
+            on it. With ``extxyz``, frames are read by ASE so that the written file keeps
+            their ``info`` and arrays.
         **run: how the run resumes and reports, the keywords of :func:`screen_file`:
             ``reference_key`` and ``trajectory_key`` (what identifies the inputs in the
             resume state), ``overwrite`` (start afresh over another screening's outputs),
@@ -526,7 +532,7 @@ def screen_trajectory(
     its ``flock`` (a dead run's frees itself); never delete it.
     """
     return screen_file(
-        ScreenFiles.check(trajectory, table, index=index, extxyz=extxyz),
+        ScreenFiles.check(trajectory, table, index=index, extxyz=extxyz, readers=readers),
         reference,
         ScreenConfig(h, threshold, k, cutoff, cluster_cutoff, dtype, device, batch_atoms),
         **check_run_keywords(run, "screen_trajectory"),
@@ -637,7 +643,7 @@ def _screen_into(
 ) -> None:
     """Screen the frames after the committed ones, appending and committing each batch."""
     done = state.frames_done
-    frames = frames_after(files.trajectory, files.index, done)
+    frames = frames_after(files.trajectory, files.index, done, readers=files.frame_readers)
     batches = _screen_batches(
         frames, reference, config, start=start, timings=timings, source=files.source
     )

@@ -529,6 +529,7 @@ def write_descriptor_store(
     species=None,
     overwrite: bool = False,
     progress: bool = False,
+    readers: int = 0,
 ) -> DescriptorStore:
     """Stream the descriptors of a trajectory into a store; resume an interrupted run.
 
@@ -538,7 +539,8 @@ def write_descriptor_store(
     parameters continues after the last committed frame (or returns the complete store).
 
     Args:
-        trajectory: any file ASE reads frame by frame (extxyz, .traj, LAMMPS dump, ...).
+        trajectory: any file ASE reads frame by frame (extxyz, .traj, LAMMPS dump, ...);
+            ``.xyz``/``.extxyz`` are read by the fast reader of :mod:`quests_torch.readers`.
         path: the store folder (``name.qstore``).
         index: ASE selection (``":"``, ``"0:1000"``, ``"::10"``).
         k: neighbours per environment.
@@ -552,6 +554,9 @@ def write_descriptor_store(
         species: element symbols or atomic numbers of the multicomponent blocks.
         overwrite: discard an existing store and start again.
         progress: show a progress bar over frames (``tqdm``).
+        readers: reader processes parsing an ``.xyz``/``.extxyz`` trajectory (0 or 1: in
+            this process, by the fast reader; :func:`quests_torch.io.iter_structures`); the
+            stored descriptors do not depend on it.
 
     Returns:
         the complete :class:`~quests_torch.store.DescriptorStore`.
@@ -571,6 +576,8 @@ def write_descriptor_store(
     block = _block_species(multicomponent, species)
     if batch_atoms is not None:
         batch_atoms = check_positive_int(batch_atoms, "batch_atoms")
+    if isinstance(readers, bool) or not isinstance(readers, int) or readers < 0:
+        raise ValueError(f"`readers` must be an integer >= 0, got {readers!r}")
     key = trajectory_key(trajectory)
     writer = StoreWriter(
         path,
@@ -587,7 +594,7 @@ def write_descriptor_store(
     with writer:
         if not writer.done:
             _stream(writer, trajectory, index, k, cutoff, device, block, progress,
-                    get_descriptors)  # fmt: skip
+                    get_descriptors, readers)  # fmt: skip
         if writer.rows == 0 and not writer.done:
             raise ValueError(f"{trajectory}: the selection {index!r} holds no structures")
         return writer.complete()
@@ -609,14 +616,16 @@ def _block_species(multicomponent: bool, species) -> list[str] | None:
     return [chemical_symbols[z] for z in species_numbers(species)]
 
 
-def _stream(writer, trajectory, index, k, cutoff, device, block, progress, describe) -> None:
+def _stream(
+    writer, trajectory, index, k, cutoff, device, block, progress, describe, readers
+) -> None:
     total = count_frames(trajectory, index) if progress else None
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, initial=writer.frames, desc="descriptors", unit="frame")
-    frames = frames_after(trajectory, index, writer.frames)
+    frames = frames_after(trajectory, index, writer.frames, readers=readers)
     try:
         for batch in prefetched(batches_of(frames, writer.batch_atoms)):
             x = describe(batch, k, cutoff, dtype=torch.float64, device=device, species=block)

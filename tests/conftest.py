@@ -35,6 +35,18 @@ DEVICES = ["cpu"] + (["cuda"] if CUDA_AVAILABLE else [])
 DTYPES = [torch.float64, torch.float32]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _user_cache(tmp_path_factory):
+    """The user cache (the (ext)xyz frame index of quests_torch.readers) in a session folder
+    unless a run chose one: tests write nothing under ~/.cache."""
+    if "QUESTS_TORCH_CACHE" in os.environ:
+        yield
+        return
+    os.environ["QUESTS_TORCH_CACHE"] = str(tmp_path_factory.mktemp("user-cache"))
+    yield
+    os.environ.pop("QUESTS_TORCH_CACHE", None)
+
+
 # ------------------------------------------------------------------------ devices, dtypes
 
 

@@ -145,8 +145,8 @@ def test_overwrite_with_unreadable_input_keeps_the_old_store(md, store, capsys):
 def _interrupt_after(monkeypatch, frames: int) -> None:
     real = store_writer.frames_after
 
-    def failing(trajectory, index, done):
-        for i, atoms in enumerate(real(trajectory, index, done)):
+    def failing(trajectory, index, done, **kw):
+        for i, atoms in enumerate(real(trajectory, index, done, **kw)):
             if i == frames:
                 raise RuntimeError("interrupted")
             yield atoms
@@ -170,7 +170,11 @@ def test_an_interrupted_overwrite_keeps_the_old_store_and_resumes(md, store, tmp
     with pytest.MonkeyPatch.context() as m:
         seen = []
         real = store_writer.frames_after
-        m.setattr(store_writer, "frames_after", lambda t, i, d: seen.append(d) or real(t, i, d))
+        m.setattr(
+            store_writer,
+            "frames_after",
+            lambda t, i, d, **kw: seen.append(d) or real(t, i, d, **kw),
+        )
         new = qt.write_descriptor_store(md / "md.xyz", store, index="::2", overwrite=True)
     assert seen == [2]  # resumed after the committed frames, not recomputed
     assert _files(store) == _files(whole.path) and len(new) == 160

@@ -132,8 +132,8 @@ def test_float32_storage_costs_little_and_is_read_in_float64(cu, cu_stores):
 def _interrupt_after(monkeypatch, frames: int):
     real = store_writer.frames_after
 
-    def failing(trajectory, index, done):
-        for i, atoms in enumerate(real(trajectory, index, done)):
+    def failing(trajectory, index, done, **kw):
+        for i, atoms in enumerate(real(trajectory, index, done, **kw)):
             if i == frames:
                 raise RuntimeError("interrupted")
             yield atoms
@@ -166,7 +166,9 @@ def test_an_interrupted_write_resumes_bit_identically(traj, tmp_path, monkeypatc
         seen = []
         real = store_writer.frames_after
         m.setattr(
-            store_writer, "frames_after", lambda t, i, done: seen.append(done) or real(t, i, done)
+            store_writer,
+            "frames_after",
+            lambda t, i, done, **kw: seen.append(done) or real(t, i, done, **kw),
         )
         resumed = qt.write_descriptor_store(path, out, batch_atoms=999)  # recorded one is kept
     assert seen == [meta["frames"]]

@@ -12,7 +12,7 @@ from ..checks import DEFAULT_CUTOFF, DEFAULT_K
 from ..io import is_descriptor_file, save_descriptors
 from ..store import STORE_SUFFIX, StoreInUseError, is_store
 from .inputs import dist, load
-from .options import CLIError, add_common, dtype, positive_int
+from .options import CLIError, add_common, add_readers, dtype, positive_int, readers_of
 from .report import envelope, input_info
 
 
@@ -41,6 +41,7 @@ def register(sub) -> None:
         help="start a .qstore afresh (by default an interrupted run resumes; a store of "
         "another trajectory or parameters is refused)",
     )
+    add_readers(p)
     add_common(p, bandwidth=False, json_out=False)
     p.set_defaults(func=run)
 
@@ -89,6 +90,7 @@ def _run_store(args: argparse.Namespace, out: Path, k: int, cutoff: float):
             batch_atoms=args.batch_atoms,
             overwrite=args.overwrite,
             progress=not args.quiet,
+            readers=readers_of(args),
         )
     except (FileNotFoundError, ValueError, StoreInUseError) as exc:
         raise CLIError(str(exc)) from None

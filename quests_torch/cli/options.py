@@ -202,5 +202,37 @@ def add_rows(p: argparse.ArgumentParser) -> None:
     add_seed(p, "seed of the sampled rows (default 0)")
 
 
+def readers_option(text: str) -> int:
+    """``--readers``: an integer >= 0 (0 or 1: frames parsed in the computing process)."""
+    try:
+        v = int(text)
+    except ValueError:
+        v = -1
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return v
+
+
+def add_readers(p: argparse.ArgumentParser) -> None:
+    """``--readers N``: processes parsing an (ext)xyz trajectory
+    (:func:`quests_torch.io.iter_structures`); default the free cores minus the compute
+    threads, at least 1."""
+    p.add_argument(
+        "--readers",
+        type=readers_option,
+        default=None,
+        help="processes parsing an .xyz/.extxyz trajectory (0 or 1: in this process; "
+        "default: the free cores minus the torch threads, at least 1)",
+    )
+
+
+def readers_of(args: argparse.Namespace) -> int:
+    """The ``--readers`` of a command, its default resolved
+    (:func:`quests_torch.readers.pool.default_readers`)."""
+    from ..readers.pool import default_readers
+
+    return default_readers() if args.readers is None else args.readers
+
+
 def add_plot(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", metavar="PREFIX", default=None, help="write PNG figures PREFIX*.png")

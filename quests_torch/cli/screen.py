@@ -13,11 +13,13 @@ from .options import (
     CLIError,
     add_common,
     add_plot,
+    add_readers,
     add_reference,
     add_threshold,
     dtype,
     positive_float,
     positive_int,
+    readers_of,
 )
 from .outputs import screen_table
 from .report import envelope, input_info, parameters, plot_path, wrote
@@ -54,6 +56,7 @@ def register(sub) -> None:
         "reference or parameter, or an edited table)",
     )
     add_plot(p)
+    add_readers(p)
     add_common(p)
     p.set_defaults(func=run)
 
@@ -89,6 +92,7 @@ def run(args: argparse.Namespace):
             batch_atoms=args.batch_atoms,
             overwrite=args.overwrite,
             progress=not args.quiet,
+            readers=readers_of(args),
         )
     except FileNotFoundError as exc:
         raise CLIError(str(exc)) from None
