@@ -39,6 +39,7 @@ __all__ = [
     "check_keywords",
     "check_positive_float",
     "check_positive_int",
+    "check_readers",
     "check_single_bandwidth",
     "check_threshold",
     "parameter_mismatch",
@@ -165,6 +166,14 @@ def check_positive_int(v: object, name: str) -> int:
     if v < 1:
         raise ValueError(f"`{name}` must be a positive int, got {v}")
     return v
+
+
+def check_readers(readers: object) -> int:
+    """``readers`` (reader processes of :mod:`quests_torch.readers`) as an int >= 0."""
+    readers = check_integer(readers, "readers", error=ValueError, expected="an integer >= 0")
+    if readers < 0:
+        raise ValueError(f"`readers` must be an integer >= 0, got {readers!r}")
+    return readers
 
 
 def check_dtype(dtype: object, name: str = "dtype") -> torch.dtype:

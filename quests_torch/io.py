@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from ._version import __version__
+from .checks import check_readers
 
 __all__ = [
     "DESCRIPTOR_FORMAT",
@@ -253,6 +254,8 @@ def iter_structures(
     """
     _check_exists(path)
     check_index(index)
+    if readers is not None:
+        readers = check_readers(readers)
     if readers is not None and _is_xyz(path):
         yield from _iter_xyz_fast(path, index, readers)
         return

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .checks import check_readers
 from .io import check_index, iter_structures
 from .resume import ResumeState, reference_hash, screening_identity
 from .resume import trajectory_key as content_key
@@ -247,8 +248,7 @@ class ScreenFiles:
         """The files, checked: a valid ASE selection, an existing trajectory and a count of
         reader processes (``readers >= 0``)."""
         check_index(index)
-        if isinstance(readers, bool) or not isinstance(readers, int) or readers < 0:
-            raise ValueError(f"`readers` must be an integer >= 0, got {readers!r}")
+        readers = check_readers(readers)
         trajectory = Path(trajectory)
         if not trajectory.exists():
             raise FileNotFoundError(f"{trajectory}: no such file")

@@ -23,7 +23,14 @@ import numpy as np
 import torch
 
 from ._version import __version__
-from .checks import DEFAULT_CUTOFF, DEFAULT_K, check_cutoff, check_k, check_positive_int
+from .checks import (
+    DEFAULT_CUTOFF,
+    DEFAULT_K,
+    check_cutoff,
+    check_k,
+    check_positive_int,
+    check_readers,
+)
 from .io import DESCRIPTOR_FORMAT, atomic_write, check_index, count_frames
 from .resume import HeldLock, TableInUseError, describe_change, table_lock, trajectory_key
 from .screen_io import batches_of, frames_after, prefetched
@@ -576,8 +583,7 @@ def write_descriptor_store(
     block = _block_species(multicomponent, species)
     if batch_atoms is not None:
         batch_atoms = check_positive_int(batch_atoms, "batch_atoms")
-    if isinstance(readers, bool) or not isinstance(readers, int) or readers < 0:
-        raise ValueError(f"`readers` must be an integer >= 0, got {readers!r}")
+    readers = check_readers(readers)
     key = trajectory_key(trajectory)
     writer = StoreWriter(
         path,

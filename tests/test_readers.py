@@ -273,11 +273,24 @@ def test_in_process_reader_names_the_bad_frame(tmp_path):
         list(iter_records(path, "2:", cache=False))
 
 
-def test_readers_must_be_a_count():
+@pytest.mark.parametrize("bad", [-1, 2.5, "2", True, None])
+def test_readers_must_be_a_count(bad, tmp_path):
+    """Every entry point refuses a `readers` that is not a count, with the same message and
+    before reading or writing anything (a string or a float was a TypeError or accepted)."""
+    import quests_torch as qt
     from quests_torch.readers.pool import ReaderPool
 
-    with pytest.raises(ValueError, match="`readers` must be an integer >= 0"):
-        ReaderPool(-1)
+    path = _numbered(tmp_path, 3, "ok")
+    calls = [
+        lambda: ReaderPool(bad),
+        lambda: qt.write_descriptor_store(path, tmp_path / "s.qstore", readers=bad),
+    ]
+    if bad is not None:  # None is iter_structures' "read with ASE"
+        calls.append(lambda: next(qt.io.iter_structures(path, readers=bad)))
+    for call in calls:
+        with pytest.raises(ValueError, match="`readers` must be an integer >= 0"):
+            call()
+    assert not (tmp_path / "s.qstore").exists()
 
 
 # --- wiring: iter_structures, the descriptor store and the screening read through the readers

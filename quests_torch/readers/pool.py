@@ -26,6 +26,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 
 import numpy as np
 
+from ..checks import check_readers
 from .extxyz import FrameReadError, FrameRecord, read_frames
 from .index import FrameIndex, frame_index, select_frames
 
@@ -120,8 +121,7 @@ class ReaderPool:
     def __init__(
         self, readers: int, *, in_flight: int | None = None, chunk_atoms: int = DEFAULT_CHUNK_ATOMS
     ) -> None:
-        if isinstance(readers, bool) or not isinstance(readers, int) or readers < 0:
-            raise ValueError(f"`readers` must be an integer >= 0, got {readers!r}")
+        readers = check_readers(readers)
         self.readers = readers
         self.in_flight = max(1, in_flight if in_flight is not None else 2 * readers)
         self.chunk_atoms = max(1, int(chunk_atoms))
