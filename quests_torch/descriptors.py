@@ -496,9 +496,12 @@ def _reused_neighbors(
     numbers: torch.Tensor | None,
     species: Sequence[int] | None,
     search: str,
-) -> KNearest | None:
+    need_grad: bool,
+) -> KNearest | torch.Tensor | None:
     """The neighbours from ``cache``'s list when it is still valid for ``batch`` (then the
-    batch's values need no checks of their own: the same structure, atoms moved a little)."""
+    batch's values need no checks of their own: the same structure, atoms moved a little),
+    or straight the descriptors where the fused kernel covers the step (:mod:`.neighbors.fused`,
+    ``$QUESTS_TORCH_KERNEL=triton``); ``None`` when the list is stale or absent."""
     if cache is None:
         return None
     check_search(search)
@@ -507,8 +510,11 @@ def _reused_neighbors(
         return None  # the full checks name the missing argument
     if spec:
         numbers = numbers.to(device=batch[0].device, dtype=torch.int64)
-    sources = cache.reuse(*batch, k, cutoff, numbers=numbers if spec else None,
-                          species=spec if len(spec) > 1 else [])  # fmt: skip
+    which = dict(numbers=numbers if spec else None, species=spec if len(spec) > 1 else [])
+    out, checked = cache.fused_reuse(*batch, k, cutoff, need_grad=need_grad, **which)
+    if checked:
+        return out
+    sources = cache.reuse(*batch, k, cutoff, **which)
     return None if sources is None else KNearest(batch[0].shape[0], sources)
 
 
@@ -619,10 +625,12 @@ def descriptors_from_tensors(
     if compute_dtype(positions.device, positions.dtype) != positions.dtype:  # float32-only
         positions, cell = positions.float(), cell.float()
     batch = (positions, cell, pbc, system_idx)
-    near = _reused_neighbors(neighbors, batch, k, cutoff, numbers, species, search)
+    need_grad = torch.is_grad_enabled() and (positions.requires_grad or cell.requires_grad)
+    near = _reused_neighbors(neighbors, batch, k, cutoff, numbers, species, search, need_grad)
+    if isinstance(near, torch.Tensor):  # the fused kernel's descriptors (neighbors/fused.py)
+        return near
     if near is None:
         near = _new_neighbors(neighbors, batch, k, cutoff, numbers, species, budget, search)
-    need_grad = torch.is_grad_enabled() and (positions.requires_grad or cell.requires_grad)
     # float32 matmuls (pair search, wrapping, distance blocks) in IEEE precision whatever the
     # caller's TF32/bf16 flags: a rounded distance can swap neighbours at the cutoff
     with full_precision():

@@ -215,9 +215,9 @@ def test_public_metrics_take_the_fused_path(interpret, monkeypatch):
     calls = []
     real = fused.fused_log_sums
 
-    def counted(p, progress=None):
+    def counted(p, progress=None, out_dtype=None):
         calls.append(p.n)
-        return real(p, progress)
+        return real(p, progress, out_dtype)
 
     monkeypatch.setattr("quests_torch.kde.sweeps.fused_log_sums", counted)
     results = {

@@ -33,10 +33,12 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from typing import TYPE_CHECKING
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+from .._triton import KERNEL_ENV, interpreting, kernel_choice, triton_available
 
 if TYPE_CHECKING:
     from .problem import Problem
@@ -55,47 +57,10 @@ __all__ = [
     "use_fused",
 ]
 
-KERNEL_ENV = "QUESTS_TORCH_KERNEL"
-"""The environment variable that picks the kernel-sum implementation."""
 MAX_BANDWIDTHS = 8
 """Bandwidths one fused pass evaluates (one running sum each); more go to the torch path."""
-_CHOICES = ("auto", "torch", "triton")
 tl = None  # triton.language, bound by _kernel() (Triton is imported only when it is used)
-
-
-def kernel_choice() -> str:
-    """``"torch"`` or ``"triton"`` from ``$QUESTS_TORCH_KERNEL`` (``auto``/unset: ``torch``
-    until a GPU run measures the fused kernels).
-
-    Raises:
-        ValueError: an unknown value, or ``triton`` where Triton is not importable.
-    """
-    value = os.environ.get(KERNEL_ENV, "auto").strip().lower() or "auto"
-    if value not in _CHOICES:
-        raise ValueError(f"${KERNEL_ENV} must be one of {', '.join(_CHOICES)}, got {value!r}")
-    if value == "auto":
-        return "torch"
-    if value == "triton" and not triton_available():
-        raise ValueError(
-            f"${KERNEL_ENV}=triton but Triton is not importable (pip install triton, or unset "
-            f"${KERNEL_ENV})"
-        )
-    return value
-
-
-@functools.cache
-def triton_available() -> bool:
-    """Whether ``import triton`` works (it ships with the CUDA builds of torch)."""
-    try:
-        import triton
-        import triton.language  # noqa: F401
-    except Exception:  # a broken install is as good as none
-        return False
-    return True
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+_interpreting = interpreting
 
 
 def covers(p: Problem) -> bool:
@@ -139,6 +104,8 @@ def _lse_kernel(
     stride_y,
     n_h,
     diag_offset,
+    MU,
+    CENTER: tl.constexpr,
     HAS_LW: tl.constexpr,
     PIN: tl.constexpr,
     USE_DOT: tl.constexpr,
@@ -151,20 +118,28 @@ def _lse_kernel(
 
     ``X [n, d]``, ``Y [m, d]``: centred rows and columns (compute dtype); ``QX [n]``,
     ``QY [m]``: ``-|x|^2/2`` and ``-|y|^2/2``; ``LW [m]``: ``lw'`` (``HAS_LW``); ``S [n_h]``:
-    ``1/h_k^2``; ``OUT [n, n_h]`` float64/accumulator: ``log sum_j exp(t_ijk)``. ``PIN``: the
-    pair ``i + diag_offset == j`` is a point with itself (exponent exactly ``lw'_j``).
+    ``1/h_k^2``; ``OUT [n, n_h]``: ``log sum_j exp(t_ijk)`` (summed in the dtype of ``MU``,
+    the accumulator, stored in that of ``OUT``). ``PIN``: the pair ``i + diag_offset == j``
+    is a point with itself (exponent exactly ``lw'_j``).
+    ``CENTER``: ``X`` holds the raw rows (any float dtype), centred here on ``MU [d]``
+    (accumulator dtype) and ``QX`` computed here (not read): no torch ops before the launch.
     """
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < n
     dims = tl.arange(0, BLOCK_D)
     dmask = dims < d
+    acc_dtype = MU.dtype.element_ty
     x = tl.load(X + rows[:, None] * stride_x + dims[None, :],
                 mask=rmask[:, None] & dmask[None, :], other=0.0)  # fmt: skip
-    qx = tl.load(QX + rows, mask=rmask, other=0.0)
+    if CENTER:  # centred on the references' mean in the accumulator dtype, then rounded
+        mu = tl.load(MU + dims, mask=dmask, other=0.0)
+        x = tl.where(dmask[None, :], x.to(acc_dtype) - mu[None, :], 0.0).to(Y.dtype.element_ty)
+        qx = (tl.sum(x.to(acc_dtype) * x.to(acc_dtype), axis=1) * -0.5).to(x.dtype)
+    else:
+        qx = tl.load(QX + rows, mask=rmask, other=0.0)
     ks = tl.arange(0, NB)
     s = tl.load(S + ks, mask=ks < n_h, other=0.0)
-    acc_dtype = OUT.dtype.element_ty
     run_max = tl.full((BLOCK_M, NB), float("-inf"), x.dtype)
     run_sum = tl.zeros((BLOCK_M, NB), acc_dtype)
     for j0 in range(0, m, BLOCK_N):
@@ -179,6 +154,8 @@ def _lse_kernel(
             g = tl.zeros((BLOCK_M, BLOCK_N), x.dtype)
             for c in range(0, d):
                 xc = tl.load(X + rows * stride_x + c, mask=rmask, other=0.0)
+                if CENTER:
+                    xc = (xc.to(acc_dtype) - tl.load(MU + c)).to(x.dtype)
                 yc = tl.load(Y + cols * stride_y + c, mask=cmask, other=0.0)
                 g += xc[:, None] * yc[None, :]
         e = tl.minimum(g + qx[:, None] + qy[None, :], 0.0)  # -|x - y|^2 / 2, rounding cut
@@ -200,7 +177,8 @@ def _lse_kernel(
         run_max = new_max
     log_p = run_max.to(acc_dtype) + tl.log(run_sum)
     out_mask = rmask[:, None] & (ks[None, :] < n_h)
-    tl.store(OUT + rows[:, None] * n_h + ks[None, :], log_p, mask=out_mask)
+    tl.store(OUT + rows[:, None] * n_h + ks[None, :], log_p.to(OUT.dtype.element_ty),
+             mask=out_mask)  # fmt: skip
 
 
 def _self_kernel(
@@ -339,26 +317,24 @@ def fused_self_sums(p: Problem, progress=None) -> torch.Tensor:
     return (rows + col_total).log_()
 
 
-def fused_log_sums(p: Problem, progress=None) -> torch.Tensor:
+def fused_log_sums(p: Problem, progress=None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """``[n, n_h]`` ``log sum_j exp(-|x_i - y_j|^2 / (2 h_k^2) + lw'_j)`` of problem ``p``
-    (add ``p.lw_max`` for the weighted log density), in the accumulator dtype.
+    (add ``p.lw_max`` for the weighted log density), summed in the accumulator dtype and
+    returned in ``out_dtype`` (default: the accumulator's).
 
     One launch per row tile of the problem (``p.tm`` rows: the rows of a launch do not affect
     each other, so the results do not depend on it), ``progress(rows_done, n)`` after each.
     """
     n, m, n_h = p.n, p.m, len(p.hs)
-    out = torch.full((n, n_h), -math.inf, dtype=p.acc, device=p.device)
     if n == 0 or m == 0:
-        return out
+        return torch.full((n, n_h), -math.inf, dtype=out_dtype or p.acc, device=p.device)
     if symmetric(p):
-        return fused_self_sums(p, progress)
-    cols = p.cols_resident
-    y = cols[:, : p.d].contiguous()
-    qy = cols[:, p.d].contiguous()
-    hs = torch.tensor([1.0 / h**2 for h in p.hs], dtype=p.dtype, device=p.device)
+        return fused_self_sums(p, progress).to(out_dtype or p.acc)
+    out = torch.empty((n, n_h), dtype=out_dtype or p.acc, device=p.device)  # every row written
+    y, qy, hs = _columns(p)
     lw = p.lw if p.lw is not None else qy  # a placeholder the kernel does not read
     block_m, block_n, block_d = _blocks(p)
-    meta = dict(HAS_LW=p.lw is not None, PIN=bool(p.self_pairs), USE_DOT=_use_dot(p),
+    meta = dict(CENTER=True, HAS_LW=p.lw is not None, PIN=bool(p.self_pairs), USE_DOT=_use_dot(p),
                 NB=1 << max(0, math.ceil(math.log2(n_h))), BLOCK_M=block_m, BLOCK_N=block_n,
                 BLOCK_D=block_d)  # fmt: skip
     kernel = _kernel(_interpreting())
@@ -366,15 +342,37 @@ def fused_log_sums(p: Problem, progress=None) -> torch.Tensor:
     step = p.tm
     for i0 in range(0, n, step):
         i1 = min(n, i0 + step)
-        x = (p.xs.tensor.detach()[i0:i1].to(p.acc) - p.mu).to(p.dtype).contiguous()
-        qx = x.to(p.acc).square().sum(1).mul(-0.5).to(p.dtype)
+        x = p.xs.tensor.detach()[i0:i1]  # centred in the kernel (CENTER)
+        if x.stride(1) != 1:
+            x = x.contiguous()
         part = out[i0:i1]
         grid = (-(-(i1 - i0) // block_m),)
-        launch(grid, x, y, qx, qy, lw, hs, part, i1 - i0, m, p.d, x.stride(0), y.stride(0), n_h,
-               i0 + p.row_offset - p.col_offset)  # fmt: skip
+        launch(grid, x, y, qy, qy, lw, hs, part, i1 - i0, m, p.d, x.stride(0), y.stride(0), n_h,
+               i0 + p.row_offset - p.col_offset, p.mu)  # fmt: skip
         if progress is not None:
             progress(i1, n)
     return out
+
+
+_COLUMNS = WeakIdKeyDictionary()  # resident columns -> (y, qy): split once per reference set
+_INVERSE_SQUARES: dict[tuple, torch.Tensor] = {}
+
+
+def _columns(p: Problem) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(y [m, d], qy [m], 1/h^2 [n_h])`` of the resident columns, made once per prepared
+    reference set (and bandwidths): a step against a bank launches no copy."""
+    cols = p.cols_resident
+    got = _COLUMNS.get(cols)
+    if got is None:
+        got = _COLUMNS[cols] = (cols[:, : p.d].contiguous(), cols[:, p.d].contiguous())
+    key = (tuple(p.hs), p.dtype, p.device)
+    hs = _INVERSE_SQUARES.get(key)
+    if hs is None:
+        if len(_INVERSE_SQUARES) > 64:
+            _INVERSE_SQUARES.clear()
+        hs = torch.tensor([1.0 / h**2 for h in p.hs], dtype=p.dtype, device=p.device)
+        _INVERSE_SQUARES[key] = hs
+    return got[0], got[1], hs
 
 
 #: per (device type, dtype): ``"dot"`` once ``tl.dot`` compiled and ran, ``"fma"`` after it

@@ -142,6 +142,6 @@ class PreparedReferences:
         if torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.requires_grad:
             log_p = LogKernelSumFn.apply(x, None, None, p, None)[0]
         else:
-            log_p = forward(p, None).log_p
+            log_p = forward(p, None, p.out_dtype).log_p
         log_p = log_p.to(p.out_dtype)
         return log_p if self.vector else log_p[:, 0]

@@ -143,16 +143,20 @@ def far_rows(p: Problem, log_p: torch.Tensor) -> torch.Tensor:
     return (log_p < threshold).any(1)
 
 
-def forward(p: Problem, progress: Progress) -> KernelSums:
+def forward(p: Problem, progress: Progress, out_dtype: torch.dtype | None = None) -> KernelSums:
     """Plain sweep, then the shifted sweep for the rows whose sums are too small; or the
     fused Triton kernel where it is chosen and covers the problem (:mod:`.fused`).
 
-    Each sweep is redone with smaller tiles after an out-of-memory error.
+    Each sweep is redone with smaller tiles after an out-of-memory error. ``out_dtype``: the
+    dtype the fused kernel stores ``log_p`` in when the problem has no weights (no conversion
+    launch afterwards); the other paths return the accumulator dtype.
     """
     callback, bar = progress_callback(progress, p.n, "kernel sums")
     try:
         with full_precision(), torch.no_grad():
             if use_fused(p):  # one pass, far rows included: the online sums are shifted
+                if p.lw is None:  # lw_max is 0 without weights: no op to launch
+                    return KernelSums(fused_log_sums(p, callback, out_dtype), None, None)
                 log_p = fused_log_sums(p, callback)
                 log_p += p.lw_max
                 return KernelSums(log_p, None, None)

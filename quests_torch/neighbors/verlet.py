@@ -34,6 +34,7 @@ import torch
 
 from .._memory import memory_budget
 from .._precision import full_precision
+from . import fused
 from .grid import D2_BITS, component_keys, d2_levels
 from .knearest import NeighborBlock, NeighborSource
 from .pairs import COINCIDENT_TOL, complete_cell, find_neighbor_pairs
@@ -68,6 +69,9 @@ class _Built:
     image: torch.Tensor  # [N, M, 3] shift @ cell (padding: a point far outside the cutoff)
     same_species: list[torch.Tensor]  # per species: [N, M] both atoms of that species
     limit2: float  # squared displacement that forces a rebuild
+    #: the fused kernel's staleness flag (neighbors/fused.py): the last step number found stale
+    stale_flag: torch.Tensor | None = None
+    steps: int = 0  # fused steps taken from this list
 
 
 class NeighborCache:
@@ -190,6 +194,44 @@ class NeighborCache:
         return [
             [CachedSource(positions, cell, system_idx, step, k, cutoff, part)] for part in parts
         ]
+
+    def fused_reuse(
+        self,
+        positions: torch.Tensor,
+        cell: torch.Tensor,
+        pbc: torch.Tensor,
+        system_idx: torch.Tensor,
+        k: int,
+        cutoff: float,
+        *,
+        numbers: torch.Tensor | None = None,
+        species: list[int] | None = None,
+        need_grad: bool = False,
+    ) -> tuple[torch.Tensor | None, bool]:
+        """This batch's descriptors from the list in one fused kernel (:mod:`.fused`).
+
+        Returns:
+            ``(descriptors, True)`` from a valid list; ``(None, True)`` when the list is stale
+            (the kernel's flag, the one host sync: the caller rebuilds without asking
+            :meth:`reuse`); ``(None, False)`` when no list applies or the kernel does not
+            cover the step (the caller tries :meth:`reuse`).
+        """
+        b = self._built
+        species = list(species or [])
+        if b is None or b.key != self._key(positions, cell, k, cutoff, species):
+            return None, False
+        if (numbers is None) != (b.numbers is None):
+            return None, False
+        if not fused.covers(positions, k, b.neighbor.shape[1], need_grad):
+            return None, False
+        parts = [-1, *species] if b.same_species else [-1]
+        out, stale = fused.fused_descriptors(
+            b, positions, cell, pbc, system_idx, numbers, k, cutoff, parts
+        )
+        if stale():  # the one host sync
+            return None, True
+        self.reuses += 1
+        return out, True
 
     def build(
         self,
