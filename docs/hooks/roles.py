@@ -9,7 +9,7 @@ package is loaded, leaving the sources as they are:
   ``:obj:``, ``:const:`` (``:py:`` prefix allowed) become mkdocs-autorefs cross-references to
   the object's canonical path: a link where the object has a heading on the site, its name as
   code (with the full path as a tooltip) where it has none (a private helper). The target is
-  resolved as Sphinx would: a full path (``quests_torch.kde.spans``), or a name looked up
+  resolved much as Sphinx would: a full path (``quests_torch.kde.spans``), or a name looked up
   from the docstring's own object outwards (the class, its module, the parent packages),
   a leading ``.`` meaning the same (``.problem.Problem`` in ``quests_torch.kde``).
   ``~`` shows only the last component, ``Title <target>`` shows the title, ``!`` no link.
@@ -399,11 +399,11 @@ class ReSTRoles(griffe.Extension):
 
 
 # ------------------------------------------------------------------ mkdocs hook
-_VERBATIM = re.compile(r":(?:py:)?[a-z]+:<code>|::</p>")
+_VERBATIM = re.compile(r":(?:py:)?[a-z]+:<code>|::</p>|\.\. [\w-]+::")
 
 
 def on_page_content(html: str, page, **kwargs) -> str:
-    """Fails the strict build on a role or ``::`` printed verbatim in an API reference page."""
+    """Fails the strict build on reST (a role, ``::``, a directive) left in an API page."""
     if page.file.src_uri.startswith("reference/"):
         left = sorted(set(_VERBATIM.findall(html)))
         if left:
