@@ -1,10 +1,10 @@
 """Per-structure summaries of per-atom dH: the largest, the mean and the fraction above a
 threshold, for every structure of a batch, on the device.
 
-One home for the summary that the uncertainty bank (:meth:`quests_torch.uncertainty.
-UncertaintyBank.evaluate`) and the trajectory screening (:mod:`quests_torch.screening`, the
-per-frame ``dH_max``, ``dH_mean`` and ``novel_fraction``) both report; re-exported by
-:mod:`quests_torch.uncertainty`, its public home.
+One home for the summary that the uncertainty bank
+(:meth:`quests_torch.uncertainty.UncertaintyBank.evaluate`) and the trajectory screening
+(:mod:`quests_torch.screening`, the per-frame ``dH_max``, ``dH_mean`` and ``novel_fraction``)
+both report; re-exported by :mod:`quests_torch.uncertainty`, its public home.
 """
 
 from __future__ import annotations

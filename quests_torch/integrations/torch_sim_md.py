@@ -74,7 +74,8 @@ def uncertainty_properties(
 
     Args:
         bank: reference environments; ``None`` takes the bank of the model the reporter is
-            called with (an :class:`UncertaintyModel` or :class:`EntropyBiasModel`).
+            called with (an :class:`~quests_torch.integrations.torch_sim.UncertaintyModel` or
+            :class:`~quests_torch.integrations.torch_sim.EntropyBiasModel`).
         threshold: dH above which an atom counts in ``"fraction_above"`` (nats).
         k: neighbours per environment the bank must have been built with (checked when
             given, also against a model's bank taken at call time).
@@ -250,7 +251,8 @@ def run_with_uncertainty(
     Args:
         system: anything ``torch_sim.integrate`` takes (SimState, ase.Atoms or a list, ...).
         model: the torch-sim model that drives the MD (a bare model is cheapest; an
-            :class:`UncertaintyModel` works too and lends its bank).
+            :class:`~quests_torch.integrations.torch_sim.UncertaintyModel` works too and lends
+            its bank).
         integrator: as for ``torch_sim.integrate`` (``ts.nvt_langevin`` in torch-sim 0.3,
             ``ts.Integrator.nvt_langevin`` later).
         n_steps: MD steps.

@@ -87,7 +87,10 @@ def sweep_blocks(
 
 
 def forward_blocks(p: Problem, blocks, elements: int, progress) -> torch.Tensor:
-    """:func:`forward` for block-diagonal groups: batched plain sums, then far rows shifted."""
+    """:func:`~.sweeps.forward` for block-diagonal groups.
+
+    Batched plain sums, then far rows shifted.
+    """
     callback, bar = progress_callback(progress, p.n, "kernel sums")
     try:
         with full_precision(), torch.no_grad():

@@ -68,7 +68,10 @@ def sq_norm3(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def grid_dtype(device: torch.device) -> torch.dtype:
-    """float64, or float32 in float32-only mode (:func:`float64_enabled` is ``False``)."""
+    """float64, or float32 in float32-only mode.
+
+    Float32-only mode: :func:`quests_torch._precision.float64_enabled` is ``False``.
+    """
     return compute_dtype(device, torch.float64)
 
 
