@@ -15,7 +15,7 @@ import os
 
 import torch
 
-__all__ = ["KERNEL_ENV", "interpreting", "kernel_choice", "runs_fused", "triton_available"]
+__all__ = ["KERNEL_ENV", "interpreting", "jit", "kernel_choice", "runs_fused", "triton_available"]
 
 KERNEL_ENV = "QUESTS_TORCH_KERNEL"
 """The environment variable that picks the kernel implementation."""
@@ -66,3 +66,26 @@ def runs_fused(device: torch.device) -> bool:
     else:
         runs_here = device.type == "cpu" and interpreting()
     return runs_here and kernel_choice() == "triton"
+
+
+def jit(namespace: dict, kernel, helpers=(), interpret: bool = False):
+    """``triton.jit(kernel)``, with ``tl`` and the jitted ``helpers`` (plain functions the
+    kernel calls by name) bound in ``namespace``, the kernel module's globals, where Triton
+    resolves them. Call it once per process (cache the result).
+
+    Raises:
+        RuntimeError: ``interpret`` but Triton was imported before ``TRITON_INTERPRET=1`` was
+            set (its interpreter reads the variable at import).
+    """
+    import triton
+    import triton.language as tl
+
+    if interpret and type(tl.zeros).__name__ != "InterpretedFunction":
+        raise RuntimeError(
+            "TRITON_INTERPRET=1 was set after triton was imported: Triton's interpreter needs it "
+            "in the environment before (e.g. when the process starts)"
+        )
+    namespace["tl"] = tl
+    for fn in helpers:
+        namespace[fn.__name__] = triton.jit(fn)
+    return triton.jit(kernel)

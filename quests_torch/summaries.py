@@ -5,18 +5,29 @@ One home for the summary that the uncertainty bank
 (:meth:`quests_torch.uncertainty.UncertaintyBank.evaluate`) and the trajectory screening
 (:mod:`quests_torch.screening`, the per-frame ``dH_max``, ``dH_mean`` and ``novel_fraction``)
 both report; re-exported by :mod:`quests_torch.uncertainty`, its public home.
+
+With ``$QUESTS_TORCH_KERNEL=triton`` (on CUDA, or CPU tensors under Triton's interpreter) and
+no autograd, the three summaries of a batch of at most :data:`FUSED_MAX_PAIRS` atom-structure
+pairs come from one kernel launch (the MD step of :class:`~quests_torch.UncertaintyBank`: one
+program per structure, sums in float64 in a fixed order) instead of ~12 ops.
 """
 
 from __future__ import annotations
 
+import functools
 import numbers
 from typing import NamedTuple
 
 import torch
 
+from ._triton import interpreting, jit, runs_fused
 from .structures import segment_sum
 
-__all__ = ["StructureUncertainty", "per_structure_summary"]
+__all__ = ["FUSED_MAX_PAIRS", "StructureUncertainty", "per_structure_summary"]
+
+FUSED_MAX_PAIRS = 1 << 24
+"""Largest ``n_atoms x n_systems`` the fused summary takes (each program scans every atom)."""
+tl = None  # triton.language, bound by _kernel() (Triton is imported only when it is used)
 
 
 class StructureUncertainty(NamedTuple):
@@ -63,6 +74,11 @@ def per_structure_summary(
     if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
         raise TypeError(f"`threshold` must be a float, got {type(threshold).__name__}")
     idx = system_idx.to(device=dh.device, dtype=torch.int64)
+    if _fused(dh, n_systems):
+        out = torch.empty((3, n_systems), dtype=dh.dtype, device=dh.device)
+        _kernel(interpreting())[(n_systems,)](dh, idx, out, dh.shape[0], n_systems,
+                                              float(threshold), BLOCK=1024)  # fmt: skip
+        return StructureUncertainty(dh, out[0], out[1], out[2])
     order = torch.sort(idx, stable=True).indices
     idx_sorted = idx.index_select(0, order)
     counts = torch.bincount(idx_sorted, minlength=n_systems).to(dh.dtype)
@@ -72,3 +88,42 @@ def per_structure_summary(
     sums = segment_sum(both, idx_sorted, n_systems, is_sorted=True)
     mean, above = sums[:, 0] / counts, sums[:, 1] / counts
     return StructureUncertainty(dh, top, mean, above)
+
+
+def _fused(dh: torch.Tensor, n_systems: int) -> bool:
+    """Whether the summary kernel computes this call (see the module notes)."""
+    return (
+        not (torch.is_grad_enabled() and dh.requires_grad)
+        and dh.dtype in (torch.float32, torch.float64)
+        and dh.shape[0] * max(1, n_systems) <= FUSED_MAX_PAIRS
+        and dh.is_contiguous()
+        and runs_fused(dh.device)
+    )
+
+
+def _summary_kernel(DH, SIDX, OUT, n, n_systems, threshold, BLOCK: tl.constexpr):
+    """One program: structure ``s``'s max, mean and fraction above ``threshold`` of ``DH
+    [n]`` over the atoms with ``SIDX == s``, into ``OUT[:, s]`` (``[3, n_systems]``)."""
+    s = tl.program_id(0)
+    total = tl.zeros((BLOCK,), tl.float64)
+    above = tl.zeros((BLOCK,), tl.float64)
+    count = tl.zeros((BLOCK,), tl.int32)
+    top = tl.full((BLOCK,), float("-inf"), DH.dtype.element_ty)
+    for a0 in range(0, n, BLOCK):
+        offs = a0 + tl.arange(0, BLOCK)
+        mine = (offs < n) & (tl.load(SIDX + offs, mask=offs < n, other=-1) == s)
+        v = tl.load(DH + offs, mask=mine, other=0.0)
+        total += tl.where(mine, v.to(tl.float64), 0.0)
+        above += tl.where(mine & (v > threshold), 1.0, 0.0)
+        count += mine.to(tl.int32)
+        top = tl.where(mine, tl.maximum(top, v), top)
+    c = tl.sum(count).to(tl.float64)
+    tl.store(OUT + s, tl.max(top))
+    tl.store(OUT + n_systems + s, (tl.sum(total) / c).to(OUT.dtype.element_ty))
+    tl.store(OUT + 2 * n_systems + s, (tl.sum(above) / c).to(OUT.dtype.element_ty))
+
+
+@functools.cache
+def _kernel(interpret: bool):
+    """The kernel jitted (Triton reads ``TRITON_INTERPRET`` when it decorates)."""
+    return jit(globals(), _summary_kernel, interpret=interpret)

@@ -18,7 +18,7 @@ from ase import Atoms
 from ase.build import bulk
 from torch.utils._python_dispatch import _disable_current_modes
 
-from quests_torch import AtomsBatch
+from quests_torch import AtomsBatch, summaries
 from quests_torch._triton import KERNEL_ENV
 from quests_torch.descriptors import descriptors_from_tensors
 from quests_torch.kde import fused as kde_fused
@@ -66,10 +66,11 @@ class _Counted:
 
 @pytest.fixture
 def launches(monkeypatch):
-    """Counter of Triton launches by kernel name (both fused modules)."""
+    """Counter of Triton launches by kernel name (the three modules with kernels)."""
     counts: Counter = Counter()
-    nb_kernel, kde_kernel = nb_fused._kernel, kde_fused._kernel
+    nb_kernel, kde_kernel, sum_kernel = nb_fused._kernel, kde_fused._kernel, summaries._kernel
     monkeypatch.setattr(nb_fused, "_kernel", lambda i: _Counted(nb_kernel(i), counts))
+    monkeypatch.setattr(summaries, "_kernel", lambda i: _Counted(sum_kernel(i), counts))
     monkeypatch.setattr(
         kde_fused, "_kernel", lambda i, name="_lse_kernel": _Counted(kde_kernel(i, name), counts)
     )
@@ -253,3 +254,47 @@ def test_bank_step_in_four_launches_and_one_sync(monkeypatch, launches, one_thre
     assert bank.neighbors.builds == 1 and bank.neighbors.reuses == 2
     tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(dh, ref, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_fused_summary_equals_the_torch_path(monkeypatch, dtype):
+    gen = torch.Generator().manual_seed(2)
+    dh = torch.randn(1500, generator=gen, dtype=torch.float64).to(dtype)
+    idx = torch.sort(torch.randint(0, 5, (1500,), generator=gen)).values
+    for system_idx in (idx, idx[torch.randperm(1500, generator=gen)]):  # sorted or not
+        monkeypatch.setenv(KERNEL_ENV, "torch")
+        ref = summaries.per_structure_summary(dh, system_idx, 5, threshold=0.3)
+        monkeypatch.setenv(KERNEL_ENV, "triton")
+        got = summaries.per_structure_summary(dh, system_idx, 5, threshold=0.3)
+        for a, b in zip(got, ref, strict=True):
+            assert a.dtype == dtype and a.shape == b.shape
+            torch.testing.assert_close(a, b, **_tol(dtype))
+    assert got.max_dH[0] == dh[system_idx == 0].max()
+
+
+def test_evaluate_step_in_four_launches(monkeypatch, launches, one_thread):
+    """UncertaintyBank.evaluate on two structures (the step of torch-sim's UncertaintyModel):
+    descriptors, dH, its sign and the per-structure summaries: four launches, one sync."""
+    cells = []
+    for seed in (3, 4):
+        atoms = bulk("Cu", "fcc", a=3.61, cubic=True) * (2, 1, 1)
+        atoms.rattle(0.05, seed=seed)
+        cells.append(atoms)
+    b = AtomsBatch.from_ase(cells)
+    batch = (b.cell, b.pbc, b.system_idx)
+    x = torch.rand(200, 63, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    steps = [*_moves(b.positions, 3), b.positions + 0.01]
+    results = {}
+    for kernel in ("torch", "triton"):
+        monkeypatch.setenv(KERNEL_ENV, kernel)
+        bank = UncertaintyBank(x)
+        for p in steps[:-1]:
+            bank.evaluate(p, *batch, threshold=-1.0)
+        launches.clear()
+        with CountOps() as c:
+            results[kernel] = bank.evaluate(steps[-1], *batch, threshold=-1.0)
+    ops = {k: v for k, v in c.by_name.items() if k not in NO_LAUNCH | {SYNC_READ}}
+    assert sum(ops.values()) + sum(launches.values()) <= 4, (sorted(ops.items()), launches)
+    assert launches["_summary_kernel"] == 1 and c.syncs + c.host_reads == 1
+    for a, b in zip(results["triton"], results["torch"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .._triton import KERNEL_ENV, interpreting, kernel_choice, triton_available
+from .._triton import KERNEL_ENV, interpreting, jit, kernel_choice, triton_available
 
 if TYPE_CHECKING:
     from .problem import Problem
@@ -251,16 +251,7 @@ def _self_kernel(
 @functools.cache
 def _kernel(interpret: bool, name: str = "_lse_kernel"):
     """The kernel ``name`` jitted (Triton reads ``TRITON_INTERPRET`` when it decorates)."""
-    import triton
-    import triton.language as tl
-
-    if interpret and type(tl.zeros).__name__ != "InterpretedFunction":
-        raise RuntimeError(
-            "TRITON_INTERPRET=1 was set after triton was imported: Triton's interpreter needs it "
-            "in the environment before (e.g. when the process starts)"
-        )
-    globals()["tl"] = tl  # the kernel's `tl`, resolved by Triton from this module's globals
-    return triton.jit(globals()[name])
+    return jit(globals(), globals()[name], interpret=interpret)
 
 
 def _blocks(p: Problem) -> tuple[int, int, int]:

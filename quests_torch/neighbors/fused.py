@@ -31,7 +31,7 @@ import math
 import torch
 
 from .._precision import float64_enabled
-from .._triton import interpreting, runs_fused
+from .._triton import interpreting, jit, runs_fused
 from .grid import C_LEVELS, D2_BITS
 from .pairs import COINCIDENT_TOL
 
@@ -241,26 +241,14 @@ def _descriptor_row(x, y, z, valid, out, k, cutoff, KP: tl.constexpr):
     tl.store(out + k + slots, x2, mask=slots < k - 1)
 
 
-_HELPERS = {f.__name__: f for f in (_unwrapped, _structure_changed, _keys, _select,
-                                    _descriptor_row)}  # fmt: skip
+#: the functions the kernel calls, jitted under their names by :func:`_kernel`
+_HELPERS = (_unwrapped, _structure_changed, _keys, _select, _descriptor_row)
 
 
 @functools.cache
 def _kernel(interpret: bool):
     """The kernel jitted (Triton reads ``TRITON_INTERPRET`` when it decorates)."""
-    import triton
-    import triton.language as tl
-
-    if interpret and type(tl.zeros).__name__ != "InterpretedFunction":
-        raise RuntimeError(
-            "TRITON_INTERPRET=1 was set after triton was imported: Triton's interpreter needs it "
-            "in the environment before (e.g. when the process starts)"
-        )
-    globals()["tl"] = tl  # the kernels' `tl`, resolved by Triton from this module's globals
-    # the helpers the kernel calls, jitted under the names it calls them by
-    for name, fn in _HELPERS.items():
-        globals()[name] = triton.jit(fn)
-    return triton.jit(_verlet_kernel)
+    return jit(globals(), _verlet_kernel, _HELPERS, interpret=interpret)
 
 
 def fused_descriptors(
