@@ -40,6 +40,7 @@ import sys
 import tempfile
 import time
 import traceback
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -708,6 +709,57 @@ MACE_MP_SMALL = {
 }
 
 
+def md_step_fused(rep: Report, scale: int, steps: int = 60) -> None:
+    """The steady MD step of ``UncertaintyBank`` on the torch path and on the fused kernels
+    (``QUESTS_TORCH_KERNEL=triton``: descriptors from the Verlet list, dH, summaries; issue 26
+    item 1), in the same run: 1 x 256 atoms (``forward``) and 32 x 108 (``evaluate``) against
+    5,120 references, float64 and float32; medians of synchronised steps of 0.01 Å moves,
+    and the largest difference of the two paths on the same step."""
+    from quests_torch import _triton
+
+    with rep.section("md_step_fused") as rec:
+        if not _triton.triton_available():
+            rec["status"], rec["why"] = "skipped", "triton is not importable"
+            return
+        r = max(2, round(4 / scale ** (1 / 3)))
+        cases = {"1x256": [fcc((r, r, r), stdev=0.1, seed=11)], "32x108": _cu_cells(32, 108)}
+        steps = max(7, steps // scale)
+        for name, cells in cases.items():
+            b = AtomsBatch.from_ase(cells[: max(1, len(cells) // scale)], device=DEV)
+            for dtype in (torch.float64, torch.float32):
+                probe = qt.UncertaintyBank(torch.zeros(1, D, dtype=dtype, device=DEV))
+                y = probe.descriptors_of(b.positions.to(dtype), b.cell.to(dtype), b.pbc,
+                                         b.system_idx)  # fmt: skip
+                g = torch.Generator(DEV).manual_seed(0)
+                reps = -(-5120 // y.shape[0])
+                x = (y.repeat(reps, 1)[:5120] + 2e-3 * torch.randn(5120, D, device=DEV,
+                     dtype=dtype, generator=g))  # fmt: skip
+                moves = [b.positions.to(dtype) + 0.01 * torch.randn(b.positions.shape,
+                         device=DEV, dtype=dtype, generator=g) for _ in range(steps)]  # fmt: skip
+                batch = (b.cell.to(dtype), b.pbc, b.system_idx)
+                out = {}
+                for kernel in ("torch", "triton"):
+                    os.environ[_triton.KERNEL_ENV] = kernel
+                    bank = qt.UncertaintyBank(x)
+                    step = bank.evaluate if name != "1x256" else bank
+                    for p in moves[:5]:  # a search, the list built, warm-up
+                        step(p, *batch)
+                    times = []
+                    for p in moves[5:]:
+                        sync()
+                        t0 = time.perf_counter()
+                        step(p, *batch)
+                        sync()
+                        times.append(time.perf_counter() - t0)
+                    res = step(moves[-1], *batch)
+                    out[kernel] = res if name == "1x256" else res.dH
+                    key = f"{name}_{str(dtype)[6:]}_{kernel}"
+                    rec[f"{key}_ms"] = round(float(np.median(times)) * 1e3, 4)
+                    rec[f"{key}_builds"] = bank.neighbors.builds
+                rec[f"{name}_{str(dtype)[6:]}_max_diff"] = maxdiff(out["torch"], out["triton"])
+        os.environ.pop(_triton.KERNEL_ENV, None)
+
+
 def _cu_cells(n_sys: int, n_atoms: int, seed: int = 0) -> list:
     reps = max(1, round((n_atoms / 4) ** (1 / 3)))
     return [fcc((reps, reps, reps), stdev=0.05, seed=seed + i) for i in range(n_sys)]
@@ -730,8 +782,11 @@ def mace_costs(rep: Report, scale: int, batches=("1x256", "1x4000", "32x108"), c
         return
     import ase.io
 
+    from quests_torch._triton import KERNEL_ENV as _TRITON_ENV
+    from quests_torch._triton import triton_available
     from quests_torch.integrations.torch_sim import UncertaintyModel
 
+    triton_ok = triton_available()
     train = ase.io.read(tm.TRAIN_PATH, ":")
     models = {
         "fixture_16ch": lambda dtype: tm.load_mace(dtype=dtype, device=DEV),
@@ -754,7 +809,9 @@ def mace_costs(rep: Report, scale: int, batches=("1x256", "1x4000", "32x108"), c
                     n_sys, n_atoms = (int(v) for v in spec.split("x"))
                     n_atoms = max(4, n_atoms // scale)
                     state = ts.io.atoms_to_state(_cu_cells(n_sys, n_atoms), DEV, dtype)
-                    cases = {"mace": mace, "wrapped": wrapped}
+                    cases = {"mace": mace, "wrapped": partial(_with_kernel, "torch", wrapped)}
+                    if triton_ok:  # the same wrapper on the fused kernels (issue 26 item 1)
+                        cases["fused"] = partial(_with_kernel, "triton", wrapped)
                     times: dict[str, list[float]] = {c: [] for c in cases}
                     for c in cases:  # warm-up: compile, caches, the bank's neighbour list
                         cases[c](state)
@@ -773,6 +830,12 @@ def mace_costs(rep: Report, scale: int, batches=("1x256", "1x4000", "32x108"), c
                     rec[f"{spec}_added_percent"] = round(
                         100 * (med["wrapped"] / med["mace"] - 1), 1
                     )
+                    if "fused" in med:
+                        rec[f"{spec}_fused_ms"] = round(med["fused"] * 1e3, 3)
+                        rec[f"{spec}_fused_added_percent"] = round(
+                            100 * (med["fused"] / med["mace"] - 1), 1
+                        )
+    os.environ.pop(_TRITON_ENV, None)
 
 
 def screening_end_to_end(rep: Report, scale: int) -> None:
@@ -821,7 +884,7 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-tests", action="store_true")
     ap.add_argument("--skip-timings", action="store_true")
     ap.add_argument("--test-timeout", type=float, default=150.0)
-    groups = ("timings", "fused", "mace", "screening", "epilogue")
+    groups = ("timings", "fused", "step", "mace", "screening", "epilogue")
     ap.add_argument(
         "--only",
         default=",".join(groups),
@@ -867,6 +930,8 @@ def main(argv=None) -> int:
             timings(rep, peak, args.scale)
         if "fused" in only:
             fused_kernels(rep, peak, args.scale)
+        if "step" in only:
+            md_step_fused(rep, args.scale)
         if "mace" in only:
             mace_costs(rep, args.scale)
         if "screening" in only:
