@@ -298,3 +298,24 @@ def test_evaluate_step_in_four_launches(monkeypatch, launches, one_thread):
     assert launches["_summary_kernel"] == 1 and c.syncs + c.host_reads == 1
     for a, b in zip(results["triton"], results["torch"], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_fused_step_under_inference_mode(monkeypatch, triton_kernels, launches):
+    """torch-sim and MD drivers often step under inference mode: the list, its flag and the
+    outputs of the fused step live across calls inside and outside it."""
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True) * (2, 1, 1)
+    atoms.rattle(0.05, seed=9)
+    b = AtomsBatch.from_ase(atoms)
+    x = torch.rand(100, 63, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    bank = UncertaintyBank(x)
+    moves = _moves(b.positions, 5)
+    with torch.inference_mode():
+        for p in moves[:3]:
+            bank(p, b.cell, b.pbc)
+    got = bank(moves[3], b.cell, b.pbc)  # outside, on the flag made inside
+    with torch.inference_mode():
+        got_inside = bank(moves[4], b.cell, b.pbc)
+    assert launches["_verlet_kernel"] == 3 and bank.neighbors.builds == 1
+    fresh = UncertaintyBank(x, skin=None)
+    torch.testing.assert_close(got, fresh(moves[3], b.cell, b.pbc), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got_inside, fresh(moves[4], b.cell, b.pbc), rtol=1e-10, atol=1e-10)
