@@ -33,6 +33,11 @@ if not torch.cuda.is_available():
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs CUDA or Triton's interpreter", allow_module_level=True)
 
+#: where the fused kernels run: the GPU (then these are `cuda` tests, run by gpu_check), or
+#: CPU tensors under the interpreter
+FUSED_DEV = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.parametrize("dev", [FUSED_DEV])
+
 #: torch ops that allocate or make views: no kernel launch on a GPU
 NO_LAUNCH = {
     "aten.empty.memory_format",
@@ -84,8 +89,8 @@ def triton_kernels(monkeypatch):
 
 def _moves(pos: torch.Tensor, steps: int = 3, size: float = 0.02, seed: int = 1):
     gen = torch.Generator().manual_seed(seed)
-    return [pos + size * (i + 1) * torch.randn(pos.shape, generator=gen, dtype=pos.dtype)
-            for i in range(steps)]  # fmt: skip
+    noise = [torch.randn(pos.shape, generator=gen, dtype=pos.dtype) for _ in range(steps)]
+    return [pos + size * (i + 1) * e.to(pos.device) for i, e in enumerate(noise)]
 
 
 def _both_paths(monkeypatch, batch, steps, **kw):
@@ -108,27 +113,27 @@ def _tol(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
-def test_fused_descriptors_equal_the_torch_path(monkeypatch, dtype):
+def test_fused_descriptors_equal_the_torch_path(dev, monkeypatch, dtype):
     atoms = bulk("Cu", "fcc", a=3.61, cubic=True) * (2, 2, 2)
     atoms.rattle(0.05, seed=3)
-    b = AtomsBatch.from_ase(atoms)
+    b = AtomsBatch.from_ase(atoms, device=dev)
     steps = _moves(b.positions.to(dtype))
     ref, got, _ = _both_paths(monkeypatch, (b.cell.to(dtype), b.pbc), steps)
     assert got.dtype == dtype and got.shape == ref.shape == (32, 63)
     torch.testing.assert_close(got, ref, **_tol(dtype))
 
 
-def test_fused_ties_of_a_perfect_crystal_break_as_the_torch_path(monkeypatch):
+def test_fused_ties_of_a_perfect_crystal_break_as_the_torch_path(dev, monkeypatch):
     """k = 32 cuts the third FCC shell (24 atoms at a sqrt(3/2)): the same 14 are kept."""
     atoms = bulk("Cu", "fcc", a=3.61, cubic=True) * (2, 2, 2)
-    b = AtomsBatch.from_ase(atoms)
+    b = AtomsBatch.from_ase(atoms, device=dev)
     steps = [b.positions.clone() for _ in range(3)]
     ref, got, _ = _both_paths(monkeypatch, (b.cell, b.pbc), steps)
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-14)
     assert torch.allclose(got, got[:1].expand_as(got), rtol=1e-12, atol=1e-14)  # all alike
 
 
-def test_fused_batch_of_structures_molecule_and_slab(monkeypatch):
+def test_fused_batch_of_structures_molecule_and_slab(dev, monkeypatch):
     """Per-atom inverse cells (several structures), a molecule (no periodic direction) and a
     slab (pbc T, T, F), with atoms wrapped back into the cell between steps."""
     cu = bulk("Cu", "fcc", a=3.61, cubic=True) * (2, 1, 1)
@@ -138,7 +143,7 @@ def test_fused_batch_of_structures_molecule_and_slab(monkeypatch):
     slab.rattle(0.05, seed=5)
     mol = Atoms("CH4", positions=[[0, 0, 0], [0.63, 0.63, 0.63], [-0.63, -0.63, 0.63],
                                   [-0.63, 0.63, -0.63], [0.63, -0.63, -0.63]])  # fmt: skip
-    b = AtomsBatch.from_ase([cu, slab, mol])
+    b = AtomsBatch.from_ase([cu, slab, mol], device=dev)
     steps = _moves(b.positions)
     # the last step wrapped into the periodic cells (torch-sim does it every step)
     last = steps[-1].clone()
@@ -152,10 +157,10 @@ def test_fused_batch_of_structures_molecule_and_slab(monkeypatch):
     assert (got[mol, 4:32] == 0).all() and (got[mol, 32 + 3 :] == 0).all()
 
 
-def test_fused_multicomponent(monkeypatch):
+def test_fused_multicomponent(dev, monkeypatch):
     atoms = bulk("NaCl", "rocksalt", a=5.64, cubic=True)
     atoms.rattle(0.05, seed=6)
-    b = AtomsBatch.from_ase(atoms)
+    b = AtomsBatch.from_ase(atoms, device=dev)
     steps = _moves(b.positions)
     kw = dict(numbers=b.numbers, species=[11, 17], k=16, cutoff=4.5)
     ref, got, _ = _both_paths(monkeypatch, (b.cell, b.pbc), steps, **kw)
@@ -164,12 +169,12 @@ def test_fused_multicomponent(monkeypatch):
 
 
 @pytest.mark.parametrize("change", ["far", "cell", "pbc", "numbers"])
-def test_a_stale_list_is_rebuilt(monkeypatch, triton_kernels, change):
+def test_a_stale_list_is_rebuilt(dev, monkeypatch, triton_kernels, change):
     """The kernel's flag: an atom moved beyond skin / 2, another cell, pbc or atomic numbers.
     The step then rebuilds and gives a new search's descriptors."""
     atoms = bulk("NaCl", "rocksalt", a=5.64, cubic=True)
     atoms.rattle(0.05, seed=7)
-    b = AtomsBatch.from_ase(atoms)
+    b = AtomsBatch.from_ase(atoms, device=dev)
     pos, cell, pbc, numbers = b.positions, b.cell.clone(), b.pbc.clone(), b.numbers.clone()
     kw = dict(k=8, cutoff=4.0, species=[11, 17])
     cache = NeighborCache(skin=1.0)
@@ -178,12 +183,12 @@ def test_a_stale_list_is_rebuilt(monkeypatch, triton_kernels, change):
     assert cache.builds == 1
     pos = pos.clone()
     if change == "far":
-        pos[3] += torch.tensor([0.6, 0.0, 0.0], dtype=pos.dtype)
+        pos[3] += torch.tensor([0.6, 0.0, 0.0], dtype=pos.dtype, device=dev)
     elif change == "cell":
         cell = cell * 1.01
         pos = pos * 1.01
     elif change == "pbc":
-        pbc = torch.tensor([[True, True, False]])
+        pbc = torch.tensor([[True, True, False]], device=dev)
     else:
         numbers = numbers.flip(0)
     got = descriptors_from_tensors(pos, cell, pbc, numbers=numbers, neighbors=cache, **kw)
@@ -193,9 +198,9 @@ def test_a_stale_list_is_rebuilt(monkeypatch, triton_kernels, change):
     torch.testing.assert_close(got, fresh, rtol=1e-12, atol=1e-14)  # ... a new search was
 
 
-def test_coincident_atoms_reach_the_searchs_error(triton_kernels):
+def test_coincident_atoms_reach_the_searchs_error(dev, triton_kernels):
     atoms = bulk("Cu", "fcc", a=3.61, cubic=True)
-    b = AtomsBatch.from_ase(atoms)
+    b = AtomsBatch.from_ase(atoms, device=dev)
     cache = NeighborCache()
     for p in _moves(b.positions, 2):
         descriptors_from_tensors(p, b.cell, b.pbc, k=8, neighbors=cache)
@@ -205,10 +210,10 @@ def test_coincident_atoms_reach_the_searchs_error(triton_kernels):
         descriptors_from_tensors(pos, b.cell, b.pbc, k=8, neighbors=cache)
 
 
-def test_autograd_and_large_k_keep_the_torch_path(triton_kernels, launches):
+def test_autograd_and_large_k_keep_the_torch_path(dev, triton_kernels, launches):
     atoms = bulk("Cu", "fcc", a=3.61, cubic=True)
     atoms.rattle(0.05, seed=8)
-    b = AtomsBatch.from_ase(atoms)
+    b = AtomsBatch.from_ase(atoms, device=dev)
     cache = NeighborCache()
     for p in _moves(b.positions, 2):
         descriptors_from_tensors(p, b.cell, b.pbc, k=8, neighbors=cache)
@@ -220,17 +225,18 @@ def test_autograd_and_large_k_keep_the_torch_path(triton_kernels, launches):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
-def test_bank_step_in_four_launches_and_one_sync(monkeypatch, launches, one_thread, dtype):
+def test_bank_step_in_four_launches_and_one_sync(dev, monkeypatch, launches, one_thread, dtype):
     """The steady-state MD step of UncertaintyBank (issue 26: at most four launches and one
     host sync; the torch path takes ~140 ops and 2 syncs): the descriptor kernel, the dH
     kernel, the flag's zeroing and dH's sign."""
     atoms = bulk("Cu", "fcc", a=3.61, cubic=True) * (2, 2, 2)
     atoms.rattle(0.05, seed=3)
-    b = AtomsBatch.from_ase(atoms)
-    probe = UncertaintyBank(torch.zeros(1, 63, dtype=torch.float64))
+    b = AtomsBatch.from_ase(atoms, device=dev)
+    probe = UncertaintyBank(torch.zeros(1, 63, dtype=torch.float64, device=dev))
     y = probe.descriptors_of(b.positions, b.cell, b.pbc)
     gen = torch.Generator().manual_seed(0)
-    x = y.repeat(16, 1) + 2e-3 * torch.randn(16 * y.shape[0], y.shape[1], generator=gen)
+    noise = torch.randn(16 * y.shape[0], y.shape[1], generator=gen, dtype=y.dtype).to(dev)
+    x = y.repeat(16, 1) + 2e-3 * noise
     steps = _moves(b.positions.to(dtype))
     cell = b.cell.to(dtype)
     monkeypatch.setenv(KERNEL_ENV, "torch")
@@ -257,11 +263,11 @@ def test_bank_step_in_four_launches_and_one_sync(monkeypatch, launches, one_thre
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
-def test_fused_summary_equals_the_torch_path(monkeypatch, dtype):
+def test_fused_summary_equals_the_torch_path(dev, monkeypatch, dtype):
     gen = torch.Generator().manual_seed(2)
-    dh = torch.randn(1500, generator=gen, dtype=torch.float64).to(dtype)
-    idx = torch.sort(torch.randint(0, 5, (1500,), generator=gen)).values
-    for system_idx in (idx, idx[torch.randperm(1500, generator=gen)]):  # sorted or not
+    dh = torch.randn(1500, generator=gen, dtype=torch.float64).to(dev, dtype)
+    idx = torch.sort(torch.randint(0, 5, (1500,), generator=gen)).values.to(dev)
+    for system_idx in (idx, idx[torch.randperm(1500, generator=gen).to(dev)]):  # sorted or not
         monkeypatch.setenv(KERNEL_ENV, "torch")
         ref = summaries.per_structure_summary(dh, system_idx, 5, threshold=0.3)
         monkeypatch.setenv(KERNEL_ENV, "triton")
@@ -272,7 +278,7 @@ def test_fused_summary_equals_the_torch_path(monkeypatch, dtype):
     assert got.max_dH[0] == dh[system_idx == 0].max()
 
 
-def test_evaluate_step_in_four_launches(monkeypatch, launches, one_thread):
+def test_evaluate_step_in_four_launches(dev, monkeypatch, launches, one_thread):
     """UncertaintyBank.evaluate on two structures (the step of torch-sim's UncertaintyModel):
     descriptors, dH, its sign and the per-structure summaries: four launches, one sync."""
     cells = []
@@ -280,9 +286,10 @@ def test_evaluate_step_in_four_launches(monkeypatch, launches, one_thread):
         atoms = bulk("Cu", "fcc", a=3.61, cubic=True) * (2, 1, 1)
         atoms.rattle(0.05, seed=seed)
         cells.append(atoms)
-    b = AtomsBatch.from_ase(cells)
+    b = AtomsBatch.from_ase(cells, device=dev)
     batch = (b.cell, b.pbc, b.system_idx)
     x = torch.rand(200, 63, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    x = x.to(dev)
     steps = [*_moves(b.positions, 3), b.positions + 0.01]
     results = {}
     for kernel in ("torch", "triton"):
@@ -300,13 +307,14 @@ def test_evaluate_step_in_four_launches(monkeypatch, launches, one_thread):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
-def test_fused_step_under_inference_mode(monkeypatch, triton_kernels, launches):
+def test_fused_step_under_inference_mode(dev, monkeypatch, triton_kernels, launches):
     """torch-sim and MD drivers often step under inference mode: the list, its flag and the
     outputs of the fused step live across calls inside and outside it."""
     atoms = bulk("Cu", "fcc", a=3.61, cubic=True) * (2, 1, 1)
     atoms.rattle(0.05, seed=9)
-    b = AtomsBatch.from_ase(atoms)
+    b = AtomsBatch.from_ase(atoms, device=dev)
     x = torch.rand(100, 63, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    x = x.to(dev)
     bank = UncertaintyBank(x)
     moves = _moves(b.positions, 5)
     with torch.inference_mode():
