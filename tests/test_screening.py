@@ -97,6 +97,31 @@ def test_largest_cluster_seed_in_gas_across_periodic_boundary():
     assert sizes.tolist() == [31, 108] and int(labels[0]) == -1
 
 
+@pytest.mark.parametrize("fraction", [0.0, 0.3, 0.7, 1.0])
+def test_clusters_from_the_selected_atoms_equal_those_of_all_pairs(fraction):
+    """Only the selected atoms are searched: the labels equal those of every pair within the
+    cutoff filtered to selected ends (the search before), for any selection, including a
+    structure with no selected atom and molecules without a cell."""
+    from quests_torch.neighbors import find_neighbor_pairs
+
+    frames = [rattled_fcc((3, 3, 3), seed=s) for s in range(3)]
+    frames.append(Atoms("H2O", positions=[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]]))
+    batch = AtomsBatch.from_ase(frames)
+    gen = torch.Generator().manual_seed(int(fraction * 10))
+    mask = torch.rand(batch.n_atoms, generator=gen) < fraction
+    mask[batch.system_idx == 1] = False  # a structure with nothing selected
+    sizes, labels = largest_cluster(batch.positions, batch.cell, batch.pbc, batch.system_idx,
+                                    mask, 2.7)  # fmt: skip
+    pairs = find_neighbor_pairs(batch.positions, batch.cell, batch.pbc, batch.system_idx,
+                                2.7 + 1e-9)  # fmt: skip
+    keep = mask[pairs.center] & mask[pairs.neighbor]
+    full = connected_components(batch.n_atoms, pairs.center[keep], pairs.neighbor[keep])
+    assert torch.equal(labels, torch.where(mask, full, torch.full_like(full, -1)))
+    expected = [int(torch.bincount(labels[(batch.system_idx == s) & mask]).max())
+                if ((batch.system_idx == s) & mask).any() else 0 for s in range(4)]  # fmt: skip
+    assert sizes.tolist() == expected and sizes[1] == 0
+
+
 def test_screen_frames_crystal_covered_gas_novel():
     """A perfect crystal against itself: dH <= 0 everywhere, one cluster of every atom; a
     dilute gas: every atom novel, no cluster."""
