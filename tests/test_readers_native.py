@@ -1,0 +1,321 @@
+"""The native trajectory readers (issue 27, item 2) against ASE: LAMMPS dump text, torch-sim
+HDF5 trajectories and ASE ``.traj``, on corpora of variants written into ``tmp_path``.
+
+Each reader must give the frames ASE gives (numbers, positions, cell and pbc equal bit for
+bit: both parse decimal text with a correctly rounded parser, so no tolerance is needed) and
+therefore the same descriptors, compared exactly (``torch.equal``).
+"""
+
+from __future__ import annotations
+
+import ase.io
+import numpy as np
+import pytest
+import torch
+
+import quests_torch as qt
+from quests_torch import io
+from quests_torch.readers import formats
+from quests_torch.readers.lammps import parse_dump_frame, parse_types, scan_dump
+
+# --- LAMMPS dump text: a corpus of variants ------------------------------------------------
+
+
+def _box(rng, tilt: str, flags: str) -> tuple[str, np.ndarray, np.ndarray]:
+    """An ``ITEM: BOX BOUNDS`` block in LAMMPS' bounds-with-tilt convention, the box's origin
+    and its cell rows."""
+    lo = rng.normal(size=3).round(6).tolist()
+    length = (5.0 + rng.random(3)).round(6).tolist()
+    if tilt == "none":
+        rows = "".join(f"{lo[i]!r} {lo[i] + length[i]!r}\n" for i in range(3))
+        return f"ITEM: BOX BOUNDS {flags}\n{rows}", np.array(lo), np.diag(length)
+    if tilt == "abc":  # general triclinic: rows a, b, c and the origin
+        cell = np.diag(length) + rng.normal(scale=0.4, size=(3, 3)).round(5)
+        rows = "".join(" ".join(repr(float(v)) for v in [*cell[i], lo[i]]) + "\n" for i in range(3))
+        return f"ITEM: BOX BOUNDS abc origin {flags}\n{rows}", np.array(lo), cell
+    sign = 1.0 if tilt == "positive" else -1.0
+    xy, xz, yz = (sign * rng.random(3)).round(5).tolist()
+    xlo = lo[0] + min(0.0, xy, xz, xy + xz)
+    xhi = lo[0] + length[0] + max(0.0, xy, xz, xy + xz)
+    ylo, yhi = lo[1] + min(0.0, yz), lo[1] + length[1] + max(0.0, yz)
+    rows = (
+        f"{xlo!r} {xhi!r} {xy!r}\n{ylo!r} {yhi!r} {xz!r}\n{lo[2]!r} {lo[2] + length[2]!r} {yz!r}\n"
+    )
+    cell = np.array([[length[0], 0, 0], [xy, length[1], 0], [xz, yz, length[2]]])
+    return f"ITEM: BOX BOUNDS xy xz yz {flags}\n{rows}", np.array(lo), cell
+
+
+def _dump_frame(rng, step: int, n: int, columns: list[str], *, tilt="none", flags="pp pp pp",
+                shuffle=True, extra_items="") -> str:  # fmt: skip
+    """One dump frame: ``n`` atoms of types 1-3 (Cu, Zr, Al) with the given columns."""
+    box, lo, cell = _box(rng, tilt, flags)
+    frac = rng.random((n, 3))
+    cart = frac @ cell + lo
+    types = rng.integers(1, 4, n)
+    symbols = np.array(["Cu", "Zr", "Al"])[types - 1]
+    masses = np.array([63.546, 91.224, 26.9815])[types - 1]
+    ids = rng.permutation(n) + 1 if shuffle else np.arange(1, n + 1)
+    values = {"id": ids, "type": types, "element": symbols, "mass": masses, "q": rng.normal(size=n)}
+    for i, axis in enumerate("xyz"):
+        values[axis] = values[f"{axis}u"] = cart[:, i]
+        values[f"{axis}s"] = values[f"{axis}su"] = frac[:, i]
+        values[f"v{axis}"] = values[f"f{axis}"] = rng.normal(size=n)
+    values["c_pe"] = values["v_energy"] = rng.normal(size=n)
+    values["i_flag"] = rng.integers(0, 5, n)
+
+    def text(name, i):
+        v = values[name][i]
+        return str(v) if name in ("id", "type", "element", "i_flag") else repr(float(v))
+
+    rows = "".join(" ".join(text(c, i) for c in columns) + "\n" for i in range(n))
+    header = f"ITEM: TIMESTEP\n{step}\nITEM: NUMBER OF ATOMS\n{n}\n{box}"
+    return f"{extra_items}{header}ITEM: ATOMS {' '.join(columns)}\n{rows}"
+
+
+#: name -> (keywords of _dump_frame, frames, atoms per frame)
+DUMPS = {
+    "id_type_xyz": ({"columns": ["id", "type", "x", "y", "z"]}, 3, [5, 5, 5]),
+    "columns_reordered_extra": (
+        {
+            "columns": [
+                "x",
+                "vx",
+                "type",
+                "z",
+                "c_pe",
+                "id",
+                "y",
+                "fx",
+                "fy",
+                "fz",
+                "v_energy",
+                "i_flag",
+                "q",
+            ]
+        },
+        2,
+        [6, 4],
+    ),
+    "scaled": ({"columns": ["id", "type", "xs", "ys", "zs"]}, 2, [7, 7]),
+    "triclinic_positive": (
+        {"columns": ["id", "type", "x", "y", "z"], "tilt": "positive"},
+        2,
+        [6, 6],
+    ),
+    "triclinic_negative_scaled_pp_ff_fs": (
+        {"columns": ["type", "id", "xs", "ys", "zs"], "tilt": "negative", "flags": "pp ff fs"},
+        2,
+        [5, 8],
+    ),
+    "unwrapped_nonperiodic": (
+        {"columns": ["id", "type", "xu", "yu", "zu"], "flags": "ff ff ff"},
+        2,
+        [4, 4],
+    ),
+    "scaled_unwrapped": (
+        {"columns": ["id", "type", "xsu", "ysu", "zsu"], "flags": "pp pp ss"},
+        1,
+        [6],
+    ),
+    "no_id_file_order": ({"columns": ["type", "x", "y", "z"], "shuffle": False}, 2, [3, 5]),
+    "element_column": ({"columns": ["id", "element", "type", "x", "y", "z"]}, 2, [5, 5]),
+    "general_triclinic": ({"columns": ["id", "type", "x", "y", "z"], "tilt": "abc"}, 1, [6]),
+    "units_and_time_items": (
+        {"columns": ["id", "type", "x", "y", "z"], "extra_items": "ITEM: TIME\n0.25\n"},
+        3,
+        [4, 2, 4],
+    ),
+    "one_atom": ({"columns": ["id", "type", "x", "y", "z"]}, 2, [1, 1]),
+}
+SPECORDER = ["Cu", "Zr", "Al"]
+
+
+def _write_dump(tmp_path, name: str, seed: int = 0, *, crlf: bool = False, last_newline=True):
+    kw, frames, sizes = DUMPS[name]
+    rng = np.random.default_rng(seed)
+    text = "".join(_dump_frame(rng, 100 * i, sizes[i], **kw) for i in range(frames))
+    if not last_newline:
+        text = text.rstrip("\n")
+    if crlf:
+        text = text.replace("\n", "\r\n")
+    path = tmp_path / f"{name}.lammpstrj"
+    path.write_bytes(text.encode())
+    return path
+
+
+def _assert_same_frames(got: list, ref: list) -> None:
+    assert len(got) == len(ref)
+    for g, r in zip(got, ref, strict=True):
+        np.testing.assert_array_equal(g.numbers, r.numbers)
+        assert g.positions.dtype == np.float64
+        assert g.positions.tobytes() == np.asarray(r.positions, dtype=np.float64).tobytes()
+        assert g.cell.array.tobytes() == np.asarray(r.cell.array, dtype=np.float64).tobytes()
+        np.testing.assert_array_equal(g.pbc, r.pbc)
+
+
+def _assert_same_descriptors(got: list, ref: list) -> None:
+    a = qt.get_descriptors(got, k=8, cutoff=4.0, dtype=torch.float64)
+    b = qt.get_descriptors(ref, k=8, cutoff=4.0, dtype=torch.float64)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", sorted(DUMPS))
+def test_dump_reader_gives_the_frames_and_descriptors_ase_gives(tmp_path, name):
+    path = _write_dump(tmp_path, name)
+    got = list(io.iter_structures(path, types="Cu,Zr,Al"))
+    ref = ase.io.read(path, ":", format="lammps-dump-text", specorder=SPECORDER)
+    _assert_same_frames(got, ref)
+    _assert_same_descriptors(got, ref)
+    assert formats.count_frames(path) == len(ref) == io.count_frames(path)
+
+
+@pytest.mark.parametrize("variant", ["crlf", "no_final_newline"])
+def test_dump_reader_line_ending_variants(tmp_path, variant):
+    path = _write_dump(
+        tmp_path, "triclinic_positive", crlf=variant == "crlf",
+        last_newline=variant != "no_final_newline",
+    )  # fmt: skip
+    got = list(io.iter_structures(path, types={1: "Cu", 2: "Zr", 3: "Al"}))
+    _assert_same_frames(got, ase.io.read(path, ":", format="lammps-dump-text", specorder=SPECORDER))
+
+
+def test_dump_elements_from_element_and_mass_columns_as_ase(tmp_path):
+    path = _write_dump(tmp_path, "element_column")
+    ref = ase.io.read(path, ":", format="lammps-dump-text")  # no specorder: the column
+    _assert_same_frames(list(io.iter_structures(path)), ref)
+    _assert_same_frames(list(io.iter_structures(path, types="Al,Al,Al")), ref)  # column wins
+    rng = np.random.default_rng(5)
+    masses = tmp_path / "masses.dump"
+    masses.write_text(_dump_frame(rng, 0, 6, ["id", "type", "mass", "x", "y", "z"]))
+    ref = ase.io.read(masses, ":", format="lammps-dump-text")  # elements by nearest mass
+    _assert_same_frames(list(io.iter_structures(masses)), ref)
+    # the one deliberate difference: with `types`, the map decides over the masses
+    mapped = list(io.iter_structures(masses, types="Ni,Ni,Ni"))
+    assert set(mapped[0].numbers.tolist()) == {28}
+    assert set(ref[0].numbers.tolist()) <= {13, 29, 40}
+
+
+@pytest.mark.parametrize("index", [":", "1:", "::2", "-1", "1"])
+def test_dump_selection_and_reader_processes(tmp_path, index, monkeypatch):
+    from quests_torch.readers import pool as pool_module
+
+    monkeypatch.setattr(pool_module, "MIN_POOL_ATOMS", 0)
+    monkeypatch.setattr(pool_module, "DEFAULT_CHUNK_ATOMS", 4)
+    path = _write_dump(tmp_path, "units_and_time_items")
+    ref = ase.io.read(path, index, format="lammps-dump-text", specorder=SPECORDER)
+    ref = ref if isinstance(ref, list) else [ref]
+    for readers in (None, 0, 2):
+        got = list(io.iter_structures(path, index, readers=readers, types="Cu,Zr,Al"))
+        _assert_same_frames(got, ref)
+
+
+def test_dump_frame_index_is_cached_per_format(tmp_path, monkeypatch):
+    from quests_torch.readers import index as index_module
+
+    monkeypatch.setenv("QUESTS_TORCH_CACHE", str(tmp_path / "cache"))
+    path = _write_dump(tmp_path, "id_type_xyz")
+    first = index_module.frame_index(path, scanner=scan_dump)
+    assert first.n_atoms.tolist() == [5, 5, 5]
+    entries = list((tmp_path / "cache" / "frame-index").glob("*.npz"))
+    assert len(entries) == 1
+    again = index_module.frame_index(path, scanner=scan_dump)
+    assert again.starts.tolist() == first.starts.tolist()
+    assert len(list((tmp_path / "cache" / "frame-index").glob("*.npz"))) == 1
+
+
+@pytest.mark.parametrize("block", [16, 100, 1 << 20])
+def test_dump_scan_at_any_block_size(tmp_path, block):
+    path = _write_dump(tmp_path, "units_and_time_items")
+    whole = scan_dump(path)
+    cut = scan_dump(path, block=block)
+    assert cut.starts.tolist() == whole.starts.tolist()
+    assert cut.stops.tolist() == whole.stops.tolist() and cut.n_atoms.tolist() == [4, 2, 4]
+    blob = path.read_bytes()
+    assert all(blob[a:].startswith(b"ITEM: TIMESTEP") for a in whole.starts.tolist())
+
+
+def test_dump_errors_name_the_file_and_the_problem(tmp_path):
+    path = _write_dump(tmp_path, "id_type_xyz")
+    with pytest.raises(ValueError, match=r"id_type_xyz\.lammpstrj: a LAMMPS dump without an "
+                       r"`element` column needs `types` \(--types"):  # fmt: skip
+        next(io.iter_structures(path))
+    unmapped = r"\(structure 0 .*LAMMPS type 3 is not in `types` \(maps 1, 2\)"
+    with pytest.raises(
+        ValueError, match=r"id_type_xyz\.lammpstrj: cannot read structures " + unmapped
+    ):
+        list(io.iter_structures(path, types="Cu,Zr"))
+    blob = path.read_bytes()
+    cut = tmp_path / "cut.lammpstrj"
+    cut.write_bytes(blob[: blob.rindex(b"\n", 0, len(blob) - 1)])  # the last row gone
+    with pytest.raises(ValueError, match=r"cut\.lammpstrj: cannot read structures \(frame 3 "
+                       r"claims 5 atoms but the file ends 1 rows short"):  # fmt: skip
+        next(io.iter_structures(cut, types="Cu,Zr,Al"))
+    with pytest.raises(ValueError, match="no complete x y z"):
+        parse_dump_frame(
+            b"ITEM: TIMESTEP\n0\nITEM: NUMBER OF ATOMS\n1\nITEM: ATOMS id type x y\n1 1 0 0\n",
+            {1: 29},
+        )
+    with pytest.raises(ValueError, match="atom row 2 holds 4 values for the 5 columns"):
+        parse_dump_frame(
+            b"ITEM: TIMESTEP\n0\nITEM: NUMBER OF ATOMS\n2\nITEM: ATOMS id type x y z\n"
+            b"1 1 0 0 0\n2 1 0 0\n",
+            {1: 29},
+        )
+    empty = tmp_path / "empty.dump"
+    empty.write_text("not a dump\n")
+    with pytest.raises(ValueError, match=r"empty\.dump: .*not a LAMMPS dump text file"):
+        next(io.iter_structures(empty, types="Cu"))
+
+
+@pytest.mark.parametrize(
+    ("types", "expected"),
+    [
+        ("1=Cu,2=Zr", {1: 29, 2: 40}),
+        ("Cu, Zr", {1: 29, 2: 40}),
+        ("3=al", {3: 13}),
+        ({2: "Cu", 5: 40}, {2: 29, 5: 40}),
+        (["Cu", 13], {1: 29, 2: 13}),
+        (None, None),
+    ],
+)
+def test_parse_types_forms(types, expected):
+    assert parse_types(types) == expected
+
+
+@pytest.mark.parametrize(
+    ("types", "match"),
+    [
+        ("", "must name elements"),
+        ("1=Cu,Zr", "not both"),
+        ("x=Cu", "type 'x' is not an integer"),
+        ("0=Cu", "integer >= 1"),
+        ("1=Qq", "'Qq' is not a chemical element"),
+        ("1=Cu,1=Zr", "given twice"),
+        ({1: 0}, "0 is not a chemical element"),
+        (3.5, "got float"),
+    ],
+)
+def test_parse_types_refusals(types, match):
+    with pytest.raises(ValueError, match=match):
+        parse_types(types)
+
+
+def test_cli_types_option_and_its_errors(tmp_path, monkeypatch, capsys):
+    from quests_torch.cli import main
+
+    monkeypatch.setenv("QUESTS_TORCH_CACHE", str(tmp_path / "cache"))
+    path = _write_dump(tmp_path, "triclinic_positive")
+    out = tmp_path / "d.npz"
+    assert main(["descriptors", str(path), "-o", str(out), "-k", "8", "-c", "4", "-q"]) == 2
+    assert "needs `types` (--types" in capsys.readouterr().err
+    assert main(["descriptors", str(path), "-o", str(out), "-k", "8", "-c", "4", "-q",
+                 "--types", "1=Cu,2=Zr"]) == 2  # fmt: skip
+    assert "LAMMPS type 3 is not in `types`" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["descriptors", str(path), "-o", str(out), "--types", "1=Qq"])
+    assert exc.value.code == 2 and "--types" in capsys.readouterr().err
+    argv = ["descriptors", str(path), "-o", str(out), "-k", "8", "-c", "4", "-q", "--types"]
+    assert main([*argv, "Cu,Zr,Al"]) == 0
+    ref = ase.io.read(path, ":", format="lammps-dump-text", specorder=SPECORDER)
+    expected = qt.get_descriptors(ref, k=8, cutoff=4.0, dtype=torch.float64)
+    assert torch.equal(io.load_descriptors(out).x, expected)
