@@ -319,3 +319,154 @@ def test_cli_types_option_and_its_errors(tmp_path, monkeypatch, capsys):
     ref = ase.io.read(path, ":", format="lammps-dump-text", specorder=SPECORDER)
     expected = qt.get_descriptors(ref, k=8, cutoff=4.0, dtype=torch.float64)
     assert torch.equal(io.load_descriptors(out).x, expected)
+
+
+# --- torch-sim HDF5 trajectories --------------------------------------------------------------
+
+
+def _sheared_cu(seed: int, shear: float):
+    """A rattled 32-atom fcc cell, sheared (a non-symmetric cell: a transposed cell shows),
+    a quarter of the atoms relabelled Ni (the LJ model ignores species)."""
+    from ase.build import bulk
+
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(2)
+    cell = atoms.cell.array.copy()
+    cell[1, 0] = shear * cell[1, 1]
+    atoms.set_cell(cell, scale_atoms=True)
+    atoms.rattle(0.05, seed=seed)
+    atoms.numbers[::4] = 28
+    return atoms
+
+
+def _torch_sim_run(tmp_path, n_steps: int = 6):
+    """Two systems run by torch-sim (Lennard-Jones, NVT Langevin) with a TrajectoryReporter
+    writing one HDF5 trajectory per system every 2 steps."""
+    ts = pytest.importorskip("torch_sim")
+    from torch_sim.models.lennard_jones import LennardJonesModel
+
+    model = LennardJonesModel(sigma=2.338, epsilon=0.4093, cutoff=5.0, dtype=torch.float64)
+    nvt = ts.Integrator.nvt_langevin if hasattr(ts, "Integrator") else ts.nvt_langevin
+    files = [tmp_path / f"md{i}.h5" for i in range(2)]
+    ts.integrate(
+        [_sheared_cu(1, 0.1), _sheared_cu(2, -0.15)],
+        model,
+        integrator=nvt,
+        n_steps=n_steps,
+        temperature=300.0,
+        timestep=0.002,
+        trajectory_reporter={"filenames": files, "state_frequency": 2},
+    )
+    return files
+
+
+def _torch_sim_frames(path) -> list:
+    """The frames as torch-sim itself makes ASE atoms of them (its state, transposed cell)."""
+    import torch_sim as ts
+
+    with ts.TorchSimTrajectory(path, mode="r") as traj:
+        states = [traj.get_state(i, device=torch.device("cpu")) for i in range(len(traj))]
+    return [ts.io.state_to_atoms(s)[0] for s in states]
+
+
+def test_torch_sim_trajectory_reads_as_torch_sim_makes_its_atoms(tmp_path):
+    files = _torch_sim_run(tmp_path)
+    for path in files:
+        ref = _torch_sim_frames(path)
+        assert len(ref) in (3, 4)  # steps 2, 4, 6 (torch-sim 0.3; later ones may add step 0)
+        got = list(io.iter_structures(path))
+        _assert_same_frames(got, ref)
+        _assert_same_descriptors(got, ref)
+        assert abs(got[0].cell.array[1, 0]) > 0.3  # sheared: rows, not columns
+        assert io.count_frames(path) == len(ref) and io.count_frames(path, "1::2") == len(ref) // 2
+        _assert_same_frames(list(io.iter_structures(path, "1::2", readers=2)), ref[1::2])
+        _assert_same_frames(io.read_structures(path, "-1"), ref[-1:])
+
+
+def test_torch_sim_trajectory_screened_directly(tmp_path, monkeypatch):
+    """A trajectory written by TrajectoryReporter screened as it is, by the library and by
+    the command line: the table of the same frames written by ASE as a .traj (exact)."""
+    from quests_torch.cli import main
+
+    monkeypatch.setenv("QUESTS_TORCH_CACHE", str(tmp_path / "cache"))
+    path = _torch_sim_run(tmp_path)[0]
+    ref_frames = [_sheared_cu(s, 0.1) for s in (7, 8)]
+    ase.io.write(tmp_path / "ref.extxyz", ref_frames)
+    reference = qt.get_descriptors(ase.io.read(tmp_path / "ref.extxyz", ":"), k=8, cutoff=4.0)
+    as_traj = tmp_path / "same.traj"
+    ase.io.write(as_traj, _torch_sim_frames(path))
+    kw = {"k": 8, "cutoff": 4.0, "batch_atoms": 64}
+    out = qt.screen_trajectory(path, reference, tmp_path / "h5.csv", **kw)
+    assert out.frames_screened == len(_torch_sim_frames(path)) >= 3
+    qt.screen_trajectory(as_traj, reference, tmp_path / "traj.csv", **kw)
+    assert (tmp_path / "h5.csv").read_bytes() == (tmp_path / "traj.csv").read_bytes()
+    argv = ["screen", str(path), "-r", str(tmp_path / "ref.extxyz"), "-k", "8", "-c", "4",
+            "--batch-atoms", "64", "--table", str(tmp_path / "cli.csv"), "-q"]  # fmt: skip
+    argv += ["--device", "cpu"]
+    assert main(argv) == 0
+    assert (tmp_path / "cli.csv").read_bytes() == (tmp_path / "h5.csv").read_bytes()
+
+
+def _write_h5(path, **arrays) -> None:
+    """A trajectory in torch-sim's layout written with h5py (the variants torch-sim 0.3 and
+    0.6 write: pbc as [1] or [3], static or per-frame cell and numbers, float32 or 64)."""
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        f.create_group("header").attrs["program"] = "TorchSim"
+        data, steps = f.create_group("data"), f.create_group("steps")
+        for name, value in arrays.items():
+            data.create_dataset(name, data=value)
+            steps.create_dataset(name, data=np.arange(len(value), dtype=np.int32))
+
+
+@pytest.mark.parametrize("variant", ["0.3_static", "0.6_pbc3_float64", "per_frame_all"])
+def test_torch_sim_layout_variants(tmp_path, variant):
+    pytest.importorskip("h5py")
+    rng = np.random.default_rng(4)
+    frames, n = 3, 5
+    pos = rng.normal(size=(frames, n, 3)) * 2
+    cols = rng.normal(size=(frames, 3, 3)) + 6 * np.eye(3)  # column vectors
+    numbers = rng.integers(1, 30, size=(frames, n))
+    if variant == "0.3_static":
+        arrays = {"positions": pos.astype(np.float32), "cell": cols[:1].astype(np.float32),
+                  "atomic_numbers": numbers[:1], "pbc": np.array([True])}  # fmt: skip
+        want_pbc = [True] * 3
+    elif variant == "0.6_pbc3_float64":
+        arrays = {"positions": pos, "cell": cols[:1], "atomic_numbers": numbers[:1],
+                  "pbc": np.array([True, False, True])}  # fmt: skip
+        want_pbc = [True, False, True]
+    else:
+        arrays = {"positions": pos.astype(np.float32), "cell": cols.astype(np.float32),
+                  "atomic_numbers": numbers, "pbc": np.array([False])}  # fmt: skip
+        want_pbc = [False] * 3
+    path = tmp_path / f"{variant}.hdf5"
+    _write_h5(path, **arrays)
+    got = list(io.iter_structures(path))
+    assert len(got) == frames
+    for i, atoms in enumerate(got):
+        row = min(i, len(arrays["cell"]) - 1)
+        assert atoms.positions.tobytes() == arrays["positions"][i].astype(np.float64).tobytes()
+        np.testing.assert_array_equal(atoms.cell.array, arrays["cell"][row].astype(float).T)
+        np.testing.assert_array_equal(atoms.numbers, arrays["atomic_numbers"][row])
+        assert atoms.pbc.tolist() == want_pbc
+
+
+def test_torch_sim_errors_name_the_file(tmp_path):
+    pytest.importorskip("h5py")
+    import h5py
+
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as f:
+        f.create_dataset("energy", data=np.zeros(3))
+    with pytest.raises(ValueError, match=r"other\.h5: not a torch-sim trajectory \(no "
+                       r"/data/positions; it holds energy\)"):  # fmt: skip
+        next(io.iter_structures(other))
+    short = tmp_path / "short.h5"
+    _write_h5(short, positions=np.zeros((3, 2, 3)), cell=np.zeros((2, 3, 3)),
+              atomic_numbers=np.ones((1, 2), dtype=np.int64))  # fmt: skip
+    with pytest.raises(ValueError, match=r"short\.h5: /data/cell has shape \(2, 3, 3\)"):
+        next(io.iter_structures(short))
+    text = tmp_path / "text.h5"
+    text.write_text("not hdf5")
+    with pytest.raises(ValueError, match=r"text\.h5: cannot read structures \(not an HDF5"):
+        next(io.iter_structures(text))
