@@ -470,3 +470,65 @@ def test_torch_sim_errors_name_the_file(tmp_path):
     text.write_text("not hdf5")
     with pytest.raises(ValueError, match=r"text\.h5: cannot read structures \(not an HDF5"):
         next(io.iter_structures(text))
+
+
+# --- ASE .traj (ulm) ----------------------------------------------------------------------------
+
+
+def _traj_frames() -> list:
+    """Frames exercising what a .traj records: one header for equal numbers/pbc, a new one
+    when they change, calculators, constraints, momenta, tags, masses, info, no cell,
+    triclinic cells."""
+    from ase import Atoms
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.constraints import FixAtoms
+
+    rng = np.random.default_rng(11)
+    frames = []
+    for i in range(8):
+        n = 4 if i < 3 else 6
+        atoms = Atoms(
+            ["Cu", "Zn", "O"][i % 3 :] + ["Cu"] * (n - len(["Cu", "Zn", "O"][i % 3 :])),
+            positions=rng.normal(size=(n, 3)) * 2,
+            cell=None if i == 5 else rng.normal(scale=0.3, size=(3, 3)) + 6 * np.eye(3),
+            pbc=[True, i % 2 == 0, True] if i != 5 else False,
+        )
+        if i % 2:
+            atoms.calc = SinglePointCalculator(atoms, energy=-i, forces=rng.normal(size=(n, 3)))
+        if i == 2:
+            atoms.set_constraint(FixAtoms(indices=[0]))
+            atoms.set_momenta(rng.normal(size=(n, 3)))
+            atoms.set_tags(list(range(n)))
+            atoms.set_masses(np.full(n, 2.0))
+        atoms.info["note"] = f"frame {i}"
+        frames.append(atoms)
+    frames[1].numbers = frames[0].numbers  # the same header as frame 0: not written again
+    frames[1].pbc = frames[0].pbc
+    return frames
+
+
+@pytest.mark.parametrize("index", [":", "2:7:2", "-1", "5"])
+def test_ase_traj_reader_gives_the_frames_ase_gives(tmp_path, index):
+    path = tmp_path / "frames.traj"
+    ase.io.write(path, _traj_frames())
+    ref = ase.io.read(path, index)
+    ref = ref if isinstance(ref, list) else [ref]
+    got = list(io.iter_structures(path, index, readers=0))
+    _assert_same_frames(got, ref)
+    _assert_same_descriptors(got, ref)
+    assert io.count_frames(path, index) == len(ref)
+
+
+def test_ase_traj_errors_name_the_file(tmp_path):
+    from ase.io import ulm
+
+    garbage = tmp_path / "garbage.traj"
+    garbage.write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match=r"garbage\.traj: cannot read structures \(not an ASE"):
+        next(io.iter_structures(garbage, readers=0))
+    other = tmp_path / "other.traj"
+    with ulm.open(other, "w", tag="SOMETHING") as w:
+        w.write(x=1)
+        w.sync()
+    with pytest.raises(ValueError, match=r"other\.traj: an ulm file tagged 'SOMETHING'"):
+        next(io.iter_structures(other, readers=0))
