@@ -307,34 +307,38 @@ def _frame_header(data: bytes) -> tuple[int, list[str], np.ndarray, np.ndarray, 
 
 
 def _atom_rows(data: bytes, pos: int, n: int, width: int) -> list[bytes]:
-    """The ``n * width`` values of the ``n`` atom rows from ``data[pos]``, flat.
+    """The ``n * width`` values of the ``n`` atom rows from ``data[pos]``, flat (the rows end
+    at the frame's end or at the ``ITEM:`` lines of the next frame's header).
 
     Raises:
         ValueError: fewer rows than ``n``, or a row without ``width`` values.
     """
     if not n:
         return []
-    buf = np.frombuffer(data, dtype=np.uint8)[pos:]
-    newlines = np.flatnonzero(buf == 10)
-    if len(newlines) >= n:
-        stop = int(newlines[n - 1])
-    else:  # the last row may lack its newline
-        tail = len(newlines) and int(newlines[-1]) + 1
-        rows = len(newlines) + bool(bytes(buf[tail:]).strip())
-        if rows < n:
-            raise ValueError(f"ITEM: ATOMS holds {rows} of the {n} rows (truncated file?)")
-        stop = len(buf)
-    b = buf[:stop]
-    space = b <= 32
-    first = ~space
-    first[1:] &= space[:-1]
-    per_row = np.bincount(np.cumsum(b == 10)[first], minlength=n)
-    if len(per_row) != n or (per_row != width).any():
-        bad = int(np.flatnonzero(per_row[:n] != width)[0])
-        raise ValueError(
-            f"atom row {bad + 1} holds {int(per_row[bad])} values for the {width} columns"
-        )
-    return data[pos : pos + stop].split()
+    stop = data.find(b"ITEM:", pos)
+    block = data[pos : len(data) if stop < 0 else stop]
+    flat = block.split()
+    if len(flat) == n * width:
+        return flat
+    rows = [r for r in block.splitlines() if r.strip()]
+    if len(rows) < n:
+        raise ValueError(f"ITEM: ATOMS holds {len(rows)} of the {n} rows (truncated file?)")
+    bad = next((i for i, r in enumerate(rows) if len(r.split()) != width), n)
+    if bad >= n:
+        raise ValueError(f"ITEM: ATOMS holds {len(rows)} rows, more than the {n} atoms")
+    raise ValueError(
+        f"atom row {bad + 1} holds {len(rows[bad].split())} values for the {width} columns"
+    )
+
+
+_COUNTING: list[list[bytes]] = [[]]
+
+
+def _counting(n: int) -> list[bytes]:
+    """``[b"1", ..., b"n"]`` (the last one asked for, kept: frames of a dump share ``n``)."""
+    if len(_COUNTING[0]) != n:
+        _COUNTING[0] = [str(i).encode() for i in range(1, n + 1)]
+    return _COUNTING[0]
 
 
 def _numbers(flat, names, n, order, types) -> np.ndarray:
@@ -354,7 +358,9 @@ def _numbers(flat, names, n, order, types) -> np.ndarray:
             ) from None
         return np.fromiter(map(lut.__getitem__, symbols), np.int64, count=n)[order]
     if types is not None and "type" in names:
-        kinds = np.fromiter(map(int, flat[names.index("type") :: width]), np.int64, count=n)[order]
+        tokens = flat[names.index("type") :: width]
+        lut_tokens = {t: int(t) for t in set(tokens)}  # a few distinct types: parse each once
+        kinds = np.fromiter(map(lut_tokens.__getitem__, tokens), np.int64, count=n)[order]
         lut = np.full(max(max(types), int(kinds.max(initial=0))) + 1, -1, dtype=np.int64)
         lut[list(types)] = list(types.values())
         numbers = lut[np.clip(kinds, 0, None)]
@@ -392,7 +398,9 @@ def parse_dump_frame(data: bytes, types: Mapping[int, int] | None = None) -> Fra
     flat = _atom_rows(data, pos, n, width)
     order = slice(None)
     if "id" in names:
-        order = np.argsort(np.fromiter(map(int, flat[names.index("id") :: width]), np.int64, n))
+        ids = flat[names.index("id") :: width]
+        if ids != _counting(n):  # not already 1..n in order (dump_modify sort id)
+            order = np.argsort(np.fromiter(map(int, ids), np.int64, n))
     numbers = _numbers(flat, names, n, order, types)
     axes = next((a for a in _POSITIONS if a[0] in names), None)
     if axes is None or any(a not in names for a in axes):
