@@ -532,3 +532,43 @@ def test_ase_traj_errors_name_the_file(tmp_path):
         w.sync()
     with pytest.raises(ValueError, match=r"other\.traj: an ulm file tagged 'SOMETHING'"):
         next(io.iter_structures(other, readers=0))
+
+
+def test_formats_are_told_by_name_and_dump_names_by_their_first_line(tmp_path):
+    dump = _write_dump(tmp_path, "id_type_xyz").read_text()
+    (tmp_path / "dump.cuzr.0").write_text(dump)
+    (tmp_path / "dump_notes.txt").write_text("not a dump\n")
+    (tmp_path / "dump.xyz").write_text("1\n\nH 0 0 0\n")
+    expected = {
+        "a.lammpstrj": "lammps-dump", "a.DUMP": "lammps-dump", "dump.cuzr.0": "lammps-dump",
+        "dump_notes.txt": None, "dump.xyz": "xyz", "a.extxyz": "xyz", "a.h5": "torch-sim",
+        "a.hdf5": "torch-sim", "a.traj": "ase-traj", "POSCAR": None, "a.cif": None,
+    }  # fmt: skip
+    for name, fmt in expected.items():
+        assert formats.detect_format(tmp_path / name) == fmt, name
+    assert formats.native_format(tmp_path / "a.traj", None) is None  # ASE keeps calculators
+    assert formats.native_format(tmp_path / "a.traj", 0) == "ase-traj"
+    assert formats.native_format(tmp_path / "a.h5", None) == "torch-sim"
+    frames = list(io.iter_structures(tmp_path / "dump.cuzr.0", types="Cu,Zr,Al"))
+    assert len(frames) == 3
+
+
+def test_types_are_part_of_the_identity_of_a_screening_and_a_store(tmp_path, monkeypatch):
+    monkeypatch.setenv("QUESTS_TORCH_CACHE", str(tmp_path / "cache"))
+    path = _write_dump(tmp_path, "triclinic_positive")
+    ref = ase.io.read(path, ":", format="lammps-dump-text", specorder=SPECORDER)
+    reference = qt.get_descriptors(ref[:1], k=8, cutoff=4.0)
+    kw = {"k": 8, "cutoff": 4.0}
+    table = tmp_path / "s.csv"
+    first = qt.screen_trajectory(path, reference, table, types="Cu,Zr,Al", **kw)
+    assert first.frames_screened == 2
+    again = qt.screen_trajectory(path, reference, table, types={1: "Cu", 2: "Zr", 3: "Al"}, **kw)
+    assert again.frames_screened == 0  # the same map in another form: the same screening
+    with pytest.raises(ValueError, match="trajectory's content changed"):
+        qt.screen_trajectory(path, reference, table, types="Cu,Zr,Ni", **kw)
+    store = tmp_path / "d.qstore"
+    written = qt.write_descriptor_store(path, store, types="Cu,Zr,Al", **kw)
+    expected = qt.get_descriptors(ref, k=8, cutoff=4.0, dtype=torch.float64)
+    torch.testing.assert_close(written.tensor().double(), expected, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="trajectory"):
+        qt.write_descriptor_store(path, store, types="Cu,Zr,Ni", **kw)
