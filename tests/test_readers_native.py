@@ -255,6 +255,12 @@ def test_dump_errors_name_the_file_and_the_problem(tmp_path):
             b"ITEM: TIMESTEP\n0\nITEM: NUMBER OF ATOMS\n1\nITEM: ATOMS id type x y\n1 1 0 0\n",
             {1: 29},
         )
+    with pytest.raises(ValueError, match=r"LAMMPS type -1 is not in `types` \(maps 1\)"):
+        parse_dump_frame(
+            b"ITEM: TIMESTEP\n0\nITEM: NUMBER OF ATOMS\n2\nITEM: ATOMS id type x y z\n"
+            b"1 -1 0 0 0\n2 1000000000 0 0 1\n",
+            {1: 29},
+        )
     with pytest.raises(ValueError, match="atom row 2 holds 4 values for the 5 columns"):
         parse_dump_frame(
             b"ITEM: TIMESTEP\n0\nITEM: NUMBER OF ATOMS\n2\nITEM: ATOMS id type x y z\n"

@@ -359,17 +359,15 @@ def _numbers(flat, names, n, order, types) -> np.ndarray:
         return np.fromiter(map(lut.__getitem__, symbols), np.int64, count=n)[order]
     if types is not None and "type" in names:
         tokens = flat[names.index("type") :: width]
-        lut_tokens = {t: int(t) for t in set(tokens)}  # a few distinct types: parse each once
-        kinds = np.fromiter(map(lut_tokens.__getitem__, tokens), np.int64, count=n)[order]
-        lut = np.full(max(max(types), int(kinds.max(initial=0))) + 1, -1, dtype=np.int64)
-        lut[list(types)] = list(types.values())
-        numbers = lut[np.clip(kinds, 0, None)]
-        if (numbers < 0).any():
-            bad = int(kinds[np.flatnonzero(numbers < 0)[0]])
+        kinds = {t: int(t) for t in set(tokens)}  # a few distinct types: each parsed once
+        missing = sorted(k for k in kinds.values() if k not in types)
+        if missing:
             raise ValueError(
-                f"LAMMPS type {bad} is not in `types` (maps {', '.join(map(str, sorted(types)))})"
+                f"LAMMPS type {missing[0]} is not in `types` (maps "
+                f"{', '.join(map(str, sorted(types)))})"
             )
-        return numbers
+        lut = {t: types[k] for t, k in kinds.items()}
+        return np.fromiter(map(lut.__getitem__, tokens), np.int64, count=n)[order]
     if "mass" in names:
         masses = np.fromiter(map(float, flat[names.index("mass") :: width]), float, count=n)
         return np.abs(atomic_masses[None, :] - masses[order, None]).argmin(axis=1).astype(np.int64)
