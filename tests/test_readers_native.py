@@ -197,16 +197,24 @@ def test_dump_elements_from_element_and_mass_columns_as_ase(tmp_path):
 
 @pytest.mark.parametrize("index", [":", "1:", "::2", "-1", "1"])
 def test_dump_selection_and_reader_processes(tmp_path, index, monkeypatch):
+    from functools import partial
+
+    from quests_torch.readers import frame_index, select_frames
     from quests_torch.readers import pool as pool_module
+    from quests_torch.readers.lammps import read_dump_frames
 
     monkeypatch.setattr(pool_module, "MIN_POOL_ATOMS", 0)
-    monkeypatch.setattr(pool_module, "DEFAULT_CHUNK_ATOMS", 4)
     path = _write_dump(tmp_path, "units_and_time_items")
     ref = ase.io.read(path, index, format="lammps-dump-text", specorder=SPECORDER)
     ref = ref if isinstance(ref, list) else [ref]
     for readers in (None, 0, 2):
         got = list(io.iter_structures(path, index, readers=readers, types="Cu,Zr,Al"))
         _assert_same_frames(got, ref)
+    fi = frame_index(path, cache=False, scanner=scan_dump)
+    read = partial(read_dump_frames, types={1: 29, 2: 40, 3: 13})
+    with pool_module.ReaderPool(2, chunk_atoms=3) as pool:  # a chunk per frame or two
+        records = pool.records(path, fi, select_frames(len(fi), index), read=read)
+        _assert_same_frames([r.to_atoms() for r in records], ref)
 
 
 def test_dump_frame_index_is_cached_per_format(tmp_path, monkeypatch):
