@@ -249,18 +249,14 @@ def iter_structures(
     Args:
         path: any file ASE reads frame by frame (extxyz, xyz, ASE .traj, LAMMPS dumps, ...).
         index: ASE index/slice string (``":"``, ``"0:10"``, ``"-1"``, ``"::2"``).
-        readers: ``None`` (default): every format through ``ase.io.iread``, the frames as
-            ASE makes them (``info``, calculator, per-atom arrays). An integer: an
-            ``.xyz``/``.extxyz`` file is read by the fast reader of
-            :mod:`quests_torch.readers` (its frame index cached, the frames carrying
-            numbers, positions, cell and pbc only, equal to ASE's bit for bit), in process
-            for 0 or 1, by that many reader processes otherwise; an ASE ``.traj`` natively
-            in process; other formats by ASE. LAMMPS dumps (``.lammpstrj``, ``.dump``,
-            ``dump*``; reader processes as for xyz) and torch-sim HDF5 trajectories
-            (``.h5``) are always read natively (:mod:`quests_torch.readers.formats`).
-        types: LAMMPS types to elements, for a dump without an ``element`` column
-            (:func:`quests_torch.readers.lammps.parse_types`: ``"1=Cu,2=Zr"``, ``"Cu,Zr"``,
-            a mapping or a sequence); ignored for other formats.
+        readers: ``None`` (default): ASE's frames (``info``, calculator, per-atom arrays).
+            An integer: (ext)xyz and ``.traj`` files by the native readers of
+            :mod:`quests_torch.readers` (numbers, positions, cell and pbc, ASE's bit for
+            bit), (ext)xyz in process for 0 or 1, by that many reader processes otherwise.
+            LAMMPS dumps (reader processes as xyz) and torch-sim HDF5 files are always read
+            natively (:mod:`quests_torch.readers.formats`); other formats by ASE.
+        types: LAMMPS types to elements for a dump without an ``element`` column
+            (:func:`quests_torch.readers.lammps.parse_types`); ignored for other formats.
 
     Raises:
         FileNotFoundError: no such file.
