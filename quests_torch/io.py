@@ -188,12 +188,15 @@ def check_index(index: str) -> None:
         )
 
 
-def read_structures(path: str | os.PathLike, index: str = ":") -> list:
+def read_structures(path: str | os.PathLike, index: str = ":", *, types=None) -> list:
     """All selected structures of a file ASE can read, as a list of ``ase.Atoms``.
 
     Args:
-        path: any ASE-readable file (extxyz, traj, POSCAR, LAMMPS dump, ...).
+        path: any ASE-readable file (extxyz, traj, POSCAR, ...); LAMMPS dumps and torch-sim
+            HDF5 trajectories by their native readers (:mod:`quests_torch.readers.formats`).
         index: ASE index/slice string (``":"``, ``"0:10"``, ``"-1"``, ``"::2"``).
+        types: LAMMPS types to elements, for a dump without an ``element`` column
+            (``"1=Cu,2=Zr"``, ``"Cu,Zr"``, ``{1: "Cu"}``, ``["Cu", "Zr"]``).
 
     Raises:
         FileNotFoundError: no such file.
@@ -204,6 +207,13 @@ def read_structures(path: str | os.PathLike, index: str = ":") -> list:
 
     _check_exists(path)
     check_index(index)
+    from .readers.formats import ALWAYS_NATIVE, native_format
+
+    if native_format(path, None) in ALWAYS_NATIVE:
+        frames = list(iter_structures(path, index, types=types))
+        if not frames:
+            raise ValueError(f"{path}: the selection {index!r} holds no structures")
+        return frames
     _check_xyz(path)
     try:
         frames = ase.io.read(path, index=index)
@@ -229,7 +239,7 @@ def _check_finite(atoms, path: str | os.PathLike, i: int) -> None:
 
 
 def iter_structures(
-    path: str | os.PathLike, index: str = ":", *, readers: int | None = None
+    path: str | os.PathLike, index: str = ":", *, readers: int | None = None, types=None
 ) -> Iterator:
     """Stream the selected structures of a file one at a time.
 
@@ -239,12 +249,14 @@ def iter_structures(
     Args:
         path: any file ASE reads frame by frame (extxyz, xyz, ASE .traj, LAMMPS dumps, ...).
         index: ASE index/slice string (``":"``, ``"0:10"``, ``"-1"``, ``"::2"``).
-        readers: ``None`` (default): every format through ``ase.io.iread``, the frames as
-            ASE makes them (``info``, calculator, per-atom arrays). An integer: an
-            ``.xyz``/``.extxyz`` file is read by the fast reader of
-            :mod:`quests_torch.readers` (its frame index cached, the frames carrying
-            numbers, positions, cell and pbc only, equal to ASE's bit for bit), in process
-            for 0 or 1, by that many reader processes otherwise; other formats by ASE.
+        readers: ``None`` (default): ASE's frames (``info``, calculator, per-atom arrays).
+            An integer: (ext)xyz and ``.traj`` files by the native readers of
+            :mod:`quests_torch.readers` (numbers, positions, cell and pbc, ASE's bit for
+            bit), (ext)xyz in process for 0 or 1, by that many reader processes otherwise.
+            LAMMPS dumps (reader processes as xyz) and torch-sim HDF5 files are always read
+            natively (:mod:`quests_torch.readers.formats`); other formats by ASE.
+        types: LAMMPS types to elements for a dump without an ``element`` column
+            (:func:`quests_torch.readers.lammps.parse_types`); ignored for other formats.
 
     Raises:
         FileNotFoundError: no such file.
@@ -256,8 +268,13 @@ def iter_structures(
     check_index(index)
     if readers is not None:
         readers = check_readers(readers)
-    if readers is not None and _is_xyz(path):
-        yield from _iter_xyz_fast(path, index, readers)
+    from .readers.formats import native_format
+    from .readers.lammps import parse_types
+
+    types = parse_types(types)
+    fmt = native_format(path, readers)
+    if fmt is not None:
+        yield from _iter_native(path, index, readers or 0, fmt, types)
         return
     import ase.io
 
@@ -278,12 +295,13 @@ def iter_structures(
         yield atoms
 
 
-def _iter_xyz_fast(path: str | os.PathLike, index: str, readers: int) -> Iterator:
-    """The selected frames of an (ext)xyz file by :mod:`quests_torch.readers` (index cached,
-    fast parser, ``readers`` processes), each checked for NaN/inf."""
-    from .readers.pool import iter_records
+def _iter_native(path, index: str, readers: int, fmt: str, types) -> Iterator:
+    """The selected frames of a trajectory by its native reader in :mod:`quests_torch.readers`
+    (index cached, ``readers`` processes for xyz and dumps), each checked for NaN/inf."""
+    from .readers.formats import iter_records
 
-    for i, record in enumerate(iter_records(path, index, readers=readers)):
+    records = iter_records(path, index, fmt=fmt, readers=readers, types=types)
+    for i, record in enumerate(records):
         atoms = record.to_atoms()
         _check_finite(atoms, path, i)
         yield atoms
@@ -307,22 +325,15 @@ def _count_xyz_frames(path: Path, block: int = 1 << 24) -> int:
 def count_frames(path: str | os.PathLike, index: str = ":") -> int | None:
     """Number of frames selected by ``index`` without parsing them, or ``None`` if unknown.
 
-    Cheap for extxyz/xyz (counts lines; frames of varying size are scanned header by header)
-    and ASE ``.traj`` files; other formats return ``None`` (progress bars then show no ETA).
-    Used for progress bars only.
+    Cheap for extxyz/xyz, LAMMPS dumps (the readers' frame index, cached: a resume does not
+    rescan), ASE ``.traj`` and torch-sim files (their headers); other formats return
+    ``None`` (progress bars then show no ETA). Used for progress bars only.
     """
-    p = Path(path)
     total: int | None = None
     try:
-        if p.suffix.lower() == ".traj":
-            from ase.io.trajectory import Trajectory
+        from .readers.formats import count_frames as native_count
 
-            with Trajectory(str(p)) as traj:
-                total = len(traj)
-        elif _is_xyz(p):  # the readers' frame index (cached: a resume does not rescan)
-            from .readers.index import frame_index
-
-            total = len(frame_index(p))
+        total = native_count(path)
     except Exception:
         return None
     if total is None:
@@ -614,6 +625,7 @@ def cached_descriptors(
     device: torch.device | str = "cpu",
     cache_dir: str | os.PathLike | None = None,
     use_cache: bool = True,
+    types=None,
 ) -> tuple[DescriptorSet, bool]:
     """Descriptors of the structures of a file, computed once and cached on disk.
 
@@ -631,6 +643,8 @@ def cached_descriptors(
         device: where to compute when not cached.
         cache_dir: cache folder (default :func:`default_cache_dir`).
         use_cache: ``False`` computes without reading or writing the cache.
+        types: LAMMPS types to elements (:func:`read_structures`); part of the parameters
+            when given.
 
     Returns:
         ``(descriptors, hit)`` where ``hit`` says whether they came from the cache.
@@ -642,6 +656,10 @@ def cached_descriptors(
     if use_cache:
         content = file_sha256(path)
         key = f"{index}|{k}|{cutoff!r}|{dtype_name}|{__version__}|{DESCRIPTOR_FORMAT}"
+        if types is not None:
+            from .readers.lammps import parse_types
+
+            key += f"|types={sorted(parse_types(types).items())}"
         params = hashlib.sha256(key.encode()).hexdigest()
         cache_file = Path(cache_dir or default_cache_dir()) / f"{content[:16]}-{params[:16]}.npz"
         if cache_file.exists():
@@ -659,7 +677,7 @@ def cached_descriptors(
                     return ds, True
             except ValueError:
                 pass  # a damaged or foreign cache entry is recomputed and replaced
-    frames = read_structures(path, index)
+    frames = read_structures(path, index, types=types)
     x = get_descriptors(frames, k=k, cutoff=cutoff, dtype=dtype, device=device)
     counts = np.array([len(a) for a in frames], dtype=np.int64)
     if cache_file is not None:

@@ -199,11 +199,11 @@ def extxyz_bytes(results: list) -> bytes:
 
 
 def frames_after(
-    trajectory: Path, index: str, done: int, *, readers: int | None = None
+    trajectory: Path, index: str, done: int, *, readers: int | None = None, types=None
 ) -> Iterator:
     """The selected frames after the first ``done``; the reader skips them unparsed when the
     selection is a forward slice (``":"``, ``"10:"``, ``"::2"``), else they are parsed and
-    dropped. ``readers``: as :func:`quests_torch.io.iter_structures` (``None``: ASE)."""
+    dropped. ``readers`` and ``types``: as :func:`quests_torch.io.iter_structures`."""
     from ase.io.formats import string2index
 
     sel = string2index(index)
@@ -213,21 +213,24 @@ def frames_after(
             return iter(())
         stop = "" if sel.stop is None else str(sel.stop)
         step = "" if sel.step is None else str(sel.step)
-        return iter_structures(trajectory, f"{start}:{stop}:{step}", readers=readers)
-    return itertools.islice(iter_structures(trajectory, index, readers=readers), done, None)
+        return iter_structures(trajectory, f"{start}:{stop}:{step}", readers=readers, types=types)
+    frames = iter_structures(trajectory, index, readers=readers, types=types)
+    return itertools.islice(frames, done, None)
 
 
 @dataclass(frozen=True)
 class ScreenFiles:
     """The files of one resumable screening: the trajectory and its frame selection, the
     per-frame table and the optional per-atom extxyz (see :func:`screen_trajectory`), and
-    how the trajectory is read (``readers``: :func:`quests_torch.io.iter_structures`)."""
+    how the trajectory is read (``readers``, ``types``: :func:`quests_torch.io.iter_structures`;
+    ``types`` as :func:`quests_torch.readers.lammps.parse_types` gives it)."""
 
     trajectory: Path
     index: str
     table: Path
     extxyz: Path | None = None
     readers: int = 0
+    types: dict | None = None
 
     @property
     def frame_readers(self) -> int | None:
@@ -244,17 +247,22 @@ class ScreenFiles:
         index: str = ":",
         extxyz: str | os.PathLike | None = None,
         readers: int = 0,
+        types=None,
     ) -> ScreenFiles:
-        """The files, checked: a valid ASE selection, an existing trajectory and a count of
-        reader processes (``readers >= 0``)."""
+        """The files, checked: a valid ASE selection, an existing trajectory, a count of
+        reader processes (``readers >= 0``) and a map of LAMMPS types (or ``None``)."""
+        from .readers.lammps import parse_types
+
         check_index(index)
         readers = check_readers(readers)
+        types = parse_types(types)
         trajectory = Path(trajectory)
         if not trajectory.exists():
             raise FileNotFoundError(f"{trajectory}: no such file")
         return cls(
-            trajectory, index, Path(table), None if extxyz is None else Path(extxyz), readers
-        )
+            trajectory, index, Path(table), None if extxyz is None else Path(extxyz), readers,
+            types,
+        )  # fmt: skip
 
     @property
     def jsonl(self) -> bool:
@@ -285,11 +293,15 @@ class ScreenFiles:
         frame_offset: int = 0,
     ) -> tuple[dict, str]:
         """The screening's parameters and key (:func:`quests_torch.resume.screening_identity`);
-        the trajectory and the reference are hashed unless their keys are given."""
+        the trajectory and the reference are hashed unless their keys are given. A map of
+        LAMMPS types is part of the trajectory's key (other elements, another screening)."""
+        if trajectory_key is None:
+            trajectory_key = content_key(self.trajectory)
+        types = "" if self.types is None else f"|types={sorted(self.types.items())}"
+        if not trajectory_key.endswith(types):  # once (a rank's part gets rank 0's key)
+            trajectory_key += types
         return screening_identity(
-            trajectory_key=content_key(self.trajectory)
-            if trajectory_key is None
-            else trajectory_key,
+            trajectory_key=trajectory_key,
             reference_key=reference_hash(reference) if reference_key is None else reference_key,
             index=self.index,
             jsonl=self.jsonl,

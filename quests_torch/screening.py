@@ -479,6 +479,7 @@ def screen_trajectory(
     device: torch.device | str | None = "cpu",
     batch_atoms: int | None = None,
     readers: int = 0,
+    types=None,
     **run,
 ) -> ScreeningResult:
     """Screen a trajectory file frame by frame into a per-frame table, resumably.
@@ -510,6 +511,9 @@ def screen_trajectory(
             this process; :func:`quests_torch.io.iter_structures`). The results do not depend
             on it. With ``extxyz``, frames are read by ASE so that the written file keeps
             their ``info`` and arrays.
+        types: LAMMPS types to elements for a dump without an ``element`` column
+            (``"1=Cu,2=Zr"``, ``"Cu,Zr"``, ``{1: "Cu"}``, ``["Cu", "Zr"]``;
+            :func:`quests_torch.io.iter_structures`); part of the trajectory's identity.
         **run: how the run resumes and reports, the keywords of :func:`screen_file`:
             ``reference_key`` and ``trajectory_key`` (what identifies the inputs in the
             resume state), ``overwrite`` (start afresh over another screening's outputs),
@@ -532,7 +536,9 @@ def screen_trajectory(
     its ``flock`` (a dead run's frees itself); never delete it.
     """
     return screen_file(
-        ScreenFiles.check(trajectory, table, index=index, extxyz=extxyz, readers=readers),
+        ScreenFiles.check(
+            trajectory, table, index=index, extxyz=extxyz, readers=readers, types=types
+        ),
         reference,
         ScreenConfig(h, threshold, k, cutoff, cluster_cutoff, dtype, device, batch_atoms),
         **check_run_keywords(run, "screen_trajectory"),
@@ -643,7 +649,9 @@ def _screen_into(
 ) -> None:
     """Screen the frames after the committed ones, appending and committing each batch."""
     done = state.frames_done
-    frames = frames_after(files.trajectory, files.index, done, readers=files.frame_readers)
+    frames = frames_after(
+        files.trajectory, files.index, done, readers=files.frame_readers, types=files.types
+    )
     batches = _screen_batches(
         frames, reference, config, start=start, timings=timings, source=files.source
     )

@@ -537,6 +537,7 @@ def write_descriptor_store(
     overwrite: bool = False,
     progress: bool = False,
     readers: int = 0,
+    types=None,
 ) -> DescriptorStore:
     """Stream the descriptors of a trajectory into a store; resume an interrupted run.
 
@@ -564,6 +565,8 @@ def write_descriptor_store(
         readers: reader processes parsing an ``.xyz``/``.extxyz`` trajectory (0 or 1: in
             this process, by the fast reader; :func:`quests_torch.io.iter_structures`); the
             stored descriptors do not depend on it.
+        types: LAMMPS types to elements for a dump without an ``element`` column
+            (:func:`quests_torch.io.iter_structures`); part of the trajectory's identity.
 
     Returns:
         the complete :class:`~quests_torch.store.DescriptorStore`.
@@ -584,7 +587,12 @@ def write_descriptor_store(
     if batch_atoms is not None:
         batch_atoms = check_positive_int(batch_atoms, "batch_atoms")
     readers = check_readers(readers)
+    from .readers.lammps import parse_types
+
+    types = parse_types(types)
     key = trajectory_key(trajectory)
+    if types is not None:  # other elements: another store
+        key += f"|types={sorted(types.items())}"
     writer = StoreWriter(
         path,
         k=k,
@@ -600,7 +608,7 @@ def write_descriptor_store(
     with writer:
         if not writer.done:
             _stream(writer, trajectory, index, k, cutoff, device, block, progress,
-                    get_descriptors, readers)  # fmt: skip
+                    get_descriptors, readers, types)  # fmt: skip
         if writer.rows == 0 and not writer.done:
             raise ValueError(f"{trajectory}: the selection {index!r} holds no structures")
         return writer.complete()
@@ -623,7 +631,7 @@ def _block_species(multicomponent: bool, species) -> list[str] | None:
 
 
 def _stream(
-    writer, trajectory, index, k, cutoff, device, block, progress, describe, readers
+    writer, trajectory, index, k, cutoff, device, block, progress, describe, readers, types
 ) -> None:
     total = count_frames(trajectory, index) if progress else None
     bar = None
@@ -631,7 +639,7 @@ def _stream(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, initial=writer.frames, desc="descriptors", unit="frame")
-    frames = frames_after(trajectory, index, writer.frames, readers=readers)
+    frames = frames_after(trajectory, index, writer.frames, readers=readers, types=types)
     try:
         for batch in prefetched(batches_of(frames, writer.batch_atoms)):
             x = describe(batch, k, cutoff, dtype=torch.float64, device=device, species=block)

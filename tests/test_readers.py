@@ -365,7 +365,7 @@ def test_store_resumed_with_readers_equals_the_in_process_store(md, tmp_path, mo
         m.setattr(store_writer, "frames_after",
                   lambda t, i, d, **kw: seen.append((d, kw)) or real(t, i, d, **kw))  # fmt: skip
         resumed = qt.write_descriptor_store(md, out, readers=2)
-    assert 0 < seen[0][0] < 12 and seen[0][1] == {"readers": 2}
+    assert 0 < seen[0][0] < 12 and seen[0][1] == {"readers": 2, "types": None}
     for name in ("descriptors.npy", "n_atoms.npy"):
         assert (out / name).read_bytes() == (whole.path / name).read_bytes()
     assert resumed.n_atoms.tolist() == [len(a) for a in ase_frames]

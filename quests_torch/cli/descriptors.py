@@ -91,6 +91,7 @@ def _run_store(args: argparse.Namespace, out: Path, k: int, cutoff: float):
             overwrite=args.overwrite,
             progress=not args.quiet,
             readers=readers_of(args),
+            types=args.types,
         )
     except (FileNotFoundError, ValueError, StoreInUseError) as exc:
         raise CLIError(str(exc)) from None

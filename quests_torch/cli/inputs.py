@@ -32,10 +32,11 @@ from ..structures import resolve_device
 from .options import CLIError, dtype
 
 
-def read_structures(path: str, index: str = ":") -> list:
-    """Structures from any file ASE can read, with an ASE index/slice (``":"``, ``"0:10"``)."""
+def read_structures(path: str, index: str = ":", types: dict | None = None) -> list:
+    """Structures from any file ASE can read, with an ASE index/slice (``":"``, ``"0:10"``)
+    (``types``: of a LAMMPS dump, ``--types``)."""
     try:
-        return _read_structures(path, index)
+        return _read_structures(path, index, types=types)
     except (FileNotFoundError, IsADirectoryError, ValueError) as exc:
         raise CLIError(str(exc)) from None
 
@@ -126,6 +127,7 @@ def load(
                 device=dev,
                 cache_dir=getattr(args, "cache_dir", None),
                 use_cache=not getattr(args, "no_cache", False),
+                types=getattr(args, "types", None),
             )
         except (FileNotFoundError, IsADirectoryError) as exc:
             raise CLIError(str(exc)) from None
@@ -139,7 +141,7 @@ def load(
 def from_structures(path, index, k, cutoff, args, timings, label):
     """(frames, DescriptorSet) of a structure file: read, then descriptors (split over ranks)."""
     t0 = time.perf_counter()
-    frames = read_structures(path, index)
+    frames = read_structures(path, index, getattr(args, "types", None))
     t1 = time.perf_counter()
     x = dist().get_descriptors(
         frames, k=k, cutoff=cutoff, dtype=dtype(args.dtype), device=device(args)

@@ -146,6 +146,7 @@ def add_common(p: argparse.ArgumentParser, bandwidth: bool = True, json_out: boo
     )
     if json_out:
         add_output(g)
+    add_types(g)
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bars, no summary")
 
 
@@ -213,6 +214,30 @@ def readers_option(text: str) -> int:
     return v
 
 
+def types_option(text: str) -> dict[int, int]:
+    """``--types``: LAMMPS types to elements, ``1=Cu,2=Zr`` or ``Cu,Zr``
+    (:func:`quests_torch.readers.lammps.parse_types`)."""
+    from ..readers.lammps import parse_types
+
+    try:
+        return parse_types(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).replace("`types`", "expected")) from None
+
+
+def add_types(g) -> None:
+    """``--types MAP``: the elements of the LAMMPS types of a dump without an ``element``
+    column (every dump the command reads)."""
+    g.add_argument(
+        "--types",
+        type=types_option,
+        default=None,
+        metavar="MAP",
+        help="elements of the LAMMPS types of a dump without an element column: "
+        "1=Cu,2=Zr, or Cu,Zr for types 1, 2 (LAMMPS dump inputs only)",
+    )
+
+
 def add_readers(p: argparse.ArgumentParser) -> None:
     """``--readers N``: processes parsing an (ext)xyz trajectory
     (:func:`quests_torch.io.iter_structures`); default the free cores minus the compute
@@ -221,7 +246,8 @@ def add_readers(p: argparse.ArgumentParser) -> None:
         "--readers",
         type=readers_option,
         default=None,
-        help="processes parsing an .xyz/.extxyz trajectory (0 or 1: in this process; "
+        help="processes parsing an .xyz/.extxyz trajectory or a LAMMPS dump (0 or 1: in this "
+        "process; "
         "default: the free cores minus the torch threads, at least 1)",
     )
 

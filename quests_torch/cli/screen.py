@@ -93,6 +93,7 @@ def run(args: argparse.Namespace):
             overwrite=args.overwrite,
             progress=not args.quiet,
             readers=readers_of(args),
+            types=args.types,
         )
     except FileNotFoundError as exc:
         raise CLIError(str(exc)) from None

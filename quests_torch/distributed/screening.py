@@ -162,8 +162,9 @@ def screen_trajectory(
     run = check_run_keywords(args["run"], "screen_trajectory", refuse=("frame_offset",))
     config = ScreenConfig.from_arguments(args)
     files = ScreenFiles.check(
-        trajectory, table, index=args["index"], extxyz=args["extxyz"], readers=args["readers"]
-    )
+        trajectory, table, index=args["index"], extxyz=args["extxyz"], readers=args["readers"],
+        types=args["types"],
+    )  # fmt: skip
     keys = {name: run[name] for name in ("trajectory_key", "reference_key")}
     overwrite, progress = run["overwrite"], run["progress"]
     if not comm.is_distributed():
@@ -244,6 +245,7 @@ def _part_files(files: ScreenFiles, frames: range, q: int, w: int) -> ScreenFile
         folder / f"{stem}{'.jsonl' if files.jsonl else '.csv'}",
         None if files.extxyz is None else folder / f"{stem}.extxyz",
         files.readers,
+        files.types,
     )
 
 

@@ -1,4 +1,5 @@
-"""Where each frame of an (ext)xyz file starts and ends: a byte-offset index, scanned once.
+"""Where each frame of an (ext)xyz file (or a LAMMPS dump: the ``scanner`` of
+:func:`frame_index`) starts and ends: a byte-offset index, scanned once.
 
 The file is read in big blocks; numpy finds the newlines of a block and only the frame headers
 (the atom-count lines) are parsed, one Python step per frame. The index of a file is cached in
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,13 +147,18 @@ def file_identity(path: str | os.PathLike) -> str:
     return f"{st.st_size}:{st.st_mtime_ns}:{digest.hexdigest()}"
 
 
-def _cache_file(path: Path, cache_dir: Path) -> Path:
-    name = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:24]
+def _cache_file(path: Path, cache_dir: Path, kind: str) -> Path:
+    key = str(path.resolve()) if kind == "scan_xyz" else f"{path.resolve()}|{kind}"
+    name = hashlib.sha256(key.encode()).hexdigest()[:24]
     return cache_dir / "frame-index" / f"{name}.npz"
 
 
 def frame_index(
-    path: str | os.PathLike, *, cache: bool = True, cache_dir: str | os.PathLike | None = None
+    path: str | os.PathLike,
+    *,
+    cache: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+    scanner: Callable[[str | os.PathLike], FrameIndex] | None = None,
 ) -> FrameIndex:
     """The :class:`FrameIndex` of an (ext)xyz file, from the cache while the file keeps its
     :func:`file_identity`, else scanned (:func:`scan_xyz`) and cached (atomically).
@@ -160,22 +167,27 @@ def frame_index(
         path: the (ext)xyz file.
         cache: read and write the cache (``False``: always scan, write nothing).
         cache_dir: the cache folder (default :func:`quests_torch.io.default_cache_dir`).
+        scanner: what scans the file (default :func:`scan_xyz`; or
+            :func:`quests_torch.readers.lammps.scan_dump` for a LAMMPS dump); the cache entry
+            is kept per scanner (by its name).
 
     Raises:
-        ValueError: as :func:`scan_xyz`.
+        ValueError: as the scanner.
     """
     path = Path(path)
+    kind = "scan_xyz" if scanner is None else scanner.__name__
+    scanner = scan_xyz if scanner is None else scanner
     if not cache:
-        return scan_xyz(path)
+        return scanner(path)
     identity = file_identity(path)
-    entry = _cache_file(path, Path(cache_dir) if cache_dir else default_cache_dir())
+    entry = _cache_file(path, Path(cache_dir) if cache_dir else default_cache_dir(), kind)
     try:
         with np.load(entry, allow_pickle=False) as npz:
             if int(npz["format"]) == INDEX_FORMAT and str(npz["identity"]) == identity:
                 return FrameIndex(npz["starts"], npz["stops"], npz["n_atoms"], bool(npz["vec"]))
     except (OSError, KeyError, ValueError):
         pass  # no entry, or a damaged one: rescan
-    index = scan_xyz(path)
+    index = scanner(path)
     if file_identity(path) != identity:  # changed while scanned: do not cache
         return index
     arrays = {

@@ -21,8 +21,9 @@ import os
 import signal
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from functools import partial
 
 import numpy as np
 
@@ -63,12 +64,17 @@ def _context() -> multiprocessing.context.BaseContext:
     return context
 
 
-def _read_packed(path: str, starts: np.ndarray, stops: np.ndarray, fast: bool) -> tuple:
+#: what reads the frames at byte ranges of a file: ``read(path, starts, stops)`` ->
+#: records (picklable: a module-level function or a ``functools.partial`` of one)
+FrameReader = Callable[[str, np.ndarray, np.ndarray], list[FrameRecord]]
+
+
+def _read_packed(read: FrameReader, path: str, starts: np.ndarray, stops: np.ndarray) -> tuple:
     """A reader's chunk as five arrays (one pickle, not four per frame): the atoms of each
     frame, numbers and positions of all, cells and pbc per frame; and the CPU seconds the
     reader spent on it."""
     t0 = time.process_time()
-    records = read_frames(path, starts, stops, fast=fast)
+    records = read(path, starts, stops)
     counts = np.array([len(r.numbers) for r in records], dtype=np.int64)
     return (
         counts,
@@ -158,8 +164,13 @@ class ReaderPool:
         frames: np.ndarray,
         *,
         fast: bool = True,
+        read: FrameReader | None = None,
     ) -> Iterator[FrameRecord]:
         """The records of ``frames`` (frame numbers of the file ``index`` describes), in order.
+
+        ``read`` parses a chunk (default: the extxyz reader,
+        :func:`~quests_torch.readers.extxyz.read_frames` with ``fast``; a LAMMPS dump passes
+        :func:`~quests_torch.readers.lammps.read_dump_frames` with its ``types``).
 
         Raises:
             ValueError: a frame neither the fast path nor ASE reads, naming its position in
@@ -169,6 +180,7 @@ class ReaderPool:
         starts, stops = index.starts[frames], index.stops[frames]
         chunks = _chunks(index.n_atoms[frames], self.chunk_atoms)
         path = os.fspath(path)
+        read = partial(read_frames, fast=fast) if read is None else read
 
         def failed(exc: FrameReadError, first: int) -> ValueError:
             at = first + exc.frame
@@ -180,7 +192,7 @@ class ReaderPool:
         if self.readers <= 1:
             for a, b in chunks:
                 try:
-                    yield from read_frames(path, starts[a:b], stops[a:b], fast=fast)
+                    yield from read(path, starts[a:b], stops[a:b])
                 except FrameReadError as exc:
                     raise failed(exc, a) from None
             return
@@ -194,7 +206,7 @@ class ReaderPool:
                     if chunk is None:
                         break
                     a, b = chunk
-                    future = pool.submit(_read_packed, path, starts[a:b], stops[a:b], fast)
+                    future = pool.submit(_read_packed, read, path, starts[a:b], stops[a:b])
                     pending.append((a, future))
                 self.max_ahead = max(self.max_ahead, len(pending))
                 if not pending:
@@ -219,8 +231,11 @@ def iter_records(
     pool: ReaderPool | None = None,
     cache: bool = True,
     fast: bool = True,
+    scanner: Callable[[str | os.PathLike], FrameIndex] | None = None,
+    read: FrameReader | None = None,
 ) -> Iterator[FrameRecord]:
-    """The selected frames of an (ext)xyz file as :class:`FrameRecord`, in order.
+    """The selected frames of an (ext)xyz file (or a LAMMPS dump: ``scanner`` and ``read``)
+    as :class:`FrameRecord`, in order.
 
     Args:
         path: the (ext)xyz file.
@@ -230,20 +245,23 @@ def iter_records(
         pool: an open :class:`ReaderPool` to use instead of starting one.
         cache: use the index cache (:func:`~quests_torch.readers.index.frame_index`).
         fast: the fast parser (``False``: every frame through ASE).
+        scanner: the frame index's scanner
+            (:func:`~quests_torch.readers.index.frame_index`; default the (ext)xyz one).
+        read: the chunk parser (:meth:`ReaderPool.records`; default the (ext)xyz one).
 
     Raises:
         ValueError: an unreadable file (``<path>: cannot read structures (...)``: a header
             that is not an atom count, a frame cut short) or frame (named).
     """
     try:
-        fi = frame_index(path, cache=cache)
+        fi = frame_index(path, cache=cache, scanner=scanner)
     except ValueError as exc:
         raise ValueError(f"{path}: cannot read structures ({exc})") from None
     frames = select_frames(len(fi), index)
     if pool is not None:
-        yield from pool.records(path, fi, frames, fast=fast)
+        yield from pool.records(path, fi, frames, fast=fast, read=read)
         return
     if readers > 1 and int(fi.n_atoms[frames].sum()) < MIN_POOL_ATOMS:
         readers = 0
     with ReaderPool(readers) as own:
-        yield from own.records(path, fi, frames, fast=fast)
+        yield from own.records(path, fi, frames, fast=fast, read=read)
