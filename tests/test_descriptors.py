@@ -152,6 +152,25 @@ def test_vesin_on_cells_smaller_than_cutoff(reps):
     assert _pair_set(dense) == _pair_set(pairs)
 
 
+def test_vesin_pairs_with_an_expanded_pbc():
+    """torch-sim states hand ``pbc`` as one bool, expanded to ``[n_systems, 3]`` (stride 0):
+    vesin-torch read its flags from the raw buffer, past the one byte there, and lost pairs
+    at random (about 1 call in 20; a wrong neighbour list, dH off by 130 nats, in the
+    in-flight autobatcher test of issue 28). The search now gives it contiguous copies."""
+    from quests_torch.neighbors import find_neighbor_pairs
+
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True) * (3, 3, 3)
+    atoms.rattle(0.05, seed=2)
+    b = AtomsBatch.from_ase(atoms)
+    want = _pair_set(find_neighbor_pairs(b.positions, b.cell, b.pbc, b.system_idx, 5.0))
+    for trial in range(100):
+        junk = torch.full((4096,), trial % 2, dtype=torch.uint8)  # the bytes after the flag
+        pbc = torch.tensor(True).expand(1, 3)
+        got = find_neighbor_pairs(b.positions, b.cell, pbc, b.system_idx, 5.0, backend="vesin")
+        assert _pair_set(got) == want, trial
+        del junk
+
+
 def test_slab_honours_pbc_per_direction():
     """A slab [T, T, F] equals the same slab made fully periodic with vacuum > cutoff."""
     slab = _mixed_structures()["slab"]

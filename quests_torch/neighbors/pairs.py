@@ -425,9 +425,15 @@ def _vesin_pairs(
     from vesin_torch import NeighborList
 
     nl = NeighborList(cutoff=cutoff, full_list=True, sorted=False)
-    pts = positions[start : start + count]
+    # contiguous copies: vesin-torch reads the raw buffers without their strides, so an
+    # expanded `pbc` (stride 0, e.g. torch.as_tensor(True).expand(n, 3)) made it read the
+    # bytes after the flag and, now and then, search an open box (pairs lost at random)
+    pts = positions[start : start + count].contiguous()
     i, j, S, D, d = nl.compute(
-        points=pts, box=full[system], periodic=pbc[system], quantities="ijSDd"
+        points=pts,
+        box=full[system].contiguous(),
+        periodic=pbc[system].contiguous(),
+        quantities="ijSDd",
     )
     if d.numel() and float(d.min()) < COINCIDENT_TOL:
         p = int(torch.argmin(d))
