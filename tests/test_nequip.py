@@ -6,11 +6,15 @@ weights from a fixed seed: nothing is trained or downloaded) and wrapped by torc
 interface (``torch_sim.models.nequip_framework.NequIPFrameworkModel``, nequip's
 ``NequIPTorchSimCalc``) in :class:`~quests_torch.integrations.torch_sim.UncertaintyModel`.
 Checked: the model's outputs are unchanged, dH is the bank's on the same state, torch-sim's
-own model validation passes, and ``run_with_uncertainty`` flags the system heated far above
-the others.
+own model validation passes, ``run_with_uncertainty`` flags the system heated far above the
+others, and the uncertainty guide's NequIP example runs (a ```py block: the main suite, which
+runs the guide's ```python blocks, has no nequip).
 """
 
 from __future__ import annotations
+
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -138,3 +142,20 @@ def test_run_with_uncertainty_flags_the_hot_system(model, bank, systems):
         torch.testing.assert_close(out[key], ref[key], rtol=0, atol=0)
     fresh = UncertaintyBank.from_descriptors(bank.descriptors, k=K, cutoff=CUTOFF, h=bank.h)
     torch.testing.assert_close(out["dH"], bank_dh(fresh, run.state), rtol=1e-13, atol=1e-12)
+
+
+GUIDE = Path(__file__).resolve().parents[1] / "docs" / "guide" / "uncertainty.md"
+
+
+def test_the_guides_nequip_example_runs(bank):
+    text = GUIDE.read_text()
+    start = text.index("## NequIP through torch-sim")
+    (block,) = re.finditer(r"```py\n(.*?)```", text[start:], flags=re.S)
+    line = text.count("\n", 0, start + block.start(1)) + 1
+    namespace = {"UncertaintyModel": UncertaintyModel, "bank": bank}
+    exec(compile("\n" * (line - 1) + block.group(1), str(GUIDE), "exec"), namespace)
+    watched = namespace["watched"]
+    state = ts.io.atoms_to_state([cu(0.03, 1)], CPU, F64)
+    out = watched(state)
+    torch.testing.assert_close(out["dH"], bank_dh(bank, state), rtol=0, atol=1e-12)
+    assert torch.isfinite(out["forces"]).all() and out["energy"].shape == (1,)
