@@ -8,7 +8,8 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.quests-torch-installed
 
-.PHONY: setup test test-fast demo lint bench bench-reference gpu-check dist docs clean
+.PHONY: setup test test-fast test-ts06-mace test-ts06-nequip demo lint bench bench-reference \
+	gpu-check dist docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +27,22 @@ test: $(STAMP)
 # listed in tests/conftest.py); `make test` runs them all
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
+
+# torch-sim 0.6 (Python 3.12) beside the 0.3 of .venv (Python 3.11): one environment each for
+# MACE and NequIP (e3nn 0.4.4 vs >= 0.6), pinned in .ci/envs/*.txt, created by .ci/mlip-env
+# (cached in ~/.cache/quests-torch/envs, keyed by the lock file; this clone's code installed
+# editable in .venv-ts06-*). The MACE one also runs the Fig. 3c benchmark on the fixture.
+test-ts06-mace:
+	.ci/mlip-env ts06-mace > /dev/null
+	.venv-ts06-mace/bin/python -m pytest -q -p no:cacheprovider tests/test_torch_sim.py tests/test_mace.py
+	mkdir -p bench-results
+	.venv-ts06-mace/bin/python benchmarks/mace_error_vs_dh.py \
+		--out bench-results/mace_error_vs_dh_ts06.json > /dev/null
+	@echo "Fig. 3c with torch-sim 0.6: bench-results/mace_error_vs_dh_ts06.json"
+
+test-ts06-nequip:
+	.ci/mlip-env ts06-nequip > /dev/null
+	.venv-ts06-nequip/bin/python -m pytest -q -p no:cacheprovider tests/test_nequip.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -60,8 +77,9 @@ dist: $(STAMP)
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
 
+# the cached environments of test-ts06-* stay (rm -rf ~/.cache/quests-torch/envs)
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info dist site
+	rm -rf $(VENV) .venv-ts06-mace .venv-ts06-nequip .pytest_cache .ruff_cache *.egg-info dist site
 
 # on a machine with CUDA: correctness on the GPU, the CUDA tests and paper-scale timings (JSON)
 gpu-check: $(STAMP)

@@ -7,8 +7,11 @@ Cu cells; the bank holds rattled 32-atom Cu cells (k = 8, r_c = 4 Å, so the tes
 from __future__ import annotations
 
 import importlib
+import re
 import subprocess
 import sys
+import warnings
+from importlib.metadata import version
 
 import numpy as np
 import pytest
@@ -36,6 +39,9 @@ F64 = torch.float64
 CPU = torch.device("cpu")
 K, CUTOFF = 8, 4.0
 NVT = ts.Integrator.nvt_langevin if hasattr(ts, "Integrator") else ts.nvt_langevin
+FIRE = ts.Optimizer.fire if hasattr(ts, "Optimizer") else ts.optimizers.fire
+# tested: 0.3.x on Python 3.11, 0.6.x on Python 3.12 (`make test-ts06-mace`)
+TS_VERSION = tuple(int(p) for p in re.findall(r"\d+", version("torch-sim-atomistic"))[:3])
 
 
 def cu(rattle: float, seed: int, n: int = 2):
@@ -139,10 +145,86 @@ def test_works_in_integrate_nvt_langevin_at_several_temperatures(bank, systems):
 
 @pytest.mark.filterwarnings("ignore:Optimize has reached max steps")
 def test_works_in_optimize(bank, systems):
-    optimizer = ts.Optimizer.fire if hasattr(ts, "Optimizer") else ts.optimizers.fire
     wrapped = UncertaintyModel(lj(), bank)
-    final = ts.optimize(systems[:2], wrapped, optimizer=optimizer, max_steps=5)
+    final = ts.optimize(systems[:2], wrapped, optimizer=FIRE, max_steps=5)
     assert final.n_systems == 2 and torch.isfinite(final.positions).all()
+
+
+def test_retain_graph_is_the_wrapped_models(bank):
+    """torch-sim 0.6 models carry `retain_graph` (keep the outputs' graph); the wrapper reads
+    and sets the wrapped model's, and has none where the model has none (0.3)."""
+    model = lj()
+    wrapped = UncertaintyModel(model, bank)
+    if not hasattr(model, "retain_graph"):
+        assert TS_VERSION < (0, 6)
+        assert not hasattr(wrapped, "retain_graph")
+        return
+    assert wrapped.retain_graph is False
+    wrapped.retain_graph = True
+    assert model.retain_graph is True and wrapped.retain_graph is True
+    wrapped.retain_graph = False
+    assert model.retain_graph is False
+    assert not hasattr(EntropyBiasModel(None, bank), "retain_graph")
+
+
+def test_outputs_are_kept_on_the_state(bank, systems):
+    """torch-sim >= 0.6 stores a model's extra outputs on the state (per atom or per system):
+    after integrate, the state's dH is the bank's on its final positions."""
+    if TS_VERSION < (0, 6):
+        pytest.skip("torch-sim < 0.6 keeps only energy, forces and stress on the state")
+    wrapped = UncertaintyModel(lj(), bank, threshold=0.5)
+    final = ts.integrate(
+        systems, wrapped, integrator=NVT, n_steps=3, temperature=300.0, timestep=0.002
+    )
+    dh = bank_dh(bank, final)
+    torch.testing.assert_close(final.dH, dh, rtol=0, atol=1e-12)
+    ref = per_structure_summary(dh, final.system_idx, 3, 0.5)
+    torch.testing.assert_close(final.max_dH, ref.max_dH, rtol=0, atol=1e-12)
+    torch.testing.assert_close(final.fraction_above, ref.fraction_above)
+    first = final[0]  # slicing keeps the per-atom and per-system extras of that system
+    torch.testing.assert_close(first.dH, dh[final.system_idx == 0])
+    torch.testing.assert_close(first.max_dH, ref.max_dH[:1])
+
+
+def test_binning_autobatcher_in_integrate(bank):
+    """Systems of 32, 108 and 32 atoms in bins of at most 110 atoms: two batches, run one
+    after the other and put back in the input order."""
+    sizes = [cu(0.03, 20), cu(0.03, 21, n=3), cu(0.05, 22)]
+    wrapped = UncertaintyModel(lj(), bank)
+    batcher = ts.BinningAutoBatcher(wrapped, memory_scales_with="n_atoms", max_memory_scaler=110)
+    final = ts.integrate(
+        sizes, wrapped, integrator=NVT, n_steps=3, temperature=100.0, timestep=0.002,
+        autobatcher=batcher,
+    )  # fmt: skip
+    counts = torch.bincount(final.system_idx, minlength=3).tolist()
+    assert counts == [32, 108, 32]
+    torch.testing.assert_close(wrapped(final)["dH"], bank_dh(bank, final), rtol=0, atol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:Optimize has reached max steps")
+def test_in_flight_autobatcher_in_optimize(bank):
+    """Systems of 32, 108 and 32 atoms through the hot-swapping batcher (at most 110 atoms at
+    a time): each relaxed below the force tolerance, returned in the input order."""
+    sizes = [cu(0.05, 23), cu(0.03, 24, n=3), cu(0.08, 25)]
+    wrapped = UncertaintyModel(lj(), bank)
+    converged = ts.generate_force_convergence_fn(force_tol=0.5, include_cell_forces=False)
+    batcher = ts.InFlightAutoBatcher(wrapped, memory_scales_with="n_atoms", max_memory_scaler=110)
+    final = ts.optimize(
+        sizes, wrapped, optimizer=FIRE, convergence_fn=converged, max_steps=300,
+        autobatcher=batcher,
+    )  # fmt: skip
+    assert torch.bincount(final.system_idx, minlength=3).tolist() == [32, 108, 32]
+    out = wrapped(final)
+    top = torch.zeros(3, dtype=F64).index_reduce(
+        0, final.system_idx, out["forces"].norm(dim=-1), "amax"
+    )
+    assert bool((top < 0.5).all()), top
+    # against a bank that has not followed the run: the run's own bank, called twice on this
+    # concatenated state, has been seen to answer the second call (from the neighbour list it
+    # then builds) up to 130 nats off for the 108-atom system, in some runs only: an open bug
+    # of the list reuse (neighbors/verlet.py), not of this wrapper
+    fresh = UncertaintyBank.from_descriptors(bank.descriptors, k=K, cutoff=CUTOFF, h=bank.h)
+    torch.testing.assert_close(out["dH"], bank_dh(fresh, final), rtol=0, atol=1e-12)
 
 
 # ---------------------------------------------------------------------------- EntropyBiasModel
@@ -260,13 +342,25 @@ def test_reporter_records_during_integrate_to_files(bank, systems, tmp_path):
         n_steps=4,
         temperature=100.0,
         timestep=0.002,
-        trajectory_reporter={"filenames": files, "prop_calculators": {2: props}},
+        trajectory_reporter={
+            "filenames": files,
+            "state_frequency": 2,
+            "prop_calculators": {2: props},
+            "trajectory_kwargs": {"coerce_to_float32": False},
+        },
     )
-    for path in files:
+    # torch-sim >= 0.5.1 also writes the initial state, at step 0
+    steps = [0, 2, 4] if TS_VERSION >= (0, 5, 1) else [2, 4]
+    for s, path in enumerate(files):
         with ts.TorchSimTrajectory(path, mode="r") as traj:
             values = traj.get_array("max_dH")
-            assert values.shape[0] == 2 and np.isfinite(values).all()
-            assert list(traj.get_steps("max_dH")) == [2, 4]
+            assert list(traj.get_steps("max_dH")) == steps
+            assert list(traj.get_steps("positions")) == steps
+            positions = traj.get_array("positions")
+        for frame, value in zip(positions, values, strict=True):
+            rows = torch.as_tensor(systems[s].cell.array)
+            dh = bank(torch.as_tensor(frame, dtype=F64), rows, torch.ones(1, 3, dtype=torch.bool))
+            assert float(value[0]) == pytest.approx(float(dh.max()), abs=1e-12)
 
 
 def test_reporter_without_a_bank_needs_an_uncertainty_model(state):
@@ -325,6 +419,50 @@ def test_run_raises_naming_the_systems(bank, systems):
     assert isinstance(err.value, ExtrapolationError)
     assert err.value.systems == [2] and err.value.step == 0
     assert err.value.dH.shape == (32,) and len(err.value.atoms) == 1
+
+
+def test_run_per_system_temperatures_as_many_systems_as_steps(bank, systems):
+    """One temperature per system when the running systems are as many as the steps between
+    checks (2 and 2): torch-sim 0.6 reads [n_steps, n_systems] temperatures as ambiguous
+    there. System 0 at 1 K, system 1 at 3000 K: each keeps its own."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = run_with_uncertainty(
+            systems[:2],
+            lj(),
+            bank=bank,
+            integrator=NVT,
+            n_steps=4,
+            temperature=[1.0, 3000.0],
+            timestep=0.001,
+            threshold=1e9,
+            check_every=2,
+        )
+    assert not [w for w in caught if "n_steps" in str(w.message)]
+    st = res.state
+    kinetic = (st.momenta**2).sum(-1) / (2 * st.masses)
+    per_system = torch.zeros(2, dtype=F64).index_add(0, st.system_idx, kinetic)
+    kelvin = 2 * per_system / (3 * 32 * 8.617333262e-5)
+    assert kelvin[0] < 100 and kelvin[1] > 1000, kelvin
+
+
+def test_run_drops_systems_that_carry_the_models_outputs(bank, systems):
+    """Driven by an UncertaintyModel, the state carries dH (torch-sim 0.6 keeps outputs on it):
+    dropping a system splits them with it."""
+    threshold = float(initial_max(bank, systems)[1:].mean())
+    res = run_with_uncertainty(
+        systems,
+        UncertaintyModel(lj(), bank),
+        integrator=NVT,
+        n_steps=4,
+        temperature=5.0,
+        timestep=0.001,
+        threshold=threshold,
+        action="drop",
+        check_every=2,
+    )
+    assert res.systems == [0, 1] and [d.system for d in res.dropped] == [2]
+    assert res.state.n_systems == 2 and torch.isfinite(res.state.positions).all()
 
 
 def test_run_takes_the_bank_of_an_uncertainty_model(bank, systems):

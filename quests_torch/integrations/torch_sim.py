@@ -106,6 +106,26 @@ class _Wrapper(ModelInterface):
     compute_stress = _forwarded_flag("compute_stress", False)
 
     @property
+    def retain_graph(self) -> bool:
+        """The wrapped model's ``retain_graph`` (torch-sim >= 0.6: keep the outputs' autograd
+        graph); an AttributeError, as for the model, where it has none.
+
+        A property, so that torch-sim's ``validate_model_outputs``, which writes the flag into
+        the instance ``__dict__`` of a model it tests, checks the wrapper with the flag its
+        wrapped model really has. dH keeps a graph only with ``differentiable=True``.
+        """
+        model = self._modules.get("model")
+        if model is None or not hasattr(model, "retain_graph"):
+            raise AttributeError(f"{type(model).__name__} has no `retain_graph`")
+        return bool(model.retain_graph)
+
+    @retain_graph.setter
+    def retain_graph(self, value: bool) -> None:
+        if self.model is None:
+            raise AttributeError("`retain_graph` needs a wrapped model")
+        self.model.retain_graph = bool(value)
+
+    @property
     def memory_scales_with(self) -> str:
         if self.model is None:
             return "n_atoms_x_density"

@@ -12,6 +12,7 @@ Needs ``torch-sim-atomistic>=0.3`` (``pip install quests-torch[mlip]``).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -211,6 +212,39 @@ class UncertaintyRun:
         return sorted({s for _, s, _ in self.events})
 
 
+def _torch_sim_version() -> tuple[int, ...]:
+    """torch-sim's release as ``(major, minor, patch)`` (0.3 has no ``__version__``)."""
+    text = getattr(ts, "__version__", None)
+    if text is None:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            text = version("torch-sim-atomistic")
+        except PackageNotFoundError:  # pragma: no cover - a source tree on sys.path
+            text = "0"
+    return tuple(int(p) for p in re.findall(r"\d+", text)[:3])
+
+
+# torch-sim >= 0.5.1 reads a 1-D temperature list of length n_systems as one per system (0.3:
+# one per step, so there a [n_steps, n_systems] list); when n_systems == n_steps it reads the
+# list as one per step, whatever its shape, and fails on a 2-D one (0.6.2)
+_PER_SYSTEM_TEMPERATURES = _torch_sim_version() >= (0, 5, 1)
+
+
+def _integrate_calls(t_alive: torch.Tensor, n_steps: int) -> list[tuple[int, Any]]:
+    """``(n_steps, temperature)`` of the ``torch_sim.integrate`` calls that run the systems of
+    ``t_alive`` (K, one each) for ``n_steps``: one call, or two where torch-sim would read
+    per-system temperatures as per-step ones (as many systems as steps)."""
+    if bool((t_alive == t_alive[0]).all()):
+        return [(n_steps, float(t_alive[0]))]
+    per_system = t_alive.tolist()
+    if not _PER_SYSTEM_TEMPERATURES:
+        return [(n_steps, [per_system] * n_steps)]
+    if len(per_system) != n_steps:
+        return [(n_steps, per_system)]
+    return [(n_steps - 1, per_system), (1, per_system)]
+
+
 def _temperatures(temperature: object, n_systems: int) -> torch.Tensor:
     t = torch.as_tensor(temperature, dtype=torch.float64).cpu()
     if t.ndim == 0:
@@ -247,6 +281,10 @@ def run_with_uncertainty(
     to chunk (torch-sim's integrator init keeps a state's momenta); other thermostat variables
     (Nosé-Hoover chains, barostats) are re-initialised at each check, and each chunk's init
     costs one more model call, so keep ``check_every`` well above 1 for such integrators.
+    Different temperatures per system are passed in the form the installed torch-sim reads
+    as one per system; on torch-sim >= 0.5.1, when as many systems run as there are steps
+    between checks (which torch-sim reads as one temperature per step), the chunk is run as
+    two calls (one more model call).
 
     Args:
         system: anything ``torch_sim.integrate`` takes (SimState, ase.Atoms or a list, ...).
@@ -286,19 +324,16 @@ def run_with_uncertainty(
     done = 0
     while running and done < n_steps:
         chunk = min(check_every, n_steps - done)
-        t_alive = temps[monitor.alive]
-        temperature_arg: Any = (
-            float(t_alive[0]) if bool((t_alive == t_alive[0]).all()) else [t_alive.tolist()] * chunk
-        )
-        monitor.state = ts.integrate(
-            system=monitor.state,
-            model=model,
-            integrator=integrator,
-            n_steps=chunk,
-            temperature=temperature_arg,
-            timestep=timestep,
-            **integrator_kwargs,
-        )
+        for steps, temperature_arg in _integrate_calls(temps[monitor.alive], chunk):
+            monitor.state = ts.integrate(
+                system=monitor.state,
+                model=model,
+                integrator=integrator,
+                n_steps=steps,
+                temperature=temperature_arg,
+                timestep=timestep,
+                **integrator_kwargs,
+            )
         done += chunk
         running = monitor.check(done, action)
     return monitor.result()
