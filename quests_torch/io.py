@@ -23,17 +23,16 @@ import math
 import os
 import pickle
 import re
-import secrets
-import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ._files import atomic_write, default_cache_dir, file_sha256, fsync_dir
 from ._version import __version__
-from .checks import check_readers
+from .checks import check_index, check_readers
 
 __all__ = [
     "DESCRIPTOR_FORMAT",
@@ -83,66 +82,6 @@ class DescriptorSet:
     meta: dict = field(default_factory=dict)
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same folder, fsync, then rename: never a half file.
-
-    A new file gets the mode the user's umask gives (``0o666 & ~umask``, ``0o644`` usually);
-    an overwritten file keeps its mode.
-
-    Args:
-        path: the final path.
-        write: called with the temporary path; must create the file there.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _new_temp_file(path)
-    try:
-        write(tmp)
-        try:  # an overwritten file keeps its permissions
-            os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
-        except FileNotFoundError:
-            pass
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def _new_temp_file(path: Path) -> Path:
-    """An empty, new hidden file next to ``path``, created with mode ``0o666 & ~umask``.
-
-    ``tempfile.mkstemp`` would create it ``0o600``: tables, JSON and figures must get the
-    permissions any other program's output gets under the user's umask.
-    """
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-    for _ in range(100):
-        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}{path.suffix}"
-        try:
-            fd = os.open(tmp, flags, 0o666)
-        except FileExistsError:
-            continue
-        os.close(fd)
-        return tmp
-    raise FileExistsError(f"{path}: could not create a temporary file next to it")
-
-
-def fsync_dir(folder: Path) -> None:
-    """``fsync`` a folder, so that the renames and new files in it are durable."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
 def is_descriptor_file(path: str | os.PathLike) -> bool:
     """Whether ``path`` names a descriptor file (by its suffix: ``.npz`` or ``.pt``) or a
     descriptor store (:func:`quests_torch.store.is_store`: ``.qstore`` or a store folder)."""
@@ -171,21 +110,6 @@ def _check_xyz(path: str | os.PathLike) -> None:
             _count_xyz_frames(Path(path))
         except ValueError as exc:
             raise ValueError(f"{path}: cannot read structures ({exc})") from None
-
-
-def check_index(index: str) -> None:
-    """Raise ``ValueError`` unless ``index`` is an ASE index/slice string."""
-    from ase.io.formats import string2index
-
-    try:
-        ok = isinstance(string2index(index), int | slice)
-    except (ValueError, TypeError):
-        ok = False
-    if not ok:
-        raise ValueError(
-            f"invalid index {index!r}: expected an ASE index/slice such as ':', '0:10', "
-            "'-1' or '::2'"
-        )
 
 
 def read_structures(path: str | os.PathLike, index: str = ":", *, types=None) -> list:
@@ -349,15 +273,6 @@ def count_frames(path: str | os.PathLike, index: str = ":") -> int | None:
     if isinstance(sel, slice):
         return len(range(total)[sel])
     return None
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    """Hex SHA-256 of a file's content (read in 4 MiB chunks)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def save_descriptors(
@@ -604,15 +519,6 @@ def load_descriptors(path: str | os.PathLike) -> DescriptorSet:
         )
     dtype = str(meta.pop("dtype", str(x.dtype)))
     return DescriptorSet(torch.from_numpy(x), n_atoms, k, cutoff, dtype, str(path), meta)
-
-
-def default_cache_dir() -> Path:
-    """``$QUESTS_TORCH_CACHE`` or ``$XDG_CACHE_HOME/quests-torch`` (``~/.cache/quests-torch``)."""
-    env = os.environ.get("QUESTS_TORCH_CACHE")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "quests-torch"
 
 
 def cached_descriptors(
