@@ -33,6 +33,11 @@ import torch
 from ._files import atomic_write, default_cache_dir, file_sha256, fsync_dir
 from ._version import __version__
 from .checks import check_index, check_readers
+from .readers.formats import ALWAYS_NATIVE, iter_records, native_format
+from .readers.formats import count_frames as native_count
+from .readers.index import scan_xyz
+from .readers.lammps import parse_types
+from .store import is_store, open_store
 
 __all__ = [
     "DESCRIPTOR_FORMAT",
@@ -85,8 +90,6 @@ class DescriptorSet:
 def is_descriptor_file(path: str | os.PathLike) -> bool:
     """Whether ``path`` names a descriptor file (by its suffix: ``.npz`` or ``.pt``) or a
     descriptor store (:func:`quests_torch.store.is_store`: ``.qstore`` or a store folder)."""
-    from .store import is_store
-
     return Path(path).suffix.lower() in DESCRIPTOR_SUFFIXES or is_store(path)
 
 
@@ -131,8 +134,6 @@ def read_structures(path: str | os.PathLike, index: str = ":", *, types=None) ->
 
     _check_exists(path)
     check_index(index)
-    from .readers.formats import ALWAYS_NATIVE, native_format
-
     if native_format(path, None) in ALWAYS_NATIVE:
         frames = list(iter_structures(path, index, types=types))
         if not frames:
@@ -192,9 +193,6 @@ def iter_structures(
     check_index(index)
     if readers is not None:
         readers = check_readers(readers)
-    from .readers.formats import native_format
-    from .readers.lammps import parse_types
-
     types = parse_types(types)
     fmt = native_format(path, readers)
     if fmt is not None:
@@ -222,8 +220,6 @@ def iter_structures(
 def _iter_native(path, index: str, readers: int, fmt: str, types) -> Iterator:
     """The selected frames of a trajectory by its native reader in :mod:`quests_torch.readers`
     (index cached, ``readers`` processes for xyz and dumps), each checked for NaN/inf."""
-    from .readers.formats import iter_records
-
     records = iter_records(path, index, fmt=fmt, readers=readers, types=types)
     for i, record in enumerate(records):
         atoms = record.to_atoms()
@@ -241,8 +237,6 @@ def _count_xyz_frames(path: Path, block: int = 1 << 24) -> int:
         ValueError: a header that is not a non-negative atom count, or a frame that runs past
             the end of the file (names the frame and the line).
     """
-    from .readers.index import scan_xyz
-
     return len(scan_xyz(path, block))
 
 
@@ -255,8 +249,6 @@ def count_frames(path: str | os.PathLike, index: str = ":") -> int | None:
     """
     total: int | None = None
     try:
-        from .readers.formats import count_frames as native_count
-
         total = native_count(path)
     except Exception:
         return None
@@ -455,8 +447,6 @@ def load_descriptors(path: str | os.PathLike) -> DescriptorSet:
             that does not hold together (the message names the file and the entry).
         quests_torch.store.StoreInUseError: a store being written by another process.
     """
-    from .store import is_store, open_store
-
     if is_store(path):
         store = open_store(path)
         meta = {key: v for key, v in store.meta.items() if key not in ("k", "cutoff", "dtype")}
@@ -563,8 +553,6 @@ def cached_descriptors(
         content = file_sha256(path)
         key = f"{index}|{k}|{cutoff!r}|{dtype_name}|{__version__}|{DESCRIPTOR_FORMAT}"
         if types is not None:
-            from .readers.lammps import parse_types
-
             key += f"|types={sorted(parse_types(types).items())}"
         params = hashlib.sha256(key.encode()).hexdigest()
         cache_file = Path(cache_dir or default_cache_dir()) / f"{content[:16]}-{params[:16]}.npz"
