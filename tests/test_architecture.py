@@ -167,6 +167,7 @@ STAGES = {
     "descriptors.py": "descriptors",
     "kde": "kde",
     "metrics.py": "metrics",
+    "metric_functions.py": "metrics",  # the functions that metrics.py re-exports
 }
 
 
