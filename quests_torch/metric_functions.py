@@ -30,7 +30,7 @@ from .kde.engine import (
     named_kernel_pass,
     named_nearest_neighbors,
 )
-from .structures import segment_sum
+from .structures import resolve_device, segment_sum
 
 __all__ = [
     "Duplicates",
@@ -307,7 +307,7 @@ def entropy_per_structure(
         environments.
     """
     src = Source(x, "x")
-    device = src.device if src.device is not None else torch.device(options.get("device") or "cpu")
+    device = resolve_device(options.get("device"), inputs=[("x", src.device)], default="cpu")
     idx = _as_index(system_idx, src.n, device)
     n_sys = int(idx.max()) + 1 if n_systems is None else int(n_systems)
     if n_systems is not None and int(idx.max()) >= n_sys:
