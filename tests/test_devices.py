@@ -1,5 +1,5 @@
 """One place decides the device (issue 27): every entry point that takes a ``device`` calls
-:func:`quests_torch.structures.resolve_device`, computes where it says, and refuses a device
+:func:`quests_torch.devices.resolve_device`, computes where it says, and refuses a device
 that does not exist with the same message, naming the argument."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from quests_torch import structures
-from quests_torch.structures import resolve_device
+from quests_torch import devices
+from quests_torch.devices import resolve_device
 
 ase = pytest.importorskip("ase")
 
@@ -87,7 +87,7 @@ def _where(result) -> torch.device | None:
 
 def _decisions(call):
     """Run ``call()``; the devices :func:`resolve_device` returned meanwhile, and the result."""
-    code = structures.resolve_device.__code__
+    code = devices.resolve_device.__code__
     returned: list[torch.device] = []
 
     def profile(frame, event, arg):
@@ -113,7 +113,7 @@ def test_every_entry_point_decides_the_device_through_the_one_function(entry, de
     assert set(returned) == {chosen}, (entry, returned)
     where = _where(result)
     if where is not None:
-        assert structures.canonical_device(where) == chosen, (entry, where)
+        assert devices.canonical_device(where) == chosen, (entry, where)
 
 
 #: (device, the message every entry point gives), as tuples: conftest skips a test whose
@@ -154,11 +154,11 @@ def test_the_command_line_gives_the_same_error(data, monkeypatch, capsys):
 
 def test_auto_follows_the_inputs_then_cuda_then_mps_then_cpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(structures, "_mps_available", lambda: False)
+    monkeypatch.setattr(devices, "_mps_available", lambda: False)
     assert resolve_device("auto") == torch.device("cpu")
     assert resolve_device(None) == torch.device("cpu")  # None means the default, "auto"
     assert resolve_device(None, default="cpu") == torch.device("cpu")
-    monkeypatch.setattr(structures, "_mps_available", lambda: True)
+    monkeypatch.setattr(devices, "_mps_available", lambda: True)
     assert resolve_device("auto") == torch.device("mps:0")
     assert resolve_device(None, default="cpu") == torch.device("cpu")
     # inputs on a device decide "auto" and None; numpy inputs (None) do not
@@ -183,6 +183,13 @@ def test_inputs_on_a_device_decide_it(monkeypatch):
         ValueError, match=r"^inputs must be on one device, got `x` on cuda:0, `y` on cpu$"
     ):
         resolve_device(None, inputs=mixed)
+
+
+def test_structures_still_exports_the_rule():
+    from quests_torch import structures
+
+    assert structures.resolve_device is resolve_device
+    assert structures.canonical_device is devices.canonical_device
 
 
 def test_a_bad_device_names_the_argument():

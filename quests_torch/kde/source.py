@@ -124,7 +124,7 @@ class Source:
 
 def compute_device(sources: Sequence[Source], device) -> torch.device:
     """Where the sources live (one device), else ``device`` (default CPU): the package's one
-    rule, :func:`quests_torch.structures.resolve_device`."""
+    rule, :func:`quests_torch.devices.resolve_device`."""
     return resolve_device(device, inputs=[(s.name, s.device) for s in sources], default="cpu")
 
 
