@@ -34,6 +34,7 @@ __all__ = [
     "check_dtype",
     "check_generator",
     "check_h",
+    "check_index",
     "check_integer",
     "check_k",
     "check_keywords",
@@ -323,3 +324,18 @@ def require_same_parameters(
     bad = parameter_mismatch(*given, *expected)
     if bad is not None:
         raise ValueError(message(*bad))
+
+
+def check_index(index: str) -> None:
+    """Raise ``ValueError`` unless ``index`` is an ASE index/slice string."""
+    from ase.io.formats import string2index
+
+    try:
+        ok = isinstance(string2index(index), int | slice)
+    except (ValueError, TypeError):
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"invalid index {index!r}: expected an ASE index/slice such as ':', '0:10', "
+            "'-1' or '::2'"
+        )

@@ -19,7 +19,7 @@ import torch
 
 from ._precision import float64_enabled
 from .checks import check_descriptor_matrix
-from .structures import canonical_device
+from .structures import resolve_device
 
 __all__ = ["GroupedDescriptors", "as_descriptor_tensor", "concat_groups", "group_descriptors"]
 
@@ -54,15 +54,13 @@ def as_descriptor_tensor(x, name: str, device) -> torch.Tensor:
         expected="a torch.Tensor, a numpy array [n, d] or a list of per-structure arrays",
         allow_empty=True,
     )
+    placed = x.device if isinstance(x, torch.Tensor) else None
+    target = resolve_device(device, inputs=[(name, placed)], default="cpu")
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(np.ascontiguousarray(x))
-        target = torch.device("cpu") if device is None else canonical_device(device)
         if x.dtype == torch.float64 and not float64_enabled(target):
             x = x.float()  # on the host: float32-only devices get no float64 tensor
-        if device is not None:
-            x = x.to(device)
-    elif device is not None and x.device != canonical_device(device):
-        raise ValueError(f"`device` is {torch.device(device)} but `{name}` lives on {x.device}")
+        x = x.to(target)
     if x.dtype == torch.float64 and not float64_enabled(x.device):
         x = x.float()
     return x

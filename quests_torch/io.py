@@ -23,17 +23,21 @@ import math
 import os
 import pickle
 import re
-import secrets
-import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ._files import atomic_write, default_cache_dir, file_sha256, fsync_dir
 from ._version import __version__
-from .checks import check_readers
+from .checks import check_index, check_readers
+from .readers.formats import ALWAYS_NATIVE, iter_records, native_format
+from .readers.formats import count_frames as native_count
+from .readers.index import scan_xyz
+from .readers.lammps import parse_types
+from .store import is_store, open_store
 
 __all__ = [
     "DESCRIPTOR_FORMAT",
@@ -83,71 +87,9 @@ class DescriptorSet:
     meta: dict = field(default_factory=dict)
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same folder, fsync, then rename: never a half file.
-
-    A new file gets the mode the user's umask gives (``0o666 & ~umask``, ``0o644`` usually);
-    an overwritten file keeps its mode.
-
-    Args:
-        path: the final path.
-        write: called with the temporary path; must create the file there.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _new_temp_file(path)
-    try:
-        write(tmp)
-        try:  # an overwritten file keeps its permissions
-            os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
-        except FileNotFoundError:
-            pass
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def _new_temp_file(path: Path) -> Path:
-    """An empty, new hidden file next to ``path``, created with mode ``0o666 & ~umask``.
-
-    ``tempfile.mkstemp`` would create it ``0o600``: tables, JSON and figures must get the
-    permissions any other program's output gets under the user's umask.
-    """
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-    for _ in range(100):
-        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}{path.suffix}"
-        try:
-            fd = os.open(tmp, flags, 0o666)
-        except FileExistsError:
-            continue
-        os.close(fd)
-        return tmp
-    raise FileExistsError(f"{path}: could not create a temporary file next to it")
-
-
-def fsync_dir(folder: Path) -> None:
-    """``fsync`` a folder, so that the renames and new files in it are durable."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
 def is_descriptor_file(path: str | os.PathLike) -> bool:
     """Whether ``path`` names a descriptor file (by its suffix: ``.npz`` or ``.pt``) or a
     descriptor store (:func:`quests_torch.store.is_store`: ``.qstore`` or a store folder)."""
-    from .store import is_store
-
     return Path(path).suffix.lower() in DESCRIPTOR_SUFFIXES or is_store(path)
 
 
@@ -173,21 +115,6 @@ def _check_xyz(path: str | os.PathLike) -> None:
             raise ValueError(f"{path}: cannot read structures ({exc})") from None
 
 
-def check_index(index: str) -> None:
-    """Raise ``ValueError`` unless ``index`` is an ASE index/slice string."""
-    from ase.io.formats import string2index
-
-    try:
-        ok = isinstance(string2index(index), int | slice)
-    except (ValueError, TypeError):
-        ok = False
-    if not ok:
-        raise ValueError(
-            f"invalid index {index!r}: expected an ASE index/slice such as ':', '0:10', "
-            "'-1' or '::2'"
-        )
-
-
 def read_structures(path: str | os.PathLike, index: str = ":", *, types=None) -> list:
     """All selected structures of a file ASE can read, as a list of ``ase.Atoms``.
 
@@ -207,8 +134,6 @@ def read_structures(path: str | os.PathLike, index: str = ":", *, types=None) ->
 
     _check_exists(path)
     check_index(index)
-    from .readers.formats import ALWAYS_NATIVE, native_format
-
     if native_format(path, None) in ALWAYS_NATIVE:
         frames = list(iter_structures(path, index, types=types))
         if not frames:
@@ -268,9 +193,6 @@ def iter_structures(
     check_index(index)
     if readers is not None:
         readers = check_readers(readers)
-    from .readers.formats import native_format
-    from .readers.lammps import parse_types
-
     types = parse_types(types)
     fmt = native_format(path, readers)
     if fmt is not None:
@@ -298,8 +220,6 @@ def iter_structures(
 def _iter_native(path, index: str, readers: int, fmt: str, types) -> Iterator:
     """The selected frames of a trajectory by its native reader in :mod:`quests_torch.readers`
     (index cached, ``readers`` processes for xyz and dumps), each checked for NaN/inf."""
-    from .readers.formats import iter_records
-
     records = iter_records(path, index, fmt=fmt, readers=readers, types=types)
     for i, record in enumerate(records):
         atoms = record.to_atoms()
@@ -317,8 +237,6 @@ def _count_xyz_frames(path: Path, block: int = 1 << 24) -> int:
         ValueError: a header that is not a non-negative atom count, or a frame that runs past
             the end of the file (names the frame and the line).
     """
-    from .readers.index import scan_xyz
-
     return len(scan_xyz(path, block))
 
 
@@ -331,8 +249,6 @@ def count_frames(path: str | os.PathLike, index: str = ":") -> int | None:
     """
     total: int | None = None
     try:
-        from .readers.formats import count_frames as native_count
-
         total = native_count(path)
     except Exception:
         return None
@@ -349,15 +265,6 @@ def count_frames(path: str | os.PathLike, index: str = ":") -> int | None:
     if isinstance(sel, slice):
         return len(range(total)[sel])
     return None
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    """Hex SHA-256 of a file's content (read in 4 MiB chunks)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def save_descriptors(
@@ -540,8 +447,6 @@ def load_descriptors(path: str | os.PathLike) -> DescriptorSet:
             that does not hold together (the message names the file and the entry).
         quests_torch.store.StoreInUseError: a store being written by another process.
     """
-    from .store import is_store, open_store
-
     if is_store(path):
         store = open_store(path)
         meta = {key: v for key, v in store.meta.items() if key not in ("k", "cutoff", "dtype")}
@@ -606,15 +511,6 @@ def load_descriptors(path: str | os.PathLike) -> DescriptorSet:
     return DescriptorSet(torch.from_numpy(x), n_atoms, k, cutoff, dtype, str(path), meta)
 
 
-def default_cache_dir() -> Path:
-    """``$QUESTS_TORCH_CACHE`` or ``$XDG_CACHE_HOME/quests-torch`` (``~/.cache/quests-torch``)."""
-    env = os.environ.get("QUESTS_TORCH_CACHE")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "quests-torch"
-
-
 def cached_descriptors(
     path: str | os.PathLike,
     *,
@@ -657,8 +553,6 @@ def cached_descriptors(
         content = file_sha256(path)
         key = f"{index}|{k}|{cutoff!r}|{dtype_name}|{__version__}|{DESCRIPTOR_FORMAT}"
         if types is not None:
-            from .readers.lammps import parse_types
-
             key += f"|types={sorted(parse_types(types).items())}"
         params = hashlib.sha256(key.encode()).hexdigest()
         cache_file = Path(cache_dir or default_cache_dir()) / f"{content[:16]}-{params[:16]}.npz"

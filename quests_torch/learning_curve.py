@@ -26,7 +26,7 @@ from .checks import DEFAULT_BANDWIDTH, check_bandwidths, check_generator, check_
 from .estimates import resolve_rows, sample_rows, take_rows
 from .kde import ArrayLike, Bandwidth, engine
 from .metric_estimates import estimate_entropy
-from .metrics import entropy
+from .metric_functions import entropy
 
 __all__ = [
     "AsymptoteFit",

@@ -28,7 +28,7 @@ from .estimates import (
 )
 from .kde import DEFAULT_BANDWIDTH, ArrayLike, Bandwidth
 from .kde.engine import Source, named_kernel_pass
-from .metrics import diversity_from_log_p, entropy_from_log_p, overlap, self_log_p
+from .metric_functions import diversity_from_log_p, entropy_from_log_p, overlap, self_log_p
 
 __all__ = [
     "DatasetSummary",

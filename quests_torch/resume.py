@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ._files import atomic_write, file_sha256
 from ._version import __version__
-from .io import atomic_write, file_sha256
 
 __all__ = [
     "STATE_VERSION",

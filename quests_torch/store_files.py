@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ._files import fsync_dir
 from .checks import MAX_K
-from .io import fsync_dir
 from .resume import lock_path
 
 __all__ = [

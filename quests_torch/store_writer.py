@@ -60,6 +60,7 @@ from .store_files import (
     swap_in,
     try_flock,
 )
+from .structures import resolve_device
 
 __all__ = [
     "DEFAULT_BATCH_ATOMS",
@@ -590,6 +591,7 @@ def write_descriptor_store(
     from .readers.lammps import parse_types
 
     types = parse_types(types)
+    device = resolve_device(device)  # refused before anything is written
     key = trajectory_key(trajectory)
     if types is not None:  # other elements: another store
         key += f"|types={sorted(types.items())}"

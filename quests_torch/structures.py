@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .checks import check_dtype
+from .devices import canonical_device, resolve_device
 
 __all__ = [
     "AtomsBatch",
@@ -25,41 +26,6 @@ __all__ = [
     "segment_sum",
     "strain_rows",
 ]
-
-
-def canonical_device(device: torch.device | str) -> torch.device:
-    """``device`` with its index filled in, so that it compares equal to a tensor's device.
-
-    ``torch.device("cuda") != torch.device("cuda:0")``, while every CUDA tensor reports an
-    indexed device: a bare ``"cuda"`` becomes the current CUDA device (``cuda:<current>``),
-    any other bare accelerator type index 0; ``"cpu"`` and indexed devices are unchanged.
-    """
-    device = torch.device(device)
-    if device.type == "cpu" or device.index is not None:
-        return device
-    if device.type == "cuda" and torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device(device.type, 0)
-
-
-def _mps_available() -> bool:
-    mps = getattr(torch.backends, "mps", None)
-    return mps is not None and bool(mps.is_available())
-
-
-def resolve_device(device: torch.device | str | None) -> torch.device:
-    """``"auto"``/``None`` -> CUDA when available, else MPS (Apple silicon) when available,
-    else CPU; anything else as given, indexed (:func:`canonical_device`). On MPS everything
-    runs in float32 (see :func:`quests_torch._precision.float64_enabled`)."""
-    if device is None or (isinstance(device, str) and device == "auto"):
-        if torch.cuda.is_available():
-            device = "cuda"
-        else:
-            device = "mps" if _mps_available() else "cpu"
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"`device` is {device} but CUDA is not available in this torch build")
-    return canonical_device(device)
 
 
 def centred_copies(structures: object) -> object:

@@ -131,7 +131,7 @@ class UncertaintyBank(torch.nn.Module):
         self.h = check_h(h)
         self.species = species_numbers(species)
         dtype = check_dtype(_dtype_of(descriptors) if dtype is None else dtype)
-        dev = _device_of(descriptors) if device is None else resolve_device(device)
+        dev = resolve_device(device, default=_device_of(descriptors))
         dtype = compute_dtype(dev, dtype)  # float32 where float64 is off (MPS, ...)
         self.register_buffer("descriptors", torch.zeros((0, self.width), dtype=dtype, device=dev))
         self._prepared: tuple[tuple, PreparedReferences, torch.Tensor] | None = None

@@ -77,12 +77,12 @@ def test_float64_is_fast_cuda_rule(monkeypatch, capability, name, fast):
 
 
 def test_auto_device_prefers_cuda_then_mps(monkeypatch):
-    from quests_torch import structures
+    from quests_torch import devices
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(structures, "_mps_available", lambda: True)
+    monkeypatch.setattr(devices, "_mps_available", lambda: True)
     assert resolve_device("auto") == torch.device("mps", 0)
-    monkeypatch.setattr(structures, "_mps_available", lambda: False)
+    monkeypatch.setattr(devices, "_mps_available", lambda: False)
     assert resolve_device("auto") == torch.device("cpu")
     assert resolve_device(None) == torch.device("cpu")
 

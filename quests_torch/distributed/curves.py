@@ -14,6 +14,7 @@ from ..checks import bind_arguments, check_bandwidths
 from ..kde import ArrayLike
 from ..learning_curve import CurveTask, LearningCurve, LearningCurvePlan, plan_learning_curve
 from ..metrics import entropy as _entropy
+from ..structures import resolve_device
 from . import comm
 from .kernels import check_shard, entropy, same_seed
 
@@ -62,10 +63,8 @@ def entropy_learning_curve(x: ArrayLike, *args, shard: str = "auto", **options) 
         generator = int(comm.broadcast_object(int(torch.randint(0, 2**62, (1,)).item())))
     plan = plan_learning_curve(x, sizes, repeats, generator)
     hs, vector = check_bandwidths(h)
-    if isinstance(x, torch.Tensor):
-        dev = x.device
-    else:
-        dev = torch.device(options.get("device") or comm.comm_device())
+    placed = x.device if isinstance(x, torch.Tensor) else None
+    dev = resolve_device(options.get("device"), inputs=[("x", placed)], default=comm.comm_device())
     opts = dict(options)
     if not isinstance(x, torch.Tensor):
         opts["device"] = dev

@@ -7,6 +7,7 @@ import copy
 import torch
 
 from ..checks import DEFAULT_BANDWIDTH, check_bandwidths
+from ..structures import resolve_device
 from .problem import Problem
 from .source import ArrayLike, Bandwidth, Source
 from .sweeps import LogKernelSumFn, forward
@@ -108,11 +109,7 @@ class PreparedReferences:
                 f"`{name}` and `{t.ys.name}` must have the same descriptor width, "
                 f"got {xs.d} and {t.d}"
             )
-        if xs.device is not None and xs.device != t.device:
-            raise ValueError(
-                f"inputs must be on one device, got `{name}` on {xs.device}, "
-                f"`{t.ys.name}` on {t.device}"
-            )
+        resolve_device(None, inputs=[(name, xs.device), (t.ys.name, t.device)])  # one device
         if check_finite:
             if xs.tensor is not None:
                 if not bool(torch.isfinite(xs.tensor).all()):

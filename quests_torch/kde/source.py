@@ -10,7 +10,7 @@ import torch
 
 from ..checks import Progress, check_descriptor_matrix
 from ..store import DescriptorStore
-from ..structures import canonical_device
+from ..structures import resolve_device
 from .tiles import spans
 
 ArrayLike = torch.Tensor | np.ndarray
@@ -123,16 +123,9 @@ class Source:
 
 
 def compute_device(sources: Sequence[Source], device) -> torch.device:
-    devices = {s.device for s in sources if s.device is not None}
-    if len(devices) > 1:
-        names = ", ".join(f"`{s.name}` on {s.device}" for s in sources if s.device is not None)
-        raise ValueError(f"inputs must be on one device, got {names}")
-    if devices:
-        (dev,) = devices
-        if device is not None and canonical_device(device) != dev:
-            raise ValueError(f"`device` is {torch.device(device)} but the inputs live on {dev}")
-        return dev
-    return canonical_device("cpu" if device is None else device)
+    """Where the sources live (one device), else ``device`` (default CPU): the package's one
+    rule, :func:`quests_torch.devices.resolve_device`."""
+    return resolve_device(device, inputs=[(s.name, s.device) for s in sources], default="cpu")
 
 
 def progress_callback(progress: Progress, total: int, desc: str, unit: str = "row"):

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import atomic_write, check_index, default_cache_dir
+from .._files import atomic_write, default_cache_dir
+from ..checks import check_index
 
 __all__ = ["FrameIndex", "file_identity", "frame_index", "scan_xyz", "select_frames"]
 
