@@ -39,6 +39,7 @@ the outputs appear only once the first batch is computed.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import time
@@ -73,12 +74,14 @@ from .resume import ResumeState, table_lock
 from .screen_io import (
     FRAME_COLUMNS,
     ScreenFiles,
+    Staged,
     batches_of,
     extxyz_bytes,
     format_row,
     frames_after,
     prefetched,
     read_frame_table,
+    staged_batches,
     summarize_frames,
 )
 from .structures import AtomsBatch, centred_copies, resolve_device
@@ -209,8 +212,8 @@ class FrameScreen:
 class ScreenTimings:
     """Wall-clock seconds spent per stage (accumulated over batches).
 
-    ``io`` (parsing frames) is measured in the reader thread that prefetches the next batch:
-    it overlaps the other stages, so the stages can sum to more than the wall time.
+    ``io`` (parsing frames, building the batch and its copy to the device) is measured in the
+    thread that prefetches the next batch: it overlaps the other stages, which can sum to more.
     """
 
     io: float = 0.0
@@ -250,20 +253,30 @@ def _timed(frames: Iterable, timings: ScreenTimings) -> Iterator:
         yield item
 
 
+def _build_batch(frames: list, config: ScreenConfig) -> AtomsBatch:
+    """The batch of ``frames`` on the device (centred copies where float64 is off)."""
+    f64 = float64_enabled(config.device)
+    return AtomsBatch.from_ase(frames if f64 else centred_copies(frames), device=config.device,
+                               dtype=config.compute_dtype)  # fmt: skip
+
+
 def _screen_batch(
     frames: list,
+    staged: Staged | ValueError,
     first: int,
     reference: torch.Tensor,
     config: ScreenConfig,
     timings: ScreenTimings,
 ) -> list[FrameScreen]:
-    """Descriptors, dH, clusters and per-frame summaries of one batch of frames."""
+    """Descriptors, dH, clusters and per-frame summaries of one batch of frames (``staged``
+    by :func:`~.screen_io.staged_batches`, or the ValueError its build raised)."""
+    if isinstance(staged, ValueError):
+        raise staged
     device = config.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
     f64 = float64_enabled(device)
-    batch = AtomsBatch.from_ase(frames if f64 else centred_copies(frames), device=device,
-                                dtype=config.compute_dtype)  # fmt: skip
+    batch = staged.take(device)
     x = descriptors_from_tensors(
         batch.positions, batch.cell, batch.pbc, batch.system_idx, k=config.k, cutoff=config.cutoff
     )
@@ -342,9 +355,11 @@ def _screen_batches(
             f"{2 * config.k - 1}"
         )
     first = start
-    for chunk in prefetched(batches_of(_timed(frames, timings), config.atoms_per_batch())):
+    chunks = batches_of(_timed(frames, timings), config.atoms_per_batch())
+    build = functools.partial(_build_batch, config=config)
+    for chunk, staged in prefetched(staged_batches(chunks, build, config.device, timings)):
         try:
-            out = _screen_batch(chunk, first, ref, config, timings)
+            out = _screen_batch(chunk, staged, first, ref, config, timings)
         except ValueError as exc:
             named = _name_frames(str(exc), first, len(chunk))
             raise ValueError(named if source is None else f"{source}: {named}") from exc

@@ -271,3 +271,42 @@ def test_cluster_edges_are_at_most_the_cutoff(gap, expected):
     mask = torch.ones(2, dtype=torch.bool)
     sizes, _ = largest_cluster(b.positions, b.cell, b.pbc, b.system_idx, mask, cutoff=3.0)
     assert sizes.tolist() == [expected]
+
+
+def test_batches_are_built_in_the_prefetch_thread_and_errors_handed_on():
+    """The next batch is parsed and assembled (and on CUDA copied on a side stream) by the
+    prefetch thread while the current one computes; a build's ValueError reaches the
+    consumer in place of the batch, so it is raised where the frames are named."""
+    import threading
+
+    from quests_torch.screen_io import prefetched, staged_batches
+    from quests_torch.screening import ScreenTimings
+
+    built_in: list[str] = []
+
+    def build(chunk):
+        built_in.append(threading.current_thread().name)
+        if chunk == ["bad"]:
+            raise ValueError("`atoms[0]` is empty")
+        return AtomsBatch.from_ase(chunk)
+
+    timings = ScreenTimings()
+    frames = [[rattled_fcc((1, 1, 1), seed=1)], ["bad"], [rattled_fcc((1, 1, 1), seed=2)]]
+    got = list(prefetched(staged_batches(iter(frames), build, torch.device("cpu"), timings)))
+    assert built_in == ["quests-torch-prefetch"] * 3 and timings.io > 0
+    assert isinstance(got[1][1], ValueError) and got[1][0] == ["bad"]
+    batch = got[2][1].take(torch.device("cpu"))
+    assert torch.equal(batch.positions, AtomsBatch.from_ase(frames[2]).positions)
+
+
+@pytest.mark.cuda
+def test_staged_batch_on_cuda_equals_a_direct_copy():
+    from quests_torch.screen_io import staged_batches
+
+    frames = [[rattled_fcc((2, 2, 2), seed=s)] for s in range(3)]
+    dev = torch.device("cuda")
+    staged = list(staged_batches(iter(frames), lambda c: AtomsBatch.from_ase(c, device=dev), dev))
+    for chunk, st in staged:
+        batch = st.take(dev)
+        assert st.ready is not None and batch.positions.device.type == "cuda"
+        assert torch.equal(batch.positions.cpu(), AtomsBatch.from_ase(chunk).positions)
