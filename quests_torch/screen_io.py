@@ -136,7 +136,7 @@ def staged_batches(
     thread of :func:`prefetched`, so parsing, assembling the batch (``build(chunk)``) and, on
     CUDA, copying it to the device from pinned memory on a side stream overlap the compute of
     the batch before. A ValueError of ``build`` is handed on in place of the batch, for the
-    consumer to raise with the frames named. ``timings.io`` gains the build's seconds."""
+    consumer to raise with the frames named. ``timings.batching`` gains the build's seconds."""
     side = torch.cuda.Stream(device) if device.type == "cuda" else None
     for chunk in chunks:
         t0 = time.perf_counter()
@@ -152,7 +152,7 @@ def staged_batches(
         except ValueError as exc:
             staged = exc
         if timings is not None:
-            timings.io += time.perf_counter() - t0
+            timings.batching += time.perf_counter() - t0
         yield chunk, staged
 
 

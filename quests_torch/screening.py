@@ -210,13 +210,13 @@ class FrameScreen:
 
 @dataclass
 class ScreenTimings:
-    """Wall-clock seconds spent per stage (accumulated over batches).
-
-    ``io`` (parsing frames, building the batch and its copy to the device) is measured in the
-    thread that prefetches the next batch: it overlaps the other stages, which can sum to more.
-    """
+    """Wall-clock seconds spent per stage (accumulated over batches). ``io`` (parsing frames)
+    and ``batching`` (the batch's tensors and their copy to the device) are measured in the
+    thread that prefetches the next batch: they overlap the other stages (which can sum to
+    more than the wall time)."""
 
     io: float = 0.0
+    batching: float = 0.0
     descriptors: float = 0.0
     kernel: float = 0.0
     clusters: float = 0.0
