@@ -198,6 +198,23 @@ def test_a_stale_list_is_rebuilt(dev, monkeypatch, triton_kernels, change):
     torch.testing.assert_close(got, fresh, rtol=1e-12, atol=1e-14)  # ... a new search was
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_positions_reach_the_searchs_error(dev, triton_kernels, launches, bad):
+    """A NaN or inf position makes the list stale (the checks are written so that NaN fails
+    them), and the new search names the argument."""
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True)
+    b = AtomsBatch.from_ase(atoms, device=dev)
+    cache = NeighborCache()
+    for p in _moves(b.positions, 3):
+        descriptors_from_tensors(p, b.cell, b.pbc, k=8, neighbors=cache)
+    assert launches["_verlet_kernel"] == 1
+    pos = b.positions.clone()
+    pos[2, 1] = bad
+    with pytest.raises(ValueError, match="positions"):
+        descriptors_from_tensors(pos, b.cell, b.pbc, k=8, neighbors=cache)
+    assert launches["_verlet_kernel"] == 2 and cache.reuses == 1
+
+
 def test_coincident_atoms_reach_the_searchs_error(dev, triton_kernels):
     atoms = bulk("Cu", "fcc", a=3.61, cubic=True)
     b = AtomsBatch.from_ase(atoms, device=dev)

@@ -109,7 +109,8 @@ def _verlet_kernel(
     q_i, moved = _unwrapped(P, P0, INV, LAT, i + lane * 0, lane == 0, inv_stride, c4)
     q_i = tl.sum(tl.where(lane[:, None] == 0, q_i, 0.0), axis=0)
     moved = tl.where(lane[:, None] == 0, moved, 0.0)
-    bad = tl.sum(tl.sum(moved * moved, axis=1), axis=0) > limit2
+    # written as "not within": a NaN position fails the test (and the new search names it)
+    bad = ~(tl.sum(tl.sum(moved * moved, axis=1), axis=0) <= limit2)
     offs = tl.arange(0, BLOCK_M)
     cmask = offs < m
     j = tl.load(NBR + i * m + offs, mask=cmask, other=0).to(tl.int64)
@@ -121,7 +122,7 @@ def _verlet_kernel(
     v1 = tl.sum(tl.where(c4 == 1, vec, 0.0), axis=1)
     v2 = tl.sum(tl.where(c4 == 2, vec, 0.0), axis=1)
     d2 = v0 * v0 + v1 * v1 + v2 * v2
-    bad = bad | (tl.min(tl.where(cmask, d2, float("inf"))) < tol2)
+    bad = bad | (tl.sum((cmask & ~(d2 >= tol2)).to(tl.int32)) > 0)
     bad = bad | _structure_changed(CELL, CELL0, PBC, PBC0, SIDX, SIDX0, i, CHECK_SIDX)
     if HAS_NUM:
         z_i = tl.load(NUM + i)
