@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -27,8 +27,13 @@ from .io import check_index, iter_structures
 from .resume import ResumeState, reference_hash, screening_identity
 from .resume import trajectory_key as content_key
 
-if TYPE_CHECKING:
-    from .screening import ScreenConfig
+
+class Identified(Protocol):
+    """What :meth:`ScreenFiles.identity` reads of a screening's configuration (a
+    :class:`quests_torch.screening.ScreenConfig`): the names of its identifying fields."""
+
+    IDENTITY: tuple[str, ...]
+
 
 __all__ = [
     "FRAME_COLUMNS",
@@ -334,7 +339,7 @@ class ScreenFiles:
 
     def identity(
         self,
-        config: ScreenConfig,
+        config: Identified,
         reference,
         *,
         trajectory_key: str | None = None,

@@ -5,12 +5,8 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
-
-if TYPE_CHECKING:
-    from .problem import Problem
 
 COMPILE_ENV = "QUESTS_TORCH_COMPILE"
 
@@ -78,29 +74,3 @@ class Epilogue:
             RuntimeWarning,
             stacklevel=4,
         )
-
-
-def tile_sums(p: Problem, buf, tmp, j0: int, j1: int, k: int, mask, both: bool):
-    """Row (and, for ``both``, column) sums of ``exp`` of one tile's exponents for ``h_k``.
-
-    Compiled (one fused pass, no clamp) when :class:`Epilogue` is wanted and works, else
-    eager in place in ``buf``/``tmp`` (clamped at the floor off CUDA). Both agree to ~1e-15.
-    """
-    if p.fused:
-        fn = Epilogue.get()
-        if fn is not None:
-            lw = p.lw[j0:j1] if p.lw is not None and not p.fold_lw else None
-            try:
-                return fn(buf, p.scale_tensors[k], lw, mask, both)
-            except torch.OutOfMemoryError:
-                raise
-            except Exception as err:  # compilation failed: eager from now on
-                Epilogue.disable(err)
-                p.fused = False
-    t = p.terms(buf, tmp, j0, j1, k)
-    if p.clamp:
-        t.clamp_(min=p.floor)
-    t.exp_()
-    if mask is not None:
-        t.masked_fill_(mask, 0.0)
-    return t.sum(1), (t.sum(0) if both else None)

@@ -139,6 +139,14 @@ class NeighborCache:
         return (positions.shape[0], cell.shape[0], positions.dtype, positions.device, k, cutoff,
                 tuple(species))  # fmt: skip
 
+    def _list_for(self, positions, cell, k, cutoff, numbers, species) -> _Built | None:
+        """The list when it was built for this kind of batch (shape, dtype, device, ``k``,
+        ``cutoff``, species, with or without atomic numbers), else ``None``. No values read."""
+        b = self._built
+        if b is None or b.key != self._key(positions, cell, k, cutoff, list(species or [])):
+            return None
+        return b if (numbers is None) == (b.numbers is None) else None
+
     def reuse(
         self,
         positions: torch.Tensor,
@@ -157,11 +165,8 @@ class NeighborCache:
         caller; the values need not be: a NaN position makes the list stale, and the caller's
         full checks then name it). One host sync.
         """
-        b = self._built
-        species = list(species or [])
-        if b is None or b.key != self._key(positions, cell, k, cutoff, species):
-            return None
-        if (numbers is None) != (b.numbers is None):
+        b = self._list_for(positions, cell, k, cutoff, numbers, species)
+        if b is None:
             return None
         with torch.no_grad(), full_precision():
             p = positions.detach()
@@ -216,13 +221,8 @@ class NeighborCache:
             :meth:`reuse`); ``(None, False)`` when no list applies or the kernel does not
             cover the step (the caller tries :meth:`reuse`).
         """
-        b = self._built
-        species = list(species or [])
-        if b is None or b.key != self._key(positions, cell, k, cutoff, species):
-            return None, False
-        if (numbers is None) != (b.numbers is None):
-            return None, False
-        if not fused.covers(positions, k, b.neighbor.shape[1], need_grad):
+        b = self._list_for(positions, cell, k, cutoff, numbers, species)
+        if b is None or not fused.covers(positions, k, b.neighbor.shape[1], need_grad):
             return None, False
         parts = [-1, *species] if b.same_species else [-1]
         out, stale = fused.fused_descriptors(
