@@ -187,8 +187,23 @@ def read_frames(
             ``i`` counting from 0 in ``starts``).
     """
     out: list[FrameRecord] = []
+    for i, data in frame_bytes(path, starts, stops):
+        record = parse_frame(data) if fast else None
+        if record is None:
+            try:
+                record = read_frame_ase(data)
+            except Exception as exc:
+                raise FrameReadError(i, f"{type(exc).__name__}: {exc}") from None
+        out.append(record)
+    return out
+
+
+def frame_bytes(path: str | os.PathLike, starts: np.ndarray, stops: np.ndarray):
+    """``(i, bytes)`` of the byte ranges ``starts[i]:stops[i]`` of ``path``, in order: one read
+    when the ranges follow each other (a reader's chunk of consecutive frames), one seek and
+    read per range otherwise. Shared by the frame parsers of every indexed text format."""
     if not len(starts):
-        return out
+        return
     with open(path, "rb") as fh:
         lo, hi = int(starts[0]), int(max(stops))
         contiguous = bool(np.all(starts[1:] >= stops[:-1]))
@@ -197,18 +212,10 @@ def read_frames(
             blob = fh.read(hi - lo)
         for i, (a, b) in enumerate(zip(starts.tolist(), stops.tolist(), strict=True)):
             if contiguous:
-                data = blob[a - lo : b - lo]
+                yield i, blob[a - lo : b - lo]
             else:
                 fh.seek(a)
-                data = fh.read(b - a)
-            record = parse_frame(data) if fast else None
-            if record is None:
-                try:
-                    record = read_frame_ase(data)
-                except Exception as exc:
-                    raise FrameReadError(i, f"{type(exc).__name__}: {exc}") from None
-            out.append(record)
-    return out
+                yield i, fh.read(b - a)
 
 
 class FrameReadError(ValueError):

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .extxyz import FrameReadError, FrameRecord
+from .extxyz import FrameReadError, FrameRecord, frame_bytes
 from .index import FrameIndex
 
 __all__ = [
@@ -427,24 +427,11 @@ def read_dump_frames(
         FrameReadError: a frame that does not read (its position in ``starts``, the problem).
     """
     out: list[FrameRecord] = []
-    if not len(starts):
-        return out
-    with open(path, "rb") as fh:
-        lo, hi = int(starts[0]), int(max(stops))
-        contiguous = bool(np.all(starts[1:] >= stops[:-1]))
-        if contiguous:
-            fh.seek(lo)
-            blob = fh.read(hi - lo)
-        for i, (a, b) in enumerate(zip(starts.tolist(), stops.tolist(), strict=True)):
-            if contiguous:
-                data = blob[a - lo : b - lo]
-            else:
-                fh.seek(a)
-                data = fh.read(b - a)
-            try:
-                out.append(parse_dump_frame(data, types))
-            except (ValueError, IndexError, KeyError) as exc:
-                raise FrameReadError(i, f"{type(exc).__name__}: {exc}") from None
+    for i, data in frame_bytes(path, starts, stops):
+        try:
+            out.append(parse_dump_frame(data, types))
+        except (ValueError, IndexError, KeyError) as exc:
+            raise FrameReadError(i, f"{type(exc).__name__}: {exc}") from None
     return out
 
 
